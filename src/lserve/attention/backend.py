@@ -1,0 +1,49 @@
+"""The attention backend interface and the registry of backends."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from lserve.attention.metadata import AttentionMetadata
+from lserve.errors import NotSupportedError
+from lserve.kv_cache.layout import KVCacheTensors
+
+
+class AttentionBackend(ABC):
+    """Writes the new tokens' K/V into the paged cache and attends over it.
+
+    A backend is built once per engine around the KV tensors; each step the runner plans an
+    `AttentionMetadata` and every layer calls `forward` with it.
+    """
+
+    name: str = ""
+
+    def __init__(self, kv: KVCacheTensors, num_heads: int, scale: float) -> None:
+        self.kv = kv
+        self.num_heads = num_heads
+        self.scale = scale
+
+    @abstractmethod
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, md: AttentionMetadata
+    ) -> torch.Tensor:
+        """q (T, Hq, D), k and v (T, Hkv, D) of this step's tokens -> output (T, Hq, D)."""
+
+
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "torch"  # the Triton backend arrives with the kernels issue
+    if name == "triton":
+        raise NotSupportedError(
+            "attention_backend='triton' is not implemented yet in this version; use 'torch' or 'auto'"
+        )
+    return name
+
+
+def create_backend(name: str, kv: KVCacheTensors, num_heads: int, scale: float) -> AttentionBackend:
+    from lserve.attention.torch_backend import TorchAttentionBackend
+
+    backends: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend}
+    return backends[name](kv, num_heads, scale)

@@ -1,0 +1,186 @@
+"""Engine configuration: one tree of frozen dataclasses, validated on construction.
+
+Every field carries a one-line help text in its metadata; the CLI builds its flags from these
+fields (`lserve.cli`), so a flag cannot drift from the field it sets. `LLM(**kwargs)` takes the
+same names flat and `EngineConfig.from_kwargs` sorts them into the groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+LoadFormat = Literal["auto", "hf", "gguf", "dummy"]
+AttentionBackendName = Literal["auto", "torch", "triton"]
+
+
+def _field(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_int(name: str, value: Any, low: int, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to load and how."""
+
+    model: str | None = _field(
+        None, "Hugging Face folder, .gguf file or dummy config; default: embedded SmolLM2-135M-Instruct"
+    )
+    dtype: DType = _field("auto", "weight and activation dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    load_format: LoadFormat = _field("auto", "auto (by path), hf, gguf, or dummy (random weights)")
+    max_model_len: int | None = _field(None, "longest prompt + output in tokens (default: the model's)")
+    device: Device = _field("auto", "cpu, cuda or auto (cuda when available)")
+    seed: int = _field(0, "seed for dummy weights and for requests without their own seed")
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
+        _check_choice("load_format", self.load_format, ("auto", "hf", "gguf", "dummy"))
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        _check_int("max_model_len", self.max_model_len, 1, allow_none=True)
+        _check_int("seed", self.seed, 0)
+        if self.model is not None and not isinstance(self.model, str):
+            raise ValueError(f"model must be a path string or None, got {type(self.model).__name__}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    page_size: int = _field(64, "tokens per KV page (a power of two, 16..256)")
+    num_kv_pages: int | None = _field(None, "number of KV pages (default: sized from free memory)")
+    kv_cache_memory_fraction: float | None = _field(
+        None, "share of free memory after loading weights for the KV cache (default 0.9 GPU, 0.5 CPU)"
+    )
+
+    def __post_init__(self) -> None:
+        ps = self.page_size
+        if isinstance(ps, bool) or not isinstance(ps, int) or ps < 16 or ps > 256 or ps & (ps - 1):
+            raise ValueError(f"page_size must be a power of two from 16 to 256, got {ps!r}")
+        _check_int("num_kv_pages", self.num_kv_pages, 1, allow_none=True)
+        frac = self.kv_cache_memory_fraction
+        if frac is not None and not (isinstance(frac, (int, float)) and 0.0 < frac <= 1.0):
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {frac!r}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching and chunked prefill."""
+
+    max_num_seqs: int = _field(64, "most requests running in one step")
+    max_num_batched_tokens: int | None = _field(
+        None, "token budget of one step; prefills are chunked to fit (default 8192 GPU, 2048 CPU)"
+    )
+
+    def __post_init__(self) -> None:
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, allow_none=True)
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Unified block-sparse attention (LServe). Zero turns each kind of sparsity off."""
+
+    streaming_sparsity: float = _field(0.0, "fraction of KV heads that are streaming heads (0 = off)")
+    attn_pattern: str | None = _field(None, "head pattern file (DuoAttention TSV or lserve pattern)")
+    prefill_sink_tokens: int = _field(128, "streaming heads: sink tokens in prefill")
+    prefill_local_tokens: int = _field(8192, "streaming heads: local window in prefill")
+    decode_sink_tokens: int = _field(128, "streaming heads: sink tokens in decode")
+    decode_local_tokens: int = _field(256, "streaming heads: local window in decode")
+    token_budget: int = _field(0, "dense heads in decode: tokens of selected KV pages (0 = off)")
+    logical_page_size: int = _field(16, "tokens per logical page for page statistics")
+    selector_interval: int = _field(4, "decode steps between page re-selections")
+
+    def __post_init__(self) -> None:
+        s = self.streaming_sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
+            raise ValueError(f"streaming_sparsity must be in [0, 1], got {s!r}")
+        for name in ("prefill_sink_tokens", "prefill_local_tokens", "decode_sink_tokens", "decode_local_tokens"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("token_budget", self.token_budget, 0)
+        _check_int("selector_interval", self.selector_interval, 1)
+        lps = self.logical_page_size
+        if isinstance(lps, bool) or not isinstance(lps, int) or lps < 1 or lps & (lps - 1):
+            raise ValueError(f"logical_page_size must be a power of two, got {lps!r}")
+        if self.attn_pattern is not None and not isinstance(self.attn_pattern, str):
+            raise ValueError("attn_pattern must be a path string or None")
+
+    @property
+    def uses_streaming_heads(self) -> bool:
+        return self.streaming_sparsity > 0 or self.attn_pattern is not None
+
+    @property
+    def uses_page_selection(self) -> bool:
+        return self.token_budget > 0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs; `LLM(**kwargs)` builds one from flat keyword arguments."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    attention_backend: AttentionBackendName = _field("auto", "torch, triton, or auto (triton on GPU)")
+
+    def __post_init__(self) -> None:
+        _check_choice("attention_backend", self.attention_backend, ("auto", "torch", "triton"))
+        if self.sparse.logical_page_size > self.cache.page_size:
+            raise ValueError(
+                f"logical_page_size ({self.sparse.logical_page_size}) must not exceed "
+                f"page_size ({self.cache.page_size})"
+            )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Sort flat keyword arguments (`LLM(page_size=32, ...)`) into the config groups."""
+        groups: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
+        top: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            group = FIELD_GROUP.get(key)
+            if group is None:
+                hint = difflib.get_close_matches(key, list(FIELD_GROUP), n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise TypeError(f"unknown engine argument {key!r}{extra}")
+            (top if group == "" else groups[group])[key] = value
+        built = {name: GROUPS[name](**values) for name, values in groups.items()}
+        return cls(**built, **top)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"attention_backend": self.attention_backend}
+        for name in GROUPS:
+            out.update(dataclasses.asdict(getattr(self, name)))
+        return out
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "sparse": SparseConfig,
+}
+
+
+def engine_fields() -> list[tuple[str, dataclasses.Field[Any]]]:
+    """(group, field) for every flat engine argument, in declaration order; "" is the top level."""
+    out = [(group, f) for group, cls in GROUPS.items() for f in dataclasses.fields(cls)]
+    out += [("", f) for f in dataclasses.fields(EngineConfig) if f.name not in GROUPS]
+    return out
+
+
+FIELD_GROUP: dict[str, str] = {f.name: group for group, f in engine_fields()}

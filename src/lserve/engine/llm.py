@@ -1,0 +1,145 @@
+"""`LLM`: the offline Python API in vLLM's shape.
+
+    from lserve import LLM, SamplingParams
+    llm = LLM()                                   # the embedded SmolLM2-135M-Instruct
+    out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16))
+    print(out[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lserve.config import EngineConfig
+from lserve.engine.llm_engine import LLMEngine, Prompt
+from lserve.request import RequestOutput
+from lserve.sampling_params import SamplingParams
+
+Message = dict[str, Any]
+
+
+class LLM:
+    """Load a model once and generate for batches of prompts with continuous batching.
+
+    Every keyword argument is an engine setting (see `lserve.config`); `model=None` loads the
+    embedded default model. Sparse-attention fields are validated now; settings this version
+    cannot honour raise `NotSupportedError` instead of being ignored.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        attention_backend: str = "auto",
+        load_format: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int | None = None,
+        page_size: int = 64,
+        num_kv_pages: int | None = None,
+        seed: int = 0,
+        streaming_sparsity: float = 0.0,
+        attn_pattern: str | None = None,
+        prefill_sink_tokens: int = 128,
+        prefill_local_tokens: int = 8192,
+        decode_sink_tokens: int = 128,
+        decode_local_tokens: int = 256,
+        token_budget: int = 0,
+        logical_page_size: int = 16,
+        selector_interval: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        settings = dict(locals())
+        for key in ("self", "kwargs", "__class__"):
+            settings.pop(key, None)
+        settings.update(kwargs)
+        self.config = EngineConfig.from_kwargs(**settings)
+        self.engine = LLMEngine(self.config)
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for one prompt or a batch; prompts are strings or lists of token ids.
+
+        Returns one RequestOutput per prompt, in order. Every prompt is validated before any
+        runs, so a bad one raises without leaving work behind.
+        """
+        batch = _as_prompt_list(prompts)
+        return self._run(batch, _as_params_list(sampling_params, len(batch)), use_tqdm, add_special_tokens=True)
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a batch, rendered with the tokenizer's chat template."""
+        if not messages:
+            raise ValueError("messages must not be empty")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        texts: list[Prompt] = [self.engine.apply_chat_template(list(c)) for c in conversations]  # type: ignore[arg-type]
+        return self._run(texts, _as_params_list(sampling_params, len(texts)), use_tqdm, add_special_tokens=False)
+
+    def _run(
+        self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool, add_special_tokens: bool
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(engine.add_request(prompt, p, add_special_tokens=add_special_tokens))
+        except BaseException:
+            for rid in ids:
+                engine.abort_request(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 2, unit="req")
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in ids:
+                if rid not in results:
+                    engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [results[rid] for rid in ids]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    batch = list(prompts)
+    if not batch:
+        raise ValueError("no prompts given")
+    return batch  # type: ignore[return-value]
+
+
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    out = list(params)
+    if len(out) != n:
+        raise ValueError(f"got {len(out)} sampling params for {n} prompts")
+    return out

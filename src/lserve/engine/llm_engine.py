@@ -1,0 +1,135 @@
+"""LLMEngine: the core plus tokenization, detokenization, stop strings and RequestOutputs.
+
+The offline `LLM` class and the server both drive this object: add requests, call `step()`
+until nothing is left, abort what is no longer wanted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lserve.config import EngineConfig
+from lserve.engine.core import EngineCore
+from lserve.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from lserve.errors import RequestRejected
+from lserve.request import CompletionOutput, Request, RequestOutput, RequestStatus
+from lserve.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    prompt: str | None
+    detok: IncrementalDetokenizer | None
+    first_token_time: float | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.core = EngineCore(config)
+        self.tokenizer = load_tokenizer(self.core.source)
+        self.eos_token_ids = frozenset(self.core.arch.eos_token_ids) | self._tokenizer_eos()
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+
+    def _tokenizer_eos(self) -> frozenset[int]:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return frozenset([eos]) if isinstance(eos, int) else frozenset()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    def encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestRejected("this model has no tokenizer; pass prompts as lists of token ids")
+            return list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise RequestRejected("a prompt must be a string or a list of integer token ids")
+        return list(prompt)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise RequestRejected("this model's tokenizer has no chat template")
+        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> str:
+        """Validate and queue a request; raises RequestRejected (nothing queued) when it cannot be served.
+
+        `add_special_tokens=False` is for text that already carries them (a rendered chat template).
+        """
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        ids = self.encode(prompt, add_special_tokens)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self._tracked:
+            raise RequestRejected(f"request id {request_id!r} is already in use")
+        request = self.core.make_request(request_id, ids, params, self.eos_token_ids)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
+        self.core.add_request(request)
+        self._tracked[request_id] = _Tracked(request, prompt if isinstance(prompt, str) else None, detok)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Abort a request (its pages are freed at once); returns its final output, if it was known."""
+        tracked = self._tracked.pop(request_id, None)
+        self.core.abort_request(request_id)
+        if tracked is None:
+            return None
+        tracked.request.status = RequestStatus.FINISHED_ABORTED
+        return self._output(tracked)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._tracked)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns an output for every request that got a token (or finished)."""
+        result = self.core.step()
+        now = time.monotonic()
+        outputs = []
+        for req in result.changed:
+            tracked = self._tracked.get(req.request_id)
+            if tracked is None:
+                continue
+            if tracked.first_token_time is None:
+                tracked.first_token_time = now
+            if tracked.detok is not None:
+                hit_stop = tracked.detok.add(req.output_token_ids[-1:], final=req.is_finished)
+                if hit_stop and not req.is_finished:
+                    self.core.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            outputs.append(self._output(tracked))
+            if req.is_finished:
+                del self._tracked[req.request_id]
+        return outputs
+
+    def _output(self, tracked: _Tracked) -> RequestOutput:
+        req = tracked.request
+        finished = req.is_finished
+        reason = req.status.value if finished else None
+        stop_reason: str | int | None = None
+        if tracked.detok is not None and tracked.detok.stop_reason is not None:
+            stop_reason = tracked.detok.stop_reason
+        elif finished and req.status is RequestStatus.FINISHED_STOPPED and req.output_token_ids:
+            last = req.output_token_ids[-1]
+            stop_reason = None if last in self.eos_token_ids else last
+        text = tracked.detok.text if tracked.detok is not None else ""
+        completion = CompletionOutput(0, text, list(req.output_token_ids), reason, stop_reason)
+        metrics = {"arrival_time": req.arrival_time}
+        if tracked.first_token_time is not None:
+            metrics["first_token_time"] = tracked.first_token_time
+        return RequestOutput(req.request_id, tracked.prompt, req.prompt_token_ids, [completion], finished, metrics)

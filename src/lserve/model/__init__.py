@@ -1,0 +1,1 @@
+"""Llama-family decoder and its loaders. Knows nothing about paging or sparsity."""

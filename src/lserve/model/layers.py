@@ -1,0 +1,98 @@
+"""Building blocks of the Llama family: RMSNorm, rotary embeddings (with llama3 scaling), gated MLP."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as the reference implementations do."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: dict[str, Any] | None, freq_factors: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) float32, with the model's rope scaling applied."""
+    # Explicitly on the CPU in float32: models are built under a meta device and a low default dtype.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if freq_factors is not None:  # GGUF stores llama3 scaling as per-frequency divisors
+        return inv_freq / freq_factors.float()
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])  # type: ignore[index]
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)  # type: ignore[arg-type]
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    slowed = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    ramp = (old_len / wavelen - low) / (high - low)
+    blended = (1 - ramp) * slowed / factor + ramp * slowed
+    in_between = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(in_between, blended, slowed)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half rotary embedding; cos/sin are computed once per step from the positions."""
+
+    def __init__(self, inv_freq: torch.Tensor) -> None:
+        super().__init__()
+        # A plain attribute, not a buffer: `model.to(bfloat16)` must not round the frequencies.
+        self.inv_freq = inv_freq.float()
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) -> cos, sin (T, 1, D) float32."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (T, Hq, D), k (T, Hkv, D) rotated by cos/sin (T, 1, D)."""
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
+
+
+class GatedMLP(nn.Module):
+    """SiLU-gated feed-forward with the gate and up projections fused into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)

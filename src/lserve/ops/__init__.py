@@ -1,0 +1,1 @@
+"""Triton kernels, one op per file, each with a PyTorch reference in reference.py (kernels issue)."""

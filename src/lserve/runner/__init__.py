@@ -1,0 +1,1 @@
+"""Model runner: builds a step's inputs, runs the model, samples."""

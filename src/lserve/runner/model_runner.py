@@ -1,0 +1,89 @@
+"""Runs one engine step on the model: build flat inputs, plan attention, forward, sample.
+
+Knows the model, the KV tensors and the attention backend; knows nothing about tokenizers,
+queues or HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lserve.attention.backend import AttentionBackend
+from lserve.attention.metadata import AttentionMetadata, build_metadata
+from lserve.model.llama import LlamaForCausalLM
+from lserve.request import Request
+from lserve.runner.sampler import Sampler
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One scheduled request as the runner sees it."""
+
+    request: Request
+    num_new_tokens: int
+    page_ids: list[int]
+    samples: bool
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        backend: AttentionBackend,
+        page_size: int,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.page_size = page_size
+        self.device = device
+        self.sampler = Sampler(device, seed)
+
+    @torch.inference_mode()
+    def execute(self, inputs: Sequence[StepInput], num_decodes: int) -> dict[str, int]:
+        """Run the scheduled tokens (decodes first); return a sampled token per request that samples."""
+        token_ids: list[int] = []
+        positions: list[int] = []
+        for s in inputs:
+            start = s.request.num_computed_tokens
+            token_ids.extend(s.request.all_token_ids[start : start + s.num_new_tokens])
+            positions.extend(range(start, start + s.num_new_tokens))
+        md = self.plan(inputs, num_decodes)
+        backend = self.backend
+
+        def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
+            return backend.forward(q, k, v, layer_idx, md)
+
+        hidden = self.model(
+            torch.tensor(token_ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            attn,
+        )
+        ends = md.query_start_loc[1:].long() - 1
+        sampling = [i for i, s in enumerate(inputs) if s.samples]
+        if not sampling:
+            return {}
+        logits = self.model.compute_logits(hidden[ends[sampling]])
+        reqs = [inputs[i].request for i in sampling]
+        tokens = self.sampler.sample(
+            logits,
+            [r.request_id for r in reqs],
+            [r.sampling_params for r in reqs],
+            [r.all_token_ids if r.sampling_params.repetition_penalty != 1.0 else () for r in reqs],
+        )
+        return {r.request_id: t for r, t in zip(reqs, tokens)}
+
+    def plan(self, inputs: Sequence[StepInput], num_decodes: int) -> AttentionMetadata:
+        """Attention metadata of the step, built once and shared by every layer."""
+        return build_metadata(
+            query_lens=[s.num_new_tokens for s in inputs],
+            seq_lens=[s.request.num_computed_tokens + s.num_new_tokens for s in inputs],
+            page_tables=[s.page_ids for s in inputs],
+            num_decodes=num_decodes,
+            page_size=self.page_size,
+            device=self.device,
+        )

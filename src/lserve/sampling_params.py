@@ -1,0 +1,75 @@
+"""SamplingParams: how to pick each next token and when to stop (vLLM's names and meanings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """Sampling and stopping rules of one request.
+
+    temperature 0 is greedy decoding. `stop` strings end generation and are not included in the
+    returned text; `stop_token_ids` end it and are included in `token_ids` (the EOS token too).
+    Invalid values raise ValueError naming the field and its allowed range.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_tokens: int | None = 16
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    skip_special_tokens: bool = True
+    stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
+
+    def __post_init__(self) -> None:
+        self._check_range("temperature", self.temperature, 0.0, None)
+        self._check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        self._check_range("min_p", self.min_p, 0.0, 1.0)
+        self._check_range("repetition_penalty", self.repetition_penalty, 0.0, None, low_open=True)
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= 0 (0 or -1 = off), got {self.top_k!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+        self.stop_strings = tuple(stop)
+        ids = list(self.stop_token_ids or [])
+        if not all(_is_int(t) and t >= 0 for t in ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        self.stop_token_ids = ids
+
+    @staticmethod
+    def _check_range(
+        name: str, value: object, low: float, high: float | None, *, low_open: bool = False
+    ) -> None:
+        ok = _is_number(value)
+        if ok:
+            v = float(value)  # type: ignore[arg-type]
+            ok = (v > low if low_open else v >= low) and (high is None or v <= high)
+        if not ok:
+            bracket = "(" if low_open else "["
+            upper = f"{high}]" if high is not None else "inf)"
+            raise ValueError(f"{name} must be in {bracket}{low}, {upper}, got {value!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0

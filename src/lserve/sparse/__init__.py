@@ -1,0 +1,1 @@
+"""Head patterns, page statistics, page selection and calibration (sparsity issues)."""
