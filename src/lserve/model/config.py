@@ -62,6 +62,11 @@ class ArchConfig:
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                        "qwen2": "Qwen2ForCausalLM"}.get(cfg.get("model_type", ""), "")
+        if arch not in SUPPORTED_ARCHITECTURES:  # before reading fields other families name differently
+            raise ModelLoadError(
+                f"unsupported architecture {arch or cfg.get('model_type')!r}; lserve supports "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         try:
             hidden = int(cfg["hidden_size"])
             num_heads = int(cfg["num_attention_heads"])

@@ -144,12 +144,12 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 
 def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import SafetensorsError, safe_open
+    from safetensors import SafetensorError, safe_open
 
     files = _safetensors_files(folder)
     try:
         handles = [safe_open(str(f), framework="pt") for f in files]
-    except (SafetensorsError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise ModelLoadError(f"cannot read safetensors weights in {folder}: {exc}") from exc
     keys = [(h, k) for h in handles for k in h.keys()]  # noqa: SIM118 (safe_open is not a dict)
     for handle, key in tqdm(keys, desc=f"Loading {folder.name}", leave=False, disable=None):
