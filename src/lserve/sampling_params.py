@@ -41,7 +41,7 @@ class SamplingParams:
         self._check_range("min_p", self.min_p, 0.0, 1.0)
         self._check_range("repetition_penalty", self.repetition_penalty, 0.0, None, low_open=True)
         if not _is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= 0 (0 or -1 = off), got {self.top_k!r}")
+            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):

@@ -26,7 +26,8 @@ def write_kv(
 def gather_pages(cache: torch.Tensor, page_table: torch.Tensor, length: int) -> torch.Tensor:
     """(num_pages, page_size, H, D) cache, (B, P) table -> (B, H, length, D), padded past each sequence."""
     b = page_table.shape[0]
-    pages = cache[page_table.long()]  # (B, P, page_size, H, D)
+    # index_select copies whole pages with memcpy; advanced indexing is several times slower on CPU.
+    pages = cache.index_select(0, page_table.reshape(-1))  # (B * P, page_size, H, D)
     flat = pages.view(b, -1, *cache.shape[2:])[:, :length]
     return flat.transpose(1, 2)
 
@@ -45,7 +46,8 @@ class TorchAttentionBackend(AttentionBackend):
         start = md.num_decodes
         for i in range(md.num_decodes, md.num_seqs):
             qlen, slen = md.query_lens_cpu[i], md.seq_lens_cpu[i]
-            out[start : start + qlen] = self._prefill(q[start : start + qlen], k_cache, v_cache, md, i, slen)
+            chunk = slice(start, start + qlen)
+            out[chunk] = self._prefill(q[chunk], k[chunk], v[chunk], k_cache, v_cache, md, i, slen)
             start += qlen
         return out
 
@@ -58,8 +60,17 @@ class TorchAttentionBackend(AttentionBackend):
         table = md.page_table[:n, :npages]
         keys = gather_pages(k_cache, table, length)
         values = gather_pages(v_cache, table, length)
-        pos = torch.arange(length, device=q.device)
-        mask = (pos[None, :] < md.seq_lens[:n, None]).view(n, 1, 1, length)
+        mask = None
+        if min(md.seq_lens_cpu[:n]) != length:  # padding to hide past the shorter sequences
+            pos = torch.arange(length, device=q.device)
+            valid = pos[None, :] < md.seq_lens[:n, None]  # (n, length)
+            mask = valid.view(n, 1, 1, length)
+            # The padded slots (page 0, the unwritten tail of a last page) may hold anything, NaN
+            # included, and a masked NaN still poisons the output (NaN - inf, 0 * NaN): zero them.
+            # gather_pages returns fresh copies, so this in-place fill touches no cache memory.
+            pad = ~valid.view(n, 1, length, 1)
+            keys.masked_fill_(pad, 0)
+            values.masked_fill_(pad, 0)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
         )  # (n, Hq, 1, D)
@@ -68,6 +79,8 @@ class TorchAttentionBackend(AttentionBackend):
     def _prefill(
         self,
         q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         md: AttentionMetadata,
@@ -75,14 +88,15 @@ class TorchAttentionBackend(AttentionBackend):
         seq_len: int,
     ) -> torch.Tensor:
         qlen = q.shape[0]
-        npages = -(-seq_len // md.page_size)
-        table = md.page_table[seq : seq + 1, :npages]
-        keys = gather_pages(k_cache, table, seq_len)
-        values = gather_pages(v_cache, table, seq_len)
         qh = q.transpose(0, 1).unsqueeze(0)  # (1, Hq, qlen, D)
-        if qlen == seq_len:  # no cached prefix: plain causal
+        if qlen == seq_len:  # no cached prefix: the new K/V are the whole sequence, no gather needed
+            keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
+            npages = -(-seq_len // md.page_size)
+            table = md.page_table[seq : seq + 1, :npages]
+            keys = gather_pages(k_cache, table, seq_len)
+            values = gather_pages(v_cache, table, seq_len)
             qpos = torch.arange(seq_len - qlen, seq_len, device=q.device)
             kpos = torch.arange(seq_len, device=q.device)
             mask = kpos[None, :] <= qpos[:, None]

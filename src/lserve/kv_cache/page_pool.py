@@ -34,6 +34,8 @@ class PagePool:
 
     def free(self, pages: list[int]) -> None:
         for p in pages:
+            if not 0 <= p < self.num_pages:
+                raise RuntimeError(f"page {p} is not in this pool")
             if self._is_free[p]:
                 raise RuntimeError(f"page {p} freed twice")
             self._is_free[p] = True

@@ -41,8 +41,14 @@ _GLOBAL_NAMES = {
 }
 
 
-@lru_cache(maxsize=4)
 def _reader(path: Path) -> Any:
+    """A reader for the file as it is now (cached by path, size and modification time)."""
+    stat = path.stat()
+    return _cached_reader(path, stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _cached_reader(path: Path, size: int, mtime_ns: int) -> Any:
     from gguf import GGUFReader
 
     try:

@@ -1,0 +1,83 @@
+"""`lserve` as users run it: one line of error and a non-zero exit for bad input, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lserve.cli", *args], capture_output=True, text=True, input=input, timeout=300
+    )
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+
+
+def test_help_lists_engine_flags() -> None:
+    proc = run_cli("generate", "--help")
+    assert proc.returncode == 0
+    for flag in ("--page-size", "--num-kv-pages", "--max-num-batched-tokens", "--streaming-sparsity",
+                 "--token-budget", "--attention-backend", "--load-format"):
+        assert flag in proc.stdout
+
+
+def test_version() -> None:
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip()
+
+
+def test_bad_config_value() -> None:
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--page-size", "33"), "page_size")
+
+
+def test_missing_prompt_file(tmp_path: Path) -> None:
+    _one_line_error(run_cli("generate", "--prompt-file", str(tmp_path / "nope.txt")), "nope.txt")
+
+
+def test_missing_model_path(tmp_path: Path) -> None:
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--model", str(tmp_path / "absent")), "does not exist")
+
+
+def test_corrupt_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--model", str(bad)), "GGUF")
+
+
+def test_unknown_architecture(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--model", str(tmp_path)), "unsupported architecture")
+
+
+def test_not_yet_supported_sparsity() -> None:
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--streaming-sparsity", "0.5"), "not implemented")
+
+
+@pytest.mark.slow
+def test_prompt_longer_than_model(tmp_path: Path) -> None:
+    long = tmp_path / "long.txt"
+    long.write_text("hello " * 9000)
+    _one_line_error(run_cli("generate", "--prompt-file", str(long)), "maximum model length")
+
+
+@pytest.mark.slow
+def test_generate_prints_completion() -> None:
+    proc = run_cli("generate", "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+@pytest.mark.slow
+def test_chat_session() -> None:
+    proc = run_cli("chat", "--max-tokens", "16", input="What is the capital of France?\n\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
