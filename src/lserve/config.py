@@ -82,13 +82,11 @@ class SchedulerConfig:
     """Continuous batching and chunked prefill."""
 
     max_num_seqs: int = _field(64, "most requests running in one step")
-    max_num_batched_tokens: int | None = _field(
-        None, "token budget of one step; prefills are chunked to fit (default 8192 GPU, 2048 CPU)"
-    )
+    max_num_batched_tokens: int = _field(8192, "token budget of one step; longer prefills are chunked to fit")
 
     def __post_init__(self) -> None:
         _check_int("max_num_seqs", self.max_num_seqs, 1)
-        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, allow_none=True)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
 
 
 @dataclass(frozen=True)

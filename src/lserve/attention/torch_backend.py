@@ -63,14 +63,14 @@ class TorchAttentionBackend(AttentionBackend):
         mask = None
         if min(md.seq_lens_cpu[:n]) != length:  # padding to hide past the shorter sequences
             pos = torch.arange(length, device=q.device)
-            valid = pos[None, :] < md.seq_lens[:n, None]  # (n, length)
-            mask = valid.view(n, 1, 1, length)
+            mask = (pos[None, :] < md.seq_lens[:n, None]).view(n, 1, 1, length)
             # The padded slots (page 0, the unwritten tail of a last page) may hold anything, NaN
             # included, and a masked NaN still poisons the output (NaN - inf, 0 * NaN): zero them.
-            # gather_pages returns fresh copies, so this in-place fill touches no cache memory.
-            pad = ~valid.view(n, 1, length, 1)
-            keys.masked_fill_(pad, 0)
-            values.masked_fill_(pad, 0)
+            # Only the pad region is touched, and only in the gathered copies, never in the cache.
+            for i, seq_len in enumerate(md.seq_lens_cpu[:n]):
+                if seq_len < length:
+                    keys[i, :, seq_len:] = 0
+                    values[i, :, seq_len:] = 0
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
         )  # (n, Hq, 1, D)

@@ -76,10 +76,7 @@ class EngineCore:
         self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed)
         self._init_kv_cache()
         sched = config.scheduler
-        default_budget = 8192 if self.device.type == "cuda" else 2048
-        self.scheduler = Scheduler(
-            self.kv_manager, sched.max_num_seqs, sched.max_num_batched_tokens or default_budget
-        )
+        self.scheduler = Scheduler(self.kv_manager, sched.max_num_seqs, sched.max_num_batched_tokens)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 

@@ -39,7 +39,7 @@ class LLM:
         load_format: str = "auto",
         max_model_len: int | None = None,
         max_num_seqs: int = 64,
-        max_num_batched_tokens: int | None = None,
+        max_num_batched_tokens: int = 8192,
         page_size: int = 64,
         num_kv_pages: int | None = None,
         seed: int = 0,
