@@ -1,0 +1,150 @@
+"""KV append: scatter the new tokens' K/V into their pages, and keep per-logical-page key min/max.
+
+Without statistics, programs take blocks of tokens. With statistics, a program takes one
+*segment*: the new tokens of one sequence that fall in one logical page (consecutive slots). It
+writes them, reduces their keys to channel-wise min/max, and either starts the logical page's
+statistics afresh (the segment holds the page's first token: whatever was there belonged to an
+earlier owner) or merges into them. Segments are planned once per step (`plan_segments`).
+Reference: `ops.reference.kv_append_ref`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class AppendSegments:
+    """Runs of new tokens inside one logical page each (all int32, on the tokens' device)."""
+
+    start: torch.Tensor
+    """(S,) index of the run's first token in the step's flat batch."""
+    length: torch.Tensor
+    """(S,) tokens in the run (1..logical_page_size)."""
+    num_segments: int
+
+
+def plan_segments(slots: torch.Tensor, logical_page_size: int, all_single: bool = False) -> AppendSegments:
+    """Split the step's slots (T,) into runs within one logical page (once per step, not per layer).
+
+    `all_single` (every sequence adds one token, a pure decode step) skips the device search.
+    """
+    t = slots.shape[0]
+    if all_single or t <= 1:
+        ones = torch.ones(t, dtype=torch.int32, device=slots.device)
+        return AppendSegments(torch.arange(t, dtype=torch.int32, device=slots.device), ones, t)
+    logical = slots // logical_page_size
+    breaks = (logical[1:] != logical[:-1]) | (slots[1:] != slots[:-1] + 1)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long, device=slots.device), torch.nonzero(breaks)[:, 0] + 1])
+    ends = torch.cat([starts[1:], torch.tensor([t], device=slots.device)])
+    return AppendSegments(starts.to(torch.int32), (ends - starts).to(torch.int32), int(starts.shape[0]))
+
+
+@triton.jit
+def _append_kernel(
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr,
+    num_tokens,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ct, stride_ch,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, HEAD_DIM)
+    valid = rows < num_tokens
+    slots = tl.load(slot_ptr + rows, mask=valid, other=0).to(tl.int64)
+    m = valid[:, None]
+    k = tl.load(k_ptr + rows[:, None] * stride_kt + head * stride_kh + cols[None, :], mask=m)
+    v = tl.load(v_ptr + rows[:, None] * stride_vt + head * stride_vh + cols[None, :], mask=m)
+    dst = slots[:, None] * stride_ct + head * stride_ch + cols[None, :]
+    tl.store(kc_ptr + dst, k, mask=m)
+    tl.store(vc_ptr + dst, v, mask=m)
+
+
+@triton.jit
+def _append_stats_kernel(
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, seg_start_ptr, seg_len_ptr, stats_head_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ct, stride_ch, stride_sg, stride_sh,
+    HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr,
+):
+    seg = tl.program_id(0)
+    head = tl.program_id(1)
+    first = tl.load(seg_start_ptr + seg)
+    n = tl.load(seg_len_ptr + seg)
+    r = tl.arange(0, LOGICAL)
+    cols = tl.arange(0, HEAD_DIM)
+    valid = r < n
+    rows = first + r
+    slots = tl.load(slot_ptr + rows, mask=valid, other=0).to(tl.int64)
+    m = valid[:, None]
+    k = tl.load(k_ptr + rows[:, None] * stride_kt + head * stride_kh + cols[None, :], mask=m, other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * stride_vt + head * stride_vh + cols[None, :], mask=m, other=0.0)
+    dst = slots[:, None] * stride_ct + head * stride_ch + cols[None, :]
+    tl.store(kc_ptr + dst, k, mask=m)
+    tl.store(vc_ptr + dst, v, mask=m)
+    if tl.load(stats_head_ptr + head) != 0:
+        kf = k.to(tl.float32)
+        lo = tl.min(tl.where(m, kf, float("inf")), axis=0)
+        hi = tl.max(tl.where(m, kf, float("-inf")), axis=0)
+        first_slot = tl.load(slot_ptr + first).to(tl.int64)
+        g = first_slot // LOGICAL
+        addr = g * stride_sg + head * stride_sh + cols
+        if first_slot % LOGICAL != 0:  # the page already has keys: merge with them
+            lo = tl.minimum(lo, tl.load(kmin_ptr + addr).to(tl.float32))
+            hi = tl.maximum(hi, tl.load(kmax_ptr + addr).to(tl.float32))
+        tl.store(kmin_ptr + addr, lo.to(kmin_ptr.dtype.element_ty))
+        tl.store(kmax_ptr + addr, hi.to(kmax_ptr.dtype.element_ty))
+
+
+def kv_append(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_min: torch.Tensor | None = None,
+    k_max: torch.Tensor | None = None,
+    segments: AppendSegments | None = None,
+    stats_heads: torch.Tensor | None = None,
+    logical_page_size: int = 16,
+) -> None:
+    """Write k, v (T, Hkv, D) into (num_pages, page_size, Hkv, D) caches at `slots` (T,) int64.
+
+    With `k_min`/`k_max` ((num_pages * page_size // logical_page_size, Hkv, D)) also keep key
+    statistics for the heads flagged in `stats_heads` (Hkv,) (all heads when None).
+    """
+    t, hkv, d = k.shape
+    if v.shape != k.shape or slots.shape != (t,):
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} and slots {tuple(slots.shape)} disagree")
+    if k_cache.shape[2:] != (hkv, d) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"cache {tuple(k_cache.shape)} does not hold heads {hkv} x dim {d}")
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("k, v need a contiguous last dim and the caches must be contiguous")
+    if t == 0:
+        return
+    cache_strides = (k_cache.stride(1), k_cache.stride(2))  # per token, per head
+    if k_min is None or k_max is None:
+        block_t = 16
+        _append_kernel[(triton.cdiv(t, block_t), hkv)](
+            k, v, slots, k_cache, v_cache, t,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides,
+            HEAD_DIM=d, BLOCK_T=block_t,
+        )
+        return
+    if k_min.shape != k_max.shape or k_min.shape[1:] != (hkv, d) or not k_min.is_contiguous():
+        raise ValueError(f"statistics {tuple(k_min.shape)} do not match heads {hkv} x dim {d}")
+    if k_cache.shape[1] % logical_page_size:
+        raise ValueError(f"page size {k_cache.shape[1]} is not a multiple of {logical_page_size}")
+    seg = segments if segments is not None else plan_segments(slots, logical_page_size)
+    heads = stats_heads if stats_heads is not None else torch.ones(hkv, dtype=torch.int8, device=k.device)
+    _append_stats_kernel[(seg.num_segments, hkv)](
+        k, v, slots, k_cache, v_cache, k_min, k_max, seg.start, seg.length, heads.to(torch.int8),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides, k_min.stride(0), k_min.stride(1),
+        HEAD_DIM=d, LOGICAL=logical_page_size,
+    )

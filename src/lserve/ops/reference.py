@@ -1,0 +1,176 @@
+"""Plain-PyTorch references for every op in `lserve.ops`: slow, obvious, and the tests' oracle.
+
+Shapes follow the KV cache layout (`kv_cache/layout.py`): per layer, K and V are
+`(num_pages, page_size, Hkv, D)`; a token's slot is `page_id * page_size + offset`. Key statistics
+are `(num_pages * page_size // logical_page_size, Hkv, D)`: one row per logical page.
+
+Masks. For a query at position i and a key at position j of the same sequence:
+- dense heads see j <= i;
+- streaming heads see j <= i and (j < sink or i - j < local) (the Λ-shaped mask);
+- with an explicit page list, a key is also hidden unless its page (j // page_size) is listed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kv_append_ref(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_min: torch.Tensor | None = None,
+    k_max: torch.Tensor | None = None,
+    logical_page_size: int = 16,
+    stats_heads: torch.Tensor | None = None,
+) -> None:
+    """Write k, v (T, Hkv, D) at `slots` (T,); update min/max of the touched logical pages.
+
+    A logical page whose offset-0 token is among the new tokens starts fresh (its old statistics
+    are stale: they belong to whoever used the page before); otherwise the new keys are merged
+    into the existing statistics. `stats_heads` (Hkv,) bool limits statistics to those heads.
+    """
+    num_pages, page_size = k_cache.shape[:2]
+    k_cache.view(num_pages * page_size, *k_cache.shape[2:])[slots] = k
+    v_cache.view(num_pages * page_size, *v_cache.shape[2:])[slots] = v
+    if k_min is None or k_max is None:
+        return
+    heads = torch.ones(k.shape[1], dtype=torch.bool, device=k.device) if stats_heads is None else stats_heads
+    logical = (slots // logical_page_size).tolist()
+    fresh = (slots % logical_page_size == 0).tolist()
+    for g in sorted(set(logical)):
+        rows = [t for t, lg in enumerate(logical) if lg == g]
+        keys = k[rows].float()  # (n, Hkv, D)
+        lo, hi = keys.amin(0), keys.amax(0)
+        if not any(fresh[t] for t in rows):
+            lo = torch.minimum(lo, k_min[g].float())
+            hi = torch.maximum(hi, k_max[g].float())
+        k_min[g, heads] = lo[heads].to(k_min.dtype)
+        k_max[g, heads] = hi[heads].to(k_max.dtype)
+
+
+def gather_sequence(cache: torch.Tensor, page_ids: list[int] | torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of one sequence from its pages: (length, Hkv, D)."""
+    pages = cache[torch.as_tensor(page_ids, dtype=torch.long, device=cache.device)]
+    return pages.reshape(-1, *cache.shape[2:])[:length]
+
+
+def visibility_mask(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    streaming: bool,
+    sink: int,
+    local: int,
+) -> torch.Tensor:
+    """(Q, K) bool: which keys each query may see (causal, plus the Λ window for streaming heads)."""
+    i, j = q_pos[:, None], k_pos[None, :]
+    mask = j <= i
+    if streaming:
+        mask &= (j < sink) | (i - j < local)
+    return mask
+
+
+def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (Q, D), k/v (K, D), mask (Q, K) -> (Q, D) in float64; rows with nothing visible are 0."""
+    s = (q.double() @ k.double().T) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return p @ v.double()
+
+
+def sparse_prefill_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    page_tables: list[list[int]],
+    scale: float,
+    streaming_heads: torch.Tensor | None = None,
+    sink: int = 0,
+    local: int = 0,
+    page_lists: dict[tuple[int, int, int], list[int]] | None = None,
+    q_tile: int = 128,
+) -> torch.Tensor:
+    """Attention of every new token over its sequence's cached keys (new keys already written).
+
+    q (T, Hq, D); sequence s owns rows query_start_loc[s]:query_start_loc[s+1], which are its last
+    tokens. `streaming_heads` (Hkv,) bool. `page_lists[(s, tile, kv_head)]` restricts the keys of
+    query tile `tile` (rows tile*q_tile.. of the sequence's new tokens) to the listed pages.
+    """
+    _, hq, _ = q.shape
+    hkv = k_cache.shape[2]
+    group = hq // hkv
+    page_size = k_cache.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    for s, seq_len in enumerate(seq_lens):
+        a, b = query_start_loc[s], query_start_loc[s + 1]
+        keys = gather_sequence(k_cache, page_tables[s], seq_len)
+        values = gather_sequence(v_cache, page_tables[s], seq_len)
+        q_pos = torch.arange(seq_len - (b - a), seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        for h in range(hq):
+            kh = h // group
+            is_streaming = bool(streaming_heads[kh]) if streaming_heads is not None else False
+            mask = visibility_mask(q_pos, k_pos, is_streaming, sink, local)
+            if page_lists is not None:
+                for r in range(b - a):
+                    listed = page_lists.get((s, r // q_tile, kh), [])
+                    allowed = torch.zeros(seq_len, dtype=torch.bool, device=q.device)
+                    for p in listed:
+                        allowed[p * page_size : (p + 1) * page_size] = True
+                    mask[r] &= allowed
+            out[a:b, h] = attend_ref(q[a:b, h], keys[:, kh], values[:, kh], mask, scale)
+    return out
+
+
+def sparse_decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: list[int],
+    page_tables: list[list[int]],
+    scale: float,
+    streaming_heads: torch.Tensor | None = None,
+    sink: int = 0,
+    local: int = 0,
+    page_lists: dict[tuple[int, int], list[int]] | None = None,
+) -> torch.Tensor:
+    """One query per sequence (its last token): q (B, Hq, D) -> (B, Hq, D) float64.
+
+    `page_lists[(b, kv_head)]` lists the logical pages (indices into the page table) a dense head
+    reads; heads without an entry read every page. Streaming heads read the Λ window.
+    """
+    bsz, hq, _ = q.shape
+    hkv = k_cache.shape[2]
+    group = hq // hkv
+    page_size = k_cache.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    for s, seq_len in enumerate(seq_lens):
+        keys = gather_sequence(k_cache, page_tables[s], seq_len)
+        values = gather_sequence(v_cache, page_tables[s], seq_len)
+        q_pos = torch.tensor([seq_len - 1], device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        for h in range(hq):
+            kh = h // group
+            is_streaming = bool(streaming_heads[kh]) if streaming_heads is not None else False
+            mask = visibility_mask(q_pos, k_pos, is_streaming, sink, local)
+            if not is_streaming and page_lists is not None and (s, kh) in page_lists:
+                allowed = torch.zeros(seq_len, dtype=torch.bool, device=q.device)
+                for p in page_lists[(s, kh)]:
+                    allowed[p * page_size : (p + 1) * page_size] = True
+                mask &= allowed
+            out[s, h] = attend_ref(q[s, h][None], keys[:, kh], values[:, kh], mask, scale)[0]
+    return out
+
+
+def merge_states_ref(partial_out: torch.Tensor, partial_lse: torch.Tensor) -> torch.Tensor:
+    """Combine split-K partials: out (..., S, D), lse (..., S) natural-log sum-exp -> (..., D)."""
+    lse = partial_lse.double()
+    m = lse.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m)  # splits with nothing visible have lse = -inf -> weight 0
+    total = w.sum(-1, keepdim=True)
+    return (partial_out.double() * w[..., None]).sum(-2) / total.clamp_min(1e-300)

@@ -1,0 +1,168 @@
+"""Block-sparse paged decode: one new query per sequence, a list of KV pages per (sequence, KV head).
+
+A program owns one (sequence, KV head, split). It walks a *virtual* key range in tiles of
+BLOCK_N keys and maps each virtual key to a token position, then through the page table to a
+slot, so any page size from 16 to 128 works with the same tile:
+- dense heads: every position 0..seq_len-1;
+- dense heads with a page list (dynamic sparsity): the listed pages (logical indices into the
+  page table), page after page, positions past seq_len masked;
+- streaming heads: the sink tokens, then the local window (the exact Λ set, no masking needed).
+All query heads of the GQA group are rows of one tile, so each page is read once per group.
+Long ranges are split across programs (split-K); `merge_states` combines the partial results.
+Reference: `ops.reference.sparse_decode_ref`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lserve.ops.merge_states import merge_states
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, kc_ptr, vc_ptr, page_table_ptr, seq_lens_ptr, stream_ptr, list_ptr, list_len_ptr,
+    out_ptr, lse_ptr,
+    sink, local, qk_scale,
+    stride_qb, stride_qh,
+    stride_cp, stride_ct, stride_ch,
+    stride_pt_b, stride_list_b, stride_list_h, stride_len_b,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LIST: tl.constexpr, HAS_STREAM: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    is_stream = False
+    if HAS_STREAM:
+        is_stream = tl.load(stream_ptr + kvh) != 0
+    sink_len = tl.minimum(sink, seq_len)
+    local_start = tl.maximum(sink_len, seq_len - local)
+    n_list = 0
+    if HAS_LIST:
+        n_list = tl.load(list_len_ptr + b * stride_len_b + kvh)
+    if is_stream:
+        virtual_len = sink_len + seq_len - local_start
+    elif HAS_LIST:
+        virtual_len = n_list * PAGE_SIZE
+    else:
+        virtual_len = seq_len
+    chunk = tl.cdiv(tl.cdiv(virtual_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(virtual_len, start + chunk)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        vpos = n0 + tl.arange(0, BLOCK_N)
+        valid = vpos < end
+        if is_stream:
+            pos = tl.where(vpos < sink_len, vpos, local_start + vpos - sink_len)
+        elif HAS_LIST:
+            lp = tl.load(list_ptr + b * stride_list_b + kvh * stride_list_h + vpos // PAGE_SIZE, mask=valid, other=0)
+            pos = lp * PAGE_SIZE + vpos % PAGE_SIZE
+            valid = valid & (pos < seq_len)
+        else:
+            pos = vpos
+        page = tl.load(page_table_ptr + b * stride_pt_b + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        addr = page * stride_cp + (pos % PAGE_SIZE) * stride_ct + kvh * stride_ch
+        k = tl.load(kc_ptr + addr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + addr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    # natural-log LSE of the split (scores were scaled by log2(e))
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_rows = b * stride_ob + heads * stride_oh + split * stride_os
+    gm = g < GROUP
+    tl.store(out_ptr + o_rows[:, None] + d[None, :], out, mask=gm[:, None])
+    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=gm)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_virtual_len: int, num_sms: int = 132,
+                      min_keys_per_split: int = 512) -> int:
+    """Enough programs to fill the GPU twice over, without splits shorter than `min_keys_per_split`."""
+    by_work = max(1, max_virtual_len // min_keys_per_split)
+    by_occupancy = max(1, triton.cdiv(2 * num_sms, batch * num_kv_heads))
+    return int(min(by_work, by_occupancy, 256))
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    streaming_heads: torch.Tensor | None = None,
+    sink: int = 0,
+    local: int = 0,
+    page_list: torch.Tensor | None = None,
+    page_list_len: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """q (B, Hq, D) -> (B, Hq, D): attention of each sequence's last token over its selected keys.
+
+    page_table (B, max_pages) int32; seq_lens (B,) int32 (tokens including the new one, already
+    appended); streaming_heads (Hkv,) bool/int8 or None; page_list (B, Hkv, max_list) int32 logical
+    page indices with page_list_len (B, Hkv), for dense heads, or None for every page.
+    """
+    bsz, hq, d = q.shape
+    page_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    if hq % hkv or k_cache.shape[3] != d or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}")
+    if page_size & (page_size - 1) or not 16 <= page_size <= 128:
+        raise ValueError(f"page size must be a power of two from 16 to 128, got {page_size}")
+    if q.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("q needs a contiguous last dim and the caches must be contiguous")
+    if (page_list is None) != (page_list_len is None):
+        raise ValueError("page_list and page_list_len go together")
+    group = hq // hkv
+    if num_splits is None:
+        longest = max_seq_len if max_seq_len is not None else int(seq_lens.max().item())
+        num_splits = choose_num_splits(bsz, hkv, longest, _num_sms(q.device))
+    out = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
+    lse = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    stream = streaming_heads.to(torch.int8) if streaming_heads is not None else dummy
+    lst = page_list if page_list is not None else dummy.view(1, 1, 1)
+    lst_len = page_list_len.contiguous() if page_list_len is not None else dummy.view(1, 1)
+    _decode_kernel[(bsz, hkv, num_splits)](
+        q, k_cache, v_cache, page_table, seq_lens, stream, lst, lst_len, out, lse,
+        sink, local, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        page_table.stride(0), lst.stride(0), lst.stride(1), lst_len.stride(0),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE_SIZE=page_size,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_LIST=page_list is not None,
+        HAS_STREAM=streaming_heads is not None, num_warps=num_warps, num_stages=num_stages,
+    )
+    return merge_states(out, lse, q.dtype)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

@@ -1,0 +1,195 @@
+"""Block-sparse paged prefill: FlashAttention-2 online softmax over a list of KV pages per query tile.
+
+A program owns one (query tile, query head) of a varlen batch: BLOCK_M consecutive new tokens of
+one sequence (a prefill chunk; the chunk's K/V are already in the cache, after its cached prefix).
+KV tiles are pages (BLOCK_N = page size). Which pages a program visits:
+- dense heads: every page up to the diagonal, the causal mask only on the pages that cross it;
+- streaming heads: the sink pages, then the pages of the local window, with the exact token mask
+  j <= i and (j < sink or i - j < local);
+- with an explicit page list (per query tile and KV head): the listed pages, causal mask.
+Dense and streaming heads run in the same launch; the per-step plan (`plan_tiles`) only says
+which sequence and rows each tile covers. Reference: `ops.reference.sparse_prefill_ref`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class PrefillTiles:
+    """Query tiles of a step: tile i covers rows row_start[i].. of sequence seq[i]'s new tokens."""
+
+    seq: torch.Tensor
+    """(num_tiles,) int32"""
+    row_start: torch.Tensor
+    """(num_tiles,) int32"""
+    num_tiles: int
+    block_m: int
+
+
+def plan_tiles(query_lens: list[int], block_m: int, device: torch.device, first_seq: int = 0) -> PrefillTiles:
+    """Cut every sequence's new tokens into tiles of `block_m` rows (host lists -> two small tensors)."""
+    seq, rows = [], []
+    for i, n in enumerate(query_lens):
+        for r in range(0, n, block_m):
+            seq.append(first_seq + i)
+            rows.append(r)
+    return PrefillTiles(
+        torch.tensor(seq, dtype=torch.int32, device=device),
+        torch.tensor(rows, dtype=torch.int32, device=device),
+        len(seq),
+        block_m,
+    )
+
+
+@triton.jit
+def _attend_page(
+    acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, sink, local, kvh, qk_scale,
+    stride_cp, stride_ct, stride_ch,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, STREAMING: tl.constexpr,
+):
+    """Online-softmax update of one query tile with KV page `t` of the sequence (scores in log2 units)."""
+    d = tl.arange(0, HEAD_DIM)
+    j = tl.arange(0, PAGE_SIZE)
+    page = tl.load(page_row_ptr + t).to(tl.int64)
+    addr = page * stride_cp + j * stride_ct + kvh * stride_ch
+    k = tl.load(kc_ptr + addr[:, None] + d[None, :])
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    k_pos = t * PAGE_SIZE + j
+    if CAUSAL:
+        visible = k_pos[None, :] <= q_pos[:, None]
+        if STREAMING:
+            visible = visible & ((k_pos[None, :] < sink) | (q_pos[:, None] - k_pos[None, :] < local))
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(vc_ptr + addr[:, None] + d[None, :])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, kc_ptr, vc_ptr, out_ptr, page_table_ptr, seq_lens_ptr, qsl_ptr, tile_seq_ptr, tile_row_ptr,
+    stream_ptr, list_ptr, list_len_ptr,
+    sink, local, qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cp, stride_ct, stride_ch, stride_pt_b, stride_list_t, stride_list_h, stride_len_t,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_STREAM: tl.constexpr, HAS_LIST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kvh = head // GROUP
+    s_idx = tl.load(tile_seq_ptr + tile)
+    row0 = tl.load(tile_row_ptr + tile)
+    q_start = tl.load(qsl_ptr + s_idx)
+    q_len = tl.load(qsl_ptr + s_idx + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + s_idx)
+    ctx = seq_len - q_len
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    q_pos = ctx + rows
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    page_row_ptr = page_table_ptr + s_idx * stride_pt_b
+    first_pos = ctx + row0
+    last_pos = ctx + tl.minimum(row0 + BLOCK_M, q_len) - 1
+    num_pages = last_pos // PAGE_SIZE + 1
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    is_stream = False
+    if HAS_STREAM:
+        is_stream = tl.load(stream_ptr + kvh) != 0
+    if HAS_LIST:
+        n_list = tl.load(list_len_ptr + tile * stride_len_t + kvh)
+        for idx in range(0, n_list):
+            t = tl.load(list_ptr + tile * stride_list_t + kvh * stride_list_h + idx)
+            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, sink, local,
+                                         kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, True, False)
+    elif is_stream:
+        sink_pages = tl.minimum(tl.cdiv(sink, PAGE_SIZE), num_pages)
+        for t in range(0, sink_pages):
+            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, sink, local,
+                                         kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, True, True)
+        local_first = tl.maximum(tl.maximum(first_pos - local + 1, 0) // PAGE_SIZE, sink_pages)
+        for t in range(local_first, num_pages):
+            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, sink, local,
+                                         kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, True, True)
+    else:
+        full_pages = (first_pos + 1) // PAGE_SIZE  # pages entirely at or before the first query
+        for t in range(0, full_pages):
+            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, sink, local,
+                                         kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, False, False)
+        for t in range(full_pages, num_pages):
+            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, sink, local,
+                                         kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, True, False)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def sparse_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    tiles: PrefillTiles,
+    scale: float,
+    streaming_heads: torch.Tensor | None = None,
+    sink: int = 0,
+    local: int = 0,
+    page_list: torch.Tensor | None = None,
+    page_list_len: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """q (T, Hq, D) of prefill chunks -> (T, Hq, D). The chunks' K/V must already be in the cache.
+
+    page_table (B, max_pages) int32, seq_lens (B,) int32 (cached + new), query_start_loc (B + 1,)
+    int32 offsets of each sequence's rows in q; tiles from `plan_tiles`. streaming_heads (Hkv,) or
+    None; page_list (num_tiles, Hkv, max_list) int32 page indices with page_list_len (num_tiles, Hkv).
+    """
+    t, hq, d = q.shape
+    page_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    if hq % hkv or k_cache.shape[3] != d or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}")
+    if page_size & (page_size - 1) or not 16 <= page_size <= 128:
+        raise ValueError(f"page size must be a power of two from 16 to 128, got {page_size}")
+    if q.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("q needs a contiguous last dim and the caches must be contiguous")
+    if (page_list is None) != (page_list_len is None):
+        raise ValueError("page_list and page_list_len go together")
+    if out is None:
+        out = torch.empty_like(q)
+    if tiles.num_tiles == 0:
+        return out
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    stream = streaming_heads.to(torch.int8) if streaming_heads is not None else dummy
+    lst = page_list if page_list is not None else dummy.view(1, 1, 1)
+    lst_len = page_list_len.contiguous() if page_list_len is not None else dummy.view(1, 1)
+    _prefill_kernel[(tiles.num_tiles, hq)](
+        q, k_cache, v_cache, out, page_table, seq_lens, query_start_loc, tiles.seq, tiles.row_start,
+        stream, lst, lst_len,
+        sink, local, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), page_table.stride(0),
+        lst.stride(0), lst.stride(1), lst_len.stride(0),
+        GROUP=hq // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, BLOCK_M=tiles.block_m,
+        HAS_STREAM=streaming_heads is not None, HAS_LIST=page_list is not None,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

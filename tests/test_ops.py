@@ -1,0 +1,243 @@
+"""Triton kernels against their references in `lserve.ops.reference`.
+
+On a CPU they run under TRITON_INTERPRET=1 (set in conftest.py) with small shapes; on a GPU the
+same tests run compiled, plus a bfloat16 pass. Inputs are fresh random values with odd lengths;
+outputs are poisoned with NaN before each run so that unwritten elements fail.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lserve.ops import reference as ref
+from lserve.ops.kv_append import kv_append, plan_segments
+from lserve.ops.merge_states import merge_states
+from lserve.ops.sparse_decode import sparse_decode
+from lserve.ops.sparse_prefill import plan_tiles, sparse_prefill
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.float16: 1e-2}  # relative to the output's norm
+
+
+def _rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "unwritten or NaN output"
+    return float((out.double() - expected).norm() / expected.norm().clamp_min(1e-12))
+
+
+class PagedSeqs:
+    """Random sequences in a shuffled page pool (page tables with gaps, out of order)."""
+
+    def __init__(self, seq_lens: list[int], page_size: int, hkv: int, d: int, dtype: torch.dtype, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        rng = random.Random(seed)
+        self.seq_lens, self.page_size = seq_lens, page_size
+        need = sum(-(-n // page_size) for n in seq_lens)
+        num_pages = need + 5
+        ids = list(range(num_pages))
+        rng.shuffle(ids)
+        self.page_tables = []
+        for n in seq_lens:
+            k = -(-n // page_size)
+            self.page_tables.append(ids[:k])
+            ids = ids[k:]
+        shape = (num_pages, page_size, hkv, d)
+        self.k_cache = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+        self.v_cache = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+        width = max(len(t) for t in self.page_tables)
+        table = torch.zeros((len(seq_lens), width), dtype=torch.int32)
+        for i, t in enumerate(self.page_tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        self.table = table.to(DEVICE)
+        self.lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+
+
+# ---- KV append -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page_size,logical", [(16, 16), (32, 16), (64, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_append_with_statistics(page_size: int, logical: int, dtype: torch.dtype) -> None:
+    hkv, d = 2, 32
+    gen = torch.Generator().manual_seed(page_size)
+    num_pages = 6
+    k_cache = torch.full((num_pages, page_size, hkv, d), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    n_logical = num_pages * page_size // logical
+    # stale statistics from an "earlier owner": a fresh logical page must not merge with them
+    k_min = (torch.randn((n_logical, hkv, d), generator=gen) - 5).to(dtype).to(DEVICE)
+    k_max = (torch.randn((n_logical, hkv, d), generator=gen) + 5).to(dtype).to(DEVICE)
+    ref_kc, ref_vc, ref_min, ref_max = k_cache.clone(), v_cache.clone(), k_min.clone(), k_max.clone()
+    pages = [4, 1, 3, 0, 5]  # one sequence, pages out of order
+    written = 0
+    for step_tokens in (19, 1, 1, 2 * page_size - 1, 5):  # a chunk, two decodes, a long chunk, a chunk
+        pos = torch.arange(written, written + step_tokens)
+        slots = (torch.tensor(pages)[pos // page_size] * page_size + pos % page_size).to(DEVICE)
+        k = torch.randn((step_tokens, hkv, d), generator=gen).to(dtype).to(DEVICE)
+        v = torch.randn((step_tokens, hkv, d), generator=gen).to(dtype).to(DEVICE)
+        segs = plan_segments(slots, logical, all_single=step_tokens == 1)
+        kv_append(k, v, slots, k_cache, v_cache, k_min, k_max, segs, logical_page_size=logical)
+        ref.kv_append_ref(k, v, slots, ref_kc, ref_vc, ref_min, ref_max, logical)
+        written += step_tokens
+    assert torch.equal(k_cache.isnan(), ref_kc.isnan())
+    assert torch.equal(k_cache.nan_to_num(), ref_kc.nan_to_num()) and torch.equal(v_cache.nan_to_num(), ref_vc.nan_to_num())
+    assert torch.equal(k_min, ref_min) and torch.equal(k_max, ref_max)
+    # and the statistics equal a from-scratch min/max over the sequence's keys
+    keys = ref.gather_sequence(k_cache, pages, written).float()
+    for lp in range(-(-written // logical)):
+        chunk = keys[lp * logical : (lp + 1) * logical]
+        g = pages[lp * logical // page_size] * (page_size // logical) + (lp * logical % page_size) // logical
+        assert torch.equal(k_min[g].float(), chunk.amin(0)) and torch.equal(k_max[g].float(), chunk.amax(0))
+
+
+def test_kv_append_without_statistics_and_head_filter() -> None:
+    hkv, d, page_size = 3, 64, 16
+    gen = torch.Generator().manual_seed(3)
+    k_cache = torch.full((5, page_size, hkv, d), float("nan"), device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    slots = torch.tensor([17, 18, 19, 70, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], device=DEVICE)
+    k = torch.randn((17, hkv, d), generator=gen).to(DEVICE)
+    v = torch.randn((17, hkv, d), generator=gen).to(DEVICE)
+    kv_append(k, v, slots, k_cache, v_cache)
+    flat_k, flat_v = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
+    assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)
+    untouched = torch.ones(flat_k.shape[0], dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert flat_k[untouched.to(DEVICE)].isnan().all()
+    k_min = torch.zeros((5 * page_size // 16, hkv, d), device=DEVICE)
+    k_max = torch.zeros_like(k_min)
+    heads = torch.tensor([1, 0, 1], dtype=torch.int8, device=DEVICE)
+    kv_append(k, v, slots, k_cache, v_cache, k_min, k_max, stats_heads=heads)
+    assert (k_min[:, 1] == 0).all() and (k_max[:, 1] == 0).all()  # head 1 keeps no statistics
+    assert (k_min[:, 0] != 0).any()
+
+
+# ---- prefill ---------------------------------------------------------------------------------
+
+
+def _prefill_case(page_size: int, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int):
+    rng = random.Random(seed)
+    seq_lens = [rng.randint(page_size + 3, 5 * page_size - 1) | 1 for _ in range(3)]
+    q_lens = [seq_lens[0], rng.randint(1, 40), 1]  # a whole prompt, a chunk after a prefix, one token
+    seqs = PagedSeqs(seq_lens, page_size, hkv, d, dtype, seed)
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    gen = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn((starts[-1], hq, d), generator=gen).to(dtype).to(DEVICE)
+    return seqs, q, q_lens, starts
+
+
+@pytest.mark.parametrize("page_size", [16, 32, 64])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_dense_and_streaming_in_one_launch(page_size: int, hq: int, hkv: int, dtype: torch.dtype) -> None:
+    d, block_m = 32, 16
+    seqs, q, q_lens, starts = _prefill_case(page_size, hq, hkv, d, dtype, seed=page_size + hq)
+    scale = d**-0.5
+    sink, local = page_size // 2 + 3, page_size + 5  # windows that cross page boundaries
+    streaming = torch.tensor([i % 2 == 1 for i in range(hkv)], device=DEVICE)
+    tiles = plan_tiles(q_lens, block_m, DEVICE)
+    qsl = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    for heads in (None, streaming):
+        out = torch.full_like(q, float("nan"))
+        sparse_prefill(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, qsl, tiles, scale,
+                       streaming_heads=heads, sink=sink, local=local, out=out)
+        expected = ref.sparse_prefill_ref(q, seqs.k_cache, seqs.v_cache, starts, seqs.seq_lens, seqs.page_tables,
+                                          scale, heads, sink, local)
+        assert _rel_err(out, expected) < TOL[dtype]
+    dense = ref.sparse_prefill_ref(q, seqs.k_cache, seqs.v_cache, starts, seqs.seq_lens, seqs.page_tables, scale)
+    # negative: the streaming heads' output really differs from dense, the dense heads' does not
+    group = hq // hkv
+    stream_rows = [h for h in range(hq) if streaming[h // group]]
+    dense_rows = [h for h in range(hq) if not streaming[h // group]]
+    assert _rel_err(out[:, stream_rows], dense[:, stream_rows]) > 10 * TOL[dtype]
+    assert _rel_err(out[:, dense_rows], dense[:, dense_rows]) < TOL[dtype]
+
+
+def test_prefill_explicit_page_list_with_gaps() -> None:
+    page_size, hq, hkv, d, block_m = 16, 4, 2, 32, 16
+    seqs, q, q_lens, starts = _prefill_case(page_size, hq, hkv, d, torch.float32, seed=11)
+    tiles = plan_tiles(q_lens, block_m, DEVICE)
+    seq_of_tile, row_of_tile = tiles.seq.tolist(), tiles.row_start.tolist()
+    rng = random.Random(5)
+    lists: dict[tuple[int, int, int], list[int]] = {}
+    width = max(len(t) for t in seqs.page_tables)
+    page_list = torch.zeros((tiles.num_tiles, hkv, width), dtype=torch.int32)
+    page_len = torch.zeros((tiles.num_tiles, hkv), dtype=torch.int32)
+    for i, (s, r0) in enumerate(zip(seq_of_tile, row_of_tile)):
+        last = (seqs.seq_lens[s] - q_lens[s] + min(r0 + block_m, q_lens[s]) - 1) // page_size
+        for h in range(hkv):
+            chosen = sorted({0, last} | {p for p in range(last) if rng.random() < 0.5})  # gaps
+            lists[(s, r0 // block_m, h)] = chosen
+            page_list[i, h, : len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+            page_len[i, h] = len(chosen)
+    qsl = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    sparse_prefill(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, qsl, tiles, d**-0.5,
+                   page_list=page_list.to(DEVICE), page_list_len=page_len.to(DEVICE), out=out)
+    expected = ref.sparse_prefill_ref(q, seqs.k_cache, seqs.v_cache, starts, seqs.seq_lens, seqs.page_tables,
+                                      d**-0.5, page_lists=lists, q_tile=block_m)
+    dense = ref.sparse_prefill_ref(q, seqs.k_cache, seqs.v_cache, starts, seqs.seq_lens, seqs.page_tables, d**-0.5)
+    assert _rel_err(out, expected) < TOL[torch.float32]
+    assert _rel_err(out, dense) > 10 * TOL[torch.float32]
+
+
+# ---- decode ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_dense_streaming_and_page_lists(page_size: int, hq: int, hkv: int, num_splits: int,
+                                              dtype: torch.dtype) -> None:
+    d = 32
+    rng = random.Random(page_size * 7 + hq + num_splits)
+    seq_lens = [rng.randint(2, 6 * page_size) | 1 for _ in range(3)] + [page_size * 2]
+    seqs = PagedSeqs(seq_lens, page_size, hkv, d, dtype, seed=page_size + num_splits)
+    gen = torch.Generator().manual_seed(page_size + 100)
+    q = torch.randn((len(seq_lens), hq, d), generator=gen).to(dtype).to(DEVICE)
+    scale = d**-0.5
+    sink, local = page_size // 2 + 1, page_size + 7
+    streaming = torch.tensor([i % 2 == 0 for i in range(hkv)], device=DEVICE)
+    lists: dict[tuple[int, int], list[int]] = {}
+    width = max(len(t) for t in seqs.page_tables)
+    page_list = torch.zeros((len(seq_lens), hkv, width), dtype=torch.int32)
+    page_len = torch.zeros((len(seq_lens), hkv), dtype=torch.int32)
+    for b, n in enumerate(seq_lens):
+        last = (n - 1) // page_size
+        for h in range(hkv):
+            chosen = sorted({last} | {p for p in range(last) if rng.random() < 0.4})
+            lists[(b, h)] = chosen
+            page_list[b, h, : len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+            page_len[b, h] = len(chosen)
+    cases = [
+        dict(),
+        dict(streaming_heads=streaming, sink=sink, local=local),
+        dict(page_list=page_list.to(DEVICE), page_list_len=page_len.to(DEVICE)),
+        dict(streaming_heads=streaming, sink=sink, local=local,
+             page_list=page_list.to(DEVICE), page_list_len=page_len.to(DEVICE)),
+    ]
+    dense = ref.sparse_decode_ref(q, seqs.k_cache, seqs.v_cache, seq_lens, seqs.page_tables, scale)
+    for kw in cases:
+        out = sparse_decode(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, scale, num_splits=num_splits, **kw)
+        expected = ref.sparse_decode_ref(
+            q, seqs.k_cache, seqs.v_cache, seq_lens, seqs.page_tables, scale,
+            kw.get("streaming_heads"), sink, local, lists if "page_list" in kw else None,
+        )
+        assert _rel_err(out, expected) < TOL[dtype], kw.keys()
+        if kw:  # negative: sparse really reads fewer keys
+            assert _rel_err(out, dense) > 10 * TOL[dtype], kw.keys()
+
+
+def test_merge_states_matches_reference_including_empty_splits() -> None:
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn((2, 3, 5, 32), generator=gen).to(DEVICE)
+    lse = torch.randn((2, 3, 5), generator=gen).to(DEVICE) * 4
+    lse[0, 1, 2:] = float("-inf")  # splits that saw no key
+    got = merge_states(out, lse, torch.float32)
+    assert _rel_err(got, ref.merge_states_ref(out, lse)) < 1e-5
