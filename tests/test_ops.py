@@ -47,6 +47,11 @@ class PagedSeqs:
         shape = (num_pages, page_size, hkv, d)
         self.k_cache = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
         self.v_cache = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+        # poison what no sequence wrote: unused pages and the tail of each last page
+        for cache in (self.k_cache, self.v_cache):
+            cache[ids] = float("nan")
+            for n, table in zip(seq_lens, self.page_tables):
+                cache[table[-1], (n - 1) % page_size + 1 :] = float("nan")
         width = max(len(t) for t in self.page_tables)
         table = torch.zeros((len(seq_lens), width), dtype=torch.int32)
         for i, t in enumerate(self.page_tables):

@@ -66,17 +66,18 @@ class Sim:
 
     def __init__(
         self, *, num_layers: int, hq: int, hkv: int, head_dim: int, page_size: int, num_pages: int,
-        dtype: torch.dtype, seed: int,
+        dtype: torch.dtype, seed: int, backend_cls: type = TorchAttentionBackend, device: torch.device = CPU,
     ) -> None:
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.num_layers, self.hq, self.hkv, self.head_dim = num_layers, hq, hkv, head_dim
         self.page_size, self.dtype = page_size, dtype
-        self.kv = KVCacheTensors(KVShape(num_layers, hkv, head_dim, page_size, dtype), num_pages, CPU)
+        self.device = device
+        self.kv = KVCacheTensors(KVShape(num_layers, hkv, head_dim, page_size, dtype), num_pages, device)
         for t in (*self.kv.k, *self.kv.v):
             t.fill_(NAN)
         self.scale = head_dim**-0.5
-        self.backend = TorchAttentionBackend(self.kv, hq, self.scale)
+        self.backend = backend_cls(self.kv, hq, self.scale)
         self.free = list(range(num_pages))
         self.rng.shuffle(self.free)
         self.seqs: list[Seq] = []
@@ -92,7 +93,7 @@ class Sim:
         return {p for s in self.seqs for p in s.pages}
 
     def _randn(self, *shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.gen).to(self.dtype)
+        return torch.randn(*shape, generator=self.gen).to(self.dtype).to(self.device)
 
     def prepare(self, plan: list[tuple[int, int]], num_decodes: int) -> Step:
         """Allocate pages and draw this step's q/k/v; nothing is run yet."""
@@ -108,7 +109,7 @@ class Sim:
             [list(self.seqs[i].pages) for i, _ in plan],
             num_decodes,
             self.page_size,
-            CPU,
+            self.device,
         )
         t = md.num_tokens
         q = [self._randn(t, self.hq, self.head_dim) for _ in range(self.num_layers)]
@@ -117,6 +118,7 @@ class Sim:
         return Step(md, plan, q, k, v)
 
     def run(self, step: Step) -> list[torch.Tensor]:
+        self.backend.prepare(step.md)
         return [
             self.backend.forward(step.q[layer], step.k[layer], step.v[layer], layer, step.md)
             for layer in range(self.num_layers)
@@ -155,6 +157,7 @@ class Sim:
                 continue
             pos = torch.arange(s.length)
             slots = torch.tensor(s.pages)[pos // self.page_size] * self.page_size + pos % self.page_size
+            slots = slots.to(self.device)
             for layer in range(self.num_layers):
                 flat_k = self.kv.k[layer].view(-1, self.hkv, self.head_dim)
                 flat_v = self.kv.v[layer].view(-1, self.hkv, self.head_dim)
@@ -203,13 +206,14 @@ def assert_matches(sim: Sim, step: Step, outs: list[torch.Tensor], atol: float, 
 def run_scenario(
     *, hq: int, hkv: int, head_dim: int, page_size: int, dtype: torch.dtype, atol: float, rtol: float,
     seed: int, num_seqs: int = 6, num_layers: int = 3, steps: int = 7,
+    backend_cls: type = TorchAttentionBackend, device: torch.device = CPU,
 ) -> Sim:
     rng = random.Random(seed)
     lengths = [odd_length(rng, page_size, 3, 3 * page_size) for _ in range(num_seqs)]
     need = sum(-(-(n + steps) // page_size) for n in lengths)
     sim = Sim(
         num_layers=num_layers, hq=hq, hkv=hkv, head_dim=head_dim, page_size=page_size,
-        num_pages=2 * need + 5, dtype=dtype, seed=seed,
+        num_pages=2 * need + 5, dtype=dtype, seed=seed, backend_cls=backend_cls, device=device,
     )
     ids = [sim.add_seq(n) for n in lengths]
     saw_mixed = saw_ragged_decode = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 
 import torch
@@ -25,6 +26,9 @@ class AttentionBackend(ABC):
         self.num_heads = num_heads
         self.scale = scale
 
+    def prepare(self, md: AttentionMetadata) -> None:  # noqa: B027 (optional hook)
+        """Per-step planning shared by every layer (called once per step, before the model runs)."""
+
     @abstractmethod
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, md: AttentionMetadata
@@ -33,11 +37,13 @@ class AttentionBackend(ABC):
 
 
 def resolve_backend_name(name: str, device: torch.device) -> str:
+    """auto: Triton kernels on a CUDA GPU, the PyTorch reference elsewhere."""
     if name == "auto":
-        return "torch"  # the Triton backend arrives with the kernels issue
-    if name == "triton":
+        return "triton" if device.type == "cuda" else "torch"
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise NotSupportedError(
-            "attention_backend='triton' is not implemented yet in this version; use 'torch' or 'auto'"
+            "attention_backend='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for slow testing); "
+            "use 'torch' on the CPU"
         )
     return name
 
@@ -46,4 +52,8 @@ def create_backend(name: str, kv: KVCacheTensors, num_heads: int, scale: float) 
     from lserve.attention.torch_backend import TorchAttentionBackend
 
     backends: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend}
+    if name == "triton":
+        from lserve.attention.triton_backend import TritonAttentionBackend
+
+        backends["triton"] = TritonAttentionBackend
     return backends[name](kv, num_heads, scale)

@@ -49,7 +49,7 @@ def plan_tiles(query_lens: list[int], block_m: int, device: torch.device, first_
 
 @triton.jit
 def _attend_page(
-    acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, sink, local, kvh, qk_scale,
+    acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
     stride_cp, stride_ct, stride_ch,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, STREAMING: tl.constexpr,
 ):
@@ -58,9 +58,15 @@ def _attend_page(
     j = tl.arange(0, PAGE_SIZE)
     page = tl.load(page_row_ptr + t).to(tl.int64)
     addr = page * stride_cp + j * stride_ct + kvh * stride_ch
-    k = tl.load(kc_ptr + addr[:, None] + d[None, :])
-    s = tl.dot(q, tl.trans(k)) * qk_scale
     k_pos = t * PAGE_SIZE + j
+    if CAUSAL:  # a page on the diagonal may end past the sequence: its unwritten tail is never read
+        kv_ok = (k_pos < seq_len)[:, None]
+        k = tl.load(kc_ptr + addr[:, None] + d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(vc_ptr + addr[:, None] + d[None, :], mask=kv_ok, other=0.0)
+    else:
+        k = tl.load(kc_ptr + addr[:, None] + d[None, :])
+        v = tl.load(vc_ptr + addr[:, None] + d[None, :])
+    s = tl.dot(q, tl.trans(k)) * qk_scale
     if CAUSAL:
         visible = k_pos[None, :] <= q_pos[:, None]
         if STREAMING:
@@ -71,7 +77,6 @@ def _attend_page(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(vc_ptr + addr[:, None] + d[None, :])
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
@@ -115,24 +120,24 @@ def _prefill_kernel(
         n_list = tl.load(list_len_ptr + tile * stride_len_t + kvh)
         for idx in range(0, n_list):
             t = tl.load(list_ptr + tile * stride_list_t + kvh * stride_list_h + idx)
-            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, sink, local,
+            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local,
                                          kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, True, False)
     elif is_stream:
         sink_pages = tl.minimum(tl.cdiv(sink, PAGE_SIZE), num_pages)
         for t in range(0, sink_pages):
-            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, sink, local,
+            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local,
                                          kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, True, True)
         local_first = tl.maximum(tl.maximum(first_pos - local + 1, 0) // PAGE_SIZE, sink_pages)
         for t in range(local_first, num_pages):
-            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, sink, local,
+            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local,
                                          kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, True, True)
     else:
         full_pages = (first_pos + 1) // PAGE_SIZE  # pages entirely at or before the first query
         for t in range(0, full_pages):
-            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, sink, local,
+            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local,
                                          kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, False, False)
         for t in range(full_pages, num_pages):
-            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, sink, local,
+            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local,
                                          kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, True, False)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],

@@ -54,6 +54,7 @@ class ModelRunner:
             positions.extend(range(start, start + s.num_new_tokens))
         md = self.plan(inputs, num_decodes)
         backend = self.backend
+        backend.prepare(md)
 
         def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
             return backend.forward(q, k, v, layer_idx, md)

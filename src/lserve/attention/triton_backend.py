@@ -1,0 +1,49 @@
+"""Attention with lserve's Triton kernels: KV append, block-sparse prefill, split-K decode.
+
+The default backend on CUDA. Per step, `prepare` plans the prefill query tiles once; every layer
+then appends its K/V and runs the decode rows and the prefill rows of the flat batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lserve.attention.backend import AttentionBackend
+from lserve.attention.metadata import AttentionMetadata
+from lserve.ops.kv_append import kv_append
+from lserve.ops.sparse_decode import sparse_decode
+from lserve.ops.sparse_prefill import PrefillTiles, plan_tiles, sparse_prefill
+
+
+def prefill_block_m(device: torch.device) -> int:
+    """Query rows per prefill tile: 128 on a GPU; small in the CPU interpreter, where tiles cost time."""
+    return 128 if device.type == "cuda" else 16
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+
+    _tiles: PrefillTiles | None = None
+
+    def prepare(self, md: AttentionMetadata) -> None:
+        device = md.seq_lens.device
+        prefill_lens = list(md.query_lens_cpu[md.num_decodes :])
+        self._tiles = plan_tiles(prefill_lens, prefill_block_m(device), device, first_seq=md.num_decodes)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, md: AttentionMetadata
+    ) -> torch.Tensor:
+        k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
+        kv_append(k, v, md.slot_mapping, k_cache, v_cache)
+        out = torch.empty_like(q)
+        nd = md.num_decodes
+        if nd:
+            out[:nd] = sparse_decode(
+                q[:nd], k_cache, v_cache, md.page_table[:nd], md.seq_lens[:nd], self.scale,
+                max_seq_len=max(md.seq_lens_cpu[:nd]),
+            )
+        if md.num_prefills:
+            assert self._tiles is not None, "prepare() was not called for this step"
+            sparse_prefill(q, k_cache, v_cache, md.page_table, md.seq_lens, md.query_start_loc, self._tiles,
+                           self.scale, out=out)
+        return out
