@@ -2,9 +2,9 @@
 
 A program owns one (query tile, query head) of a varlen batch: BLOCK_M consecutive new tokens of
 one sequence (a prefill chunk; the chunk's K/V are already in the cache, after its cached prefix).
-KV tiles are pages (BLOCK_N = page size). Which pages a program visits:
-- dense heads: every page up to the diagonal, the causal mask only on the pages that cross it;
-- streaming heads: the sink pages, then the pages of the local window, with the exact token mask
+KV tiles are BLOCK_N keys (one page or several, looked up per key row). What a program visits:
+- dense heads: every tile up to the diagonal, the causal mask only on the tiles that cross it;
+- streaming heads: the sink tiles, then the tiles of the local window, with the exact token mask
   j <= i and (j < sink or i - j < local);
 - with an explicit page list (per query tile and KV head): the listed pages, causal mask.
 Dense and streaming heads run in the same launch; the per-step plan (`plan_tiles`) only says
@@ -48,17 +48,18 @@ def plan_tiles(query_lens: list[int], block_m: int, device: torch.device, first_
 
 
 @triton.jit
-def _attend_page(
+def _attend_tile(
     acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
     stride_cp, stride_ct, stride_ch,
-    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, STREAMING: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr, CAUSAL: tl.constexpr,
+    STREAMING: tl.constexpr,
 ):
-    """Online-softmax update of one query tile with KV page `t` of the sequence (scores in log2 units)."""
+    """Online-softmax update of one query tile with KV tile `t` (keys t*TILE..; a tile spans
+    TILE / PAGE_SIZE pages, looked up per key row). Scores are in log2 units."""
     d = tl.arange(0, HEAD_DIM)
-    j = tl.arange(0, PAGE_SIZE)
-    page = tl.load(page_row_ptr + t).to(tl.int64)
-    addr = page * stride_cp + j * stride_ct + kvh * stride_ch
-    k_pos = t * PAGE_SIZE + j
+    k_pos = t * TILE + tl.arange(0, TILE)
+    page = tl.load(page_row_ptr + k_pos // PAGE_SIZE, mask=k_pos < seq_len, other=0).to(tl.int64)
+    addr = page * stride_cp + (k_pos % PAGE_SIZE) * stride_ct + kvh * stride_ch
     if CAUSAL:  # a page on the diagonal may end past the sequence: its unwritten tail is never read
         kv_ok = (k_pos < seq_len)[:, None]
         k = tl.load(kc_ptr + addr[:, None] + d[None, :], mask=kv_ok, other=0.0)
@@ -89,9 +90,10 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cp, stride_ct, stride_ch, stride_pt_b, stride_list_t, stride_list_h, stride_len_t,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HAS_STREAM: tl.constexpr, HAS_LIST: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # long tiles first: a shorter tail
     head = tl.program_id(1)
     kvh = head // GROUP
     s_idx = tl.load(tile_seq_ptr + tile)
@@ -109,36 +111,41 @@ def _prefill_kernel(
     page_row_ptr = page_table_ptr + s_idx * stride_pt_b
     first_pos = ctx + row0
     last_pos = ctx + tl.minimum(row0 + BLOCK_M, q_len) - 1
-    num_pages = last_pos // PAGE_SIZE + 1
+    num_tiles = last_pos // BLOCK_N + 1
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     is_stream = False
     if HAS_STREAM:
         is_stream = tl.load(stream_ptr + kvh) != 0
-    if HAS_LIST:
+    if HAS_LIST:  # tiles are the listed pages
         n_list = tl.load(list_len_ptr + tile * stride_len_t + kvh)
         for idx in range(0, n_list):
             t = tl.load(list_ptr + tile * stride_list_t + kvh * stride_list_h + idx)
-            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local,
-                                         kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, True, False)
-    elif is_stream:
-        sink_pages = tl.minimum(tl.cdiv(sink, PAGE_SIZE), num_pages)
-        for t in range(0, sink_pages):
-            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local,
-                                         kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, True, True)
-        local_first = tl.maximum(tl.maximum(first_pos - local + 1, 0) // PAGE_SIZE, sink_pages)
-        for t in range(local_first, num_pages):
-            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local,
-                                         kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, True, True)
-    else:
-        full_pages = (first_pos + 1) // PAGE_SIZE  # pages entirely at or before the first query
-        for t in range(0, full_pages):
-            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local,
-                                         kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, False, False)
-        for t in range(full_pages, num_pages):
-            acc, m_i, l_i = _attend_page(acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local,
-                                         kvh, qk_scale, stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, True, False)
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
+                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, PAGE_SIZE, True, False)
+    elif is_stream:  # the sink tiles, then the tiles of the local window
+        sink_tiles = tl.minimum(tl.cdiv(sink, BLOCK_N), num_tiles)
+        for t in range(0, sink_tiles):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
+                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, True)
+        local_first = tl.maximum(tl.maximum(first_pos - local + 1, 0) // BLOCK_N, sink_tiles)
+        for t in range(local_first, num_tiles):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
+                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, True)
+    else:  # every tile up to the diagonal; only the tiles that cross it need the causal mask
+        full_tiles = (first_pos + 1) // BLOCK_N
+        for t in range(0, full_tiles):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
+                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, False)
+        for t in range(full_tiles, num_tiles):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
+                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, False)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -159,6 +166,7 @@ def sparse_prefill(
     page_list: torch.Tensor | None = None,
     page_list_len: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:
@@ -178,6 +186,8 @@ def sparse_prefill(
         raise ValueError("q needs a contiguous last dim and the caches must be contiguous")
     if (page_list is None) != (page_list_len is None):
         raise ValueError("page_list and page_list_len go together")
+    if block_n & (block_n - 1) or block_n < 16:
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if out is None:
         out = torch.empty_like(q)
     if tiles.num_tiles == 0:
@@ -194,6 +204,7 @@ def sparse_prefill(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), page_table.stride(0),
         lst.stride(0), lst.stride(1), lst_len.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, BLOCK_M=tiles.block_m,
+        BLOCK_N=max(block_n, page_size),
         HAS_STREAM=streaming_heads is not None, HAS_LIST=page_list is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
