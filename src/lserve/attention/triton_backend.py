@@ -15,8 +15,14 @@ from lserve.ops.sparse_decode import sparse_decode
 from lserve.ops.sparse_prefill import PrefillTiles, plan_tiles, sparse_prefill
 
 
+# Tuned on an H200 (benchmarks/attention_kernels.py --sweep, head dim 128, bf16); the CPU
+# interpreter gets small tiles, where each tile costs time.
+GPU_PREFILL = dict(block_n=128, num_warps=8, num_stages=2)
+GPU_DECODE = dict(block_n=128, num_warps=4, num_stages=3)
+
+
 def prefill_block_m(device: torch.device) -> int:
-    """Query rows per prefill tile: 128 on a GPU; small in the CPU interpreter, where tiles cost time."""
+    """Query rows per prefill tile."""
     return 128 if device.type == "cuda" else 16
 
 
@@ -40,10 +46,10 @@ class TritonAttentionBackend(AttentionBackend):
         if nd:
             out[:nd] = sparse_decode(
                 q[:nd], k_cache, v_cache, md.page_table[:nd], md.seq_lens[:nd], self.scale,
-                max_seq_len=max(md.seq_lens_cpu[:nd]),
+                max_seq_len=max(md.seq_lens_cpu[:nd]), **(GPU_DECODE if q.is_cuda else {}),
             )
         if md.num_prefills:
             assert self._tiles is not None, "prepare() was not called for this step"
             sparse_prefill(q, k_cache, v_cache, md.page_table, md.seq_lens, md.query_start_loc, self._tiles,
-                           self.scale, out=out)
+                           self.scale, out=out, **(GPU_PREFILL if q.is_cuda else {}))
         return out

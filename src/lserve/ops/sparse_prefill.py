@@ -52,7 +52,7 @@ def _attend_tile(
     acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
     stride_cp, stride_ct, stride_ch,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr, CAUSAL: tl.constexpr,
-    STREAMING: tl.constexpr,
+    streaming,
 ):
     """Online-softmax update of one query tile with KV tile `t` (keys t*TILE..; a tile spans
     TILE / PAGE_SIZE pages, looked up per key row). Scores are in log2 units."""
@@ -70,8 +70,8 @@ def _attend_tile(
     s = tl.dot(q, tl.trans(k)) * qk_scale
     if CAUSAL:
         visible = k_pos[None, :] <= q_pos[:, None]
-        if STREAMING:
-            visible = visible & ((k_pos[None, :] < sink) | (q_pos[:, None] - k_pos[None, :] < local))
+        in_window = (k_pos[None, :] < sink) | (q_pos[:, None] - k_pos[None, :] < local)
+        visible = visible & (in_window | (streaming == 0))
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -125,27 +125,27 @@ def _prefill_kernel(
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
                 stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, PAGE_SIZE, True, False)
-    elif is_stream:  # the sink tiles, then the tiles of the local window
-        sink_tiles = tl.minimum(tl.cdiv(sink, BLOCK_N), num_tiles)
-        for t in range(0, sink_tiles):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
-                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, True)
-        local_first = tl.maximum(tl.maximum(first_pos - local + 1, 0) // BLOCK_N, sink_tiles)
-        for t in range(local_first, num_tiles):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
-                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, True)
-    else:  # every tile up to the diagonal; only the tiles that cross it need the causal mask
+    else:
+        # Two loops serve both head kinds (fewer loops: less shared memory for the pipeliner).
+        # Dense heads: tiles below the diagonal unmasked, then the diagonal tiles masked.
+        # Streaming heads: no unmasked tiles; masked, the sink tiles then the local-window tiles,
+        # walked as one range with a jump over the gap.
         full_tiles = (first_pos + 1) // BLOCK_N
-        for t in range(0, full_tiles):
+        sink_tiles = tl.minimum(tl.cdiv(sink, BLOCK_N), num_tiles)
+        local_first = tl.maximum(tl.maximum(first_pos - local + 1, 0) // BLOCK_N, sink_tiles)
+        n_unmasked = tl.where(is_stream, 0, full_tiles)
+        jump_at = tl.where(is_stream, sink_tiles, num_tiles)
+        jump = tl.where(is_stream, local_first - sink_tiles, 0)
+        masked_end = tl.where(is_stream, sink_tiles + num_tiles - local_first, num_tiles)
+        for t in range(0, n_unmasked):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
                 stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, False)
-        for t in range(full_tiles, num_tiles):
+        for idx in range(n_unmasked, masked_end):
+            t = idx + tl.where(idx >= jump_at, jump, 0)
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
-                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, False)
+                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, is_stream)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
