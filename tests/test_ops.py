@@ -246,3 +246,23 @@ def test_merge_states_matches_reference_including_empty_splits() -> None:
     lse[0, 1, 2:] = float("-inf")  # splits that saw no key
     got = merge_states(out, lse, torch.float32)
     assert _rel_err(got, ref.merge_states_ref(out, lse)) < 1e-5
+
+
+def test_prefill_streaming_window_much_wider_than_a_tile() -> None:
+    """Windows spanning many KV tiles: the interior tiles take the unmasked path, the edges the masked one."""
+    page_size, hq, hkv, d, block_m, block_n = 16, 4, 2, 32, 16, 16
+    seq_lens = [301, 257]
+    q_lens = [301, 70]
+    seqs = PagedSeqs(seq_lens, page_size, hkv, d, torch.float32, seed=21)
+    starts = [0, 301, 371]
+    q = torch.randn((371, hq, d), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    tiles = plan_tiles(q_lens, block_m, DEVICE)
+    qsl = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    streaming = torch.tensor([True, False], device=DEVICE)
+    for sink, local in ((20, 150), (33, 64), (1, 17)):
+        out = torch.full_like(q, float("nan"))
+        sparse_prefill(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, qsl, tiles, d**-0.5,
+                       streaming_heads=streaming, sink=sink, local=local, out=out, block_n=block_n)
+        expected = ref.sparse_prefill_ref(q, seqs.k_cache, seqs.v_cache, starts, seq_lens, seqs.page_tables,
+                                          d**-0.5, streaming, sink, local)
+        assert _rel_err(out, expected) < TOL[torch.float32], (sink, local)

@@ -32,8 +32,8 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     k64 = keys.double().repeat_interleave(rep, dim=1)
     v64 = values.double().repeat_interleave(rep, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k64) * scale
-    qpos = torch.arange(length - qlen, length)[:, None]
-    kpos = torch.arange(length)[None, :]
+    qpos = torch.arange(length - qlen, length, device=q.device)[:, None]
+    kpos = torch.arange(length, device=q.device)[None, :]
     scores = scores.masked_fill(~(kpos <= qpos), -math.inf)
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v64)

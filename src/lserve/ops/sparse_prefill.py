@@ -74,7 +74,10 @@ def _attend_tile(
         visible = visible & (in_window | (streaming == 0))
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if CAUSAL:  # a row may see nothing yet: keep exp2 away from (-inf) - (-inf)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -126,23 +129,31 @@ def _prefill_kernel(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
                 stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, PAGE_SIZE, True, False)
     else:
-        # Two loops serve both head kinds (fewer loops: less shared memory for the pipeliner).
-        # Dense heads: tiles below the diagonal unmasked, then the diagonal tiles masked.
-        # Streaming heads: no unmasked tiles; masked, the sink tiles then the local-window tiles,
-        # walked as one range with a jump over the gap.
-        full_tiles = (first_pos + 1) // BLOCK_N
+        # Two loops serve both head kinds (fewer loops: less shared memory for the pipeliner):
+        # tiles every row of the query tile sees whole go unmasked; the rest go through the masked
+        # loop, walked as up to three ranges A, B, C with jumps between them.
+        # Dense heads: unmasked [0, full), masked C = the diagonal tiles.
+        # Streaming heads: masked A = sink tiles, B = the window's ragged start, C = the diagonal;
+        # unmasked = the window's interior (seen by every row of the tile).
+        full_tiles = (first_pos + 1) // BLOCK_N  # tiles at or before every row's own position
         sink_tiles = tl.minimum(tl.cdiv(sink, BLOCK_N), num_tiles)
         local_first = tl.maximum(tl.maximum(first_pos - local + 1, 0) // BLOCK_N, sink_tiles)
-        n_unmasked = tl.where(is_stream, 0, full_tiles)
-        jump_at = tl.where(is_stream, sink_tiles, num_tiles)
-        jump = tl.where(is_stream, local_first - sink_tiles, 0)
-        masked_end = tl.where(is_stream, sink_tiles + num_tiles - local_first, num_tiles)
-        for t in range(0, n_unmasked):
+        inner_first = tl.maximum(tl.cdiv(tl.maximum(last_pos - local + 1, 0), BLOCK_N), local_first)
+        inner_end = tl.maximum(full_tiles, inner_first)
+        u_lo = tl.where(is_stream, inner_first, 0)
+        u_hi = tl.where(is_stream, inner_end, full_tiles)
+        len_a = tl.where(is_stream, sink_tiles, 0)
+        len_b = tl.where(is_stream, inner_first - local_first, 0)
+        b_start = local_first
+        c_start = u_hi
+        n_masked = len_a + len_b + num_tiles - c_start
+        for t in range(u_lo, u_hi):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
                 stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, False)
-        for idx in range(n_unmasked, masked_end):
-            t = idx + tl.where(idx >= jump_at, jump, 0)
+        for idx in range(0, n_masked):
+            t = tl.where(idx < len_a, idx,
+                         tl.where(idx < len_a + len_b, b_start + idx - len_a, c_start + idx - len_a - len_b))
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
                 stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, is_stream)
