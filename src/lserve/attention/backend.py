@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from lserve.attention.metadata import AttentionMetadata
+from lserve.attention.sparsity import HeadSparsity
 from lserve.errors import NotSupportedError
 from lserve.kv_cache.layout import KVCacheTensors
 
@@ -21,10 +22,14 @@ class AttentionBackend(ABC):
 
     name: str = ""
 
-    def __init__(self, kv: KVCacheTensors, num_heads: int, scale: float) -> None:
+    def __init__(
+        self, kv: KVCacheTensors, num_heads: int, scale: float, sparsity: HeadSparsity | None = None
+    ) -> None:
         self.kv = kv
         self.num_heads = num_heads
         self.scale = scale
+        self.sparsity = sparsity
+        self._streaming = [sparsity.layer(i) if sparsity else None for i in range(kv.shape.num_layers)]
 
     def prepare(self, md: AttentionMetadata) -> None:  # noqa: B027 (optional hook)
         """Per-step planning shared by every layer (called once per step, before the model runs)."""

@@ -30,6 +30,11 @@ class AttentionMetadata:
     """Host copy of the new-token counts per sequence."""
     seq_lens_cpu: tuple[int, ...]
     """Host copy of `seq_lens`."""
+    decode_page_list: torch.Tensor | None = None
+    """(num_decodes, Hkv, max_list) int32: logical pages (indices into each page table) that the
+    dense heads of each decoding sequence read; None reads every page (dynamic sparsity off)."""
+    decode_page_list_len: torch.Tensor | None = None
+    """(num_decodes, Hkv) int32: entries used in each row of `decode_page_list`."""
 
     @property
     def num_prefills(self) -> int:

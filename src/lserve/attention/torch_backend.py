@@ -32,6 +32,23 @@ def gather_pages(cache: torch.Tensor, page_table: torch.Tensor, length: int) -> 
     return flat.transpose(1, 2)
 
 
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, local: int) -> torch.Tensor:
+    """(Q, K) bool: the streaming heads' Λ mask, causal included."""
+    i, j = q_pos[:, None], k_pos[None, :]
+    return (j <= i) & ((j < sink) | (i - j < local))
+
+
+def listed_pages_mask(page_list: torch.Tensor, page_len: torch.Tensor, page_size: int, length: int) -> torch.Tensor:
+    """(B, H, max_list) logical pages with (B, H) counts -> (B, H, length) bool over key positions."""
+    b, h, width = page_list.shape
+    npages = -(-length // page_size)
+    used = torch.arange(width, device=page_list.device)[None, None, :] < page_len[:, :, None]
+    allowed = torch.zeros((b, h, npages + 1), dtype=torch.bool, device=page_list.device)
+    idx = torch.where(used, page_list.long().clamp(0, npages - 1), npages)  # unused entries hit a spare column
+    allowed.scatter_(2, idx, True)
+    return allowed[:, :, :npages].repeat_interleave(page_size, dim=2)[:, :, :length]
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
@@ -40,19 +57,36 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
         write_kv(k_cache, v_cache, k, v, md.slot_mapping)
+        streaming = self._streaming[layer_idx]
         out = torch.empty_like(q)
         if md.num_decodes:
-            out[: md.num_decodes] = self._decode(q[: md.num_decodes], k_cache, v_cache, md)
+            out[: md.num_decodes] = self._decode(q[: md.num_decodes], k_cache, v_cache, md, streaming)
         start = md.num_decodes
         for i in range(md.num_decodes, md.num_seqs):
             qlen, slen = md.query_lens_cpu[i], md.seq_lens_cpu[i]
             chunk = slice(start, start + qlen)
-            out[chunk] = self._prefill(q[chunk], k[chunk], v[chunk], k_cache, v_cache, md, i, slen)
+            out[chunk] = self._prefill(q[chunk], k[chunk], v[chunk], k_cache, v_cache, md, i, slen, streaming)
             start += qlen
         return out
 
+    def _head_groups(self, streaming: torch.Tensor | None) -> list[tuple[bool, torch.Tensor | None]]:
+        """[(is_streaming, KV head indices or None for all)]: one SDPA call per head kind."""
+        if streaming is None:
+            return [(False, None)]
+        kv_heads = torch.arange(streaming.shape[0], device=streaming.device)
+        return [(kind, kv_heads[streaming == kind]) for kind in (False, True) if bool((streaming == kind).any())]
+
+    def _q_heads(self, kv_idx: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        group = self.num_heads // num_kv_heads
+        return (kv_idx[:, None] * group + torch.arange(group, device=kv_idx.device)[None, :]).reshape(-1)
+
     def _decode(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        md: AttentionMetadata,
+        streaming: torch.Tensor | None,
     ) -> torch.Tensor:
         n = md.num_decodes
         length = max(md.seq_lens_cpu[:n])
@@ -60,10 +94,9 @@ class TorchAttentionBackend(AttentionBackend):
         table = md.page_table[:n, :npages]
         keys = gather_pages(k_cache, table, length)
         values = gather_pages(v_cache, table, length)
-        mask = None
-        if min(md.seq_lens_cpu[:n]) != length:  # padding to hide past the shorter sequences
-            pos = torch.arange(length, device=q.device)
-            mask = (pos[None, :] < md.seq_lens[:n, None]).view(n, 1, 1, length)
+        pos = torch.arange(length, device=q.device)
+        ragged = min(md.seq_lens_cpu[:n]) != length
+        if ragged:
             # The padded slots (page 0, the unwritten tail of a last page) may hold anything, NaN
             # included, and a masked NaN still poisons the output (NaN - inf, 0 * NaN): zero them.
             # Only the pad region is touched, and only in the gathered copies, never in the cache.
@@ -71,10 +104,32 @@ class TorchAttentionBackend(AttentionBackend):
                 if seq_len < length:
                     keys[i, :, seq_len:] = 0
                     values[i, :, seq_len:] = 0
-        o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
-        )  # (n, Hq, 1, D)
-        return o.squeeze(2)
+        valid = pos[None, :] < md.seq_lens[:n, None]  # (n, L)
+        lists = md.decode_page_list is not None
+        if streaming is None and not lists:  # plain dense decode: one call
+            mask = valid.view(n, 1, 1, length) if ragged else None
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=True)
+            return o.squeeze(2)
+        out = torch.empty_like(q)
+        hkv = keys.shape[1]
+        for is_stream, kv_idx in self._head_groups(streaming):
+            kv_idx = kv_idx if kv_idx is not None else torch.arange(hkv, device=q.device)
+            q_idx = self._q_heads(kv_idx, hkv)
+            mask = valid[:, None, :]  # (n, 1, L)
+            if is_stream:
+                last = (md.seq_lens[:n] - 1)[:, None]
+                win = (pos[None, :] < self.sparsity.decode_sink) | (last - pos[None, :] < self.sparsity.decode_local)
+                mask = mask & win[:, None, :]
+            elif lists:
+                allowed = listed_pages_mask(md.decode_page_list[:, kv_idx], md.decode_page_list_len[:, kv_idx],
+                                            md.page_size, length)  # (n, h, L)
+                mask = mask & allowed
+            mask = mask.repeat_interleave(len(q_idx) // mask.shape[1], dim=1)[:, :, None, :]
+            o = F.scaled_dot_product_attention(q[:, q_idx].unsqueeze(2), keys[:, kv_idx], values[:, kv_idx],
+                                               attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out[:, q_idx] = o.squeeze(2).nan_to_num(0.0)  # a row with no listed key reads nothing
+        return out
 
     def _prefill(
         self,
@@ -86,19 +141,37 @@ class TorchAttentionBackend(AttentionBackend):
         md: AttentionMetadata,
         seq: int,
         seq_len: int,
+        streaming: torch.Tensor | None,
     ) -> torch.Tensor:
         qlen = q.shape[0]
         qh = q.transpose(0, 1).unsqueeze(0)  # (1, Hq, qlen, D)
         if qlen == seq_len:  # no cached prefix: the new K/V are the whole sequence, no gather needed
             keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
             npages = -(-seq_len // md.page_size)
             table = md.page_table[seq : seq + 1, :npages]
             keys = gather_pages(k_cache, table, seq_len)
             values = gather_pages(v_cache, table, seq_len)
-            qpos = torch.arange(seq_len - qlen, seq_len, device=q.device)
-            kpos = torch.arange(seq_len, device=q.device)
-            mask = kpos[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return o[0].transpose(0, 1)
+        qpos = torch.arange(seq_len - qlen, seq_len, device=q.device)
+        kpos = torch.arange(seq_len, device=q.device)
+        hkv = keys.shape[1]
+        out = torch.empty_like(qh)
+        for is_stream, kv_idx in self._head_groups(streaming):
+            if is_stream:
+                mask = window_mask(qpos, kpos, self.sparsity.prefill_sink, self.sparsity.prefill_local)
+                causal = False
+            else:
+                causal = qlen == seq_len  # SDPA's own causal mask is aligned to the first key
+                mask = None if causal else kpos[None, :] <= qpos[:, None]
+            if kv_idx is None:
+                q_sel, k_sel, v_sel = qh, keys, values
+            else:
+                q_idx = self._q_heads(kv_idx, hkv)
+                q_sel, k_sel, v_sel = qh[:, q_idx], keys[:, kv_idx], values[:, kv_idx]
+            o = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, attn_mask=mask, is_causal=causal,
+                                               scale=self.scale, enable_gqa=True)
+            if kv_idx is None:
+                out = o
+            else:
+                out[:, q_idx] = o
+        return out[0].transpose(0, 1)

@@ -41,15 +41,22 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
         kv_append(k, v, md.slot_mapping, k_cache, v_cache)
+        streaming = self._streaming[layer_idx]
+        sp = self.sparsity
         out = torch.empty_like(q)
         nd = md.num_decodes
         if nd:
             out[:nd] = sparse_decode(
                 q[:nd], k_cache, v_cache, md.page_table[:nd], md.seq_lens[:nd], self.scale,
+                streaming_heads=streaming, sink=sp.decode_sink if sp else 0, local=sp.decode_local if sp else 0,
+                page_list=md.decode_page_list, page_list_len=md.decode_page_list_len,
                 max_seq_len=max(md.seq_lens_cpu[:nd]), **(GPU_DECODE if q.is_cuda else {}),
             )
         if md.num_prefills:
             assert self._tiles is not None, "prepare() was not called for this step"
-            sparse_prefill(q, k_cache, v_cache, md.page_table, md.seq_lens, md.query_start_loc, self._tiles,
-                           self.scale, out=out, **(GPU_PREFILL if q.is_cuda else {}))
+            sparse_prefill(
+                q, k_cache, v_cache, md.page_table, md.seq_lens, md.query_start_loc, self._tiles, self.scale,
+                streaming_heads=streaming, sink=sp.prefill_sink if sp else 0, local=sp.prefill_local if sp else 0,
+                out=out, **(GPU_PREFILL if q.is_cuda else {}),
+            )
         return out
