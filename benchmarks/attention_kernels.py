@@ -77,7 +77,8 @@ def prefill_rows(lengths: list[int], cfg: dict) -> list[str]:
         lens = torch.tensor([s], dtype=torch.int32, device=DEV)
         qsl = torch.tensor([0, s], dtype=torch.int32, device=DEV)
         tiles = plan_tiles([s], cfg["block_m"], DEV)
-        kw = dict(block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        kw = dict(block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                  use_tma=cfg.get("use_tma", False))
         qs = q.transpose(0, 1).unsqueeze(0)
         ks = torch.randn((1, HKV, s, D), dtype=DT, device=DEV)
         vs = torch.randn_like(ks)
@@ -137,21 +138,22 @@ def sweep_prefill(s: int) -> dict:
     lens = torch.tensor([s], dtype=torch.int32, device=DEV)
     qsl = torch.tensor([0, s], dtype=torch.int32, device=DEV)
     best = None
-    configs = [(bm, bn, w, st) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for st in (2, 3)
-               if not (bm == 64 and w == 8)]
-    for block_m, block_n, num_warps, num_stages in configs:
+    configs = [(128, 128, 8, 2, False), (128, 128, 8, 3, False)]
+    configs += [(bm, 64, w, st, True) for bm in (64, 128) for w in (4, 8) for st in (2, 3, 4) if not (bm == 64 and w == 8)]
+    for block_m, block_n, num_warps, num_stages, tma in configs:
         tiles = plan_tiles([s], block_m, DEV)
         try:
             t = bench(lambda: sparse_prefill(q, k, v, table, lens, qsl, tiles, D**-0.5, block_n=block_n,
-                                             num_warps=num_warps, num_stages=num_stages), 10, 30)
+                                             num_warps=num_warps, num_stages=num_stages, use_tma=tma), 10, 30)
         except Exception as exc:  # noqa: BLE001 (a config that does not fit is skipped)
-            print(f"prefill block_m={block_m} block_n={block_n} warps={num_warps} stages={num_stages}: "
-                  f"{type(exc).__name__}")
+            print(f"prefill block_m={block_m} block_n={block_n} warps={num_warps} stages={num_stages} tma={tma}: "
+                  f"{type(exc).__name__}: {str(exc)[:200]}")
             continue
-        print(f"prefill {s}: block_m={block_m} block_n={block_n} warps={num_warps} stages={num_stages}: "
+        print(f"prefill {s}: block_m={block_m} block_n={block_n} warps={num_warps} stages={num_stages} tma={tma}: "
               f"{t:.2f} ms ({causal_flops(s, HQ) / t / 1e9:.0f} TFLOP/s)", flush=True)
         if best is None or t < best[0]:
-            best = (t, dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages))
+            best = (t, dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                            use_tma=tma))
     return best[1]
 
 

@@ -136,10 +136,15 @@ def _prefill_case(page_size: int, hq: int, hkv: int, d: int, dtype: torch.dtype,
     return seqs, q, q_lens, starts
 
 
+TMA = [False] + ([True] if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] >= 9 else [])
+
+
+@pytest.mark.parametrize("use_tma", TMA, ids=lambda t: "tma" if t else "ptr")
 @pytest.mark.parametrize("page_size", [16, 32, 64])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prefill_dense_and_streaming_in_one_launch(page_size: int, hq: int, hkv: int, dtype: torch.dtype) -> None:
+def test_prefill_dense_and_streaming_in_one_launch(page_size: int, hq: int, hkv: int, dtype: torch.dtype,
+                                                   use_tma: bool) -> None:
     d, block_m = 32, 16
     seqs, q, q_lens, starts = _prefill_case(page_size, hq, hkv, d, dtype, seed=page_size + hq)
     scale = d**-0.5
@@ -150,7 +155,7 @@ def test_prefill_dense_and_streaming_in_one_launch(page_size: int, hq: int, hkv:
     for heads in (None, streaming):
         out = torch.full_like(q, float("nan"))
         sparse_prefill(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, qsl, tiles, scale,
-                       streaming_heads=heads, sink=sink, local=local, out=out)
+                       streaming_heads=heads, sink=sink, local=local, out=out, use_tma=use_tma)
         expected = ref.sparse_prefill_ref(q, seqs.k_cache, seqs.v_cache, starts, seqs.seq_lens, seqs.page_tables,
                                           scale, heads, sink, local)
         assert _rel_err(out, expected) < TOL[dtype]
@@ -163,7 +168,8 @@ def test_prefill_dense_and_streaming_in_one_launch(page_size: int, hq: int, hkv:
     assert _rel_err(out[:, dense_rows], dense[:, dense_rows]) < TOL[dtype]
 
 
-def test_prefill_explicit_page_list_with_gaps() -> None:
+@pytest.mark.parametrize("use_tma", TMA, ids=lambda t: "tma" if t else "ptr")
+def test_prefill_explicit_page_list_with_gaps(use_tma: bool) -> None:
     page_size, hq, hkv, d, block_m = 16, 4, 2, 32, 16
     seqs, q, q_lens, starts = _prefill_case(page_size, hq, hkv, d, torch.float32, seed=11)
     tiles = plan_tiles(q_lens, block_m, DEVICE)
@@ -183,7 +189,7 @@ def test_prefill_explicit_page_list_with_gaps() -> None:
     qsl = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
     out = torch.full_like(q, float("nan"))
     sparse_prefill(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, qsl, tiles, d**-0.5,
-                   page_list=page_list.to(DEVICE), page_list_len=page_len.to(DEVICE), out=out)
+                   page_list=page_list.to(DEVICE), page_list_len=page_len.to(DEVICE), out=out, use_tma=use_tma)
     expected = ref.sparse_prefill_ref(q, seqs.k_cache, seqs.v_cache, starts, seqs.seq_lens, seqs.page_tables,
                                       d**-0.5, page_lists=lists, q_tile=block_m)
     dense = ref.sparse_prefill_ref(q, seqs.k_cache, seqs.v_cache, starts, seqs.seq_lens, seqs.page_tables, d**-0.5)
@@ -248,7 +254,8 @@ def test_merge_states_matches_reference_including_empty_splits() -> None:
     assert _rel_err(got, ref.merge_states_ref(out, lse)) < 1e-5
 
 
-def test_prefill_streaming_window_much_wider_than_a_tile() -> None:
+@pytest.mark.parametrize("use_tma", TMA, ids=lambda t: "tma" if t else "ptr")
+def test_prefill_streaming_window_much_wider_than_a_tile(use_tma: bool) -> None:
     """Windows spanning many KV tiles: the interior tiles take the unmasked path, the edges the masked one."""
     page_size, hq, hkv, d, block_m, block_n = 16, 4, 2, 32, 16, 16
     seq_lens = [301, 257]
@@ -262,7 +269,8 @@ def test_prefill_streaming_window_much_wider_than_a_tile() -> None:
     for sink, local in ((20, 150), (33, 64), (1, 17)):
         out = torch.full_like(q, float("nan"))
         sparse_prefill(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, qsl, tiles, d**-0.5,
-                       streaming_heads=streaming, sink=sink, local=local, out=out, block_n=block_n)
+                       streaming_heads=streaming, sink=sink, local=local, out=out, block_n=block_n,
+                       use_tma=use_tma)
         expected = ref.sparse_prefill_ref(q, seqs.k_cache, seqs.v_cache, starts, seq_lens, seqs.page_tables,
                                           d**-0.5, streaming, sink, local)
         assert _rel_err(out, expected) < TOL[torch.float32], (sink, local)

@@ -52,21 +52,30 @@ def _attend_tile(
     acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
     stride_cp, stride_ct, stride_ch,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr, CAUSAL: tl.constexpr,
-    streaming,
+    streaming, USE_TMA: tl.constexpr,
 ):
     """Online-softmax update of one query tile with KV tile `t` (keys t*TILE..; a tile spans
     TILE / PAGE_SIZE pages, looked up per key row). Scores are in log2 units."""
     d = tl.arange(0, HEAD_DIM)
     k_pos = t * TILE + tl.arange(0, TILE)
-    page = tl.load(page_row_ptr + k_pos // PAGE_SIZE, mask=k_pos < seq_len, other=0).to(tl.int64)
-    addr = page * stride_cp + (k_pos % PAGE_SIZE) * stride_ct + kvh * stride_ch
-    if CAUSAL:  # a page on the diagonal may end past the sequence: its unwritten tail is never read
-        kv_ok = (k_pos < seq_len)[:, None]
-        k = tl.load(kc_ptr + addr[:, None] + d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(vc_ptr + addr[:, None] + d[None, :], mask=kv_ok, other=0.0)
+    if USE_TMA:  # one page per tile, fetched by the bulk tensor copy engine (kc_ptr is a descriptor)
+        page = tl.load(page_row_ptr + t)
+        k = kc_ptr.load([page * PAGE_SIZE, kvh * HEAD_DIM])
+        v = vc_ptr.load([page * PAGE_SIZE, kvh * HEAD_DIM])
+        if CAUSAL:  # a page on the diagonal may end past the sequence: drop its unwritten tail
+            kv_ok = (k_pos < seq_len)[:, None]
+            k = tl.where(kv_ok, k, 0.0)
+            v = tl.where(kv_ok, v, 0.0)
     else:
-        k = tl.load(kc_ptr + addr[:, None] + d[None, :])
-        v = tl.load(vc_ptr + addr[:, None] + d[None, :])
+        page = tl.load(page_row_ptr + k_pos // PAGE_SIZE, mask=k_pos < seq_len, other=0).to(tl.int64)
+        addr = page * stride_cp + (k_pos % PAGE_SIZE) * stride_ct + kvh * stride_ch
+        if CAUSAL:  # a page on the diagonal may end past the sequence: its unwritten tail is never read
+            kv_ok = (k_pos < seq_len)[:, None]
+            k = tl.load(kc_ptr + addr[:, None] + d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(vc_ptr + addr[:, None] + d[None, :], mask=kv_ok, other=0.0)
+        else:
+            k = tl.load(kc_ptr + addr[:, None] + d[None, :])
+            v = tl.load(vc_ptr + addr[:, None] + d[None, :])
     s = tl.dot(q, tl.trans(k)) * qk_scale
     if CAUSAL:
         visible = k_pos[None, :] <= q_pos[:, None]
@@ -93,7 +102,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cp, stride_ct, stride_ch, stride_pt_b, stride_list_t, stride_list_h, stride_len_t,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_STREAM: tl.constexpr, HAS_LIST: tl.constexpr,
 ):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # long tiles first: a shorter tail
@@ -127,7 +136,7 @@ def _prefill_kernel(
             t = tl.load(list_ptr + tile * stride_list_t + kvh * stride_list_h + idx)
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
-                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, PAGE_SIZE, True, False)
+                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, PAGE_SIZE, True, False, USE_TMA)
     else:
         # Two loops serve both head kinds (fewer loops: less shared memory for the pipeliner):
         # tiles every row of the query tile sees whole go unmasked; the rest go through the masked
@@ -150,13 +159,13 @@ def _prefill_kernel(
         for t in range(u_lo, u_hi):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
-                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, False)
+                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, False, USE_TMA)
         for idx in range(0, n_masked):
             t = tl.where(idx < len_a, idx,
                          tl.where(idx < len_a + len_b, b_start + idx - len_a, c_start + idx - len_a - len_b))
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
-                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, is_stream)
+                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, is_stream, USE_TMA)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -178,6 +187,7 @@ def sparse_prefill(
     page_list_len: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     block_n: int = 64,
+    use_tma: bool = False,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:
@@ -207,15 +217,23 @@ def sparse_prefill(
     stream = streaming_heads.to(torch.int8) if streaming_heads is not None else dummy
     lst = page_list if page_list is not None else dummy.view(1, 1, 1)
     lst_len = page_list_len.contiguous() if page_list_len is not None else dummy.view(1, 1)
+    k_src, v_src = k_cache, v_cache
+    if use_tma:  # Hopper and newer: K/V pages through tensor descriptors, one page per KV tile
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        block_n = page_size
+        rows = k_cache.shape[0] * page_size
+        k_src = TensorDescriptor.from_tensor(k_cache.view(rows, hkv * d), [page_size, d])
+        v_src = TensorDescriptor.from_tensor(v_cache.view(rows, hkv * d), [page_size, d])
     _prefill_kernel[(tiles.num_tiles, hq)](
-        q, k_cache, v_cache, out, page_table, seq_lens, query_start_loc, tiles.seq, tiles.row_start,
+        q, k_src, v_src, out, page_table, seq_lens, query_start_loc, tiles.seq, tiles.row_start,
         stream, lst, lst_len,
         sink, local, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), page_table.stride(0),
         lst.stride(0), lst.stride(1), lst_len.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, BLOCK_M=tiles.block_m,
-        BLOCK_N=max(block_n, page_size),
+        BLOCK_N=max(block_n, page_size), USE_TMA=use_tma,
         HAS_STREAM=streaming_heads is not None, HAS_LIST=page_list is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
