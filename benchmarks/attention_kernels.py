@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="tune block sizes first")
     args = ap.parse_args()
     torch.manual_seed(0)
-    pcfg = dict(block_m=128, block_n=128, num_warps=8, num_stages=2)
+    pcfg = dict(block_m=128, block_n=64, num_warps=4, num_stages=2, use_tma=True)
     dcfg = dict(block_n=128, num_warps=4, num_stages=3)
     if args.sweep:
         pcfg = sweep_prefill(32768)

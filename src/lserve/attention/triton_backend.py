@@ -15,10 +15,18 @@ from lserve.ops.sparse_decode import sparse_decode
 from lserve.ops.sparse_prefill import PrefillTiles, plan_tiles, sparse_prefill
 
 
-# Tuned on an H200 (benchmarks/attention_kernels.py --sweep, head dim 128, bf16); the CPU
-# interpreter gets small tiles, where each tile costs time.
+# Tuned on an H200 (benchmarks/attention_kernels.py --sweep, head dim 128, bf16): on Hopper the
+# prefill reads K/V pages through tensor descriptors (the bulk copy engine), one page per KV tile;
+# older GPUs gather rows with ordinary loads. The CPU interpreter keeps the defaults.
+HOPPER_PREFILL = dict(block_n=64, num_warps=4, num_stages=2, use_tma=True)
 GPU_PREFILL = dict(block_n=128, num_warps=8, num_stages=2)
 GPU_DECODE = dict(block_n=128, num_warps=4, num_stages=3)
+
+
+def prefill_config(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return HOPPER_PREFILL if torch.cuda.get_device_capability(device)[0] >= 9 else GPU_PREFILL
 
 
 def prefill_block_m(device: torch.device) -> int:
@@ -30,9 +38,12 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
 
     _tiles: PrefillTiles | None = None
+    _prefill_kw: dict | None = None
 
     def prepare(self, md: AttentionMetadata) -> None:
         device = md.seq_lens.device
+        if self._prefill_kw is None:
+            self._prefill_kw = prefill_config(device)
         prefill_lens = list(md.query_lens_cpu[md.num_decodes :])
         self._tiles = plan_tiles(prefill_lens, prefill_block_m(device), device, first_seq=md.num_decodes)
 
@@ -57,6 +68,6 @@ class TritonAttentionBackend(AttentionBackend):
             sparse_prefill(
                 q, k_cache, v_cache, md.page_table, md.seq_lens, md.query_start_loc, self._tiles, self.scale,
                 streaming_heads=streaming, sink=sp.prefill_sink if sp else 0, local=sp.prefill_local if sp else 0,
-                out=out, **(GPU_PREFILL if q.is_cuda else {}),
+                out=out, **(self._prefill_kw or {}),
             )
         return out
