@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lserve.ops.paged_inputs import check_paged_attention, pack_sparse_args
+
 from lserve.ops.merge_states import merge_states
 
 
@@ -129,25 +131,14 @@ def sparse_decode(
     page indices with page_list_len (B, Hkv), for dense heads, or None for every page.
     """
     bsz, hq, d = q.shape
-    page_size, hkv = k_cache.shape[1], k_cache.shape[2]
-    if hq % hkv or k_cache.shape[3] != d or v_cache.shape != k_cache.shape:
-        raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}")
-    if page_size & (page_size - 1) or not 16 <= page_size <= 128:
-        raise ValueError(f"page size must be a power of two from 16 to 128, got {page_size}")
-    if q.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
-        raise ValueError("q needs a contiguous last dim and the caches must be contiguous")
-    if (page_list is None) != (page_list_len is None):
-        raise ValueError("page_list and page_list_len go together")
+    page_size, hkv = check_paged_attention(q, k_cache, v_cache, page_table, page_list, page_list_len)
     group = hq // hkv
     if num_splits is None:
         longest = max_seq_len if max_seq_len is not None else int(seq_lens.max().item())
         num_splits = choose_num_splits(bsz, hkv, longest, _num_sms(q.device))
     out = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
-    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
-    stream = streaming_heads.to(torch.int8) if streaming_heads is not None else dummy
-    lst = page_list if page_list is not None else dummy.view(1, 1, 1)
-    lst_len = page_list_len.contiguous() if page_list_len is not None else dummy.view(1, 1)
+    stream, lst, lst_len = pack_sparse_args(q.device, streaming_heads, page_list, page_list_len)
     _decode_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, stream, lst, lst_len, out, lse,
         sink, local, scale * 1.4426950408889634,

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lserve.ops.paged_inputs import check_paged_attention, pack_sparse_args
+
 
 @dataclass(frozen=True)
 class PrefillTiles:
@@ -197,26 +199,15 @@ def sparse_prefill(
     int32 offsets of each sequence's rows in q; tiles from `plan_tiles`. streaming_heads (Hkv,) or
     None; page_list (num_tiles, Hkv, max_list) int32 page indices with page_list_len (num_tiles, Hkv).
     """
-    t, hq, d = q.shape
-    page_size, hkv = k_cache.shape[1], k_cache.shape[2]
-    if hq % hkv or k_cache.shape[3] != d or v_cache.shape != k_cache.shape:
-        raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}")
-    if page_size & (page_size - 1) or not 16 <= page_size <= 128:
-        raise ValueError(f"page size must be a power of two from 16 to 128, got {page_size}")
-    if q.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
-        raise ValueError("q needs a contiguous last dim and the caches must be contiguous")
-    if (page_list is None) != (page_list_len is None):
-        raise ValueError("page_list and page_list_len go together")
+    hq, d = q.shape[1:]
+    page_size, hkv = check_paged_attention(q, k_cache, v_cache, page_table, page_list, page_list_len)
     if block_n & (block_n - 1) or block_n < 16:
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if out is None:
         out = torch.empty_like(q)
     if tiles.num_tiles == 0:
         return out
-    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
-    stream = streaming_heads.to(torch.int8) if streaming_heads is not None else dummy
-    lst = page_list if page_list is not None else dummy.view(1, 1, 1)
-    lst_len = page_list_len.contiguous() if page_list_len is not None else dummy.view(1, 1)
+    stream, lst, lst_len = pack_sparse_args(q.device, streaming_heads, page_list, page_list_len)
     k_src, v_src = k_cache, v_cache
     if use_tma:  # Hopper and newer: K/V pages through tensor descriptors, one page per KV tile
         from triton.tools.tensor_descriptor import TensorDescriptor

@@ -1,0 +1,46 @@
+"""Input checks and optional-argument packing shared by the paged attention launchers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    page_list: torch.Tensor | None,
+    page_list_len: torch.Tensor | None,
+) -> tuple[int, int]:
+    """Validate shapes and strides of a paged attention call; returns (page_size, num_kv_heads)."""
+    hq, d = q.shape[-2:]
+    page_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    if hq % hkv or k_cache.shape[3] != d or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}")
+    if page_size & (page_size - 1) or not 16 <= page_size <= 128:
+        raise ValueError(f"page size must be a power of two from 16 to 128, got {page_size}")
+    if q.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("q needs a contiguous last dim and the caches must be contiguous")
+    if page_table.stride(-1) != 1:
+        raise ValueError("the page table needs a contiguous last dim")
+    if (page_list is None) != (page_list_len is None):
+        raise ValueError("page_list and page_list_len go together")
+    if page_list is not None and page_list.stride(-1) != 1:
+        raise ValueError("page_list needs a contiguous last dim")
+    return page_size, hkv
+
+
+def pack_sparse_args(
+    device: torch.device,
+    streaming_heads: torch.Tensor | None,
+    page_list: torch.Tensor | None,
+    page_list_len: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(streaming flags int8, page list, list lengths) with small placeholders for absent ones
+    (kernels skip them through constexpr flags, but every pointer argument needs a tensor)."""
+    dummy = torch.zeros(1, dtype=torch.int32, device=device)
+    stream = streaming_heads.to(torch.int8) if streaming_heads is not None else dummy
+    lst = page_list if page_list is not None else dummy.view(1, 1, 1)
+    lst_len = page_list_len.contiguous() if page_list_len is not None else dummy.view(1, 1)
+    return stream, lst, lst_len
