@@ -59,7 +59,17 @@ def test_unknown_architecture(tmp_path: Path) -> None:
 
 
 def test_not_yet_supported_sparsity() -> None:
-    _one_line_error(run_cli("generate", "--prompt", "hi", "--streaming-sparsity", "0.5"), "not implemented")
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--token-budget", "512"), "not implemented")
+
+
+def test_streaming_without_a_pattern() -> None:
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--streaming-sparsity", "0.5"), "needs a head pattern")
+
+
+def test_pattern_of_the_wrong_shape(tmp_path: Path) -> None:
+    (tmp_path / "full_attention_heads.tsv").write_text("0.5\t0.5\n0.1\t0.9\n")
+    proc = run_cli("generate", "--prompt", "hi", "--streaming-sparsity", "0.5", "--attn-pattern", str(tmp_path))
+    _one_line_error(proc, "the model has 30 x 3")
 
 
 @pytest.mark.slow

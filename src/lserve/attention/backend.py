@@ -53,7 +53,9 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
     return name
 
 
-def create_backend(name: str, kv: KVCacheTensors, num_heads: int, scale: float) -> AttentionBackend:
+def create_backend(
+    name: str, kv: KVCacheTensors, num_heads: int, scale: float, sparsity: HeadSparsity | None = None
+) -> AttentionBackend:
     from lserve.attention.torch_backend import TorchAttentionBackend
 
     backends: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend}
@@ -61,4 +63,4 @@ def create_backend(name: str, kv: KVCacheTensors, num_heads: int, scale: float) 
         from lserve.attention.triton_backend import TritonAttentionBackend
 
         backends["triton"] = TritonAttentionBackend
-    return backends[name](kv, num_heads, scale)
+    return backends[name](kv, num_heads, scale, sparsity)

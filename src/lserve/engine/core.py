@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lserve.attention.backend import create_backend, resolve_backend_name
+from lserve.attention.sparsity import HeadSparsity
 from lserve.config import EngineConfig
 from lserve.engine.scheduler import Scheduler, SchedulerOutput
 from lserve.errors import LServeError, NotSupportedError, RequestRejected
@@ -22,6 +23,7 @@ from lserve.model.loader import ModelSource, load_model, read_arch_config, resol
 from lserve.request import Request, RequestStatus
 from lserve.runner.model_runner import ModelRunner, StepInput
 from lserve.sampling_params import SamplingParams
+from lserve.sparse.patterns import binarize, load_pattern, shipped_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +56,6 @@ def resolve_dtype(name: str, arch: ArchConfig, device: torch.device) -> torch.dt
 def check_supported(config: EngineConfig) -> None:
     """Reject valid settings this version cannot honour yet, rather than ignoring them."""
     sparse = config.sparse
-    if sparse.uses_streaming_heads:
-        raise NotSupportedError(
-            "streaming heads (streaming_sparsity > 0 or attn_pattern) are not implemented yet; "
-            "set streaming_sparsity=0 and leave attn_pattern unset"
-        )
     if sparse.uses_page_selection:
         raise NotSupportedError("dynamic page selection (token_budget > 0) is not implemented yet; use token_budget=0")
 
@@ -106,10 +103,33 @@ class EngineCore:
         )
         self.kv_tensors = KVCacheTensors(shape, num_pages, self.device)
         self.kv_manager = KVCacheManager(num_pages, cache.page_size)
-        backend = create_backend(self.backend_name, self.kv_tensors, self.arch.num_heads, self.arch.head_dim**-0.5)
+        backend = create_backend(self.backend_name, self.kv_tensors, self.arch.num_heads, self.arch.head_dim**-0.5,
+                                 self._head_sparsity())
         self.runner = ModelRunner(self.model, backend, cache.page_size, self.device, self.config.model.seed)
         logger.info("KV cache: %d pages of %d tokens (%.1f MiB)", num_pages, cache.page_size,
                     num_pages * shape.bytes_per_page / 2**20)
+
+    def _head_sparsity(self) -> HeadSparsity | None:
+        """Streaming-head flags per layer from the head pattern, binarised at `streaming_sparsity`."""
+        sparse = self.config.sparse
+        if not sparse.uses_streaming_heads:
+            return None
+        path = sparse.attn_pattern or shipped_pattern(self.source.name)
+        if path is None:
+            raise LServeError(
+                f"streaming_sparsity={sparse.streaming_sparsity} needs a head pattern and none ships for "
+                f"{self.source.name}: pass attn_pattern (a DuoAttention full_attention_heads.tsv or an lserve "
+                "pattern .json)"
+            )
+        pattern = load_pattern(path)
+        pattern.check_model(self.arch.num_layers, self.arch.num_kv_heads)
+        flags = binarize(pattern.scores, sparse.streaming_sparsity).to(self.device)
+        logger.info("streaming heads: %d of %d KV heads (%s)", int(flags.sum()), flags.numel(), pattern.source)
+        return HeadSparsity(
+            tuple(flags[i] for i in range(self.arch.num_layers)),
+            sparse.prefill_sink_tokens, sparse.prefill_local_tokens,
+            sparse.decode_sink_tokens, sparse.decode_local_tokens,
+        )
 
     # ---- requests --------------------------------------------------------------------------
 
