@@ -174,3 +174,40 @@ def merge_states_ref(partial_out: torch.Tensor, partial_lse: torch.Tensor) -> to
     w = torch.exp(lse - m)  # splits with nothing visible have lse = -inf -> weight 0
     total = w.sum(-1, keepdim=True)
     return (partial_out.double() * w[..., None]).sum(-2) / total.clamp_min(1e-300)
+
+
+def page_scores_ref(
+    q: torch.Tensor,
+    k_min: torch.Tensor,
+    k_max: torch.Tensor,
+    page_tables: list[list[int]],
+    seq_lens: list[int],
+    page_size: int,
+    logical_page_size: int,
+    aggregate: str = "max",
+) -> torch.Tensor:
+    """Quest bound per logical page, max over each physical page's logical pages, aggregated over
+    the GQA group's query heads: (B, Hkv, max_pages) float64, -inf past each sequence."""
+    bsz, hq, _ = q.shape
+    hkv = k_min.shape[1]
+    group = hq // hkv
+    sub = page_size // logical_page_size
+    width = max(len(t) for t in page_tables)
+    out = torch.full((bsz, hkv, width), float("-inf"), dtype=torch.float64)
+    for b, (table, n) in enumerate(zip(page_tables, seq_lens)):
+        for p in range(-(-n // page_size)):
+            for h in range(hkv):
+                best = float("-inf")
+                for s in range(sub):
+                    if p * page_size + s * logical_page_size >= n:
+                        continue
+                    row = table[p] * sub + s
+                    per_head = [
+                        float(torch.maximum(q[b, qh].double() * k_max[row, h].double(),
+                                            q[b, qh].double() * k_min[row, h].double()).sum())
+                        for qh in range(h * group, (h + 1) * group)
+                    ]
+                    agg = max(per_head) if aggregate == "max" else sum(per_head)
+                    best = max(best, agg)
+                out[b, h, p] = best
+    return out
