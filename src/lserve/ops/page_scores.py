@@ -43,7 +43,9 @@ def _page_scores_kernel(
         addr = row[:, None] * stride_sg + kvh * stride_sh + d[None, :]
         kmax = tl.load(kmax_ptr + addr, mask=ok[:, None], other=0.0).to(tl.float32)
         kmin = tl.load(kmin_ptr + addr, mask=ok[:, None], other=0.0).to(tl.float32)
-        s = tl.dot(q_pos, tl.trans(kmax)) + tl.dot(q_neg, tl.trans(kmin))  # (GROUP_PAD, BLOCK_P)
+        # full float32 products: the scores only rank pages, but tf32 rounding can reorder close ones
+        s = (tl.dot(q_pos, tl.trans(kmax), input_precision="ieee")
+             + tl.dot(q_neg, tl.trans(kmin), input_precision="ieee"))  # (GROUP_PAD, BLOCK_P)
         if USE_SUM:
             agg = tl.sum(tl.where((g < GROUP)[:, None], s, 0.0), axis=0)
         else:
