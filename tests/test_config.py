@@ -52,6 +52,7 @@ def test_unknown_kwarg_suggests_the_close_name() -> None:
         ({"page_size": 33}, "page_size"),
         ({"page_size": 8}, "page_size"),
         ({"page_size": 512}, "page_size"),
+        ({"page_size": 256}, "page_size"),
         ({"page_size": 32.0}, "page_size"),
         ({"page_size": True}, "page_size"),
         ({"num_kv_pages": 0}, "num_kv_pages"),
@@ -90,7 +91,7 @@ def test_invalid_values_raise_naming_the_field(kwargs: dict, field_name: str) ->
     "kwargs",
     [
         {"page_size": 16},
-        {"page_size": 256},
+        {"page_size": 128},
         {"kv_cache_memory_fraction": 1.0},
         {"kv_cache_memory_fraction": 0.01},
         {"streaming_sparsity": 0.0},

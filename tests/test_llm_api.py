@@ -125,3 +125,18 @@ def test_sparse_settings_not_yet_supported_fail_loudly() -> None:
         LLM(streaming_sparsity=2.0)
     with pytest.raises(TypeError, match="did you mean"):
         LLM(page_sise=16)
+
+
+def test_stop_string_on_the_last_allowed_token_is_a_stop(default_llm) -> None:
+    free = default_llm.generate("1, 2, 3, 4,", SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0]
+    last_piece = default_llm.get_tokenizer().decode(free.outputs[0].token_ids[-1:])
+    assert last_piece.strip()
+    out = default_llm.generate("1, 2, 3, 4,", SamplingParams(temperature=0, max_tokens=3, stop=last_piece.strip()),
+                               use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "stop"
+
+
+def test_tiny_temperature_is_greedy(default_llm) -> None:
+    greedy = default_llm.generate("The sky is", SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    tiny = default_llm.generate("The sky is", SamplingParams(temperature=1e-45, max_tokens=6), use_tqdm=False)
+    assert greedy[0].outputs[0].token_ids == tiny[0].outputs[0].token_ids

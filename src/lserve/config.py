@@ -53,6 +53,8 @@ class ModelConfig:
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_int("max_model_len", self.max_model_len, 1, allow_none=True)
         _check_int("seed", self.seed, 0)
+        if self.seed >= 2**63:
+            raise ValueError(f"seed must be below 2**63, got {self.seed}")
         if self.model is not None and not isinstance(self.model, str):
             raise ValueError(f"model must be a path string or None, got {type(self.model).__name__}")
 
@@ -61,7 +63,7 @@ class ModelConfig:
 class CacheConfig:
     """The paged KV cache."""
 
-    page_size: int = _field(64, "tokens per KV page (a power of two, 16..256)")
+    page_size: int = _field(64, "tokens per KV page (a power of two, 16..128)")
     num_kv_pages: int | None = _field(None, "number of KV pages (default: sized from free memory)")
     kv_cache_memory_fraction: float | None = _field(
         None, "share of free memory after loading weights for the KV cache (default 0.9 GPU, 0.5 CPU)"
@@ -69,8 +71,8 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         ps = self.page_size
-        if isinstance(ps, bool) or not isinstance(ps, int) or ps < 16 or ps > 256 or ps & (ps - 1):
-            raise ValueError(f"page_size must be a power of two from 16 to 256, got {ps!r}")
+        if isinstance(ps, bool) or not isinstance(ps, int) or ps < 16 or ps > 128 or ps & (ps - 1):
+            raise ValueError(f"page_size must be a power of two from 16 to 128, got {ps!r}")
         _check_int("num_kv_pages", self.num_kv_pages, 1, allow_none=True)
         frac = self.kv_cache_memory_fraction
         if frac is not None and not (isinstance(frac, (int, float)) and 0.0 < frac <= 1.0):

@@ -112,6 +112,8 @@ class LLMEngine:
                 hit_stop = tracked.detok.add(req.output_token_ids[-1:], final=req.is_finished)
                 if hit_stop and not req.is_finished:
                     self.core.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+                elif hit_stop:  # the stop string came with the last allowed token: still a stop
+                    req.status = RequestStatus.FINISHED_STOPPED
             outputs.append(self._output(tracked))
             if req.is_finished:
                 del self._tracked[req.request_id]

@@ -43,8 +43,14 @@ class KVCacheTensors:
         self.num_pages = num_pages
         dims = (num_pages, shape.page_size, shape.num_kv_heads, shape.head_dim)
         # torch.empty: pages are written before they are read; no need to touch the memory here.
-        self.k = [torch.empty(dims, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
-        self.v = [torch.empty(dims, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
+        try:
+            self.k = [torch.empty(dims, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
+            self.v = [torch.empty(dims, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            raise LServeError(
+                f"cannot allocate {num_pages} KV pages ({num_pages * shape.bytes_per_page / 2**30:.1f} GiB) "
+                f"on {device}; lower num_kv_pages"
+            ) from exc
 
 
 def available_memory_bytes(device: torch.device) -> int:

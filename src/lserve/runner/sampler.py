@@ -70,7 +70,8 @@ def filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         cum = sorted_probs.cumsum(-1)
-        drop = (cum - sorted_probs) > p.top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = (cum - sorted_probs) >= p.top_p  # keep the smallest prefix whose mass reaches top_p
+        drop[0] = False
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     if p.min_p > 0.0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)

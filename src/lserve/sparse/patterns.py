@@ -73,6 +73,8 @@ def _as_scores(rows: Any, source: str) -> torch.Tensor:
         scores = torch.tensor(rows, dtype=torch.float32)
     except (TypeError, ValueError) as exc:
         raise PatternError(f"{source}: scores must be numbers ({exc})") from exc
+    if scores.ndim != 2 or scores.dtype == torch.bool:
+        raise PatternError(f"{source}: expected a table of numbers (layers x KV heads)")
     if not torch.isfinite(scores).all():
         raise PatternError(f"{source}: scores must be finite numbers (found NaN or inf)")
     return scores.clamp(0.0, 1.0)  # DuoAttention's raw gates may stray slightly outside [0, 1]
