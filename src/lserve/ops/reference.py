@@ -72,6 +72,14 @@ def visibility_mask(
     return mask
 
 
+def pages_mask(pages: list[int], page_size: int, length: int, device: torch.device) -> torch.Tensor:
+    """(length,) bool: True for key positions inside the listed pages."""
+    allowed = torch.zeros(length, dtype=torch.bool, device=device)
+    for p in pages:
+        allowed[p * page_size : (p + 1) * page_size] = True
+    return allowed
+
+
 def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q (Q, D), k/v (K, D), mask (Q, K) -> (Q, D) in float64; rows with nothing visible are 0."""
     s = (q.double() @ k.double().T) * scale
@@ -117,11 +125,7 @@ def sparse_prefill_ref(
             mask = visibility_mask(q_pos, k_pos, is_streaming, sink, local)
             if page_lists is not None:
                 for r in range(b - a):
-                    listed = page_lists.get((s, r // q_tile, kh), [])
-                    allowed = torch.zeros(seq_len, dtype=torch.bool, device=q.device)
-                    for p in listed:
-                        allowed[p * page_size : (p + 1) * page_size] = True
-                    mask[r] &= allowed
+                    mask[r] &= pages_mask(page_lists.get((s, r // q_tile, kh), []), page_size, seq_len, q.device)
             out[a:b, h] = attend_ref(q[a:b, h], keys[:, kh], values[:, kh], mask, scale)
     return out
 
@@ -158,10 +162,7 @@ def sparse_decode_ref(
             is_streaming = bool(streaming_heads[kh]) if streaming_heads is not None else False
             mask = visibility_mask(q_pos, k_pos, is_streaming, sink, local)
             if not is_streaming and page_lists is not None and (s, kh) in page_lists:
-                allowed = torch.zeros(seq_len, dtype=torch.bool, device=q.device)
-                for p in page_lists[(s, kh)]:
-                    allowed[p * page_size : (p + 1) * page_size] = True
-                mask &= allowed
+                mask &= pages_mask(page_lists[(s, kh)], page_size, seq_len, q.device)
             out[s, h] = attend_ref(q[s, h][None], keys[:, kh], values[:, kh], mask, scale)[0]
     return out
 
