@@ -20,6 +20,12 @@ class HeadSparsity:
     decode_sink: int
     decode_local: int
 
+    @property
+    def streaming_fraction(self) -> float:
+        """Fraction of all KV heads (over every layer) that stream."""
+        total = sum(f.numel() for f in self.streaming_heads)
+        return sum(int(f.sum()) for f in self.streaming_heads) / total if total else 0.0
+
     def layer(self, layer_idx: int) -> torch.Tensor | None:
         """The layer's streaming-head flags, or None when all its heads are dense."""
         flags = self.streaming_heads[layer_idx]

@@ -15,6 +15,7 @@ from lserve.attention.backend import create_backend, resolve_backend_name
 from lserve.attention.sparsity import HeadSparsity
 from lserve.config import EngineConfig
 from lserve.engine.scheduler import Scheduler, SchedulerOutput
+from lserve.engine.stats import EngineStats
 from lserve.errors import LServeError, NotSupportedError, RequestRejected
 from lserve.kv_cache.layout import KVCacheTensors, KVShape, plan_num_pages
 from lserve.kv_cache.manager import KVCacheManager
@@ -76,6 +77,10 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv_manager, sched.max_num_seqs, sched.max_num_batched_tokens)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.num_decode_steps = 0
+        self.decode_pages_read = 0
+        self.decode_pages_dense = 0
+        self.last_decode_pages_read_fraction = 1.0
 
     def _resolve_max_model_len(self) -> int:
         limit = self.arch.max_position_embeddings
@@ -180,6 +185,24 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def stats(self) -> EngineStats:
+        """A snapshot of queue sizes, cache use and counters (cheap; safe to call every step)."""
+        sparsity = self.runner.backend.sparsity
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_pages_total=self.kv_manager.num_pages,
+            kv_pages_used=self.kv_manager.num_pages - self.kv_manager.num_free_pages,
+            streaming_head_fraction=sparsity.streaming_fraction if sparsity is not None else 0.0,
+            last_decode_pages_read_fraction=self.last_decode_pages_read_fraction,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_decode_steps=self.num_decode_steps,
+            decode_pages_read=self.decode_pages_read,
+            decode_pages_dense=self.decode_pages_dense,
+        )
 
     # ---- the step --------------------------------------------------------------------------
 

@@ -61,6 +61,11 @@ class LLM:
         self.config = EngineConfig.from_kwargs(**settings)
         self.engine = LLMEngine(self.config)
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """The engine behind this object (vLLM's attribute name)."""
+        return self.engine
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from lserve.config import EngineConfig
 from lserve.engine.core import EngineCore
+from lserve.engine.stats import EngineStats
 from lserve.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 from lserve.errors import RequestRejected
 from lserve.request import CompletionOutput, Request, RequestOutput, RequestStatus
@@ -96,6 +97,10 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._tracked)
+
+    def get_stats(self) -> EngineStats:
+        """Queue sizes, KV cache use, token/preemption counters and sparse-attention statistics."""
+        return self.core.stats()
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns an output for every request that got a token (or finished)."""
