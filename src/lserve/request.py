@@ -41,6 +41,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     error: str | None = None
+    decode_pages_read: int = 0
+    """KV pages (over layers and KV heads) its decode steps read; see `decode_pages_dense`."""
+    decode_pages_dense: int = 0
+    """The pages the same decode steps would read with dense attention."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -52,6 +52,7 @@ class LLM:
         token_budget: int = 0,
         logical_page_size: int = 16,
         selector_interval: int = 4,
+        num_dense_layers: int = 0,
         **kwargs: Any,
     ) -> None:
         settings = dict(locals())

@@ -13,6 +13,7 @@ import torch
 
 from lserve.attention.backend import AttentionBackend
 from lserve.attention.metadata import AttentionMetadata, build_metadata
+from lserve.kv_cache.layout import RingGeometry
 from lserve.model.llama import LlamaForCausalLM
 from lserve.request import Request
 from lserve.runner.sampler import Sampler
@@ -26,6 +27,7 @@ class StepInput:
     num_new_tokens: int
     page_ids: list[int]
     samples: bool
+    seat: int = 0
 
 
 class ModelRunner:
@@ -36,8 +38,10 @@ class ModelRunner:
         page_size: int,
         device: torch.device,
         seed: int,
+        ring: RingGeometry | None = None,
     ) -> None:
         self.model = model
+        self.ring = ring
         self.backend = backend
         self.page_size = page_size
         self.device = device
@@ -87,4 +91,7 @@ class ModelRunner:
             num_decodes=num_decodes,
             page_size=self.page_size,
             device=self.device,
+            seats=[s.seat for s in inputs],
+            ring=self.ring,
+            request_ids=[s.request.request_id for s in inputs],
         )

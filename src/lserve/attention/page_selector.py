@@ -1,0 +1,174 @@
+"""Query-aware KV page selection for decode (dynamic sparsity), reused for several steps.
+
+Per layer and decoding sequence, each dense KV head reads only: the pages with the highest Quest
+scores among the older pages (`token_budget // page_size - 1` of them) plus the newest page.
+Selection is per KV head, shared by its GQA query heads (scores aggregated by max, see
+docs/sparsity.md). A sequence whose context fits the budget reads every page: no selection at all.
+
+Reuse (LServe's reusable selection): a request recomputes its selection on its first decode
+step and then every `interval` steps, counting its own steps even inside a mixed batch. In
+between, the stored pages are read again, plus every page from the newest page at selection time
+("the anchor") to the current newest page, so tokens generated since are always attended.
+
+The kernels read a page list per (sequence, KV head): logical page indices, ascending, and a
+count. The backend appends K/V and key statistics first, then asks the selector for the lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lserve.attention.metadata import AttentionMetadata
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class _RequestState:
+    seat: int
+    anchor: int
+    """The newest logical page when the selection was made (it and later pages are always read)."""
+    age: int
+    """Decode steps since the selection was made."""
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Per step: what each decoding row does (host lists and their device copies)."""
+
+    recompute: tuple[bool, ...]
+    fits: tuple[bool, ...]
+    num_pages: tuple[int, ...]
+    anchor: tuple[int, ...]
+    recompute_dev: torch.Tensor
+    fits_dev: torch.Tensor
+    num_pages_dev: torch.Tensor
+    anchor_dev: torch.Tensor
+    seats_dev: torch.Tensor
+
+    @property
+    def any_selected(self) -> bool:
+        return not all(self.fits)
+
+
+class PageSelector:
+    """Chooses and remembers, per layer, the KV pages that each decoding sequence's dense heads read."""
+
+    def __init__(
+        self,
+        heads_per_layer: list[int],
+        page_size: int,
+        token_budget: int,
+        interval: int,
+        num_seats: int,
+        device: torch.device,
+        num_dense_layers: int = 0,
+        aggregate: str = "max",
+    ) -> None:
+        self.page_size = page_size
+        self.budget_pages = max(1, token_budget // page_size)
+        self.keep = self.budget_pages - 1
+        """Older pages kept per head besides the newest page."""
+        self.interval = interval
+        self.num_dense_layers = num_dense_layers
+        self.aggregate = aggregate
+        self.tail_width = cdiv(interval, page_size) + 1
+        """Most pages that can lie between the anchor and the newest page while a selection lives."""
+        self.device = device
+        self._store = [
+            torch.zeros((num_seats, h, max(self.keep, 1)), dtype=torch.int32, device=device) for h in heads_per_layer
+        ]
+        self._state: dict[str, _RequestState] = {}
+        self.plan: DecodePlan | None = None
+        self.num_selections: dict[str, int] = {}
+        """Per request: how many times its selection was (re)computed (statistics and tests)."""
+
+    def layer_selects(self, layer: int) -> bool:
+        return layer >= self.num_dense_layers
+
+    def prepare(self, md: AttentionMetadata) -> DecodePlan | None:
+        """Decide, per decoding row, whether its selection is recomputed this step (host work only)."""
+        nd = md.num_decodes
+        if nd == 0:
+            self.plan = None
+            return None
+        assert len(md.request_ids) >= nd and len(md.seats) >= nd, "page selection needs request ids and seats"
+        state: dict[str, _RequestState] = {}
+        recompute, fits, num_pages, anchor = [], [], [], []
+        for i in range(nd):
+            rid, seat = md.request_ids[i], md.seats[i]
+            n = cdiv(md.seq_lens_cpu[i], self.page_size)
+            fit = n <= self.budget_pages
+            old = self._state.get(rid)
+            redo = (
+                not fit
+                and (old is None or old.seat != seat or old.age + 1 >= self.interval or n - old.anchor > self.tail_width)
+            )
+            if fit:
+                st = None
+            elif redo:
+                st = _RequestState(seat, n - 1, 0)
+                self.num_selections[rid] = self.num_selections.get(rid, 0) + 1
+            else:
+                assert old is not None
+                st = _RequestState(seat, old.anchor, old.age + 1)
+            if st is not None:
+                state[rid] = st  # requests not decoding this step drop their state (their seat may move)
+            recompute.append(redo)
+            fits.append(fit)
+            num_pages.append(n)
+            anchor.append(st.anchor if st is not None else n - 1)
+        self._state = state
+        dev = self.device
+        self.plan = DecodePlan(
+            tuple(recompute), tuple(fits), tuple(num_pages), tuple(anchor),
+            torch.tensor(recompute, dtype=torch.bool, device=dev), torch.tensor(fits, dtype=torch.bool, device=dev),
+            torch.tensor(num_pages, dtype=torch.int64, device=dev), torch.tensor(anchor, dtype=torch.int64, device=dev),
+            torch.tensor(md.seats[:nd], dtype=torch.int64, device=dev),
+        )
+        return self.plan
+
+    def forget(self, request_id: str) -> None:
+        self._state.pop(request_id, None)
+        self.num_selections.pop(request_id, None)
+
+    def pages_read(self, row: int) -> int:
+        """Pages one dense head of decoding row `row` reads this step (in a selecting layer)."""
+        plan = self.plan
+        assert plan is not None
+        if plan.fits[row]:
+            return plan.num_pages[row]
+        return self.keep + plan.num_pages[row] - plan.anchor[row]
+
+    def select(self, layer: int, scores_fn) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Page lists (nd, H, W) int32 and counts (nd, H) int32 of this layer, or None to read every page.
+
+        `scores_fn()` returns the Quest scores (nd, H, P) of the current queries; it is called only
+        when some row recomputes its selection.
+        """
+        plan = self.plan
+        if plan is None or not plan.any_selected or not self.layer_selects(layer):
+            return None
+        store = self._store[layer]
+        nd, heads = plan.num_pages_dev.shape[0], store.shape[1]
+        if self.keep and any(plan.recompute):
+            scores = scores_fn()
+            pos = torch.arange(scores.shape[2], device=scores.device)
+            older = pos[None, None, :] < plan.anchor_dev[:, None, None]  # the anchor page is read anyway
+            top = scores.masked_fill(~older, float("-inf")).topk(self.keep, dim=2).indices.sort(dim=2).values
+            rows = plan.recompute_dev
+            store[plan.seats_dev[rows]] = top[rows].to(torch.int32)
+        stored = store[plan.seats_dev][:, :, : self.keep]  # (nd, H, keep)
+        tail = plan.anchor_dev[:, None] + torch.arange(self.tail_width, device=store.device)[None, :]
+        tail = tail.clamp(max=(plan.num_pages_dev - 1)[:, None])  # entries past the count are never read
+        selected = torch.cat([stored, tail[:, None, :].expand(nd, heads, -1).to(torch.int32)], dim=2)
+        width = selected.shape[2]
+        every = torch.arange(width, device=store.device, dtype=torch.int32)
+        every = torch.minimum(every[None, :], (plan.num_pages_dev - 1)[:, None].to(torch.int32))
+        lists = torch.where(plan.fits_dev[:, None, None], every[:, None, :].expand(nd, heads, width), selected)
+        counts = torch.where(plan.fits_dev, plan.num_pages_dev, self.keep + plan.num_pages_dev - plan.anchor_dev)
+        return lists.contiguous(), counts[:, None].expand(nd, heads).to(torch.int32).contiguous()
