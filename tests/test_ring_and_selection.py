@@ -17,7 +17,12 @@ import torch
 from lserve.attention.metadata import build_metadata
 from lserve.attention.page_selector import PageSelector
 from lserve.attention.sparsity import HeadSparsity
-from lserve.attention.torch_backend import TorchAttentionBackend, page_scores_torch, update_key_stats, write_kv
+from lserve.attention.torch_backend import (
+    TorchAttentionBackend,
+    page_scores_torch,
+    update_key_stats,
+    write_kv,
+)
 from lserve.attention.triton_backend import TritonAttentionBackend
 from lserve.kv_cache.layout import KVCache, KVCacheTensors, KVShape, RingGeometry
 from lserve.ops import reference as ref

@@ -45,8 +45,14 @@ def add_engine_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) 
     for _, f in engine_fields():
         if f.name in skip:
             continue
-        conv, choices = _flag_type(hints[f.name])
         default = f.default
+        if hints[f.name] is bool:
+            group.add_argument(
+                "--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS, help=f.metadata.get("help", "") + f" (default: {default})",
+            )
+            continue
+        conv, choices = _flag_type(hints[f.name])
         help_text = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
         group.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, type=conv, choices=choices,

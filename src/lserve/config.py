@@ -46,8 +46,11 @@ class ModelConfig:
     max_model_len: int | None = _field(None, "longest prompt + output in tokens (default: the model's)")
     device: Device = _field("auto", "cpu, cuda or auto (cuda when available)")
     seed: int = _field(0, "seed for dummy weights and for requests without their own seed")
+    enforce_eager: bool = _field(False, "run decode steps without CUDA graphs (graphs are used on CUDA only)")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         _check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         _check_choice("load_format", self.load_format, ("auto", "hf", "gguf", "dummy"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))

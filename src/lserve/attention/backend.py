@@ -37,6 +37,8 @@ class PoolCall:
     q_heads: torch.Tensor | None
     streaming: torch.Tensor | None
     """(pool heads,) bool: heads that apply the Λ windows (None: none)."""
+    ring: bool = False
+    """The ring pool (streaming heads only: no page lists, no statistics)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class AttentionBackend(ABC):
     """
 
     name: str = ""
+    decode_split_len: int | None = None
+    """Length a backend with split-K decode chooses its split count for (None: the step's longest
+    sequence). The engine sets max_model_len, so eager steps and captured graphs split, and so
+    round, identically."""
 
     def __init__(
         self,
@@ -83,6 +89,7 @@ class AttentionBackend(ABC):
                 self._head_index(dense, device) if stream and dense else None,
                 self._head_index(stream, device) if stream else None,
             ))
+        self._num_streaming = [int(f.sum()) if f is not None else 0 for f in self._streaming]
         self._ring_flags = [
             torch.ones(len(h), dtype=torch.bool, device=device) for h in self.cache.streaming_heads
         ]
@@ -110,8 +117,7 @@ class AttentionBackend(ABC):
         selector = self.selector if self.selector is not None and self.selector.plan is not None else None
         # head counts summed over layers: streaming heads, dense heads in selecting / other layers
         n_stream = n_dense_sel = n_dense_all = 0
-        for layer, flags in enumerate(self._streaming):
-            stream = int(flags.sum()) if flags is not None else 0
+        for layer, stream in enumerate(self._num_streaming):
             n_stream += stream
             if selector is not None and selector.layer_selects(layer):
                 n_dense_sel += self.num_kv_heads - stream
@@ -148,7 +154,8 @@ class AttentionBackend(ABC):
         ring = self.cache.ring
         assert md.ring_page_table is not None and md.ring_slot_mapping is not None, "the step has no ring tables"
         calls = [PoolCall(ring.k[layer_idx], ring.v[layer_idx], None, None, md.ring_page_table,
-                          md.ring_slot_mapping, stream_route[0], stream_route[1], self._ring_flags[layer_idx])]
+                          md.ring_slot_mapping, stream_route[0], stream_route[1], self._ring_flags[layer_idx],
+                          ring=True)]
         if dense_route is not None:
             calls.append(PoolCall(paged.k[layer_idx], paged.v[layer_idx], k_min, k_max, md.page_table,
                                   md.slot_mapping, dense_route[0], dense_route[1], None))
@@ -162,7 +169,7 @@ class AttentionBackend(ABC):
     def _attend(
         self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata
     ) -> torch.Tensor:
-        self._write(call, k.contiguous(), v.contiguous())
+        self._write(call, k.contiguous(), v.contiguous(), md)
         out = torch.empty_like(q)
         nd = md.num_decodes
         if nd:
@@ -176,7 +183,7 @@ class AttentionBackend(ABC):
         self, call: PoolCall, q: torch.Tensor, layer: int, md: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Decode page lists of this pool's heads: explicit ones in the metadata, else the selector's."""
-        if call.streaming is not None and bool(call.streaming.all()):
+        if call.ring:
             return None  # streaming heads read their windows
         if md.decode_page_list is not None and md.decode_page_list_len is not None:
             if call.kv_heads is None:
@@ -190,12 +197,12 @@ class AttentionBackend(ABC):
         def scores() -> torch.Tensor:
             return self._page_scores(q, k_min, k_max, md.page_table[:nd], md.seq_lens[:nd], md.page_size)
 
-        return self.selector.select(layer, scores)
+        return self.selector.select(layer, nd, scores)
 
     # ---- what a backend implements ---------------------------------------------------------
 
     @abstractmethod
-    def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> None:
         """Scatter the step's k, v (T, pool heads, D) into the pool (and update its key statistics)."""
 
     @abstractmethod

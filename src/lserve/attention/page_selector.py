@@ -38,21 +38,19 @@ class _RequestState:
 
 @dataclass(frozen=True)
 class DecodePlan:
-    """Per step: what each decoding row does (host lists and their device copies)."""
+    """Per step: what each decoding row does (host lists; the device copy is in the selector's buffers)."""
 
     recompute: tuple[bool, ...]
     fits: tuple[bool, ...]
     num_pages: tuple[int, ...]
     anchor: tuple[int, ...]
-    recompute_dev: torch.Tensor
-    fits_dev: torch.Tensor
-    num_pages_dev: torch.Tensor
-    anchor_dev: torch.Tensor
-    seats_dev: torch.Tensor
 
     @property
-    def any_selected(self) -> bool:
-        return not all(self.fits)
+    def mode(self) -> str:
+        """"none" (every row reads every page), "reuse" (no row re-selects) or "select"."""
+        if all(self.fits):
+            return "none"
+        return "select" if any(self.recompute) else "reuse"
 
 
 class PageSelector:
@@ -79,9 +77,16 @@ class PageSelector:
         self.tail_width = cdiv(interval, page_size) + 1
         """Most pages that can lie between the anchor and the newest page while a selection lives."""
         self.device = device
+        # one spare row (seat `num_seats`) for the padded rows of a captured decode graph
+        self.scratch_seat = num_seats
         self._store = [
-            torch.zeros((num_seats, h, max(self.keep, 1)), dtype=torch.int32, device=device) for h in heads_per_layer
+            torch.zeros((num_seats + 1, h, max(self.keep, 1)), dtype=torch.int32, device=device)
+            for h in heads_per_layer
         ]
+        # per-row plan on the device, in fixed buffers so that a captured graph reads this step's
+        # plan: rows past the step's decodes are inert (fit, one page, the spare seat)
+        self._plan_host = torch.zeros((5, num_seats + 1), dtype=torch.int64)
+        self._plan_dev = torch.zeros((5, num_seats + 1), dtype=torch.int64, device=device)
         self._state: dict[str, _RequestState] = {}
         self.plan: DecodePlan | None = None
         self.num_selections: dict[str, int] = {}
@@ -123,14 +128,24 @@ class PageSelector:
             num_pages.append(n)
             anchor.append(st.anchor if st is not None else n - 1)
         self._state = state
-        dev = self.device
-        self.plan = DecodePlan(
-            tuple(recompute), tuple(fits), tuple(num_pages), tuple(anchor),
-            torch.tensor(recompute, dtype=torch.bool, device=dev), torch.tensor(fits, dtype=torch.bool, device=dev),
-            torch.tensor(num_pages, dtype=torch.int64, device=dev), torch.tensor(anchor, dtype=torch.int64, device=dev),
-            torch.tensor(md.seats[:nd], dtype=torch.int64, device=dev),
-        )
+        host = self._plan_host
+        host[0].fill_(0)
+        host[1].fill_(1)
+        host[2].fill_(1)
+        host[3].fill_(0)
+        host[4].fill_(self.scratch_seat)
+        host[0, :nd] = torch.tensor(recompute, dtype=torch.int64)
+        host[1, :nd] = torch.tensor(fits, dtype=torch.int64)
+        host[2, :nd] = torch.tensor(num_pages, dtype=torch.int64)
+        host[3, :nd] = torch.tensor(anchor, dtype=torch.int64)
+        host[4, :nd] = torch.tensor(md.seats[:nd], dtype=torch.int64)
+        self._plan_dev.copy_(host, non_blocking=False)
+        self.plan = DecodePlan(tuple(recompute), tuple(fits), tuple(num_pages), tuple(anchor))
         return self.plan
+
+    @property
+    def mode(self) -> str:
+        return self.plan.mode if self.plan is not None else "none"
 
     def forget(self, request_id: str) -> None:
         self._state.pop(request_id, None)
@@ -144,31 +159,34 @@ class PageSelector:
             return plan.num_pages[row]
         return self.keep + plan.num_pages[row] - plan.anchor[row]
 
-    def select(self, layer: int, scores_fn) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def select(self, layer: int, nd: int, scores_fn) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Page lists (nd, H, W) int32 and counts (nd, H) int32 of this layer, or None to read every page.
 
         `scores_fn()` returns the Quest scores (nd, H, P) of the current queries; it is called only
-        when some row recomputes its selection.
+        in "select" mode. Only device buffers and the host mode are read, so a CUDA graph captured
+        for a mode replays correctly for any later step of the same mode.
         """
-        plan = self.plan
-        if plan is None or not plan.any_selected or not self.layer_selects(layer):
+        mode = self.mode
+        if mode == "none" or not self.layer_selects(layer):
             return None
         store = self._store[layer]
-        nd, heads = plan.num_pages_dev.shape[0], store.shape[1]
-        if self.keep and any(plan.recompute):
+        heads = store.shape[1]
+        recompute, fits, num_pages, anchor, seats = self._plan_dev[:, :nd]
+        if self.keep and mode == "select":
             scores = scores_fn()
             pos = torch.arange(scores.shape[2], device=scores.device)
-            older = pos[None, None, :] < plan.anchor_dev[:, None, None]  # the anchor page is read anyway
+            older = pos[None, None, :] < anchor[:, None, None]  # the anchor page is read anyway
             top = scores.masked_fill(~older, float("-inf")).topk(self.keep, dim=2).indices.sort(dim=2).values
-            rows = plan.recompute_dev
-            store[plan.seats_dev[rows]] = top[rows].to(torch.int32)
-        stored = store[plan.seats_dev][:, :, : self.keep]  # (nd, H, keep)
-        tail = plan.anchor_dev[:, None] + torch.arange(self.tail_width, device=store.device)[None, :]
-        tail = tail.clamp(max=(plan.num_pages_dev - 1)[:, None])  # entries past the count are never read
+            current = store[seats]
+            store[seats] = torch.where(recompute.bool()[:, None, None], top.to(torch.int32), current)
+        stored = store[seats][:, :, : self.keep]  # (nd, H, keep)
+        tail = anchor[:, None] + torch.arange(self.tail_width, device=store.device)[None, :]
+        tail = tail.clamp(max=(num_pages - 1)[:, None])  # entries past the count are never read
         selected = torch.cat([stored, tail[:, None, :].expand(nd, heads, -1).to(torch.int32)], dim=2)
         width = selected.shape[2]
-        every = torch.arange(width, device=store.device, dtype=torch.int32)
-        every = torch.minimum(every[None, :], (plan.num_pages_dev - 1)[:, None].to(torch.int32))
-        lists = torch.where(plan.fits_dev[:, None, None], every[:, None, :].expand(nd, heads, width), selected)
-        counts = torch.where(plan.fits_dev, plan.num_pages_dev, self.keep + plan.num_pages_dev - plan.anchor_dev)
+        every = torch.arange(width, device=store.device)
+        every = torch.minimum(every[None, :], (num_pages - 1)[:, None]).to(torch.int32)
+        fit = fits.bool()
+        lists = torch.where(fit[:, None, None], every[:, None, :].expand(nd, heads, width), selected)
+        counts = torch.where(fit, num_pages, self.keep + num_pages - anchor)
         return lists.contiguous(), counts[:, None].expand(nd, heads).to(torch.int32).contiguous()

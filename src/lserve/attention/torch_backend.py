@@ -89,7 +89,7 @@ def page_scores_torch(
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> None:
         write_kv(call.k_cache, call.v_cache, k, v, call.slot_mapping)
         if call.k_min is not None and call.k_max is not None:
             logical = self.cache.paged.logical_page_size

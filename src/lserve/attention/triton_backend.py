@@ -11,7 +11,7 @@ import torch
 
 from lserve.attention.backend import AttentionBackend, PoolCall
 from lserve.attention.metadata import AttentionMetadata
-from lserve.ops.kv_append import kv_append
+from lserve.ops.kv_append import AppendSegments, kv_append, plan_segments
 from lserve.ops.page_scores import page_scores
 from lserve.ops.sparse_decode import sparse_decode
 from lserve.ops.sparse_prefill import PrefillTiles, plan_tiles, sparse_prefill
@@ -40,19 +40,31 @@ class TritonAttentionBackend(AttentionBackend):
 
     _tiles: PrefillTiles | None = None
     _prefill_kw: dict | None = None
+    _segments: AppendSegments | None = None
 
     def prepare(self, md: AttentionMetadata) -> None:
         super().prepare(md)
+        self._segments = None  # the paged pool's append segments, planned by the first layer
         device = md.seq_lens.device
         if self._prefill_kw is None:
             self._prefill_kw = prefill_config(device)
         prefill_lens = list(md.query_lens_cpu[md.num_decodes :])
         self._tiles = plan_tiles(prefill_lens, prefill_block_m(device), device, first_seq=md.num_decodes)
 
-    def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> None:
         logical = self.cache.paged.logical_page_size or 16
+        segments = None
+        if call.k_min is not None:
+            # statistics work on runs of slots inside one logical page; a pure decode step has one
+            # token per sequence (no search, nothing read back: safe inside a CUDA graph)
+            if md.num_decodes == md.num_seqs:
+                segments = plan_segments(call.slot_mapping, logical, all_single=True)
+            else:
+                if self._segments is None:
+                    self._segments = plan_segments(call.slot_mapping, logical)
+                segments = self._segments
         kv_append(k, v, call.slot_mapping, call.k_cache, call.v_cache, call.k_min, call.k_max,
-                  logical_page_size=logical)
+                  segments=segments, logical_page_size=logical)
 
     def _page_scores(
         self, q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor, page_table: torch.Tensor,
@@ -72,7 +84,7 @@ class TritonAttentionBackend(AttentionBackend):
             q.contiguous(), call.k_cache, call.v_cache, call.page_table[:nd], md.seq_lens[:nd], self.scale,
             streaming_heads=call.streaming, sink=sink, local=local,
             page_list=lists[0] if lists else None, page_list_len=lists[1] if lists else None,
-            max_seq_len=max(md.seq_lens_cpu[:nd]), **(GPU_DECODE if q.is_cuda else {}),
+            max_seq_len=self.decode_split_len or max(md.seq_lens_cpu[:nd]), **(GPU_DECODE if q.is_cuda else {}),
         )
 
     def _prefill(

@@ -36,6 +36,7 @@ from lserve.model.loader import (
     resolve_source,
 )
 from lserve.request import Request, RequestStatus
+from lserve.runner.cuda_graphs import DecodeGraphs
 from lserve.runner.model_runner import ModelRunner, StepInput
 from lserve.sampling_params import SamplingParams
 from lserve.sparse.patterns import binarize, load_pattern, shipped_pattern
@@ -137,7 +138,8 @@ class EngineCore:
                     logger.warning("the ring KV pool fits %d running requests (max_num_seqs=%d)", seats,
                                    sched.max_num_seqs)
             reserved = seats * per_seat
-            ring_tensors = KVCacheTensors(ring_shape, seats * ring_geometry.pages_per_seq, self.device)
+            # one more block than seats: the scratch seat of captured decode graphs' padded rows
+            ring_tensors = KVCacheTensors(ring_shape, (seats + 1) * ring_geometry.pages_per_seq, self.device)
         pages_per_seq = -(-self.max_model_len // cache.page_size)
         num_pages = plan_num_pages(
             shape,
@@ -148,7 +150,8 @@ class EngineCore:
             reserved_bytes=reserved,
             extra_bytes_per_page=stats_bytes_per_page(shape, logical) if logical else 0,
         )
-        paged = KVCacheTensors(shape, num_pages, self.device, logical)
+        # one page more than the manager hands out: the scratch page of padded graph rows
+        paged = KVCacheTensors(shape, num_pages + 1, self.device, logical)
         self.kv_cache = KVCache(paged, ring_tensors, flags if use_ring else None, ring_geometry)
         self.kv_tensors = paged
         self.num_seats = seats
@@ -163,6 +166,12 @@ class EngineCore:
                                  sparsity, selector)
         self.runner = ModelRunner(self.model, backend, cache.page_size, self.device, self.config.model.seed,
                                   ring_geometry)
+        if self.backend_name == "triton":
+            backend.decode_split_len = self.max_model_len
+        if self.device.type == "cuda" and self.backend_name == "triton" and not self.config.model.enforce_eager:
+            self.runner.graphs = DecodeGraphs(self.model, backend, seats, self.max_model_len, cache.page_size,
+                                              scratch_page=num_pages, ring=ring_geometry, scratch_seat=seats,
+                                              device=self.device)
         ring_mib = reserved / 2**20
         logger.info("KV cache: %d pages of %d tokens (%.1f MiB)%s", num_pages, cache.page_size,
                     num_pages * shape.bytes_per_page / 2**20,

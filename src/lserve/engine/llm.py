@@ -43,6 +43,7 @@ class LLM:
         page_size: int = 64,
         num_kv_pages: int | None = None,
         seed: int = 0,
+        enforce_eager: bool = False,
         streaming_sparsity: float = 0.0,
         attn_pattern: str | None = None,
         prefill_sink_tokens: int = 128,

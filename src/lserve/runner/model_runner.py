@@ -16,6 +16,7 @@ from lserve.attention.metadata import AttentionMetadata, build_metadata
 from lserve.kv_cache.layout import RingGeometry
 from lserve.model.llama import LlamaForCausalLM
 from lserve.request import Request
+from lserve.runner.cuda_graphs import DecodeGraphs
 from lserve.runner.sampler import Sampler
 
 
@@ -46,6 +47,8 @@ class ModelRunner:
         self.page_size = page_size
         self.device = device
         self.sampler = Sampler(device, seed)
+        self.graphs: DecodeGraphs | None = None
+        """Set by the engine on CUDA: pure decode steps replay captured graphs."""
 
     @torch.inference_mode()
     def execute(self, inputs: Sequence[StepInput], num_decodes: int) -> dict[str, int]:
@@ -59,20 +62,24 @@ class ModelRunner:
         md = self.plan(inputs, num_decodes)
         backend = self.backend
         backend.prepare(md)
-
-        def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
-            return backend.forward(q, k, v, layer_idx, md)
-
-        hidden = self.model(
-            torch.tensor(token_ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-            attn,
-        )
-        ends = md.query_start_loc[1:].long() - 1
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         sampling = [i for i, s in enumerate(inputs) if s.samples]
+        graphs = self.graphs
+        if graphs is not None and num_decodes == len(inputs) and graphs.bucket(num_decodes) is not None:
+            mode = backend.selector.mode if backend.selector is not None else "none"
+            logits = graphs.run(md, ids, pos, mode)[sampling]
+        else:
+            def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
+                return backend.forward(q, k, v, layer_idx, md)
+
+            hidden = self.model(ids, pos, attn)
+            if not sampling:
+                return {}
+            ends = md.query_start_loc[1:].long() - 1
+            logits = self.model.compute_logits(hidden[ends[sampling]])
         if not sampling:
             return {}
-        logits = self.model.compute_logits(hidden[ends[sampling]])
         reqs = [inputs[i].request for i in sampling]
         tokens = self.sampler.sample(
             logits,
