@@ -169,11 +169,20 @@ def time_decode(core, batch: int, seq_len: int, steps: int) -> dict[str, float]:
         mode = selector.mode if selector is not None else "none"
         per_mode.setdefault(mode, []).append((time.perf_counter() - t1) * 1000)
     ms = (time.perf_counter() - t0) * 1000 / steps
+    replay = None
+    graphs = runner.graphs
+    if graphs is not None:  # the captured graph alone: the step's GPU time without host work
+        graph, _ = graphs._graphs[(graphs.bucket(batch), mode)]
+        t1 = time.perf_counter()
+        for _ in range(10):
+            graph.replay()
+        sync()
+        replay = (time.perf_counter() - t1) * 100
     for r in requests:
         core.kv_manager.free(r.request_id)
         if selector is not None:
             selector.forget(r.request_id)
-    out = {"ms": ms}
+    out = {"ms": ms} if replay is None else {"ms": ms, "replay": replay}
     out.update({mode: sum(v) / len(v) for mode, v in per_mode.items()})
     return out
 
@@ -198,7 +207,7 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
         core = llm.engine.core
         graphs = core.runner.graphs
         for b, n in cases:
-            for eager in (False, True):
+            for eager in (False, True) if not args.no_eager else (False,):
                 core.runner.graphs = None if eager else graphs
                 results[(name, b, n, eager)] = r = time_decode(core, b, n, args.steps)
                 print(f"  {name:15s} batch {b} len {n:7d} {'eager' if eager else 'graph'}: {r['ms']:7.2f} ms/step "
@@ -208,8 +217,9 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
     print(f"\ndecode step, {gpu_name()}, {shape_name(args)} (dummy weights, {args.dtype}); "
           f"static: 50% streaming heads (sink 128, local 256); dynamic: budget 4096, interval 4")
     rows = []
-    for eager in (False, True):
-        print(f"\n{'eager (no CUDA graphs)' if eager else 'CUDA graphs'}")
+    for eager in (False, True) if not args.no_eager else (False,):
+        graphs_label = "CUDA graphs" if torch.cuda.is_available() else "eager (no GPU)"
+        print(f"\n{'eager (no CUDA graphs)' if eager else graphs_label}")
         print(f"{'batch':>5} | {'tokens':>7} | {'dense ms':>8} | {'static ms':>9} | {'stat+dyn ms':>11} | "
               f"{'static x':>8} | {'stat+dyn x':>10} | {'selector':>8}")
         for b, n in cases:
@@ -236,6 +246,7 @@ def main() -> None:
     parser.add_argument("--kv-gib", type=float, default=96.0, help="KV pool size for decode")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument("--no-eager", action="store_true", help="decode: skip the runs without CUDA graphs")
     parser.add_argument("--tiny", action="store_true", help="a small model shape (a CPU smoke run)")
     args = parser.parse_args()
     if args.lengths is None:

@@ -204,7 +204,7 @@ def test_selection_changes_the_output_and_a_large_budget_does_not() -> None:
 def test_ring_pool_memory_is_constant_in_context_length() -> None:
     geo = RingGeometry.plan(64, sink=128, local=8192, max_chunk=8192, max_model_len=262144)
     assert geo.pages_per_seq == 2 + 256  # sink pages + ring pages; independent of the context
-    mapping = geo.logical_to_ring(4096)
+    mapping = geo.logical_to_ring(4096).tolist()
     assert max(mapping) == geo.pages_per_seq - 1 and mapping[:2] == [0, 1]
     assert mapping[2] == mapping[2 + 256] == 2  # the ring wraps after 256 local pages
     short = RingGeometry.plan(64, sink=128, local=8192, max_chunk=8192, max_model_len=8192)

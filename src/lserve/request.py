@@ -58,6 +58,15 @@ class Request:
     def num_pending_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Tokens start..stop-1 of prompt + output, without building the whole list."""
+        n = len(self.prompt_token_ids)
+        if stop <= n:
+            return self.prompt_token_ids[start:stop]
+        if start >= n:
+            return self.output_token_ids[start - n : stop - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - n]
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids

@@ -83,7 +83,7 @@ def build_metadata(
     ring_table = ring_slots = None
     if ring is not None:
         assert seats is not None, "a ring pool needs seats"
-        offsets = torch.tensor(ring.logical_to_ring(max_pages), dtype=torch.int32)
+        offsets = ring.logical_to_ring(max_pages)
         base = torch.tensor(seats, dtype=torch.int32)[:, None] * ring.pages_per_seq
         ring_table = base + offsets[None, :]
         ring_slots = _slots(ring_table, query_lens, seq_lens, page_size).to(device)

@@ -105,10 +105,13 @@ class RingGeometry:
             return RingGeometry(max_pages, 0)
         return RingGeometry(sink_pages, ring)
 
-    def logical_to_ring(self, num_logical_pages: int) -> list[int]:
-        """Ring page index (0 .. pages_per_seq - 1) of each logical page of a sequence."""
+    def logical_to_ring(self, num_logical_pages: int) -> torch.Tensor:
+        """Ring page index (0 .. pages_per_seq - 1) of each logical page of a sequence, (n,) int32."""
         s, r = self.sink_pages, self.ring_pages
-        return [i if i < s or r == 0 else s + (i - s) % r for i in range(num_logical_pages)]
+        idx = torch.arange(num_logical_pages, dtype=torch.int32)
+        if r == 0:
+            return idx
+        return torch.where(idx < s, idx, s + (idx - s) % r)
 
 
 class KVCache:

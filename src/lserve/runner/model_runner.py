@@ -57,7 +57,7 @@ class ModelRunner:
         positions: list[int] = []
         for s in inputs:
             start = s.request.num_computed_tokens
-            token_ids.extend(s.request.all_token_ids[start : start + s.num_new_tokens])
+            token_ids.extend(s.request.token_ids(start, start + s.num_new_tokens))
             positions.extend(range(start, start + s.num_new_tokens))
         md = self.plan(inputs, num_decodes)
         backend = self.backend
