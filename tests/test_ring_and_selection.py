@@ -33,6 +33,7 @@ TOL = 5e-3 if DEVICE.type == "cuda" else 1e-4
 PAGE, LOGICAL, D, HQ, HKV = 16, 8, 32, 8, 4
 MAX_CHUNK = 24
 INTERVAL = 3
+DENSE_LAYERS = 1  # layer 0 reads every page; layer 2 selects (layer 1 has only streaming heads)
 FLAGS = ([True, False, True, False], [True, True, True, True], [False, True, False, False])
 WINDOWS = dict(prefill_sink=5, prefill_local=20, decode_sink=3, decode_local=13)
 
@@ -43,14 +44,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def brute_force_pages(q: torch.Tensor, keys: torch.Tensor, seq_len: int, keep: int, anchor: int) -> list[int]:
-    """The `keep` older pages (< anchor) with the highest Quest bound of q (G, D) over keys (L, D)."""
+    """The `keep` older pages (< anchor) with the highest Quest bound of q (G, D) over keys (L, D),
+    summed over the GQA group."""
     scores = []
     for p in range(anchor):
         best = float("-inf")
         for start in range(p * PAGE, min((p + 1) * PAGE, seq_len), LOGICAL):
             block = keys[start : min(start + LOGICAL, seq_len)].double()
             lo, hi = block.amin(0), block.amax(0)
-            bound = torch.maximum(q.double() * hi, q.double() * lo).sum(-1).max()  # max over the GQA group
+            bound = torch.maximum(q.double() * hi, q.double() * lo).sum(-1).sum()  # summed over the GQA group
             best = max(best, float(bound))
         scores.append((best, p))
     return sorted(p for _, p in sorted(scores, reverse=True)[:keep])
@@ -74,7 +76,8 @@ class RingSim:
         self.cache = KVCache(paged, ring, flags, self.geometry)
         self.selector = None
         if token_budget:
-            self.selector = PageSelector([HKV - n for n in n_stream], PAGE, token_budget, INTERVAL, 2, DEVICE)
+            self.selector = PageSelector([HKV - n for n in n_stream], PAGE, token_budget, INTERVAL, 2, DEVICE,
+                                         num_dense_layers=DENSE_LAYERS, aggregate="sum")
         self.backend = backend_cls(self.cache, HQ, D**-0.5, self.sparsity, self.selector)
         # the full history of every head, for the references
         self.full = KVCacheTensors(KVShape(3, HKV, D, PAGE, torch.float32), 30, DEVICE)
@@ -137,6 +140,8 @@ def _check_against_reference(sim: RingSim, steps, token_budget: int) -> list[dic
                 if old is None or old[1] + 1 >= INTERVAL or n - old[0] > sim.selector.tail_width:
                     state[seqs[b]] = (n - 1, 0)
                     for layer, (q, _) in enumerate(per_layer):
+                        if layer < DENSE_LAYERS:
+                            continue
                         keys = ref.gather_sequence(sim.full.k[layer], tables[b], seq_lens[b])
                         for h in range(HKV):
                             top = brute_force_pages(q[b, 2 * h : 2 * h + 2], keys[:, h], seq_lens[b], keep, n - 1)
@@ -146,7 +151,7 @@ def _check_against_reference(sim: RingSim, steps, token_budget: int) -> list[dic
                     state[seqs[b]] = (old[0], old[1] + 1)
                     chosen_log.append({"seq": seqs[b], "len": seq_lens[b], "recompute": False})
                 anchor = state[seqs[b]][0]
-                for layer in range(3):
+                for layer in range(DENSE_LAYERS, 3):
                     for h in range(HKV):
                         top = lists[layer].get((b, h), last_top.get((seqs[b], layer, h), []))
                         last_top[(seqs[b], layer, h)] = top

@@ -2,8 +2,9 @@
 
 Per layer and decoding sequence, each dense KV head reads only: the pages with the highest Quest
 scores among the older pages (`token_budget // page_size - 1` of them) plus the newest page.
-Selection is per KV head, shared by its GQA query heads (scores aggregated by max, see
-docs/sparsity.md). A sequence whose context fits the budget reads every page: no selection at all.
+Selection is per KV head, shared by its GQA query heads (scores summed over the group: on the
+default model this keeps more true attention than max and as much as a selection per query head;
+docs/sparsity.md has the measurement). A sequence whose context fits the budget reads every page: no selection at all.
 
 Reuse (LServe's reusable selection): a request recomputes its selection on its first decode
 step and then every `interval` steps, counting its own steps even inside a mixed batch. In
@@ -64,8 +65,8 @@ class PageSelector:
         interval: int,
         num_seats: int,
         device: torch.device,
-        num_dense_layers: int = 0,
-        aggregate: str = "max",
+        num_dense_layers: int = 2,
+        aggregate: str = "sum",
     ) -> None:
         self.page_size = page_size
         self.budget_pages = max(1, token_budget // page_size)
