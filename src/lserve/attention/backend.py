@@ -90,8 +90,9 @@ class AttentionBackend(ABC):
                 self._head_index(stream, device) if stream else None,
             ))
         self._num_streaming = [int(f.sum()) if f is not None else 0 for f in self._streaming]
+        # int8: the kernels' flag type (a bool tensor would be converted on every call)
         self._ring_flags = [
-            torch.ones(len(h), dtype=torch.bool, device=device) for h in self.cache.streaming_heads
+            torch.ones(len(h), dtype=torch.int8, device=device) for h in self.cache.streaming_heads
         ]
 
     def _head_index(self, kv_heads: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,6 +143,8 @@ class AttentionBackend(ABC):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, md: AttentionMetadata
     ) -> torch.Tensor:
         """q (T, Hq, D), k and v (T, Hkv, D) of this step's tokens -> output (T, Hq, D)."""
+        if layer_idx == 0:
+            self._begin_forward()
         paged = self.cache.paged
         k_min = paged.k_min[layer_idx] if paged.k_min is not None else None
         k_max = paged.k_max[layer_idx] if paged.k_max is not None else None
@@ -165,6 +168,12 @@ class AttentionBackend(ABC):
                 call, q[:, call.q_heads], k[:, call.kv_heads], v[:, call.kv_heads], layer_idx, md
             )
         return out
+
+    def _begin_forward(self) -> None:
+        """Drop tensors shared by the layers of the previous forward (a captured graph must build its own)."""
+        self._forward_cache: dict[str, object] = {}
+        if self.selector is not None:
+            self.selector.begin_forward()
 
     def _attend(
         self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata

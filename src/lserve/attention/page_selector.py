@@ -160,19 +160,42 @@ class PageSelector:
             return plan.num_pages[row]
         return self.keep + plan.num_pages[row] - plan.anchor[row]
 
+    def begin_forward(self) -> None:
+        """Forget the tensors shared by the layers of one forward (called before its first layer)."""
+        self._shared: tuple[torch.Tensor, ...] | None = None
+
+    def _shared_tensors(self, nd: int) -> tuple[torch.Tensor, ...]:
+        """What every selecting layer of this forward reads the same way: (fit (nd, 1, 1) bool,
+        all pages (nd, 1, W) int32, tail pages (nd, 1, T) int32, counts (nd, 1) int32, anchor)."""
+        shared = getattr(self, "_shared", None)
+        if shared is None or shared[0].shape[0] != nd:
+            _, fits, num_pages, anchor, _ = self._plan_dev[:, :nd]
+            last = (num_pages - 1)[:, None]
+            tail = (anchor[:, None] + torch.arange(self.tail_width, device=self.device)[None, :]).clamp(max=last)
+            width = self.keep + self.tail_width
+            every = torch.minimum(torch.arange(width, device=self.device)[None, :], last)
+            fit = fits.bool()
+            counts = torch.where(fit, num_pages, self.keep + num_pages - anchor)
+            shared = (fit[:, None, None], every.to(torch.int32)[:, None, :], tail.to(torch.int32)[:, None, :],
+                      counts.to(torch.int32)[:, None], anchor)
+            self._shared = shared
+        return shared
+
     def select(self, layer: int, nd: int, scores_fn) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Page lists (nd, H, W) int32 and counts (nd, H) int32 of this layer, or None to read every page.
 
         `scores_fn()` returns the Quest scores (nd, H, P) of the current queries; it is called only
         in "select" mode. Only device buffers and the host mode are read, so a CUDA graph captured
-        for a mode replays correctly for any later step of the same mode.
+        for a mode replays correctly for any later step of the same mode. The parts that do not
+        depend on the layer are built once per forward (`begin_forward`): fewer small kernels.
         """
         mode = self.mode
         if mode == "none" or not self.layer_selects(layer):
             return None
         store = self._store[layer]
         heads = store.shape[1]
-        recompute, fits, num_pages, anchor, seats = self._plan_dev[:, :nd]
+        recompute, seats = self._plan_dev[0, :nd], self._plan_dev[4, :nd]
+        fit, every, tail, counts, anchor = self._shared_tensors(nd)
         if self.keep and mode == "select":
             scores = scores_fn()
             pos = torch.arange(scores.shape[2], device=scores.device)
@@ -180,14 +203,6 @@ class PageSelector:
             top = scores.masked_fill(~older, float("-inf")).topk(self.keep, dim=2).indices.sort(dim=2).values
             current = store[seats]
             store[seats] = torch.where(recompute.bool()[:, None, None], top.to(torch.int32), current)
-        stored = store[seats][:, :, : self.keep]  # (nd, H, keep)
-        tail = anchor[:, None] + torch.arange(self.tail_width, device=store.device)[None, :]
-        tail = tail.clamp(max=(num_pages - 1)[:, None])  # entries past the count are never read
-        selected = torch.cat([stored, tail[:, None, :].expand(nd, heads, -1).to(torch.int32)], dim=2)
-        width = selected.shape[2]
-        every = torch.arange(width, device=store.device)
-        every = torch.minimum(every[None, :], (num_pages - 1)[:, None]).to(torch.int32)
-        fit = fits.bool()
-        lists = torch.where(fit[:, None, None], every[:, None, :].expand(nd, heads, width), selected)
-        counts = torch.where(fit, num_pages, self.keep + num_pages - anchor)
-        return lists.contiguous(), counts[:, None].expand(nd, heads).to(torch.int32).contiguous()
+        selected = torch.cat([store[seats][:, :, : self.keep], tail.expand(nd, heads, -1)], dim=2)
+        lists = torch.where(fit, every.expand(nd, heads, -1), selected)
+        return lists, counts.expand(nd, heads).contiguous()
