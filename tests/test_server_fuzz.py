@@ -16,7 +16,7 @@ from schemathesis.generation.modes import GenerationMode
 
 from tests.server_helpers import API_KEY
 
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 20
 MAX_GENERATED_TOKENS = 4
 
 

@@ -229,7 +229,7 @@ class AsyncEngine:
             self._wake.clear()
             try:
                 outputs = await loop.run_in_executor(self._executor, self._job, self._step, (), True)
-            except Exception as exc:  # a fault in the engine: nothing can be trusted any more
+            except Exception as exc:  # noqa: BLE001 (a fault in the engine: nothing can be trusted any more)
                 self._die(exc)
                 return
             if outputs is None:
