@@ -302,7 +302,10 @@ class OpenAIServing:
         tok = self.llm_engine.tokenizer
         if tok is None:
             raise APIError(400, "this model has no tokenizer")
-        return str(tok.decode(ids))
+        try:
+            return str(tok.decode(ids))
+        except Exception as exc:  # e.g. an id the model has a row for but the tokenizer does not know
+            raise APIError(400, f"cannot decode these token ids: {exc}", "tokens") from exc
 
     def _render_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool, add_special_tokens: bool
@@ -336,12 +339,13 @@ class OpenAIServing:
                                         refresh_stats=False)
         params = [self._sampling_params(req, len(p.token_ids), req.max_tokens, "prompt") for p in encoded]
         request_id = f"cmpl-{uuid.uuid4().hex}"
+        model = req.model or self.model_name  # the name the client used, as vLLM answers
         streams = await self._add(request_id, [p.token_ids for p in encoded], params, arrival)
         prompt_tokens = sum(len(p.token_ids) for p in encoded)
         if req.stream:
             opts = req.stream_options
             body = self._completion_stream(
-                request_id, streams, [p.text for p in encoded], params, prompt_tokens,
+                request_id, model, streams, [p.text for p in encoded], params, prompt_tokens,
                 include_usage=bool(opts and opts.include_usage), continuous=bool(opts and opts.continuous_usage_stats),
             )
             return EventStreamResponse(body, self._closer(streams))
@@ -353,12 +357,13 @@ class OpenAIServing:
             for i, out in enumerate(finals)
         ]
         completion_tokens = sum(len(out.outputs[0].token_ids) for out in finals)
-        resp = CompletionResponse(id=request_id, created=int(time.time()), model=self.model_name, choices=choices,
+        resp = CompletionResponse(id=request_id, created=int(time.time()), model=model, choices=choices,
                                   usage=UsageInfo(**_usage(prompt_tokens, completion_tokens)))
         return Response(resp.model_dump_json(), media_type="application/json")
 
     async def _completion_stream(
-        self, request_id: str, streams: list[RequestStream], echoes: list[str], params: list[SamplingParams],
+        self, request_id: str, model: str, streams: list[RequestStream], echoes: list[str],
+        params: list[SamplingParams],
         prompt_tokens: int, include_usage: bool, continuous: bool,
     ) -> AsyncIterator[str]:
         created = int(time.time())
@@ -368,7 +373,7 @@ class OpenAIServing:
 
         def chunk(index: int, text: str, finish: str | None, stop_reason: int | str | None) -> str:
             data: dict[str, Any] = {
-                "id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
+                "id": request_id, "object": "text_completion", "created": created, "model": model,
                 "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish,
                              "stop_reason": stop_reason}],
             }
@@ -389,7 +394,7 @@ class OpenAIServing:
                                 comp.stop_reason if out.finished else None)
             if include_usage:
                 yield sse({"id": request_id, "object": "text_completion", "created": created,
-                           "model": self.model_name, "choices": [], "usage": _usage(prompt_tokens, sum(tokens))})
+                           "model": model, "choices": [], "usage": _usage(prompt_tokens, sum(tokens))})
         except EngineDeadError as exc:  # the status line (200) is long gone: report it in the stream
             yield sse(error_body(503, str(exc)))
         yield sse("[DONE]")
@@ -404,17 +409,18 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._sampling_params(req, len(ids), max_tokens, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        model = req.model or self.model_name
         streams = await self._add(request_id, [ids], [params], arrival)
         if req.stream:
             opts = req.stream_options
-            body = self._chat_stream(request_id, streams[0], params, len(ids),
+            body = self._chat_stream(request_id, model, streams[0], params, len(ids),
                                      include_usage=bool(opts and opts.include_usage),
                                      continuous=bool(opts and opts.continuous_usage_stats))
             return EventStreamResponse(body, self._closer(streams))
         out = (await self._collect(streams))[0]
         comp = out.outputs[0]
         resp = ChatCompletionResponse(
-            id=request_id, created=int(time.time()), model=self.model_name,
+            id=request_id, created=int(time.time()), model=model,
             choices=[ChatChoice(index=0, message=AssistantMessage(content=comp.text),
                                 finish_reason=comp.finish_reason,  # type: ignore[arg-type]
                                 stop_reason=comp.stop_reason)],
@@ -423,7 +429,7 @@ class OpenAIServing:
         return Response(resp.model_dump_json(), media_type="application/json")
 
     async def _chat_stream(
-        self, request_id: str, stream: RequestStream, params: SamplingParams, prompt_tokens: int,
+        self, request_id: str, model: str, stream: RequestStream, params: SamplingParams, prompt_tokens: int,
         include_usage: bool, continuous: bool,
     ) -> AsyncIterator[str]:
         created = int(time.time())
@@ -431,7 +437,7 @@ class OpenAIServing:
 
         def chunk(delta: dict[str, str], finish: str | None = None, stop_reason: int | str | None = None) -> str:
             data: dict[str, Any] = {
-                "id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                "id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish,
                              "stop_reason": stop_reason}],
             }
@@ -455,7 +461,7 @@ class OpenAIServing:
                     yield chunk({"content": delta})
             if include_usage:
                 yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                           "model": self.model_name, "choices": [], "usage": _usage(prompt_tokens, tokens)})
+                           "model": model, "choices": [], "usage": _usage(prompt_tokens, tokens)})
         except EngineDeadError as exc:
             yield sse(error_body(503, str(exc)))
         yield sse("[DONE]")
