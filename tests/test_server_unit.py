@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import pytest
 
+from lserve import cli
 from lserve.engine.stats import EngineStats
 from lserve.entrypoints.openai.api_server import ServerState, build_app
 from lserve.entrypoints.openai.async_engine import AsyncEngine
@@ -132,3 +136,33 @@ def test_engine_failure_ends_open_streams_with_an_error_event() -> None:
         assert engine.num_open_requests == 0
 
     asyncio.run(_with_app(test))
+
+
+def _serve_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """Run `lserve serve ARGS` in process; it must fail with exit status 1 and one line on stderr."""
+    assert cli.main(["serve", *args]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture
+def keep_log_level():
+    """`lserve serve` turns lserve's progress logging on; put the level back for later tests."""
+    logger = logging.getLogger("lserve")
+    level = logger.level
+    yield
+    logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("keep_log_level")
+def test_serve_cli_errors_are_one_line_and_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = str(busy.getsockname()[1])
+        # the port is taken before the model loads: this fails at once, not after a minute of loading
+        assert f"cannot listen on 127.0.0.1:{port}" in _serve_error(capsys, "--port", port)
+    assert "--port" in _serve_error(capsys, "--port", "70000")
+    assert "--shutdown-timeout" in _serve_error(capsys, "--shutdown-timeout", "-1")
+    assert "two models" in _serve_error(capsys, "a.gguf", "--model", "b.gguf")

@@ -60,7 +60,7 @@ from lserve.entrypoints.openai.serving import (
     error_body,
     run_until_disconnect,
 )
-from lserve.errors import RequestRejected
+from lserve.errors import LServeError, RequestRejected
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +358,12 @@ def serve(
     """Load the model, then serve until SIGTERM/SIGINT; returns the exit status."""
     from lserve.engine.llm import LLM
 
-    llm = LLM(**engine_kwargs)
+    sock = _listen(host, port)  # before loading the model: a busy port fails in a second, not a minute
+    try:
+        llm = LLM(**engine_kwargs)
+    except BaseException:
+        sock.close()
+        raise
     llm_engine = llm.llm_engine
     source = llm_engine.core.source
     model_arg = engine_kwargs.get("model")
@@ -377,5 +382,22 @@ def serve(
     shown_host = f"[{host}]" if ":" in host else host
     banner = (f"serving {names[0]} at http://{shown_host}:{port} (max_model_len {llm_engine.max_model_len}, "
               f"{engine.stats.kv_pages_total} KV pages, device {llm_engine.core.device})")
-    _Server(config, engine, shutdown_timeout, banner).run()
+    _Server(config, engine, shutdown_timeout, banner).run(sockets=[sock])
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or LServeError saying why there cannot be one."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise LServeError(f"cannot listen on {host}:{port}: {exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart at once
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise LServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock
