@@ -359,6 +359,7 @@ def serve(
     from lserve.engine.llm import LLM
 
     sock = _listen(host, port)  # before loading the model: a busy port fails in a second, not a minute
+    logger.info("loading %s", engine_kwargs.get("model") or "the default model")
     try:
         llm = LLM(**engine_kwargs)
     except BaseException:
