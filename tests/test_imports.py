@@ -18,6 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "attention": {"ops", "kv_cache", "sparse"},
     "runner": {"ops", "kv_cache", "sparse", "attention", "model"},
     "engine": {"ops", "kv_cache", "sparse", "attention", "model", "runner"},
+    "entrypoints": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine"},
 }
 
 

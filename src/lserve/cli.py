@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lserve.config import GROUPS, EngineConfig, engine_fields
+from lserve.entrypoints.openai.cli_args import add_serve_parser
 from lserve.errors import LServeError
 
 EXIT_USAGE = 2
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_serve_parser(sub, add_engine_flags, engine_kwargs)
 
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     src = gen.add_mutually_exclusive_group(required=True)
