@@ -18,6 +18,8 @@ ALLOWED: dict[str, set[str]] = {
     "attention": {"ops", "kv_cache", "sparse"},
     "runner": {"ops", "kv_cache", "sparse", "attention", "model"},
     "engine": {"ops", "kv_cache", "sparse", "attention", "model", "runner"},
+    "eval": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine"},
+    "bench": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine", "eval"},
 }
 
 

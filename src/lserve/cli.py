@@ -1,4 +1,4 @@
-"""`lserve` command line: generate, chat.
+"""`lserve` command line: generate, chat, eval, bench.
 
 Engine flags are generated from the config dataclasses (`lserve.config`), so every `LLM(...)`
 argument is a flag with the same name and help, and none can drift. Errors caused by input
@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(chat)
     add_engine_flags(chat)
     chat.set_defaults(func=cmd_chat)
+
+    from lserve.eval.command import add_eval_parser
+
+    add_eval_parser(sub, add_engine_flags)
     return parser
 
 
