@@ -99,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(chat)
     chat.set_defaults(func=cmd_chat)
 
+    from lserve.bench.command import add_bench_parser
     from lserve.eval.command import add_eval_parser
 
     add_eval_parser(sub, add_engine_flags)
+    add_bench_parser(sub, add_engine_flags)
     return parser
 
 
