@@ -68,7 +68,7 @@ def test_niah_eval_writes_a_heatmap(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_ruler_subtasks_run_through_the_engine(default_llm, tmp_path: Path) -> None:
     fmt = PromptFormat(default_llm.get_tokenizer(), chat=True)
     samples = make_ruler_samples(fmt, [400], list(SUBTASKS), 1, max_tokens=4)  # a few tokens: the path, not the score
-    outputs = run_with_llm(default_llm, samples, batch_size=8, desc="ruler", progress=False)
+    outputs = run_with_llm(default_llm, samples, desc="ruler", progress=False)
     assert len(outputs) == len(samples) and any(o.strip() for o in outputs)
     result = ConfigResult("dense", {}, outputs=outputs,
                           scores=[score(s.scorer, o, s.answers) for s, o in zip(samples, outputs)])

@@ -12,10 +12,11 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_TIMEOUT_S = 6 * 3600.0
 
@@ -61,6 +62,8 @@ def _chunk_text(obj: dict[str, Any]) -> str:
 
 async def stream_request(client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> StreamResult:
     """Send one streaming request and time its chunks; failures are returned, not raised."""
+    import httpx
+
     result = StreamResult(start=time.perf_counter())
     last = result.start
     parts: list[str] = []
@@ -133,6 +136,8 @@ def chat_payload(model: str, messages: list[dict[str, str]], max_tokens: int, **
 
 def served_model_name(base: str, timeout_s: float = 30.0) -> str:
     """The first model id of `GET {base}/v1/models`; a clear error when the server cannot be reached."""
+    import httpx
+
     try:
         resp = httpx.get(f"{base}/v1/models", timeout=timeout_s)
         resp.raise_for_status()
@@ -155,6 +160,8 @@ async def run_requests(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> list[StreamResult]:
     """Send every payload, at most `max_concurrency` in flight; request i starts `delays[i]` s after the first."""
+    import httpx  # imported here: the in-process tools work without it
+
     limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
     gate = asyncio.Semaphore(max_concurrency)
     results: list[StreamResult | None] = [None] * len(payloads)

@@ -53,7 +53,8 @@ def add_eval_parser(sub: Any, add_engine_flags: Callable[[argparse.ArgumentParse
     p.add_argument("--served-model-name", default=None,
                    help="model name sent to --base-url servers (default: the first of GET /v1/models)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight per server (default: 8)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples given to the engine at once (default: 16)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="samples the engine runs at once (sets --max-num-seqs unless given; default: 16)")
     p.add_argument("--max-tokens", type=int, default=None, help="answer tokens per sample (default: per task)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated data (default: 0)")
     p.add_argument("--no-chat", action="store_true", help="plain prompts instead of the model's chat template")
@@ -214,7 +215,7 @@ def _run_all(
             model = args.served_model_name or served_model_name(url)
             results.append(run_server_config(name, url, model, samples, args.concurrency))
         return results
-    return [run_engine_config(spec, base, samples, args.batch_size) for spec in specs]
+    return [run_engine_config(spec, base, samples) for spec in specs]
 
 
 def _version() -> str:

@@ -112,8 +112,12 @@ def format_table(task: str, samples: Sequence[Sample], results: Sequence[ConfigR
             lines.append("| " + " | ".join([f"average {length_label(length)}", *cells]) + " |")
     extra = [("time (s)", [f"{r.seconds:.1f}" if r.ok else "-" for r in results])]
     if any(r.stats for r in results):
+        extra.append(("streaming heads", [
+            f"{r.stats['streaming_head_fraction']:.2f}" if r.ok and r.stats else "-" for r in results
+        ]))
         extra.append(("decode pages read", [
-            f"{r.stats['decode_pages_read_fraction']:.3f}" if r.ok and r.stats else "-" for r in results
+            f"{r.stats['decode_pages_read_fraction']:.3f}"
+            if r.ok and r.stats.get("decode_pages_read_fraction") is not None else "-" for r in results
         ]))
     for label, cells in extra:
         lines.append("| " + " | ".join([label, *cells]) + " |")
@@ -169,8 +173,13 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def plot_accuracy(path: Path, title: str, panels: dict[str, dict[str, dict[int, float | None]]]) -> Path:
-    """Accuracy vs length: one panel per entry of `panels` ({panel: {config: {length: %}}})."""
+def plot_accuracy(
+    path: Path, title: str, panels: dict[str, dict[str, dict[int, float | None]]], failed: Sequence[str] = ()
+) -> Path:
+    """Accuracy vs length: one panel per entry of `panels` ({panel: {config: {length: %}}}).
+
+    Configurations in `failed` appear in the legend only, marked as failed.
+    """
     n = len(panels)
     cols = min(n, 4)
     rows = -(-n // cols)
@@ -190,6 +199,8 @@ def plot_accuracy(path: Path, title: str, panels: dict[str, dict[str, dict[int, 
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
         if i == 0:
+            for name in failed:
+                ax.plot([], [], linestyle="none", marker="x", color="grey", label=f"{name} (failed)")
             ax.legend(fontsize=8)
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,5 +269,6 @@ def write_plots(
     else:
         panels[task] = series(lambda s: s.get("by_length"))
     if any(panels.values()):
-        paths.append(plot_accuracy(out_dir / f"{task}_accuracy.png", f"{task}, {model}", panels))
+        failed = [r.name for r in results if not r.ok]
+        paths.append(plot_accuracy(out_dir / f"{task}_accuracy.png", f"{task}, {model}", panels, failed))
     return paths

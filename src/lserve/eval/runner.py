@@ -11,7 +11,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,7 @@ class ConfigResult:
     sample_errors: list[str] = field(default_factory=list)
     """Per-sample request errors (server mode); "" where the request succeeded."""
     seconds: float = 0.0
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float | None] = field(default_factory=dict)
     """Engine statistics after the run (pages-read fraction, streaming-head fraction)."""
 
     @property
@@ -59,11 +59,6 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _chunks(items: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
-    for i in range(0, len(items), size):
-        yield items[i: i + size]
-
-
 def free_memory() -> None:
     """Return the previous engine's memory before the next one is built."""
     gc.collect()
@@ -73,32 +68,54 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_with_llm(llm: Any, samples: Sequence[Sample], batch_size: int, desc: str, progress: bool = True) -> list[str]:
-    """Greedy outputs of an `LLM` for every sample, in order, `batch_size` requests at a time."""
+def run_with_llm(llm: Any, samples: Sequence[Sample], desc: str, progress: bool = True) -> list[str]:
+    """Greedy outputs of an `LLM` for every sample, in order.
+
+    All samples are queued at once and the engine's continuous batching runs `max_num_seqs` of
+    them at a time; the progress bar moves as each one finishes.
+    """
     from lserve.sampling_params import SamplingParams
 
-    outputs: list[str] = []
-    with tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress) as bar:
-        for chunk in _chunks(samples, batch_size):
-            params = [SamplingParams(temperature=0.0, max_tokens=s.max_tokens) for s in chunk]
-            results = llm.generate([list(s.prompt_ids) for s in chunk], params, use_tqdm=False)
-            outputs.extend(r.outputs[0].text for r in results)
-            bar.update(len(chunk))
-    return outputs
+    engine = llm.llm_engine
+    ids: list[str] = []
+    texts: dict[str, str] = {}
+    try:
+        for s in samples:
+            params = SamplingParams(temperature=0.0, max_tokens=s.max_tokens)
+            ids.append(engine.add_request(list(s.prompt_ids), params))
+        with tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress) as bar:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        texts[out.request_id] = out.outputs[0].text
+                        bar.update(1)
+    except BaseException:
+        for request_id in ids:
+            if request_id not in texts:
+                engine.abort_request(request_id)
+        raise
+    return [texts[request_id] for request_id in ids]
 
 
-def engine_stats(llm: Any) -> dict[str, float]:
-    """The sparse-attention statistics worth reporting beside accuracy."""
+def engine_stats(llm: Any) -> dict[str, float | None]:
+    """The sparse-attention statistics worth reporting beside accuracy.
+
+    The pages-read fraction is None when the engine counted no decode pages (it has no counters
+    for that attention path yet), rather than a misleading 1.0.
+    """
     stats = llm.llm_engine.get_stats()
+    fraction = stats.decode_pages_read / stats.decode_pages_dense if stats.decode_pages_dense else None
     return {
-        "decode_pages_read_fraction": round(stats.decode_pages_read_fraction, 6),
+        "decode_pages_read_fraction": None if fraction is None else round(fraction, 6),
+        "decode_pages_read": stats.decode_pages_read,
+        "decode_pages_dense": stats.decode_pages_dense,
         "streaming_head_fraction": round(stats.streaming_head_fraction, 6),
         "num_preemptions": stats.num_preemptions,
     }
 
 
 def run_engine_config(
-    spec: ConfigSpec, base_kwargs: dict[str, Any], samples: Sequence[Sample], batch_size: int, progress: bool = True
+    spec: ConfigSpec, base_kwargs: dict[str, Any], samples: Sequence[Sample], progress: bool = True
 ) -> ConfigResult:
     """Build an `LLM` for one configuration, run every sample, score, free the engine."""
     from lserve.engine.llm import LLM
@@ -108,7 +125,7 @@ def run_engine_config(
     llm = None
     try:
         llm = LLM(**{**base_kwargs, **spec.overrides})
-        result.outputs = run_with_llm(llm, samples, batch_size, spec.name, progress)
+        result.outputs = run_with_llm(llm, samples, spec.name, progress)
         result.stats = engine_stats(llm)
     except CONFIG_ERRORS as exc:
         logger.info("configuration %s failed", spec.name, exc_info=True)  # the traceback with -v

@@ -119,7 +119,7 @@ class Haystack:
         cut = bisect.bisect_right(self.starts, num_words - 1)
         candidates = self.starts[:cut] + [num_words]
         i = bisect.bisect_left(candidates, target)
-        near = [c for c in candidates[max(0, i - 1): i + 1]]
+        near = candidates[max(0, i - 1): i + 1]
         return min(near, key=lambda c: (abs(c - target), c))
 
     def text(self, num_words: int, needles: Sequence[Needle] = ()) -> str:
