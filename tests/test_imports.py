@@ -19,6 +19,8 @@ ALLOWED: dict[str, set[str]] = {
     "runner": {"ops", "kv_cache", "sparse", "attention", "model"},
     "engine": {"ops", "kv_cache", "sparse", "attention", "model", "runner"},
     "entrypoints": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine"},
+    "eval": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine"},
+    "bench": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine", "eval"},
 }
 
 

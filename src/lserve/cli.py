@@ -1,4 +1,4 @@
-"""`lserve` command line: generate, chat.
+"""`lserve` command line: generate, chat, eval, bench.
 
 Engine flags are generated from the config dataclasses (`lserve.config`), so every `LLM(...)`
 argument is a flag with the same name and help, and none can drift. Errors caused by input
@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(chat)
     add_engine_flags(chat)
     chat.set_defaults(func=cmd_chat)
+
+    from lserve.bench.command import add_bench_parser
+    from lserve.eval.command import add_eval_parser
+
+    add_eval_parser(sub, add_engine_flags)
+    add_bench_parser(sub, add_engine_flags)
     return parser
 
 

