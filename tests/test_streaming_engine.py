@@ -94,3 +94,23 @@ def test_page_selection_with_a_small_budget_reads_fewer_pages(default_llm, patte
     assert both.streaming_head_fraction == 0.5
     # dense heads read 4 pages, streaming heads their 16 + 128-token window (about 10 pages)
     assert stats.decode_pages_read_fraction < both.decode_pages_read_fraction < 0.25
+
+
+def test_preemption_with_ring_pool_and_selection_matches_one_at_a_time(pattern_path: Path) -> None:
+    """Streaming heads in the ring, page selection, a pool too small for the batch: preempted
+    requests recompute into new pages (and maybe another seat) and give the same tokens.
+
+    Interval 1: a preempted request restarts its selection count when it decodes again, so with
+    a longer interval it would legitimately re-select on other steps than when run alone."""
+    tiny = _streaming_llm(pattern_path, page_size=16, num_kv_pages=48, max_num_batched_tokens=64,
+                          token_budget=64, selector_interval=1, num_dense_layers=1)
+    prompts = [LONG[:700], "Tell me about " + FILLER * 12, "Describe this: " + FILLER * 10, SHORT]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = [tiny.generate(p, greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    outs = tiny.generate(prompts, greedy, use_tqdm=False)
+    core = tiny.engine.core
+    assert core.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    core.scheduler.check_invariants()
+    assert core.kv_manager.num_free_pages == core.kv_manager.num_pages and not core.kv_manager.seats
+    assert core.runner.backend.selector.num_selections == {}
