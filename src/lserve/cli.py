@@ -1,4 +1,4 @@
-"""`lserve` command line: generate, chat.
+"""`lserve` command line: generate, chat, calibrate.
 
 Engine flags are generated from the config dataclasses (`lserve.config`), so every `LLM(...)`
 argument is a flag with the same name and help, and none can drift. Errors caused by input
@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(chat)
     add_engine_flags(chat)
     chat.set_defaults(func=cmd_chat)
+
+    from lserve.calibration.cli import add_calibrate_parser
+
+    add_calibrate_parser(sub)
     return parser
 
 
