@@ -154,7 +154,7 @@ class Calibrator:
         with torch.no_grad():
             self.gates.clamp_(0.0, 1.0)
         return {"loss": loss.item(), "distill": distill.item(), "reg": reg.item(), "lr": lr,
-                "mean_gate": float(self.gates.mean()), "tokens": len(self.samples[idx].input_ids)}
+                "mean_gate": self.gates.detach().mean().item(), "tokens": len(self.samples[idx].input_ids)}
 
 
 def calibrate(cfg: CalibrationConfig, show_progress: bool = True) -> CalibrationResult:
