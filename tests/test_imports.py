@@ -18,6 +18,8 @@ ALLOWED: dict[str, set[str]] = {
     "attention": {"ops", "kv_cache", "sparse"},
     "runner": {"ops", "kv_cache", "sparse", "attention", "model"},
     "engine": {"ops", "kv_cache", "sparse", "attention", "model", "runner"},
+    # offline tool beside the engine: runs the bare model with its own attention callables
+    "calibration": {"model", "sparse", "engine"},
 }
 
 
