@@ -20,9 +20,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests/passkey.py
 
-from lserve import LLM, SamplingParams  # noqa: E402
-from lserve.sparse.patterns import HeadPattern, load_pattern, save_pattern  # noqa: E402
-from tests.passkey import FILLER, passkey_messages  # noqa: E402
+from lserve import LLM, SamplingParams
+from lserve.sparse.patterns import HeadPattern, load_pattern, save_pattern
+from tests.passkey import FILLER, passkey_messages
 
 
 def prompts(llm: LLM, lengths: list[int], samples: int) -> list[tuple[list[dict[str, str]], str, int]]:
@@ -64,8 +64,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.random_seed)
     random_path = save_pattern(HeadPattern(torch.rand(shape, generator=gen), {"method": "random gates"}),
                                tmp / "random.json")
-    sparse = dict(streaming_sparsity=args.sparsity, prefill_sink_tokens=args.sink, prefill_local_tokens=args.local,
-                  decode_sink_tokens=args.sink, decode_local_tokens=args.local)
+    sparse = {"streaming_sparsity": args.sparsity, "prefill_sink_tokens": args.sink, "prefill_local_tokens": args.local,
+              "decode_sink_tokens": args.sink, "decode_local_tokens": args.local}
     configs = {"calibrated": dict(sparse, attn_pattern=str(args.pattern)),
                "random": dict(sparse, attn_pattern=str(random_path))}
     if not args.skip_dense:

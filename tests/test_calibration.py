@@ -6,6 +6,7 @@ Tiny random Llama models on the CPU in float32; the data tests use the default m
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -14,13 +15,24 @@ import torch
 
 from lserve.calibration.config import CalibrationConfig, spread
 from lserve.calibration.data import PasskeySample, make_dataset
-from lserve.calibration.gated import GatedAttention, dense_attention, final_hidden, streaming_attention
+from lserve.calibration.gated import (
+    GatedAttention,
+    dense_attention,
+    final_hidden,
+    streaming_attention,
+)
 from lserve.calibration.train import Calibrator, lr_factor
 from lserve.cli import main
 from lserve.model.llama import LlamaForCausalLM
 from lserve.ops.reference import attend_ref, visibility_mask
 from lserve.sparse.patterns import load_pattern
-from tests.helpers_models import hf_config, hf_model, load_lserve, save_hf, sdpa_attention
+from tests.helpers_models import (
+    hf_config,
+    hf_model,
+    load_lserve,
+    save_hf,
+    sdpa_attention,
+)
 
 SINK, LOCAL = 4, 16
 
@@ -174,7 +186,7 @@ def test_lr_schedule_warms_up_stays_flat_and_decays() -> None:
     assert factors[0] == pytest.approx(0.05) and factors[19] == 1.0
     assert set(factors[20:80]) == {1.0}
     assert factors[80] == 1.0 and factors[99] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(factors[80:], factors[81:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(factors[80:]))
     assert lr_factor(0, 1) == 1.0
 
 

@@ -35,6 +35,7 @@ from lserve.errors import LServeError
 from lserve.model.llama import LlamaForCausalLM
 from lserve.sparse.patterns import DUO_FILE, HeadPattern, save_pattern
 
+
 @dataclass(frozen=True)
 class CalibrationResult:
     pattern_path: Path
@@ -94,6 +95,7 @@ def _write_tsv(gates: torch.Tensor, path: Path) -> None:
 
 
 def gate_summary(gates: torch.Tensor) -> dict[str, float]:
+    """Distribution of the gates for config.json and the docs (DuoAttention reports > 0.95 and < 0.05)."""
     g = gates.detach().float().flatten()
     return {"mean": round(float(g.mean()), 4), "median": round(float(g.median()), 4),
             "frac_above_0.95": round(float((g > 0.95).float().mean()), 4),
@@ -163,12 +165,12 @@ def calibrate(cfg: CalibrationConfig, show_progress: bool = True) -> Calibration
     from lserve.model.loader import load_model, read_arch_config, resolve_source
 
     started = time.time()
-    out = prepare_output(cfg.output)
     source = resolve_source(cfg.model, cfg.load_format)
     arch, rope_factors = read_arch_config(source)
     limit = arch.max_position_embeddings
     if max(cfg.context_lengths) > limit:
         raise LServeError(f"context length {max(cfg.context_lengths)} is over the model's limit of {limit} tokens")
+    out = prepare_output(cfg.output)
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     tokenizer = load_tokenizer(source)
     if tokenizer is None:
