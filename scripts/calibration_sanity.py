@@ -38,7 +38,7 @@ def prompts(llm: LLM, lengths: list[int], samples: int) -> list[tuple[list[dict[
 
 
 def accuracy(llm: LLM, cases: list[tuple[list[dict[str, str]], str, int]]) -> dict[int, tuple[int, int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=8)
+    params = SamplingParams(temperature=0.0, max_tokens=16)  # "The pass key is 12345." is ~11 tokens
     outs = llm.chat([c[0] for c in cases], params, use_tqdm=False)
     score: dict[int, tuple[int, int]] = {}
     for (_, key, n), out in zip(cases, outs, strict=True):
