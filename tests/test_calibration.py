@@ -40,7 +40,9 @@ SINK, LOCAL = 4, 16
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> LlamaForCausalLM:
     folder = save_hf(hf_model(hf_config(max_position_embeddings=1024)), tmp_path_factory.mktemp("tiny"))
-    return load_lserve(folder)
+    model = load_lserve(folder)
+    model.requires_grad_(False)  # frozen, as calibration keeps it; tests that need fresh weights copy it
+    return model
 
 
 def _reference_attention(streaming: bool):
@@ -107,11 +109,14 @@ def test_mixed_gates_mix_per_kv_head(tiny: LlamaForCausalLM) -> None:
 
 def test_layer_checkpointing_gives_the_same_hidden_states_and_gradients(tiny: LlamaForCausalLM) -> None:
     ids = _ids(70, seed=2)
-    grads = []
+    hidden, grads = [], []
     for ckpt in (False, True):
         gates = torch.full((2, 2), 0.5, requires_grad=True)
-        final_hidden(tiny, ids, GatedAttention(gates, SINK, LOCAL), checkpoint_layers=ckpt)[-5:].square().sum().backward()
+        h = final_hidden(tiny, ids, GatedAttention(gates, SINK, LOCAL), checkpoint_layers=ckpt)
+        h[-5:].square().sum().backward()
+        hidden.append(h.detach())
         grads.append(gates.grad)
+    torch.testing.assert_close(hidden[0], hidden[1], atol=0, rtol=0)
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[0].abs().min() > 0
 
