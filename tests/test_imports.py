@@ -21,6 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "entrypoints": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine"},
     "eval": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine"},
     "bench": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine", "eval"},
+    # offline tool beside the engine: runs the bare model with its own attention callables
+    "calibration": {"model", "sparse", "engine"},
 }
 
 

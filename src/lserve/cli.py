@@ -1,4 +1,4 @@
-"""`lserve` command line: generate, chat, eval, bench.
+"""`lserve` command line: generate, chat, serve, eval, bench, calibrate.
 
 Engine flags are generated from the config dataclasses (`lserve.config`), so every `LLM(...)`
 argument is a flag with the same name and help, and none can drift. Errors caused by input
@@ -108,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     from lserve.bench.command import add_bench_parser
+    from lserve.calibration.cli import add_calibrate_parser
     from lserve.eval.command import add_eval_parser
 
     add_eval_parser(sub, add_engine_flags)
     add_bench_parser(sub, add_engine_flags)
+    add_calibrate_parser(sub)
     return parser
 
 
