@@ -100,9 +100,10 @@ def test_length_over_the_model_limit_is_one_line(tmp_path: Path, capsys: pytest.
     (["--task", "niah", "--haystack-file", "/nonexistent/x.txt"], "does not exist"),
     (["--task", "passkey", "--base-url", "ftp://x"], "bad --base-url"),
     (["--task", "passkey", "--lengths", "20"], "too short for the passkey prompt"),
+    (["--task", "passkey", "--output-dir", "/proc/no/such"], "cannot create --output-dir /proc/no/such"),
 ])
 def test_bad_input_is_one_line(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["eval", *args, "--output-dir", str(tmp_path)])
+    rc = main(["eval", "--output-dir", str(tmp_path), *args])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     lines = _error_lines(err)
@@ -156,3 +157,14 @@ def test_unreachable_server_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     lines = _error_lines(err)
     assert rc == 1 and len(lines) == 1 and "cannot get the model name from http://127.0.0.1:9/v1/models" in lines[0]
+
+
+def test_help_lists_the_tools(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, flags in (("eval", ("--task", "--compare", "--base-url", "--depths", "--streaming-sparsity")),
+                           ("bench", ("--dummy-config", "--input-len", "--max-concurrency", "--compare"))):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        for flag in flags:
+            assert flag in out, (command, flag)

@@ -83,6 +83,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.num_warmups < 0:
         raise ValueError(f"--num-warmups must be >= 0, got {args.num_warmups}")
     base = _base_kwargs(args)
+    if args.output_json is not None:  # fail now rather than after a long run
+        try:
+            args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cannot create the folder of --output-json {args.output_json}: {exc}") from exc
     if args.base_url:
         return _run_server(args, base, inputs, outputs)
     return _run_offline(args, base, inputs, outputs, batches)
