@@ -52,3 +52,13 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id,
         )
     return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def lserve_server():
+    """One `lserve serve` process (default model, CPU) shared by the server tests; stopped at the end."""
+    from tests.server_helpers import DEFAULT_ARGS, RemoteServer
+
+    server = RemoteServer(*DEFAULT_ARGS)
+    yield server
+    server.stop()

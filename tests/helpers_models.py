@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lserve.model.loader import load_model, read_arch_config, resolve_source
 from lserve.model.llama import LlamaForCausalLM
+from lserve.model.loader import load_model, read_arch_config, resolve_source
 
 TINY = dict(
     hidden_size=64,

@@ -58,8 +58,8 @@ def test_unknown_architecture(tmp_path: Path) -> None:
     _one_line_error(run_cli("generate", "--prompt", "hi", "--model", str(tmp_path)), "unsupported architecture")
 
 
-def test_not_yet_supported_sparsity() -> None:
-    _one_line_error(run_cli("generate", "--prompt", "hi", "--token-budget", "512"), "not implemented")
+def test_token_budget_below_two_pages() -> None:
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--token-budget", "100"), "token_budget")
 
 
 def test_streaming_without_a_pattern() -> None:

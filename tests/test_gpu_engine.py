@@ -28,3 +28,34 @@ def test_triton_backend_runs_the_engine(tmp_path: Path) -> None:
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [20] * 4
     assert core.kv_manager.num_free_pages == core.kv_manager.num_pages
+
+
+@pytest.mark.parametrize("sparse", ["dense", "static+dynamic"])
+def test_cuda_graph_decode_gives_the_eager_tokens(tmp_path: Path, sparse: str) -> None:
+    """Captured decode graphs (buckets with padded rows, every selector mode) change no token."""
+    import torch
+
+    from lserve.sparse.patterns import HeadPattern, save_pattern
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    kw: dict = {}
+    if sparse != "dense":
+        pattern = save_pattern(HeadPattern(torch.rand((4, 2), generator=torch.Generator().manual_seed(0)), {}),
+                               tmp_path / "p.json")
+        kw = dict(streaming_sparsity=0.5, attn_pattern=str(pattern), decode_sink_tokens=16, decode_local_tokens=64,
+                  prefill_sink_tokens=16, prefill_local_tokens=128, token_budget=256, page_size=32,
+                  selector_interval=3)
+    prompts = [[(7 * i + j) % 900 + 10 for j in range(n)] for i, n in enumerate((5, 700, 129, 1500, 300))]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    outs = {}
+    for eager in (True, False):
+        llm = LLM(str(tmp_path), load_format="dummy", dtype="float32", num_kv_pages=300,
+                  max_num_batched_tokens=512, max_num_seqs=8, enforce_eager=eager, **kw)
+        outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        graphs = llm.engine.core.runner.graphs
+        assert (graphs is None) == eager
+        if not eager:
+            modes = {m for _, m in graphs._graphs}
+            assert modes == {"none"} if sparse == "dense" else {"reuse", "select"} <= modes
+            assert len({b for b, _ in graphs._graphs}) > 1  # several buckets, padded rows included
+    assert outs[False] == outs[True]

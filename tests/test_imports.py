@@ -18,8 +18,11 @@ ALLOWED: dict[str, set[str]] = {
     "attention": {"ops", "kv_cache", "sparse"},
     "runner": {"ops", "kv_cache", "sparse", "attention", "model"},
     "engine": {"ops", "kv_cache", "sparse", "attention", "model", "runner"},
+    "entrypoints": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine"},
     "eval": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine"},
     "bench": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine", "eval"},
+    # offline tool beside the engine: runs the bare model with its own attention callables
+    "calibration": {"model", "sparse", "engine"},
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lserve import LLM, LServeError, NotSupportedError, RequestRejected, SamplingParams
+from lserve import LLM, RequestRejected, SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -116,11 +116,9 @@ def test_request_that_can_never_fit_is_rejected_not_hung() -> None:
     assert _all_pages_free(llm)
 
 
-def test_sparse_settings_not_yet_supported_fail_loudly() -> None:
-    with pytest.raises(LServeError, match="needs a head pattern"):
-        LLM(streaming_sparsity=0.5)  # no calibrated pattern ships for the default model yet
-    with pytest.raises(NotSupportedError, match="token_budget"):
-        LLM(token_budget=4096)
+def test_bad_sparse_settings_fail_loudly() -> None:
+    with pytest.raises(ValueError, match="token_budget"):
+        LLM(token_budget=100, page_size=64)  # less than two pages
     with pytest.raises(ValueError, match="streaming_sparsity"):
         LLM(streaming_sparsity=2.0)
     with pytest.raises(TypeError, match="did you mean"):

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from lserve.sparse.patterns import (
-    DUO_FILE, HeadPattern, PatternError, binarize, load_pattern, save_pattern, shipped_pattern,
+    DUO_FILE,
+    HeadPattern,
+    PatternError,
+    binarize,
+    load_pattern,
+    save_pattern,
+    shipped_pattern,
 )
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lserve import LLM, SamplingParams
+from lserve.kv_cache.layout import KVShape
 from lserve.sparse.patterns import HeadPattern, save_pattern
 from tests.passkey import FILLER
 
@@ -53,3 +54,63 @@ def test_chunked_prefill_across_the_window_matches_one_chunk(pattern_path: Path)
     whole = _streaming_llm(pattern_path).generate(LONG, greedy, use_tqdm=False)[0]
     chunked = _streaming_llm(pattern_path, max_num_batched_tokens=48).generate(LONG, greedy, use_tqdm=False)[0]
     assert chunked.outputs[0].token_ids == whole.outputs[0].token_ids
+
+
+def test_ring_pool_memory_per_sequence_is_constant(pattern_path: Path) -> None:
+    llm = _streaming_llm(pattern_path, max_num_batched_tokens=64, page_size=16)
+    core = llm.engine.core
+    dense_page = KVShape(30, 3, 64, 16, torch.float32).bytes_per_page
+    assert core.kv_cache.shape.bytes_per_page == dense_page // 2  # half of the KV heads left the paged pool
+    ring = core.kv_bytes_per_sequence(4000) - 250 * core.kv_cache.shape.bytes_per_page
+    assert ring == core.kv_bytes_per_sequence(8000) - 500 * core.kv_cache.shape.bytes_per_page > 0
+    assert core.kv_cache.ring_geometry.pages_per_seq * 16 < 400  # sink + local + chunk, not the context
+    out = llm.generate(LONG, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
+    assert core.kv_manager.num_free_pages == core.kv_manager.num_pages and not core.kv_manager.seats
+
+
+def test_page_selection_with_a_budget_over_the_context_is_dense(default_llm) -> None:
+    llm = LLM(dtype="float32", device="cpu", page_size=16, token_budget=4096)
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    dense = default_llm.generate([SHORT, LONG], greedy, use_tqdm=False)
+    sparse = llm.generate([SHORT, LONG], greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in sparse] == [o.outputs[0].token_ids for o in dense]
+    assert llm.llm_engine.get_stats().decode_pages_read_fraction == 1.0
+
+
+def test_page_selection_with_a_small_budget_reads_fewer_pages(default_llm, pattern_path: Path) -> None:
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    dense = default_llm.generate(LONG, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    llm = LLM(dtype="float32", device="cpu", page_size=16, token_budget=64, selector_interval=4)
+    out = llm.generate(LONG, greedy, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids != dense  # 4 of ~40 pages: not silently dense
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_decode_steps == 11 and 0.05 < stats.decode_pages_read_fraction < 0.25
+    # 11 decode steps, re-selected on the request's steps 0, 4 and 8
+    assert llm.engine.core.runner.backend.selector.num_selections == {}  # forgotten when finished
+    combined = _streaming_llm(pattern_path, page_size=16, token_budget=64)
+    combined.generate(LONG, greedy, use_tqdm=False)
+    both = combined.llm_engine.get_stats()
+    assert both.streaming_head_fraction == 0.5
+    # dense heads read 4 pages, streaming heads their 16 + 128-token window (about 10 pages)
+    assert stats.decode_pages_read_fraction < both.decode_pages_read_fraction < 0.25
+
+
+def test_preemption_with_ring_pool_and_selection_matches_one_at_a_time(pattern_path: Path) -> None:
+    """Streaming heads in the ring, page selection, a pool too small for the batch: preempted
+    requests recompute into new pages (and maybe another seat) and give the same tokens.
+
+    Interval 1: a preempted request restarts its selection count when it decodes again, so with
+    a longer interval it would legitimately re-select on other steps than when run alone."""
+    tiny = _streaming_llm(pattern_path, page_size=16, num_kv_pages=48, max_num_batched_tokens=64,
+                          token_budget=64, selector_interval=1, num_dense_layers=1)
+    prompts = [LONG[:700], "Tell me about " + FILLER * 12, "Describe this: " + FILLER * 10, SHORT]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = [tiny.generate(p, greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    outs = tiny.generate(prompts, greedy, use_tqdm=False)
+    core = tiny.engine.core
+    assert core.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    core.scheduler.check_invariants()
+    assert core.kv_manager.num_free_pages == core.kv_manager.num_pages and not core.kv_manager.seats
+    assert core.runner.backend.selector.num_selections == {}

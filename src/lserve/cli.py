@@ -1,4 +1,4 @@
-"""`lserve` command line: generate, chat, eval, bench.
+"""`lserve` command line: generate, chat, serve, eval, bench, calibrate.
 
 Engine flags are generated from the config dataclasses (`lserve.config`), so every `LLM(...)`
 argument is a flag with the same name and help, and none can drift. Errors caused by input
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lserve.config import GROUPS, EngineConfig, engine_fields
+from lserve.entrypoints.openai.cli_args import add_serve_parser
 from lserve.errors import LServeError
 
 EXIT_USAGE = 2
@@ -45,8 +46,14 @@ def add_engine_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) 
     for _, f in engine_fields():
         if f.name in skip:
             continue
-        conv, choices = _flag_type(hints[f.name])
         default = f.default
+        if hints[f.name] is bool:
+            group.add_argument(
+                "--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS, help=f.metadata.get("help", "") + f" (default: {default})",
+            )
+            continue
+        conv, choices = _flag_type(hints[f.name])
         help_text = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
         group.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, type=conv, choices=choices,
@@ -83,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_serve_parser(sub, add_engine_flags, engine_kwargs)
 
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     src = gen.add_mutually_exclusive_group(required=True)
@@ -100,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     from lserve.bench.command import add_bench_parser
+    from lserve.calibration.cli import add_calibrate_parser
     from lserve.eval.command import add_eval_parser
 
     add_eval_parser(sub, add_engine_flags)
     add_bench_parser(sub, add_engine_flags)
+    add_calibrate_parser(sub)
     return parser
 
 

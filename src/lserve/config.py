@@ -46,8 +46,11 @@ class ModelConfig:
     max_model_len: int | None = _field(None, "longest prompt + output in tokens (default: the model's)")
     device: Device = _field("auto", "cpu, cuda or auto (cuda when available)")
     seed: int = _field(0, "seed for dummy weights and for requests without their own seed")
+    enforce_eager: bool = _field(False, "run decode steps without CUDA graphs (graphs are used on CUDA only)")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         _check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         _check_choice("load_format", self.load_format, ("auto", "hf", "gguf", "dummy"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
@@ -104,6 +107,7 @@ class SparseConfig:
     token_budget: int = _field(0, "dense heads in decode: tokens of selected KV pages (0 = off)")
     logical_page_size: int = _field(16, "tokens per logical page for page statistics")
     selector_interval: int = _field(4, "decode steps between page re-selections")
+    num_dense_layers: int = _field(2, "with token_budget: the first N layers read every page (as Quest)")
 
     def __post_init__(self) -> None:
         s = self.streaming_sparsity
@@ -113,6 +117,7 @@ class SparseConfig:
             _check_int(name, getattr(self, name), 1)
         _check_int("token_budget", self.token_budget, 0)
         _check_int("selector_interval", self.selector_interval, 1)
+        _check_int("num_dense_layers", self.num_dense_layers, 0)
         lps = self.logical_page_size
         if isinstance(lps, bool) or not isinstance(lps, int) or lps < 1 or lps & (lps - 1):
             raise ValueError(f"logical_page_size must be a power of two, got {lps!r}")
@@ -140,6 +145,12 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check_choice("attention_backend", self.attention_backend, ("auto", "torch", "triton"))
+        budget = self.sparse.token_budget
+        if budget and budget < 2 * self.cache.page_size:
+            raise ValueError(
+                f"token_budget ({budget}) must be 0 (off) or at least two pages ({2 * self.cache.page_size} "
+                f"tokens at page_size {self.cache.page_size}): the newest page plus one selected page"
+            )
         if self.sparse.logical_page_size > self.cache.page_size:
             raise ValueError(
                 f"logical_page_size ({self.sparse.logical_page_size}) must not exceed "

@@ -41,6 +41,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     error: str | None = None
+    decode_pages_read: int = 0
+    """KV pages (over layers and KV heads) its decode steps read; see `decode_pages_dense`."""
+    decode_pages_dense: int = 0
+    """The pages the same decode steps would read with dense attention."""
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -53,6 +57,15 @@ class Request:
     @property
     def num_pending_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Tokens start..stop-1 of prompt + output, without building the whole list."""
+        n = len(self.prompt_token_ids)
+        if stop <= n:
+            return self.prompt_token_ids[start:stop]
+        if start >= n:
+            return self.output_token_ids[start - n : stop - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - n]
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,44 +1,245 @@
-"""The attention backend interface and the registry of backends."""
+"""The attention backend interface and the registry of backends.
+
+A backend is built once per engine around the KV cache. Per layer it writes the step's K/V and
+attends, pool by pool: the paged pool holds the dense heads (or every head when there is no ring
+pool), the ring pool the streaming heads. Subclasses provide the three primitives (`_write`,
+`_decode`, `_prefill`) over one pool; this class routes heads to pools, applies the windows of
+streaming heads and the page lists of the page selector, and counts the pages decode reads.
+"""
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
 from lserve.attention.metadata import AttentionMetadata
+from lserve.attention.page_selector import PageSelector, cdiv
 from lserve.attention.sparsity import HeadSparsity
 from lserve.errors import NotSupportedError
-from lserve.kv_cache.layout import KVCacheTensors
+from lserve.kv_cache.layout import KVCache, KVCacheTensors
+
+
+@dataclass(frozen=True)
+class PoolCall:
+    """One pool's part of a layer: its tensors, tables and head routing."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    k_min: torch.Tensor | None
+    k_max: torch.Tensor | None
+    page_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    kv_heads: torch.Tensor | None
+    """The model's KV heads in this pool, in pool order; None: all of them, in order."""
+    q_heads: torch.Tensor | None
+    streaming: torch.Tensor | None
+    """(pool heads,) bool: heads that apply the Λ windows (None: none)."""
+    ring: bool = False
+    """The ring pool (streaming heads only: no page lists, no statistics)."""
+
+
+@dataclass(frozen=True)
+class StepPageCounts:
+    """KV pages the step's decode rows read, and what dense attention would read (per row)."""
+
+    read: tuple[int, ...]
+    dense: tuple[int, ...]
 
 
 class AttentionBackend(ABC):
-    """Writes the new tokens' K/V into the paged cache and attends over it.
+    """Writes the new tokens' K/V into the KV cache and attends over it.
 
-    A backend is built once per engine around the KV tensors; each step the runner plans an
-    `AttentionMetadata` and every layer calls `forward` with it.
+    A backend is built once per engine around the KV cache; each step the runner plans an
+    `AttentionMetadata`, calls `prepare` once, and every layer calls `forward` with it.
     """
 
     name: str = ""
+    decode_split_len: int | None = None
+    """Length a backend with split-K decode chooses its split count for (None: the step's longest
+    sequence). The engine sets max_model_len, so eager steps and captured graphs split, and so
+    round, identically."""
 
     def __init__(
-        self, kv: KVCacheTensors, num_heads: int, scale: float, sparsity: HeadSparsity | None = None
+        self,
+        kv: KVCache | KVCacheTensors,
+        num_heads: int,
+        scale: float,
+        sparsity: HeadSparsity | None = None,
+        selector: PageSelector | None = None,
     ) -> None:
-        self.kv = kv
+        self.cache = kv if isinstance(kv, KVCache) else KVCache(kv)
+        self.kv = self.cache.paged
         self.num_heads = num_heads
         self.scale = scale
         self.sparsity = sparsity
-        self._streaming = [sparsity.layer(i) if sparsity else None for i in range(kv.shape.num_layers)]
+        self.selector = selector
+        self.last_page_counts = StepPageCounts((), ())
+        shape = self.cache.shape
+        self.num_kv_heads = len(self.cache.dense_heads[0]) + len(self.cache.streaming_heads[0])
+        self._group = num_heads // self.num_kv_heads
+        device = self.kv.k[0].device
+        self._streaming = [sparsity.layer(i) if sparsity else None for i in range(shape.num_layers)]
+        self._routes: list[tuple[tuple[torch.Tensor, torch.Tensor] | None, tuple[torch.Tensor, torch.Tensor] | None]] = []
+        for layer in range(shape.num_layers):
+            dense, stream = self.cache.dense_heads[layer], self.cache.streaming_heads[layer]
+            self._routes.append((
+                self._head_index(dense, device) if stream and dense else None,
+                self._head_index(stream, device) if stream else None,
+            ))
+        self._num_streaming = [int(f.sum()) if f is not None else 0 for f in self._streaming]
+        # int8: the kernels' flag type (a bool tensor would be converted on every call)
+        self._ring_flags = [
+            torch.ones(len(h), dtype=torch.int8, device=device) for h in self.cache.streaming_heads
+        ]
 
-    def prepare(self, md: AttentionMetadata) -> None:  # noqa: B027 (optional hook)
+    def _head_index(self, kv_heads: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = torch.tensor(kv_heads, dtype=torch.long, device=device)
+        q = (kv[:, None] * self._group + torch.arange(self._group, device=device)[None, :]).reshape(-1)
+        return kv, q
+
+    # ---- per step --------------------------------------------------------------------------
+
+    def prepare(self, md: AttentionMetadata) -> None:
         """Per-step planning shared by every layer (called once per step, before the model runs)."""
+        if self.selector is not None:
+            self.selector.prepare(md)
+        self.last_page_counts = self._count_pages(md)
 
-    @abstractmethod
+    def _count_pages(self, md: AttentionMetadata) -> StepPageCounts:
+        nd = md.num_decodes
+        if nd == 0:
+            return StepPageCounts((), ())
+        page = md.page_size
+        sp = self.sparsity
+        read, dense = [], []
+        selector = self.selector if self.selector is not None and self.selector.plan is not None else None
+        # head counts summed over layers: streaming heads, dense heads in selecting / other layers
+        n_stream = n_dense_sel = n_dense_all = 0
+        for layer, stream in enumerate(self._num_streaming):
+            n_stream += stream
+            if selector is not None and selector.layer_selects(layer):
+                n_dense_sel += self.num_kv_heads - stream
+            else:
+                n_dense_all += self.num_kv_heads - stream
+        for row in range(nd):
+            length = md.seq_lens_cpu[row]
+            n = cdiv(length, page)
+            window = n
+            if sp is not None:
+                sink_pages = cdiv(min(sp.decode_sink, length), page)
+                first_local = max(length - sp.decode_local, 0) // page
+                window = n if first_local <= sink_pages else sink_pages + n - first_local
+            listed = selector.pages_read(row) if selector is not None and n_dense_sel else n
+            read.append(n_dense_sel * listed + n_dense_all * n + n_stream * window)
+            dense.append(n * self.num_kv_heads * len(self._streaming))
+        return StepPageCounts(tuple(read), tuple(dense))
+
+    # ---- per layer -------------------------------------------------------------------------
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, md: AttentionMetadata
     ) -> torch.Tensor:
         """q (T, Hq, D), k and v (T, Hkv, D) of this step's tokens -> output (T, Hq, D)."""
+        if layer_idx == 0:
+            self._begin_forward()
+        paged = self.cache.paged
+        k_min = paged.k_min[layer_idx] if paged.k_min is not None else None
+        k_max = paged.k_max[layer_idx] if paged.k_max is not None else None
+        dense_route, stream_route = self._routes[layer_idx]
+        if self.cache.ring is None or stream_route is None:  # one pool holds every head of this layer
+            call = PoolCall(paged.k[layer_idx], paged.v[layer_idx], k_min, k_max, md.page_table, md.slot_mapping,
+                            None, None, self._streaming[layer_idx])
+            return self._attend(call, q, k, v, layer_idx, md)
+        out = torch.empty_like(q)
+        ring = self.cache.ring
+        assert md.ring_page_table is not None and md.ring_slot_mapping is not None, "the step has no ring tables"
+        calls = [PoolCall(ring.k[layer_idx], ring.v[layer_idx], None, None, md.ring_page_table,
+                          md.ring_slot_mapping, stream_route[0], stream_route[1], self._ring_flags[layer_idx],
+                          ring=True)]
+        if dense_route is not None:
+            calls.append(PoolCall(paged.k[layer_idx], paged.v[layer_idx], k_min, k_max, md.page_table,
+                                  md.slot_mapping, dense_route[0], dense_route[1], None))
+        for call in calls:
+            assert call.kv_heads is not None and call.q_heads is not None
+            out[:, call.q_heads] = self._attend(
+                call, q[:, call.q_heads], k[:, call.kv_heads], v[:, call.kv_heads], layer_idx, md
+            )
+        return out
+
+    def _begin_forward(self) -> None:
+        """Drop tensors shared by the layers of the previous forward (a captured graph must build its own)."""
+        self._forward_cache: dict[str, object] = {}
+        if self.selector is not None:
+            self.selector.begin_forward()
+
+    def _attend(
+        self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata
+    ) -> torch.Tensor:
+        self._write(call, k.contiguous(), v.contiguous(), md)
+        out = torch.empty_like(q)
+        nd = md.num_decodes
+        if nd:
+            lists = self._page_lists(call, q[:nd], layer, md)
+            out[:nd] = self._decode(call, q[:nd], md, lists)
+        if md.num_prefills:
+            self._prefill(call, q, k, v, md, out)
+        return out
+
+    def _page_lists(
+        self, call: PoolCall, q: torch.Tensor, layer: int, md: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Decode page lists of this pool's heads: explicit ones in the metadata, else the selector's."""
+        if call.ring:
+            return None  # streaming heads read their windows
+        if md.decode_page_list is not None and md.decode_page_list_len is not None:
+            if call.kv_heads is None:
+                return md.decode_page_list, md.decode_page_list_len
+            return md.decode_page_list[:, call.kv_heads].contiguous(), md.decode_page_list_len[:, call.kv_heads].contiguous()
+        if self.selector is None or call.k_min is None or call.k_max is None:
+            return None
+        k_min, k_max = call.k_min, call.k_max
+        nd = md.num_decodes
+
+        def scores() -> torch.Tensor:
+            return self._page_scores(q, k_min, k_max, md.page_table[:nd], md.seq_lens[:nd], md.page_size)
+
+        return self.selector.select(layer, nd, scores)
+
+    # ---- what a backend implements ---------------------------------------------------------
+
+    @abstractmethod
+    def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> None:
+        """Scatter the step's k, v (T, pool heads, D) into the pool (and update its key statistics)."""
+
+    @abstractmethod
+    def _decode(
+        self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata, lists: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """Attention of the decode rows' queries (nd, pool q heads, D) over the pool."""
+
+    @abstractmethod
+    def _prefill(
+        self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
+        out: torch.Tensor,
+    ) -> None:
+        """Attention of the prefill rows (after the decode rows in q) into `out`'s prefill rows."""
+
+    @abstractmethod
+    def _page_scores(
+        self, q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor, page_table: torch.Tensor,
+        seq_lens: torch.Tensor, page_size: int,
+    ) -> torch.Tensor:
+        """Quest page scores (nd, pool heads, P) of the decode queries."""
+
+    def windows(self, call: PoolCall, decode: bool) -> tuple[int, int]:
+        """(sink, local) for the streaming heads of `call`."""
+        sp = self.sparsity
+        if call.streaming is None or sp is None:
+            return 0, 0
+        return (sp.decode_sink, sp.decode_local) if decode else (sp.prefill_sink, sp.prefill_local)
 
 
 def resolve_backend_name(name: str, device: torch.device) -> str:
@@ -54,7 +255,12 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
 
 
 def create_backend(
-    name: str, kv: KVCacheTensors, num_heads: int, scale: float, sparsity: HeadSparsity | None = None
+    name: str,
+    kv: KVCache | KVCacheTensors,
+    num_heads: int,
+    scale: float,
+    sparsity: HeadSparsity | None = None,
+    selector: PageSelector | None = None,
 ) -> AttentionBackend:
     from lserve.attention.torch_backend import TorchAttentionBackend
 
@@ -63,4 +269,4 @@ def create_backend(
         from lserve.attention.triton_backend import TritonAttentionBackend
 
         backends["triton"] = TritonAttentionBackend
-    return backends[name](kv, num_heads, scale, sparsity)
+    return backends[name](kv, num_heads, scale, sparsity, selector)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lserve.kv_cache.layout import RingGeometry
+
 
 @dataclass(frozen=True)
 class AttentionMetadata:
@@ -35,10 +37,26 @@ class AttentionMetadata:
     dense heads of each decoding sequence read; None reads every page (dynamic sparsity off)."""
     decode_page_list_len: torch.Tensor | None = None
     """(num_decodes, Hkv) int32: entries used in each row of `decode_page_list`."""
+    seats: tuple[int, ...] = ()
+    """Each sequence's seat (its rows in per-request buffers), when the engine assigns seats."""
+    request_ids: tuple[str, ...] = ()
+    """Each sequence's request id, when known (per-request state such as page selections)."""
+    ring_page_table: torch.Tensor | None = None
+    """(num_seqs, max_pages) int32: for the ring pool, the ring page holding each logical page."""
+    ring_slot_mapping: torch.Tensor | None = None
+    """(num_tokens,) int64: ring-pool slot of every new token."""
 
     @property
     def num_prefills(self) -> int:
         return self.num_seqs - self.num_decodes
+
+
+def _slots(table: torch.Tensor, query_lens: list[int], seq_lens: list[int], page_size: int) -> torch.Tensor:
+    slots = []
+    for i, (qlen, slen) in enumerate(zip(query_lens, seq_lens)):
+        pos = torch.arange(slen - qlen, slen, dtype=torch.int64)
+        slots.append(table[i, pos // page_size].to(torch.int64) * page_size + pos % page_size)
+    return torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
 
 
 def build_metadata(
@@ -48,16 +66,28 @@ def build_metadata(
     num_decodes: int,
     page_size: int,
     device: torch.device,
+    seats: list[int] | None = None,
+    ring: RingGeometry | None = None,
+    request_ids: list[str] | None = None,
 ) -> AttentionMetadata:
-    """Pack host-side per-sequence lists into device tensors (one small copy per field)."""
+    """Pack host-side per-sequence lists into device tensors (one small copy per field).
+
+    With `ring` (and `seats`), also map every logical page to its ring page: seat s owns ring
+    pages s * pages_per_seq .. (s + 1) * pages_per_seq - 1.
+    """
     num_seqs = len(query_lens)
     max_pages = max((len(t) for t in page_tables), default=1) or 1
     table = torch.zeros((num_seqs, max_pages), dtype=torch.int32)
-    slots: list[torch.Tensor] = []
-    for i, (qlen, slen, pages) in enumerate(zip(query_lens, seq_lens, page_tables)):
+    for i, pages in enumerate(page_tables):
         table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        pos = torch.arange(slen - qlen, slen, dtype=torch.int64)
-        slots.append(table[i, pos // page_size].to(torch.int64) * page_size + pos % page_size)
+    ring_table = ring_slots = None
+    if ring is not None:
+        assert seats is not None, "a ring pool needs seats"
+        offsets = ring.logical_to_ring(max_pages)
+        base = torch.tensor(seats, dtype=torch.int32)[:, None] * ring.pages_per_seq
+        ring_table = base + offsets[None, :]
+        ring_slots = _slots(ring_table, query_lens, seq_lens, page_size).to(device)
+        ring_table = ring_table.to(device)
     starts = [0]
     for qlen in query_lens:
         starts.append(starts[-1] + qlen)
@@ -68,8 +98,12 @@ def build_metadata(
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         page_table=table.to(device),
-        slot_mapping=torch.cat(slots).to(device) if slots else torch.empty(0, dtype=torch.int64, device=device),
+        slot_mapping=_slots(table, query_lens, seq_lens, page_size).to(device),
         page_size=page_size,
         query_lens_cpu=tuple(query_lens),
         seq_lens_cpu=tuple(seq_lens),
+        seats=tuple(seats) if seats is not None else (),
+        request_ids=tuple(request_ids) if request_ids is not None else (),
+        ring_page_table=ring_table,
+        ring_slot_mapping=ring_slots,
     )

@@ -2,7 +2,7 @@
 
 Decodes are batched: their pages are gathered into one padded tensor and attended in one call.
 Prefill chunks go one sequence at a time: the chunk's queries see every cached token and,
-causally, each other.
+causally, each other. Key statistics and page scores for page selection are plain tensor ops.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lserve.attention.backend import AttentionBackend
+from lserve.attention.backend import AttentionBackend, PoolCall
 from lserve.attention.metadata import AttentionMetadata
 
 
@@ -49,25 +49,71 @@ def listed_pages_mask(page_list: torch.Tensor, page_len: torch.Tensor, page_size
     return allowed[:, :, :npages].repeat_interleave(page_size, dim=2)[:, :, :length]
 
 
+def update_key_stats(k_min: torch.Tensor, k_max: torch.Tensor, k: torch.Tensor, slots: torch.Tensor, logical: int) -> None:
+    """Channel-wise key min/max per logical page for new keys k (T, H, D) at `slots` (T,).
+
+    A logical page whose first slot is written in this batch starts afresh (whatever its
+    statistics held belonged to an earlier owner of the page); the others merge."""
+    rows = slots // logical
+    fresh = rows[slots % logical == 0]
+    if fresh.numel():
+        k_min.index_fill_(0, fresh, float("inf"))
+        k_max.index_fill_(0, fresh, float("-inf"))
+    idx = rows.view(-1, 1, 1).expand_as(k)
+    k_min.scatter_reduce_(0, idx, k.to(k_min.dtype), "amin", include_self=True)
+    k_max.scatter_reduce_(0, idx, k.to(k_max.dtype), "amax", include_self=True)
+
+
+def page_scores_torch(
+    q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
+    page_size: int, logical: int, aggregate: str = "max",
+) -> torch.Tensor:
+    """Quest scores as `ops.page_scores.page_scores`: q (B, Hq, D) -> (B, Hkv, P) float32, -inf past each sequence."""
+    bsz, hq, d = q.shape
+    hkv = k_min.shape[1]
+    sub = page_size // logical
+    width = page_table.shape[1]
+    rows = page_table.long()[:, :, None] * sub + torch.arange(sub, device=q.device)  # (B, P, sub)
+    kmax = k_max[rows].float()  # (B, P, sub, H, D)
+    kmin = k_min[rows].float()
+    qg = q.view(bsz, hkv, hq // hkv, d).float()
+    s = (torch.einsum("bhgd,bpshd->bhgps", qg.clamp(min=0), kmax)
+         + torch.einsum("bhgd,bpshd->bhgps", qg.clamp(max=0), kmin))
+    agg = s.amax(dim=2) if aggregate == "max" else s.sum(dim=2)  # (B, H, P, sub)
+    start = (torch.arange(width, device=q.device)[:, None] * page_size
+             + torch.arange(sub, device=q.device)[None, :] * logical)  # (P, sub)
+    valid = start[None] < seq_lens.view(-1, 1, 1)
+    return agg.masked_fill(~valid[:, None], float("-inf")).amax(dim=3)
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, md: AttentionMetadata
+    def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> None:
+        write_kv(call.k_cache, call.v_cache, k, v, call.slot_mapping)
+        if call.k_min is not None and call.k_max is not None:
+            logical = self.cache.paged.logical_page_size
+            assert logical is not None
+            update_key_stats(call.k_min, call.k_max, k, call.slot_mapping, logical)
+
+    def _page_scores(
+        self, q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor, page_table: torch.Tensor,
+        seq_lens: torch.Tensor, page_size: int,
     ) -> torch.Tensor:
-        k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
-        write_kv(k_cache, v_cache, k, v, md.slot_mapping)
-        streaming = self._streaming[layer_idx]
-        out = torch.empty_like(q)
-        if md.num_decodes:
-            out[: md.num_decodes] = self._decode(q[: md.num_decodes], k_cache, v_cache, md, streaming)
+        logical = self.cache.paged.logical_page_size
+        assert logical is not None and self.selector is not None
+        return page_scores_torch(q, k_min, k_max, page_table, seq_lens, page_size, logical, self.selector.aggregate)
+
+    def _prefill(
+        self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
+        out: torch.Tensor,
+    ) -> None:
         start = md.num_decodes
         for i in range(md.num_decodes, md.num_seqs):
             qlen, slen = md.query_lens_cpu[i], md.seq_lens_cpu[i]
             chunk = slice(start, start + qlen)
-            out[chunk] = self._prefill(q[chunk], k[chunk], v[chunk], k_cache, v_cache, md, i, slen, streaming)
+            out[chunk] = self._prefill_seq(call, q[chunk], k[chunk], v[chunk], md, i, slen)
             start += qlen
-        return out
 
     def _head_groups(self, streaming: torch.Tensor | None) -> list[tuple[bool, torch.Tensor | None]]:
         """[(is_streaming, KV head indices or None for all)]: one SDPA call per head kind."""
@@ -76,24 +122,19 @@ class TorchAttentionBackend(AttentionBackend):
         kv_heads = torch.arange(streaming.shape[0], device=streaming.device)
         return [(kind, kv_heads[streaming == kind]) for kind in (False, True) if bool((streaming == kind).any())]
 
-    def _q_heads(self, kv_idx: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-        group = self.num_heads // num_kv_heads
+    def _q_heads(self, kv_idx: torch.Tensor, num_kv_heads: int, num_q_heads: int) -> torch.Tensor:
+        group = num_q_heads // num_kv_heads
         return (kv_idx[:, None] * group + torch.arange(group, device=kv_idx.device)[None, :]).reshape(-1)
 
     def _decode(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        md: AttentionMetadata,
-        streaming: torch.Tensor | None,
+        self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata, lists: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
         n = md.num_decodes
         length = max(md.seq_lens_cpu[:n])
         npages = -(-length // md.page_size)
-        table = md.page_table[:n, :npages]
-        keys = gather_pages(k_cache, table, length)
-        values = gather_pages(v_cache, table, length)
+        table = call.page_table[:n, :npages]
+        keys = gather_pages(call.k_cache, table, length)
+        values = gather_pages(call.v_cache, table, length)
         pos = torch.arange(length, device=q.device)
         ragged = min(md.seq_lens_cpu[:n]) != length
         if ragged:
@@ -105,43 +146,35 @@ class TorchAttentionBackend(AttentionBackend):
                     keys[i, :, seq_len:] = 0
                     values[i, :, seq_len:] = 0
         valid = pos[None, :] < md.seq_lens[:n, None]  # (n, L)
-        lists = md.decode_page_list is not None
-        if streaming is None and not lists:  # plain dense decode: one call
+        streaming = call.streaming
+        if streaming is None and lists is None:  # plain dense decode: one call
             mask = valid.view(n, 1, 1, length) if ragged else None
             o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=self.scale,
                                                enable_gqa=True)
             return o.squeeze(2)
         out = torch.empty_like(q)
         hkv = keys.shape[1]
+        sink, local = self.windows(call, decode=True)
         for is_stream, kv_idx in self._head_groups(streaming):
             kv_idx = kv_idx if kv_idx is not None else torch.arange(hkv, device=q.device)
-            q_idx = self._q_heads(kv_idx, hkv)
+            q_idx = self._q_heads(kv_idx, hkv, q.shape[1])
             mask = valid[:, None, :]  # (n, 1, L)
             if is_stream:
                 last = (md.seq_lens[:n] - 1)[:, None]
-                win = (pos[None, :] < self.sparsity.decode_sink) | (last - pos[None, :] < self.sparsity.decode_local)
+                win = (pos[None, :] < sink) | (last - pos[None, :] < local)
                 mask = mask & win[:, None, :]
-            elif lists:
-                allowed = listed_pages_mask(md.decode_page_list[:, kv_idx], md.decode_page_list_len[:, kv_idx],
-                                            md.page_size, length)  # (n, h, L)
-                mask = mask & allowed
+            elif lists is not None:
+                allowed = listed_pages_mask(lists[0][:, kv_idx], lists[1][:, kv_idx], md.page_size, length)
+                mask = mask & allowed  # (n, h, L)
             mask = mask.repeat_interleave(len(q_idx) // mask.shape[1], dim=1)[:, :, None, :]
             o = F.scaled_dot_product_attention(q[:, q_idx].unsqueeze(2), keys[:, kv_idx], values[:, kv_idx],
                                                attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[:, q_idx] = o.squeeze(2).nan_to_num(0.0)  # a row with no listed key reads nothing
         return out
 
-    def _prefill(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        md: AttentionMetadata,
-        seq: int,
-        seq_len: int,
-        streaming: torch.Tensor | None,
+    def _prefill_seq(
+        self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
+        seq: int, seq_len: int,
     ) -> torch.Tensor:
         qlen = q.shape[0]
         qh = q.transpose(0, 1).unsqueeze(0)  # (1, Hq, qlen, D)
@@ -149,16 +182,17 @@ class TorchAttentionBackend(AttentionBackend):
             keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         else:
             npages = -(-seq_len // md.page_size)
-            table = md.page_table[seq : seq + 1, :npages]
-            keys = gather_pages(k_cache, table, seq_len)
-            values = gather_pages(v_cache, table, seq_len)
+            table = call.page_table[seq : seq + 1, :npages]
+            keys = gather_pages(call.k_cache, table, seq_len)
+            values = gather_pages(call.v_cache, table, seq_len)
         qpos = torch.arange(seq_len - qlen, seq_len, device=q.device)
         kpos = torch.arange(seq_len, device=q.device)
         hkv = keys.shape[1]
         out = torch.empty_like(qh)
-        for is_stream, kv_idx in self._head_groups(streaming):
+        sink, local = self.windows(call, decode=False)
+        for is_stream, kv_idx in self._head_groups(call.streaming):
             if is_stream:
-                mask = window_mask(qpos, kpos, self.sparsity.prefill_sink, self.sparsity.prefill_local)
+                mask = window_mask(qpos, kpos, sink, local)
                 causal = False
             else:
                 causal = qlen == seq_len  # SDPA's own causal mask is aligned to the first key
@@ -166,7 +200,7 @@ class TorchAttentionBackend(AttentionBackend):
             if kv_idx is None:
                 q_sel, k_sel, v_sel = qh, keys, values
             else:
-                q_idx = self._q_heads(kv_idx, hkv)
+                q_idx = self._q_heads(kv_idx, hkv, q.shape[1])
                 q_sel, k_sel, v_sel = qh[:, q_idx], keys[:, kv_idx], values[:, kv_idx]
             o = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, attn_mask=mask, is_causal=causal,
                                                scale=self.scale, enable_gqa=True)

@@ -1,19 +1,20 @@
 """Attention with lserve's Triton kernels: KV append, block-sparse prefill, split-K decode.
 
 The default backend on CUDA. Per step, `prepare` plans the prefill query tiles once; every layer
-then appends its K/V and runs the decode rows and the prefill rows of the flat batch.
+then, per pool, appends its K/V (and key statistics), selects decode pages, and runs the decode
+rows and the prefill rows of the flat batch.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lserve.attention.backend import AttentionBackend
+from lserve.attention.backend import AttentionBackend, PoolCall
 from lserve.attention.metadata import AttentionMetadata
-from lserve.ops.kv_append import kv_append
+from lserve.ops.kv_append import AppendSegments, kv_append, plan_segments
+from lserve.ops.page_scores import page_scores
 from lserve.ops.sparse_decode import sparse_decode
 from lserve.ops.sparse_prefill import PrefillTiles, plan_tiles, sparse_prefill
-
 
 # Tuned on an H200 (benchmarks/attention_kernels.py --sweep, head dim 128, bf16): on Hopper the
 # prefill reads K/V pages through tensor descriptors (the bulk copy engine), one page per KV tile;
@@ -39,35 +40,72 @@ class TritonAttentionBackend(AttentionBackend):
 
     _tiles: PrefillTiles | None = None
     _prefill_kw: dict | None = None
+    _segments: AppendSegments | None = None
 
     def prepare(self, md: AttentionMetadata) -> None:
+        super().prepare(md)
+        self._segments = None  # the paged pool's append segments, planned by the first layer
         device = md.seq_lens.device
         if self._prefill_kw is None:
             self._prefill_kw = prefill_config(device)
         prefill_lens = list(md.query_lens_cpu[md.num_decodes :])
         self._tiles = plan_tiles(prefill_lens, prefill_block_m(device), device, first_seq=md.num_decodes)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, md: AttentionMetadata
+    def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> None:
+        logical = self.cache.paged.logical_page_size or 16
+        segments = None
+        if call.k_min is not None:
+            # statistics work on runs of slots inside one logical page; a pure decode step has one
+            # token per sequence (no search, nothing read back: safe inside a CUDA graph)
+            if md.num_decodes == md.num_seqs:
+                segments = self._single_segments(call.slot_mapping, logical)
+            else:
+                if self._segments is None:
+                    self._segments = plan_segments(call.slot_mapping, logical)
+                segments = self._segments
+        kv_append(k, v, call.slot_mapping, call.k_cache, call.v_cache, call.k_min, call.k_max,
+                  segments=segments, logical_page_size=logical)
+
+    def _single_segments(self, slots: torch.Tensor, logical: int) -> AppendSegments:
+        """One segment per token, built once per forward (the paged pool's slots are the same for
+        every layer)."""
+        cache = getattr(self, "_forward_cache", None)
+        if cache is None:
+            return plan_segments(slots, logical, all_single=True)
+        if "segments" not in cache:
+            seg = plan_segments(slots, logical, all_single=True)
+            cache["segments"] = seg
+        return cache["segments"]  # type: ignore[return-value]
+
+    def _page_scores(
+        self, q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor, page_table: torch.Tensor,
+        seq_lens: torch.Tensor, page_size: int,
     ) -> torch.Tensor:
-        k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
-        kv_append(k, v, md.slot_mapping, k_cache, v_cache)
-        streaming = self._streaming[layer_idx]
-        sp = self.sparsity
-        out = torch.empty_like(q)
+        logical = self.cache.paged.logical_page_size
+        assert logical is not None and self.selector is not None
+        return page_scores(q.contiguous(), k_min, k_max, page_table, seq_lens, page_size, logical,
+                           self.selector.aggregate)
+
+    def _decode(
+        self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata, lists: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         nd = md.num_decodes
-        if nd:
-            out[:nd] = sparse_decode(
-                q[:nd], k_cache, v_cache, md.page_table[:nd], md.seq_lens[:nd], self.scale,
-                streaming_heads=streaming, sink=sp.decode_sink if sp else 0, local=sp.decode_local if sp else 0,
-                page_list=md.decode_page_list, page_list_len=md.decode_page_list_len,
-                max_seq_len=max(md.seq_lens_cpu[:nd]), **(GPU_DECODE if q.is_cuda else {}),
-            )
-        if md.num_prefills:
-            assert self._tiles is not None, "prepare() was not called for this step"
-            sparse_prefill(
-                q, k_cache, v_cache, md.page_table, md.seq_lens, md.query_start_loc, self._tiles, self.scale,
-                streaming_heads=streaming, sink=sp.prefill_sink if sp else 0, local=sp.prefill_local if sp else 0,
-                out=out, **(self._prefill_kw or {}),
-            )
-        return out
+        sink, local = self.windows(call, decode=True)
+        return sparse_decode(
+            q.contiguous(), call.k_cache, call.v_cache, call.page_table[:nd], md.seq_lens[:nd], self.scale,
+            streaming_heads=call.streaming, sink=sink, local=local,
+            page_list=lists[0] if lists else None, page_list_len=lists[1] if lists else None,
+            max_seq_len=self.decode_split_len or max(md.seq_lens_cpu[:nd]), **(GPU_DECODE if q.is_cuda else {}),
+        )
+
+    def _prefill(
+        self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
+        out: torch.Tensor,
+    ) -> None:
+        assert self._tiles is not None, "prepare() was not called for this step"
+        sink, local = self.windows(call, decode=False)
+        sparse_prefill(
+            q.contiguous(), call.k_cache, call.v_cache, call.page_table, md.seq_lens, md.query_start_loc,
+            self._tiles, self.scale, streaming_heads=call.streaming, sink=sink, local=local,
+            out=out, **(self._prefill_kw or {}),
+        )

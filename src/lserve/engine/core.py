@@ -12,16 +12,31 @@ from dataclasses import dataclass
 import torch
 
 from lserve.attention.backend import create_backend, resolve_backend_name
+from lserve.attention.page_selector import PageSelector
 from lserve.attention.sparsity import HeadSparsity
 from lserve.config import EngineConfig
 from lserve.engine.scheduler import Scheduler, SchedulerOutput
 from lserve.engine.stats import EngineStats
-from lserve.errors import LServeError, NotSupportedError, RequestRejected
-from lserve.kv_cache.layout import KVCacheTensors, KVShape, plan_num_pages
+from lserve.errors import LServeError, RequestRejected
+from lserve.kv_cache.layout import (
+    KVCache,
+    KVCacheTensors,
+    KVShape,
+    RingGeometry,
+    memory_budget_bytes,
+    plan_num_pages,
+    stats_bytes_per_page,
+)
 from lserve.kv_cache.manager import KVCacheManager
 from lserve.model.config import ArchConfig
-from lserve.model.loader import ModelSource, load_model, read_arch_config, resolve_source
+from lserve.model.loader import (
+    ModelSource,
+    load_model,
+    read_arch_config,
+    resolve_source,
+)
 from lserve.request import Request, RequestStatus
+from lserve.runner.cuda_graphs import DecodeGraphs
 from lserve.runner.model_runner import ModelRunner, StepInput
 from lserve.sampling_params import SamplingParams
 from lserve.sparse.patterns import binarize, load_pattern, shipped_pattern
@@ -54,16 +69,8 @@ def resolve_dtype(name: str, arch: ArchConfig, device: torch.device) -> torch.dt
     return torch.float16 if arch.torch_dtype == "float16" else torch.bfloat16
 
 
-def check_supported(config: EngineConfig) -> None:
-    """Reject valid settings this version cannot honour yet, rather than ignoring them."""
-    sparse = config.sparse
-    if sparse.uses_page_selection:
-        raise NotSupportedError("dynamic page selection (token_budget > 0) is not implemented yet; use token_budget=0")
-
-
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
-        check_supported(config)
         self.config = config
         self.device = resolve_device(config.model.device)
         self.backend_name = resolve_backend_name(config.attention_backend, self.device)
@@ -74,7 +81,7 @@ class EngineCore:
         self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed)
         self._init_kv_cache()
         sched = config.scheduler
-        self.scheduler = Scheduler(self.kv_manager, sched.max_num_seqs, sched.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_manager, self.num_seats, sched.max_num_batched_tokens)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_decode_steps = 0
@@ -96,23 +103,90 @@ class EngineCore:
         return wanted
 
     def _init_kv_cache(self) -> None:
-        cache = self.config.cache
-        shape = KVShape(self.arch.num_layers, self.arch.num_kv_heads, self.arch.head_dim, cache.page_size, self.dtype)
+        """Size and allocate the pools, then build the attention backend and the runner.
+
+        With streaming heads the paged pool holds only dense heads and the ring pool a fixed
+        block of pages per seat; the ring pool is sized first (at most half of the KV memory),
+        the paged pool takes the rest. With page selection, the paged pool also keeps key
+        statistics per logical page.
+        """
+        cache, sched, sparse = self.config.cache, self.config.scheduler, self.config.sparse
+        arch = self.arch
+        sparsity = self._head_sparsity()
+        flags = sparsity.streaming_heads if sparsity is not None else None
+        use_ring = flags is not None and any(bool(f.any()) for f in flags)
+        n_stream = tuple(int(f.sum()) for f in flags) if use_ring and flags is not None else None
+        n_dense = tuple(arch.num_kv_heads - n for n in n_stream) if n_stream is not None else None
+        shape = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype, n_dense)
+        logical = sparse.logical_page_size if sparse.uses_page_selection else None
+        seats = sched.max_num_seqs
+        ring_tensors = ring_geometry = None
+        reserved = 0
+        if use_ring and n_stream is not None:
+            ring_geometry = RingGeometry.plan(
+                cache.page_size, max(sparse.prefill_sink_tokens, sparse.decode_sink_tokens),
+                max(sparse.prefill_local_tokens, sparse.decode_local_tokens), sched.max_num_batched_tokens,
+                self.max_model_len,
+            )
+            ring_shape = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype,
+                                 n_stream)
+            per_seat = ring_geometry.pages_per_seq * ring_shape.bytes_per_page
+            if cache.num_kv_pages is None:
+                half = memory_budget_bytes(self.device, cache.kv_cache_memory_fraction) // 2
+                seats = max(1, min(seats, half // max(per_seat, 1)))
+                if seats < sched.max_num_seqs:
+                    logger.warning("the ring KV pool fits %d running requests (max_num_seqs=%d)", seats,
+                                   sched.max_num_seqs)
+            reserved = seats * per_seat
+            # one more block than seats: the scratch seat of captured decode graphs' padded rows
+            ring_tensors = KVCacheTensors(ring_shape, (seats + 1) * ring_geometry.pages_per_seq, self.device)
         pages_per_seq = -(-self.max_model_len // cache.page_size)
         num_pages = plan_num_pages(
             shape,
             self.device,
             num_kv_pages=cache.num_kv_pages,
             memory_fraction=cache.kv_cache_memory_fraction,
-            max_useful_pages=self.config.scheduler.max_num_seqs * pages_per_seq,
+            max_useful_pages=seats * pages_per_seq,
+            reserved_bytes=reserved,
+            extra_bytes_per_page=stats_bytes_per_page(shape, logical) if logical else 0,
         )
-        self.kv_tensors = KVCacheTensors(shape, num_pages, self.device)
-        self.kv_manager = KVCacheManager(num_pages, cache.page_size)
-        backend = create_backend(self.backend_name, self.kv_tensors, self.arch.num_heads, self.arch.head_dim**-0.5,
-                                 self._head_sparsity())
-        self.runner = ModelRunner(self.model, backend, cache.page_size, self.device, self.config.model.seed)
-        logger.info("KV cache: %d pages of %d tokens (%.1f MiB)", num_pages, cache.page_size,
-                    num_pages * shape.bytes_per_page / 2**20)
+        # one page more than the manager hands out: the scratch page of padded graph rows
+        paged = KVCacheTensors(shape, num_pages + 1, self.device, logical)
+        self.kv_cache = KVCache(paged, ring_tensors, flags if use_ring else None, ring_geometry)
+        self.kv_tensors = paged
+        self.num_seats = seats
+        self.kv_manager = KVCacheManager(num_pages, cache.page_size, seats)
+        selector = None
+        if sparse.uses_page_selection:
+            selector = PageSelector(
+                [shape.layer_heads(i) for i in range(arch.num_layers)], cache.page_size, sparse.token_budget,
+                sparse.selector_interval, seats, self.device, sparse.num_dense_layers,
+            )
+        backend = create_backend(self.backend_name, self.kv_cache, arch.num_heads, arch.head_dim**-0.5,
+                                 sparsity, selector)
+        self.runner = ModelRunner(self.model, backend, cache.page_size, self.device, self.config.model.seed,
+                                  ring_geometry)
+        if self.backend_name == "triton":
+            backend.decode_split_len = self.max_model_len
+        if self.device.type == "cuda" and self.backend_name == "triton" and not self.config.model.enforce_eager:
+            self.runner.graphs = DecodeGraphs(self.model, backend, seats, self.max_model_len, cache.page_size,
+                                              scratch_page=num_pages, ring=ring_geometry, scratch_seat=seats,
+                                              device=self.device)
+        ring_mib = reserved / 2**20
+        logger.info("KV cache: %d pages of %d tokens (%.1f MiB)%s", num_pages, cache.page_size,
+                    num_pages * shape.bytes_per_page / 2**20,
+                    f" + ring pool for {seats} requests ({ring_mib:.1f} MiB)" if use_ring else "")
+
+    def kv_bytes_per_sequence(self, num_tokens: int) -> int:
+        """KV memory one sequence of `num_tokens` tokens holds: its pages, plus its ring block."""
+        cache = self.kv_cache
+        pages = -(-num_tokens // cache.shape.page_size)
+        paged = pages * cache.shape.bytes_per_page
+        if cache.paged.logical_page_size:
+            paged += pages * stats_bytes_per_page(cache.shape, cache.paged.logical_page_size)
+        if cache.ring is None or cache.ring_geometry is None:
+            return paged
+        return paged + cache.ring_geometry.pages_per_seq * cache.ring.shape.bytes_per_page
 
     def _head_sparsity(self) -> HeadSparsity | None:
         """Streaming-head flags per layer from the head pattern, binarised at `streaming_sparsity`."""
@@ -173,7 +247,7 @@ class EngineCore:
         req = self.scheduler.find(request_id)
         if req is not None:
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
-            self.runner.sampler.forget(request_id)
+            self._forget(request_id)
         return req
 
     def finish_request(self, request_id: str, status: RequestStatus) -> None:
@@ -181,7 +255,13 @@ class EngineCore:
         req = self.scheduler.find(request_id)
         if req is not None:
             self.scheduler.finish(req, status)
-            self.runner.sampler.forget(request_id)
+            self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """Drop per-request state outside the scheduler (sampler generator, page selection)."""
+        self.runner.sampler.forget(request_id)
+        if self.runner.backend.selector is not None:
+            self.runner.backend.selector.forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -211,13 +291,29 @@ class EngineCore:
         if out.is_empty:
             return StepResult([], [])
         sampled = self.runner.execute(self._step_inputs(out), out.num_decodes)
+        self._count_decode_pages(out)
         changed = self.scheduler.update(out, sampled)
         self.num_generation_tokens += len(changed)
         finished = [r for r in changed if r.is_finished]
         for r in finished:
-            self.runner.sampler.forget(r.request_id)
+            self._forget(r.request_id)
         return StepResult(changed, finished)
 
+    def _count_decode_pages(self, out: SchedulerOutput) -> None:
+        counts = self.runner.backend.last_page_counts
+        if not counts.read:
+            return
+        for s, read, dense in zip(out.scheduled, counts.read, counts.dense):
+            s.request.decode_pages_read += read
+            s.request.decode_pages_dense += dense
+        self.num_decode_steps += 1
+        self.decode_pages_read += sum(counts.read)
+        self.decode_pages_dense += sum(counts.dense)
+        self.last_decode_pages_read_fraction = sum(counts.read) / max(sum(counts.dense), 1)
+
     def _step_inputs(self, out: SchedulerOutput) -> list[StepInput]:
-        tables = self.kv_manager.page_tables
-        return [StepInput(s.request, s.num_new_tokens, tables[s.request.request_id], s.samples) for s in out.scheduled]
+        tables, seats = self.kv_manager.page_tables, self.kv_manager.seats
+        return [
+            StepInput(s.request, s.num_new_tokens, tables[s.request.request_id], s.samples, seats[s.request.request_id])
+            for s in out.scheduled
+        ]

@@ -43,6 +43,7 @@ class LLM:
         page_size: int = 64,
         num_kv_pages: int | None = None,
         seed: int = 0,
+        enforce_eager: bool = False,
         streaming_sparsity: float = 0.0,
         attn_pattern: str | None = None,
         prefill_sink_tokens: int = 128,
@@ -52,6 +53,7 @@ class LLM:
         token_budget: int = 0,
         logical_page_size: int = 16,
         selector_interval: int = 4,
+        num_dense_layers: int = 2,
         **kwargs: Any,
     ) -> None:
         settings = dict(locals())

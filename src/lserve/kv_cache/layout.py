@@ -1,8 +1,13 @@
 """KV tensors and memory sizing.
 
-Layout, per layer: K and V each `(num_pages, page_size, num_kv_heads, head_dim)` ("NHD" pages, as
-vLLM). A page id indexes the same page in every layer, so one page table serves all layers. Slot
+Layout, per layer: K and V each `(num_pages, page_size, heads, head_dim)` ("NHD" pages, as vLLM).
+A page id indexes the same page in every layer, so one page table serves all layers. Slot
 `page_id * page_size + offset` addresses one token's K/V in a layer.
+
+With streaming heads there are two pools (`KVCache`): the paged pool holds only each layer's dense
+heads (so a page costs less and more context fits), and the ring pool holds the streaming heads in
+a fixed number of pages per running sequence (sink pages + a ring of local pages, constant in
+context length). The pools' head counts differ per layer, as the head pattern decides.
 """
 
 from __future__ import annotations
@@ -27,30 +32,124 @@ class KVShape:
     head_dim: int
     page_size: int
     dtype: torch.dtype
+    heads_per_layer: tuple[int, ...] | None = None
+    """Heads this pool holds in each layer; None: `num_kv_heads` in every layer."""
+
+    def layer_heads(self, layer: int) -> int:
+        return self.num_kv_heads if self.heads_per_layer is None else self.heads_per_layer[layer]
 
     @property
     def bytes_per_page(self) -> int:
         """K and V of one page over every layer."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * elem
+        heads = sum(self.layer_heads(i) for i in range(self.num_layers))
+        return 2 * self.page_size * heads * self.head_dim * elem
+
+
+def stats_bytes_per_page(shape: KVShape, logical_page_size: int) -> int:
+    """Key min and max of one page's logical pages over every layer (for page selection)."""
+    elem = torch.empty((), dtype=shape.dtype).element_size()
+    heads = sum(shape.layer_heads(i) for i in range(shape.num_layers))
+    return 2 * (shape.page_size // logical_page_size) * heads * shape.head_dim * elem
 
 
 class KVCacheTensors:
-    """Per-layer K and V page tensors of one pool."""
+    """Per-layer K and V page tensors of one pool, and optionally per-logical-page key statistics."""
 
-    def __init__(self, shape: KVShape, num_pages: int, device: torch.device) -> None:
+    def __init__(
+        self, shape: KVShape, num_pages: int, device: torch.device, logical_page_size: int | None = None
+    ) -> None:
         self.shape = shape
         self.num_pages = num_pages
-        dims = (num_pages, shape.page_size, shape.num_kv_heads, shape.head_dim)
+        self.logical_page_size = logical_page_size
+        self.k_min: list[torch.Tensor] | None = None
+        self.k_max: list[torch.Tensor] | None = None
         # torch.empty: pages are written before they are read; no need to touch the memory here.
         try:
-            self.k = [torch.empty(dims, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
-            self.v = [torch.empty(dims, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
+            dims = [(num_pages, shape.page_size, shape.layer_heads(i), shape.head_dim) for i in range(shape.num_layers)]
+            self.k = [torch.empty(d, dtype=shape.dtype, device=device) for d in dims]
+            self.v = [torch.empty(d, dtype=shape.dtype, device=device) for d in dims]
+            if logical_page_size is not None:
+                rows = num_pages * shape.page_size // logical_page_size
+                sdims = [(rows, shape.layer_heads(i), shape.head_dim) for i in range(shape.num_layers)]
+                self.k_min = [torch.zeros(d, dtype=shape.dtype, device=device) for d in sdims]
+                self.k_max = [torch.zeros(d, dtype=shape.dtype, device=device) for d in sdims]
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             raise LServeError(
                 f"cannot allocate {num_pages} KV pages ({num_pages * shape.bytes_per_page / 2**30:.1f} GiB) "
                 f"on {device}; lower num_kv_pages"
             ) from exc
+
+
+@dataclass(frozen=True)
+class RingGeometry:
+    """Where a streaming head keeps token `pos` of a sequence: its sink pages never move; the
+    pages after them form a ring that the local window wraps around."""
+
+    sink_pages: int
+    ring_pages: int
+    """Local pages in the ring (0: the ring is as long as the longest sequence, no wrap)."""
+
+    @property
+    def pages_per_seq(self) -> int:
+        return self.sink_pages + self.ring_pages
+
+    @staticmethod
+    def plan(page_size: int, sink: int, local: int, max_chunk: int, max_model_len: int) -> RingGeometry:
+        """Sink pages cover `sink` tokens; the ring holds `local + max_chunk` tokens, so that every
+        key a prefill chunk's queries can see is still there after the chunk is written."""
+        max_pages = -(-max_model_len // page_size)
+        sink_pages = -(-sink // page_size)
+        ring = -(-(local + max_chunk) // page_size)
+        if sink_pages + ring >= max_pages:
+            return RingGeometry(max_pages, 0)
+        return RingGeometry(sink_pages, ring)
+
+    def logical_to_ring(self, num_logical_pages: int) -> torch.Tensor:
+        """Ring page index (0 .. pages_per_seq - 1) of each logical page of a sequence, (n,) int32."""
+        s, r = self.sink_pages, self.ring_pages
+        idx = torch.arange(num_logical_pages, dtype=torch.int32)
+        if r == 0:
+            return idx
+        return torch.where(idx < s, idx, s + (idx - s) % r)
+
+
+class KVCache:
+    """The engine's KV memory: the paged pool and, with streaming heads, the ring pool.
+
+    `dense_heads[l]` / `streaming_heads[l]` are the KV head ids (of the model's layer l) that each
+    pool holds, in order; a pool tensor's head h is the model's head `..._heads[l][h]`. Without a
+    ring pool every head is in the paged pool (streaming heads then keep their whole history).
+    """
+
+    def __init__(
+        self,
+        paged: KVCacheTensors,
+        ring: KVCacheTensors | None = None,
+        streaming_flags: tuple[torch.Tensor, ...] | None = None,
+        ring_geometry: RingGeometry | None = None,
+    ) -> None:
+        self.paged = paged
+        self.ring = ring
+        self.ring_geometry = ring_geometry
+        self.shape = paged.shape
+        n = paged.shape.num_layers
+        if ring is None:
+            self.dense_heads: list[list[int]] = [list(range(paged.shape.layer_heads(i))) for i in range(n)]
+            self.streaming_heads: list[list[int]] = [[] for _ in range(n)]
+        else:
+            assert streaming_flags is not None and ring_geometry is not None
+            flags = [f.tolist() for f in streaming_flags]
+            self.dense_heads = [[h for h, s in enumerate(f) if not s] for f in flags]
+            self.streaming_heads = [[h for h, s in enumerate(f) if s] for f in flags]
+
+    @property
+    def k(self) -> list[torch.Tensor]:
+        return self.paged.k
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        return self.paged.v
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -68,6 +167,13 @@ def available_memory_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
+def memory_budget_bytes(device: torch.device, memory_fraction: float | None) -> int:
+    """The share of free memory the KV cache may take."""
+    if memory_fraction is None:
+        memory_fraction = DEFAULT_GPU_FRACTION if device.type == "cuda" else DEFAULT_CPU_FRACTION
+    return int(available_memory_bytes(device) * memory_fraction)
+
+
 def plan_num_pages(
     shape: KVShape,
     device: torch.device,
@@ -75,18 +181,23 @@ def plan_num_pages(
     num_kv_pages: int | None,
     memory_fraction: float | None,
     max_useful_pages: int,
+    reserved_bytes: int = 0,
+    extra_bytes_per_page: int = 0,
 ) -> int:
     """Number of pages: the explicit override, else a share of free memory capped by what can be used.
 
     `max_useful_pages` is what `max_num_seqs` requests of `max_model_len` tokens could ever hold;
-    reserving more would only take memory from the rest of the machine.
+    reserving more would only take memory from the rest of the machine. `reserved_bytes` (the
+    ring pool) comes out of the share first; `extra_bytes_per_page` is per-page metadata (key
+    statistics for page selection).
     """
     if num_kv_pages is not None:
         return num_kv_pages
-    if memory_fraction is None:
-        memory_fraction = DEFAULT_GPU_FRACTION if device.type == "cuda" else DEFAULT_CPU_FRACTION
-    budget = int(available_memory_bytes(device) * memory_fraction)
-    by_memory = budget // shape.bytes_per_page
+    budget = memory_budget_bytes(device, memory_fraction) - reserved_bytes
+    per_page = shape.bytes_per_page + extra_bytes_per_page
+    if per_page == 0:  # every head streams: pages only carry the page tables' bookkeeping
+        return max_useful_pages
+    by_memory = max(budget, 0) // per_page
     if by_memory < 1:
         raise LServeError(
             f"no memory left for the KV cache: {budget / 2**20:.0f} MiB available for pages of "

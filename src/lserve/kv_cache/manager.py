@@ -1,8 +1,9 @@
-"""Per-request page tables over a page pool.
+"""Per-request page tables over the paged pool, and a seat per running request.
 
-Today there is one pool, holding every KV head of every layer. The streaming-heads issue adds a
-second pool (a ring of sink + local pages per request) beside this one; page tables are kept per
-pool so that neither has to change shape for the other.
+A request that holds pages also holds a seat (0 .. num_seats - 1). The seat names its fixed block
+of ring pages (streaming heads) and its rows in per-request device buffers (page selections), so
+those need no allocation of their own; `max_num_seqs` seats are enough because only running
+requests hold pages.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ def cdiv(a: int, b: int) -> int:
 class KVCacheManager:
     """Grows and frees the page table of each request (pure CPU bookkeeping)."""
 
-    def __init__(self, num_pages: int, page_size: int) -> None:
+    def __init__(self, num_pages: int, page_size: int, num_seats: int | None = None) -> None:
         self.page_size = page_size
         self.pool = PagePool(num_pages)
         self.page_tables: dict[str, list[int]] = {}
+        self.num_seats = num_seats if num_seats is not None else num_pages
+        self.seats: dict[str, int] = {}
+        self._free_seats = list(range(self.num_seats - 1, -1, -1))
 
     @property
     def num_pages(self) -> int:
@@ -48,18 +52,28 @@ class KVCacheManager:
         need = self.num_new_pages(request_id, num_tokens)
         if need > self.pool.num_free_pages:
             return False
+        if request_id not in self.seats:
+            if not self._free_seats:
+                return False
+            self.seats[request_id] = self._free_seats.pop()
         table = self.page_tables.setdefault(request_id, [])
         table.extend(self.pool.allocate(need))
         return True
 
     def free(self, request_id: str) -> None:
-        """Return every page of the request to the pool (finished, failed, aborted or preempted)."""
+        """Return every page and the seat of the request (finished, failed, aborted or preempted)."""
         pages = self.page_tables.pop(request_id, None)
         if pages:
             self.pool.free(pages)
+        seat = self.seats.pop(request_id, None)
+        if seat is not None:
+            self._free_seats.append(seat)
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()
         owned = [p for table in self.page_tables.values() for p in table]
         assert len(owned) == len(set(owned)), "a page is owned by two requests"
         assert len(owned) == self.pool.num_used_pages, "used pages and page tables disagree"
+        assert set(self.seats) == set(self.page_tables), "seats and page tables disagree"
+        assert len(set(self.seats.values())) == len(self.seats), "a seat is held twice"
+        assert len(self.seats) + len(self._free_seats) == self.num_seats, "a seat was lost"

@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from lserve.model.config import ArchConfig
-from lserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, rope_inv_freq
+from lserve.model.layers import (
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    rope_inv_freq,
+)
 
 
 class AttentionFn(Protocol):

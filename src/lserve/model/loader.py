@@ -136,14 +136,15 @@ def load_model(
 
 
 def _init_dummy(model: LlamaForCausalLM, seed: int) -> None:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """N(0, 0.02) weights, norms 1. Drawn on the model's device (an 8B model on the CPU would take a
+    minute): the same seed gives the same weights on the same kind of device."""
     params = list(model.named_parameters())
+    gen = torch.Generator(device=params[0][1].device).manual_seed(seed)
     for name, param in tqdm(params, desc="Initialising dummy weights", leave=False):
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         else:
-            cpu = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
-            param.copy_(cpu.to(param.dtype))
+            param.normal_(0.0, 0.02, generator=gen)
 
 
 def _safetensors_files(folder: Path) -> list[Path]:

@@ -1,8 +1,7 @@
 """Query-aware page scores for dynamic sparsity (Quest's bound with LServe's hierarchical paging).
 
 For a decode query q and a logical page with channel-wise key bounds kmin, kmax, the largest
-possible q.k in the page is sum_c max(q_c kmax_c, q_c kmin_c) = q+ . kmax + q- . kmin, with
-q+ = max(q, 0) and q- = min(q, 0): two small matrix products per tile. A physical page scores the
+possible q.k in the page is sum_c max(q_c kmax_c, q_c kmin_c), computed elementwise in float32. A physical page scores the
 max over its logical pages; logical pages that start past the sequence are ignored (their
 statistics belong to nobody yet). The query heads of a GQA group share one selection: their
 scores are aggregated by max (default) or sum. Reference: `ops.reference.page_scores_ref`.
@@ -19,7 +18,7 @@ import triton.language as tl
 def _page_scores_kernel(
     q_ptr, kmin_ptr, kmax_ptr, page_table_ptr, seq_lens_ptr, out_ptr,
     stride_qb, stride_qh, stride_sg, stride_sh, stride_pt_b, stride_ob, stride_oh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     LOGICAL: tl.constexpr, BLOCK_P: tl.constexpr, USE_SUM: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -27,12 +26,9 @@ def _page_scores_kernel(
     pblock = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     num_pages = tl.cdiv(seq_len, PAGE_SIZE)
-    g = tl.arange(0, GROUP_PAD)
+    if pblock * BLOCK_P >= num_pages:
+        return  # past the sequence: the output keeps its -inf (the grid covers the widest table)
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + (kvh * GROUP + g)[:, None] * stride_qh + d[None, :],
-                mask=(g < GROUP)[:, None], other=0.0).to(tl.float32)
-    q_pos = tl.maximum(q, 0.0)
-    q_neg = tl.minimum(q, 0.0)
     p = pblock * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < num_pages
     page = tl.load(page_table_ptr + b * stride_pt_b + p, mask=p_ok, other=0).to(tl.int64)
@@ -43,13 +39,13 @@ def _page_scores_kernel(
         addr = row[:, None] * stride_sg + kvh * stride_sh + d[None, :]
         kmax = tl.load(kmax_ptr + addr, mask=ok[:, None], other=0.0).to(tl.float32)
         kmin = tl.load(kmin_ptr + addr, mask=ok[:, None], other=0.0).to(tl.float32)
-        # full float32 products: the scores only rank pages, but tf32 rounding can reorder close ones
-        s = (tl.dot(q_pos, tl.trans(kmax), input_precision="ieee")
-             + tl.dot(q_neg, tl.trans(kmin), input_precision="ieee"))  # (GROUP_PAD, BLOCK_P)
-        if USE_SUM:
-            agg = tl.sum(tl.where((g < GROUP)[:, None], s, 0.0), axis=0)
-        else:
-            agg = tl.max(tl.where((g < GROUP)[:, None], s, float("-inf")), axis=0)
+        # Elementwise float32 products (no tensor-core dot: the GQA group is a handful of rows,
+        # and tf32 rounding could reorder close pages), one query head of the group at a time.
+        agg = tl.zeros([BLOCK_P], tl.float32) if USE_SUM else tl.full([BLOCK_P], float("-inf"), tl.float32)
+        for g in tl.static_range(GROUP):
+            qg = tl.load(q_ptr + b * stride_qb + (kvh * GROUP + g) * stride_qh + d).to(tl.float32)
+            s = tl.sum(tl.maximum(qg[None, :] * kmax, qg[None, :] * kmin), axis=1)  # (BLOCK_P,)
+            agg = agg + s if USE_SUM else tl.maximum(agg, s)
         best = tl.maximum(best, tl.where(ok, agg, float("-inf")))
     tl.store(out_ptr + b * stride_ob + kvh * stride_oh + p, best, mask=p_ok)
 
@@ -81,7 +77,7 @@ def page_scores(
     _page_scores_kernel[(bsz, hkv, triton.cdiv(max_pages, block_p))](
         q, k_min, k_max, page_table, seq_lens, out,
         q.stride(0), q.stride(1), k_min.stride(0), k_min.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE_SIZE=page_size,
+        GROUP=group, HEAD_DIM=d, PAGE_SIZE=page_size,
         LOGICAL=logical_page_size, BLOCK_P=block_p, USE_SUM=aggregate == "sum",
     )
     return out

@@ -31,6 +31,17 @@ def check_paged_attention(
     return page_size, hkv
 
 
+_PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """One int32 zero per device, made once (never written: kernels only take its pointer)."""
+    t = _PLACEHOLDERS.get(device)
+    if t is None:
+        t = _PLACEHOLDERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
+
+
 def pack_sparse_args(
     device: torch.device,
     streaming_heads: torch.Tensor | None,
@@ -39,7 +50,7 @@ def pack_sparse_args(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(streaming flags int8, page list, list lengths) with small placeholders for absent ones
     (kernels skip them through constexpr flags, but every pointer argument needs a tensor)."""
-    dummy = torch.zeros(1, dtype=torch.int32, device=device)
+    dummy = _placeholder(device)
     stream = streaming_heads.to(torch.int8) if streaming_heads is not None else dummy
     lst = page_list if page_list is not None else dummy.view(1, 1, 1)
     lst_len = page_list_len.contiguous() if page_list_len is not None else dummy.view(1, 1)

@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lserve.ops.paged_inputs import check_paged_attention, pack_sparse_args
-
 from lserve.ops.merge_states import merge_states
+from lserve.ops.paged_inputs import check_paged_attention, pack_sparse_args
 
 
 @triton.jit

@@ -13,8 +13,10 @@ import torch
 
 from lserve.attention.backend import AttentionBackend
 from lserve.attention.metadata import AttentionMetadata, build_metadata
+from lserve.kv_cache.layout import RingGeometry
 from lserve.model.llama import LlamaForCausalLM
 from lserve.request import Request
+from lserve.runner.cuda_graphs import DecodeGraphs
 from lserve.runner.sampler import Sampler
 
 
@@ -26,6 +28,7 @@ class StepInput:
     num_new_tokens: int
     page_ids: list[int]
     samples: bool
+    seat: int = 0
 
 
 class ModelRunner:
@@ -36,12 +39,16 @@ class ModelRunner:
         page_size: int,
         device: torch.device,
         seed: int,
+        ring: RingGeometry | None = None,
     ) -> None:
         self.model = model
+        self.ring = ring
         self.backend = backend
         self.page_size = page_size
         self.device = device
         self.sampler = Sampler(device, seed)
+        self.graphs: DecodeGraphs | None = None
+        """Set by the engine on CUDA: pure decode steps replay captured graphs."""
 
     @torch.inference_mode()
     def execute(self, inputs: Sequence[StepInput], num_decodes: int) -> dict[str, int]:
@@ -50,25 +57,29 @@ class ModelRunner:
         positions: list[int] = []
         for s in inputs:
             start = s.request.num_computed_tokens
-            token_ids.extend(s.request.all_token_ids[start : start + s.num_new_tokens])
+            token_ids.extend(s.request.token_ids(start, start + s.num_new_tokens))
             positions.extend(range(start, start + s.num_new_tokens))
         md = self.plan(inputs, num_decodes)
         backend = self.backend
         backend.prepare(md)
-
-        def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
-            return backend.forward(q, k, v, layer_idx, md)
-
-        hidden = self.model(
-            torch.tensor(token_ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-            attn,
-        )
-        ends = md.query_start_loc[1:].long() - 1
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         sampling = [i for i, s in enumerate(inputs) if s.samples]
+        graphs = self.graphs
+        if graphs is not None and num_decodes == len(inputs) and graphs.bucket(num_decodes) is not None:
+            mode = backend.selector.mode if backend.selector is not None else "none"
+            logits = graphs.run(md, ids, pos, mode)[sampling]
+        else:
+            def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
+                return backend.forward(q, k, v, layer_idx, md)
+
+            hidden = self.model(ids, pos, attn)
+            if not sampling:
+                return {}
+            ends = md.query_start_loc[1:].long() - 1
+            logits = self.model.compute_logits(hidden[ends[sampling]])
         if not sampling:
             return {}
-        logits = self.model.compute_logits(hidden[ends[sampling]])
         reqs = [inputs[i].request for i in sampling]
         tokens = self.sampler.sample(
             logits,
@@ -87,4 +98,7 @@ class ModelRunner:
             num_decodes=num_decodes,
             page_size=self.page_size,
             device=self.device,
+            seats=[s.seat for s in inputs],
+            ring=self.ring,
+            request_ids=[s.request.request_id for s in inputs],
         )

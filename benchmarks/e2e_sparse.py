@@ -1,0 +1,263 @@
+"""End-to-end dense vs sparse on a Llama-3-8B-shaped dummy model, one run, side by side.
+
+    python benchmarks/e2e_sparse.py prefill [--lengths 32768,65536,131072,262144]
+    python benchmarks/e2e_sparse.py decode  [--lengths 65536,131072,262144] [--batches 1,8]
+
+prefill: the engine's wall time for one request of S prompt tokens and one output token
+(`LLM.generate`, chunked prefill at `--chunk` tokens a step), dense vs 50% streaming heads (a random
+head pattern: speed does not depend on which heads stream; sink 128 / local 8192 in prefill,
+LServe's setting). Also the KV memory one sequence of S tokens holds.
+
+decode: the engine's decode step (model forward for a batch of B sequences at S tokens, attention
+backend, page selection, sampling), with the K/V of the S tokens filled with random values rather
+than prefilled (a prefill of 8 x 256K tokens would take minutes and changes nothing in the step).
+Configurations: dense; static (50% streaming heads, decode sink 128 / local 256); static + dynamic
+(plus a 4096-token page budget, re-selected every 4 steps). The step is timed over a multiple of
+the selector interval, so re-selection steps are counted in the mean; "selector" is the share of
+the step spent in page scoring and selection: the extra time of the steps that re-select over
+those that reuse, spread over the interval. Each configuration is timed with CUDA graphs (the
+engine's default on a GPU) and without (eager). Batches whose dense KV does
+not fit in memory are skipped for every configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lserve import LLM, SamplingParams
+from lserve.request import Request
+from lserve.runner.model_runner import StepInput
+from lserve.sparse.patterns import HeadPattern, save_pattern
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "vocab_size": 128256,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
+}
+
+
+TINY = {**LLAMA3_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "head_dim": 32,
+        "vocab_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 4}
+"""`--tiny`: the same code paths on a small shape, for a smoke run on a CPU."""
+
+
+def model_dir(tmp: Path, config: dict, seed: int = 0) -> tuple[str, str]:
+    """A dummy config folder and a random head pattern for it."""
+    folder = tmp / "model"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    shape = (config["num_hidden_layers"], config["num_key_value_heads"])
+    scores = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    pattern = save_pattern(HeadPattern(scores, {"method": "random, for speed benchmarks"}), tmp / "random.json")
+    return str(folder), str(pattern)
+
+
+def free() -> None:
+    """Return the memory of the engine the caller just dropped (`del llm` first)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def shape_name(args: argparse.Namespace) -> str:
+    return "tiny Llama shape" if args.tiny else "Llama-3-8B shape"
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+
+# ---- prefill ---------------------------------------------------------------------------------
+
+def run_prefill(args: argparse.Namespace, folder: str, pattern: str) -> list[dict]:
+    lengths = [int(x) for x in args.lengths.split(",")]
+    max_len = max(lengths) + 64
+    configs = {
+        "dense": {},
+        "stream50": {"streaming_sparsity": 0.5, "attn_pattern": pattern, "prefill_sink_tokens": 128,
+                     "prefill_local_tokens": 8192, "decode_sink_tokens": 128, "decode_local_tokens": 256},
+    }
+    rows: dict[tuple[str, int], dict] = {}
+    for name, extra in configs.items():
+        llm = LLM(folder, load_format="dummy", dtype=args.dtype, max_model_len=max_len, max_num_seqs=1,
+                  max_num_batched_tokens=args.chunk, num_kv_pages=-(-max_len // 64) + 8, **extra)
+        params = SamplingParams(max_tokens=1, ignore_eos=True)
+        gen = torch.Generator().manual_seed(0)
+        warm = min(2 * args.chunk + 1000, max_len - 8)  # compiles the first-chunk and later-chunk paths
+        llm.generate([torch.randint(0, 1000, (warm,), generator=gen).tolist()], params, use_tqdm=False)
+        core = llm.engine.core
+        for n in lengths:
+            prompt = torch.randint(0, 1000, (n,), generator=gen).tolist()
+            sync()
+            t0 = time.perf_counter()
+            llm.generate([prompt], params, use_tqdm=False)
+            sync()
+            rows[(name, n)] = {"config": name, "tokens": n, "seconds": time.perf_counter() - t0,
+                               "kv_gib_per_seq": core.kv_bytes_per_sequence(n) / 2**30}
+            print(f"  {name:9s} {n:7d} tokens {rows[(name, n)]['seconds']:8.2f} s", flush=True)
+        del llm, core
+        free()
+    print(f"\nprefill, {gpu_name()}, {shape_name(args)} (dummy weights, {args.dtype}), chunk {args.chunk} tokens")
+    print(f"{'tokens':>8} | {'dense s':>8} | {'50% stream s':>12} | {'speedup':>7} | {'KV/seq dense':>12} | "
+          f"{'KV/seq stream':>13}")
+    for n in lengths:
+        d, s = rows[("dense", n)], rows[("stream50", n)]
+        print(f"{n:8d} | {d['seconds']:8.2f} | {s['seconds']:12.2f} | {d['seconds'] / s['seconds']:6.2f}x | "
+              f"{d['kv_gib_per_seq']:9.2f} GiB | {s['kv_gib_per_seq']:10.2f} GiB")
+    return list(rows.values())
+
+
+# ---- decode ----------------------------------------------------------------------------------
+
+def fill_cache(core, gen: torch.Generator) -> None:
+    """Random K/V in every pool, and key statistics that match the paged pool's keys."""
+    cache = core.kv_cache
+    for pool in (cache.paged, cache.ring):
+        if pool is None:
+            continue
+        for t in (*pool.k, *pool.v):
+            if t.numel():
+                t.normal_(generator=gen)
+        if pool.k_min is not None and pool.k_max is not None:
+            logical = pool.logical_page_size
+            for k, lo, hi in zip(pool.k, pool.k_min, pool.k_max):
+                if k.numel():
+                    rows = k.view(-1, logical, *k.shape[2:])
+                    lo.copy_(rows.amin(1))
+                    hi.copy_(rows.amax(1))
+
+
+def time_decode(core, batch: int, seq_len: int, steps: int) -> dict[str, float]:
+    """Decode steps for `batch` sequences at `seq_len` tokens: mean ms per step, and the mean of
+    the steps that re-selected pages and of those that reused the selection."""
+    gen = torch.Generator(device=core.device).manual_seed(0)
+    requests = []
+    for b in range(batch):
+        rid = f"bench-{b}"
+        assert core.kv_manager.allocate(rid, seq_len), "the KV pool is too small for this batch"
+        tokens = torch.randint(0, 1000, (seq_len,)).tolist()
+        req = Request(rid, tokens, SamplingParams(max_tokens=1, ignore_eos=True), 1)
+        req.num_computed_tokens = seq_len - 1  # the last token is the decode step's input
+        requests.append(req)
+    fill_cache(core, gen)
+    inputs = [StepInput(r, 1, core.kv_manager.page_tables[r.request_id], True, core.kv_manager.seats[r.request_id])
+              for r in requests]
+    runner = core.runner
+    selector = runner.backend.selector
+    for _ in range(8):  # compile, capture graphs, warm up
+        runner.execute(inputs, batch)
+    sync()
+    per_mode: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        t1 = time.perf_counter()
+        runner.execute(inputs, batch)
+        sync()
+        mode = selector.mode if selector is not None else "none"
+        per_mode.setdefault(mode, []).append((time.perf_counter() - t1) * 1000)
+    ms = (time.perf_counter() - t0) * 1000 / steps
+    replay = None
+    graphs = runner.graphs
+    if graphs is not None:  # the captured graph alone: the step's GPU time without host work
+        graph, _ = graphs._graphs[(graphs.bucket(batch), mode)]
+        t1 = time.perf_counter()
+        for _ in range(10):
+            graph.replay()
+        sync()
+        replay = (time.perf_counter() - t1) * 100
+    for r in requests:
+        core.kv_manager.free(r.request_id)
+        if selector is not None:
+            selector.forget(r.request_id)
+    out = {"ms": ms} if replay is None else {"ms": ms, "replay": replay}
+    out.update({mode: sum(v) / len(v) for mode, v in per_mode.items()})
+    return out
+
+
+def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict]:
+    lengths = [int(x) for x in args.lengths.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    static = {"streaming_sparsity": 0.5, "attn_pattern": pattern, "decode_sink_tokens": 128,
+              "decode_local_tokens": 256, "prefill_sink_tokens": 128, "prefill_local_tokens": 8192}
+    configs = {"dense": {}, "static": static,
+               "static+dynamic": {**static, "token_budget": 4096, "selector_interval": 4}}
+    # the pool must hold the largest batch x length that fits densely next to the weights
+    kv_per_token = args.shape['num_hidden_layers'] * args.shape['num_key_value_heads'] * args.shape['head_dim'] * 2 * 2
+    budget = int(args.kv_gib * 2**30)
+    cases = [(b, n) for n in lengths for b in batches if b * n * kv_per_token <= budget]
+    skipped = [(b, n) for n in lengths for b in batches if (b, n) not in cases]
+    max_len = max(lengths) + 64
+    results: dict[tuple[str, int, int, bool], dict[str, float]] = {}
+    for name, extra in configs.items():
+        llm = LLM(folder, load_format="dummy", dtype=args.dtype, max_model_len=max_len, max_num_seqs=max(batches),
+                  max_num_batched_tokens=args.chunk, num_kv_pages=budget // (kv_per_token * 64), **extra)
+        core = llm.engine.core
+        graphs = core.runner.graphs
+        for b, n in cases:
+            for eager in (False, True) if not args.no_eager else (False,):
+                core.runner.graphs = None if eager else graphs
+                results[(name, b, n, eager)] = r = time_decode(core, b, n, args.steps)
+                print(f"  {name:15s} batch {b} len {n:7d} {'eager' if eager else 'graph'}: {r['ms']:7.2f} ms/step "
+                      f"{ {k: round(v, 2) for k, v in r.items() if k != 'ms'} }", flush=True)
+        del llm, core, graphs
+        free()
+    print(f"\ndecode step, {gpu_name()}, {shape_name(args)} (dummy weights, {args.dtype}); "
+          f"static: 50% streaming heads (sink 128, local 256); dynamic: budget 4096, interval 4")
+    rows = []
+    for eager in (False, True) if not args.no_eager else (False,):
+        graphs_label = "CUDA graphs" if torch.cuda.is_available() else "eager (no GPU)"
+        print(f"\n{'eager (no CUDA graphs)' if eager else graphs_label}")
+        print(f"{'batch':>5} | {'tokens':>7} | {'dense ms':>8} | {'static ms':>9} | {'stat+dyn ms':>11} | "
+              f"{'static x':>8} | {'stat+dyn x':>10} | {'selector':>8}")
+        for b, n in cases:
+            d, s_, sd = (results[(c, b, n, eager)] for c in configs)
+            # the selector's share: the extra time of re-selecting steps, spread over the interval
+            sel = max(sd.get("select", sd["ms"]) - sd.get("reuse", sd["ms"]), 0.0) / 4
+            print(f"{b:5d} | {n:7d} | {d['ms']:8.2f} | {s_['ms']:9.2f} | {sd['ms']:11.2f} | "
+                  f"{d['ms'] / s_['ms']:7.2f}x | {d['ms'] / sd['ms']:9.2f}x | {100 * sel / sd['ms']:7.1f}%")
+            rows.append({"batch": b, "tokens": n, "cuda_graphs": not eager, "dense_ms": d["ms"],
+                         "static_ms": s_["ms"], "static_dynamic_ms": sd["ms"],
+                         "select_step_ms": sd.get("select"), "reuse_step_ms": sd.get("reuse")})
+    for b, n in skipped:
+        print(f"{b:5d} | {n:7d} | skipped: dense KV ({b * n * kv_per_token / 2**30:.0f} GiB) exceeds --kv-gib")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["prefill", "decode"])
+    parser.add_argument("--lengths", default=None, help="comma-separated token counts")
+    parser.add_argument("--batches", default="1,8", help="decode batch sizes")
+    parser.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (prefill chunk)")
+    parser.add_argument("--steps", type=int, default=24, help="timed decode steps (a multiple of 4)")
+    parser.add_argument("--kv-gib", type=float, default=96.0, help="KV pool size for decode")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument("--no-eager", action="store_true", help="decode: skip the runs without CUDA graphs")
+    parser.add_argument("--tiny", action="store_true", help="a small model shape (a CPU smoke run)")
+    args = parser.parse_args()
+    if args.lengths is None:
+        args.lengths = "32768,65536,131072,262144" if args.mode == "prefill" else "65536,131072,262144"
+    with tempfile.TemporaryDirectory() as tmp:
+        args.shape = TINY if args.tiny else LLAMA3_8B
+        folder, pattern = model_dir(Path(tmp), args.shape)
+        rows = (run_prefill if args.mode == "prefill" else run_decode)(args, folder, pattern)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Query-aware KV page selection for decode (dynamic sparsity), reused for several steps.
+
+Per layer and decoding sequence, each dense KV head reads only: the pages with the highest Quest
+scores among the older pages (`token_budget // page_size - 1` of them) plus the newest page.
+Selection is per KV head, shared by its GQA query heads (scores summed over the group: on the
+default model this keeps more true attention than max and as much as a selection per query head;
+docs/sparsity.md has the measurement). A sequence whose context fits the budget reads every page: no selection at all.
+
+Reuse (LServe's reusable selection): a request recomputes its selection on its first decode
+step and then every `interval` steps, counting its own steps even inside a mixed batch. In
+between, the stored pages are read again, plus every page from the newest page at selection time
+("the anchor") to the current newest page, so tokens generated since are always attended.
+
+The kernels read a page list per (sequence, KV head): logical page indices, ascending, and a
+count. The backend appends K/V and key statistics first, then asks the selector for the lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lserve.attention.metadata import AttentionMetadata
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class _RequestState:
+    seat: int
+    anchor: int
+    """The newest logical page when the selection was made (it and later pages are always read)."""
+    age: int
+    """Decode steps since the selection was made."""
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Per step: what each decoding row does (host lists; the device copy is in the selector's buffers)."""
+
+    recompute: tuple[bool, ...]
+    fits: tuple[bool, ...]
+    num_pages: tuple[int, ...]
+    anchor: tuple[int, ...]
+
+    @property
+    def mode(self) -> str:
+        """"none" (every row reads every page), "reuse" (no row re-selects) or "select"."""
+        if all(self.fits):
+            return "none"
+        return "select" if any(self.recompute) else "reuse"
+
+
+class PageSelector:
+    """Chooses and remembers, per layer, the KV pages that each decoding sequence's dense heads read."""
+
+    def __init__(
+        self,
+        heads_per_layer: list[int],
+        page_size: int,
+        token_budget: int,
+        interval: int,
+        num_seats: int,
+        device: torch.device,
+        num_dense_layers: int = 2,
+        aggregate: str = "sum",
+    ) -> None:
+        self.page_size = page_size
+        self.budget_pages = max(1, token_budget // page_size)
+        self.keep = self.budget_pages - 1
+        """Older pages kept per head besides the newest page."""
+        self.interval = interval
+        self.num_dense_layers = num_dense_layers
+        self.aggregate = aggregate
+        self.tail_width = cdiv(interval, page_size) + 1
+        """Most pages that can lie between the anchor and the newest page while a selection lives."""
+        self.device = device
+        # one spare row (seat `num_seats`) for the padded rows of a captured decode graph
+        self.scratch_seat = num_seats
+        self._store = [
+            torch.zeros((num_seats + 1, h, max(self.keep, 1)), dtype=torch.int32, device=device)
+            for h in heads_per_layer
+        ]
+        # per-row plan on the device, in fixed buffers so that a captured graph reads this step's
+        # plan: rows past the step's decodes are inert (fit, one page, the spare seat)
+        self._plan_host = torch.zeros((5, num_seats + 1), dtype=torch.int64)
+        self._plan_dev = torch.zeros((5, num_seats + 1), dtype=torch.int64, device=device)
+        self._state: dict[str, _RequestState] = {}
+        self.plan: DecodePlan | None = None
+        self.num_selections: dict[str, int] = {}
+        """Per request: how many times its selection was (re)computed (statistics and tests)."""
+
+    def layer_selects(self, layer: int) -> bool:
+        return layer >= self.num_dense_layers
+
+    def prepare(self, md: AttentionMetadata) -> DecodePlan | None:
+        """Decide, per decoding row, whether its selection is recomputed this step (host work only)."""
+        nd = md.num_decodes
+        if nd == 0:
+            self.plan = None
+            return None
+        assert len(md.request_ids) >= nd and len(md.seats) >= nd, "page selection needs request ids and seats"
+        state: dict[str, _RequestState] = {}
+        recompute, fits, num_pages, anchor = [], [], [], []
+        for i in range(nd):
+            rid, seat = md.request_ids[i], md.seats[i]
+            n = cdiv(md.seq_lens_cpu[i], self.page_size)
+            fit = n <= self.budget_pages
+            old = self._state.get(rid)
+            redo = (
+                not fit
+                and (old is None or old.seat != seat or old.age + 1 >= self.interval or n - old.anchor > self.tail_width)
+            )
+            if fit:
+                st = None
+            elif redo:
+                st = _RequestState(seat, n - 1, 0)
+                self.num_selections[rid] = self.num_selections.get(rid, 0) + 1
+            else:
+                assert old is not None
+                st = _RequestState(seat, old.anchor, old.age + 1)
+            if st is not None:
+                state[rid] = st  # requests not decoding this step drop their state (their seat may move)
+            recompute.append(redo)
+            fits.append(fit)
+            num_pages.append(n)
+            anchor.append(st.anchor if st is not None else n - 1)
+        self._state = state
+        host = self._plan_host
+        host[0].fill_(0)
+        host[1].fill_(1)
+        host[2].fill_(1)
+        host[3].fill_(0)
+        host[4].fill_(self.scratch_seat)
+        host[0, :nd] = torch.tensor(recompute, dtype=torch.int64)
+        host[1, :nd] = torch.tensor(fits, dtype=torch.int64)
+        host[2, :nd] = torch.tensor(num_pages, dtype=torch.int64)
+        host[3, :nd] = torch.tensor(anchor, dtype=torch.int64)
+        host[4, :nd] = torch.tensor(md.seats[:nd], dtype=torch.int64)
+        self._plan_dev.copy_(host, non_blocking=False)
+        self.plan = DecodePlan(tuple(recompute), tuple(fits), tuple(num_pages), tuple(anchor))
+        return self.plan
+
+    @property
+    def mode(self) -> str:
+        return self.plan.mode if self.plan is not None else "none"
+
+    def forget(self, request_id: str) -> None:
+        self._state.pop(request_id, None)
+        self.num_selections.pop(request_id, None)
+
+    def pages_read(self, row: int) -> int:
+        """Pages one dense head of decoding row `row` reads this step (in a selecting layer)."""
+        plan = self.plan
+        assert plan is not None
+        if plan.fits[row]:
+            return plan.num_pages[row]
+        return self.keep + plan.num_pages[row] - plan.anchor[row]
+
+    def begin_forward(self) -> None:
+        """Forget the tensors shared by the layers of one forward (called before its first layer)."""
+        self._shared: tuple[torch.Tensor, ...] | None = None
+
+    def _shared_tensors(self, nd: int) -> tuple[torch.Tensor, ...]:
+        """What every selecting layer of this forward reads the same way: (fit (nd, 1, 1) bool,
+        all pages (nd, 1, W) int32, tail pages (nd, 1, T) int32, counts (nd, 1) int32, anchor)."""
+        shared = getattr(self, "_shared", None)
+        if shared is None or shared[0].shape[0] != nd:
+            _, fits, num_pages, anchor, _ = self._plan_dev[:, :nd]
+            last = (num_pages - 1)[:, None]
+            tail = (anchor[:, None] + torch.arange(self.tail_width, device=self.device)[None, :]).clamp(max=last)
+            width = self.keep + self.tail_width
+            every = torch.minimum(torch.arange(width, device=self.device)[None, :], last)
+            fit = fits.bool()
+            counts = torch.where(fit, num_pages, self.keep + num_pages - anchor)
+            shared = (fit[:, None, None], every.to(torch.int32)[:, None, :], tail.to(torch.int32)[:, None, :],
+                      counts.to(torch.int32)[:, None], anchor)
+            self._shared = shared
+        return shared
+
+    def select(self, layer: int, nd: int, scores_fn) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Page lists (nd, H, W) int32 and counts (nd, H) int32 of this layer, or None to read every page.
+
+        `scores_fn()` returns the Quest scores (nd, H, P) of the current queries; it is called only
+        in "select" mode. Only device buffers and the host mode are read, so a CUDA graph captured
+        for a mode replays correctly for any later step of the same mode. The parts that do not
+        depend on the layer are built once per forward (`begin_forward`): fewer small kernels.
+        """
+        mode = self.mode
+        if mode == "none" or not self.layer_selects(layer):
+            return None
+        store = self._store[layer]
+        heads = store.shape[1]
+        recompute, seats = self._plan_dev[0, :nd], self._plan_dev[4, :nd]
+        fit, every, tail, counts, anchor = self._shared_tensors(nd)
+        if self.keep and mode == "select":
+            scores = scores_fn()
+            pos = torch.arange(scores.shape[2], device=scores.device)
+            older = pos[None, None, :] < anchor[:, None, None]  # the anchor page is read anyway
+            top = scores.masked_fill(~older, float("-inf")).topk(self.keep, dim=2).indices.sort(dim=2).values
+            current = store[seats]
+            store[seats] = torch.where(recompute.bool()[:, None, None], top.to(torch.int32), current)
+        selected = torch.cat([store[seats][:, :, : self.keep], tail.expand(nd, heads, -1)], dim=2)
+        lists = torch.where(fit, every.expand(nd, heads, -1), selected)
+        return lists, counts.expand(nd, heads).contiguous()

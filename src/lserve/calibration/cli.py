@@ -1,0 +1,85 @@
+"""`lserve calibrate`: the subcommand's flags and what it prints (`lserve.cli` registers it)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lserve.calibration.config import CalibrationConfig, spread
+
+DEFAULTS = CalibrationConfig(output="")
+
+
+def parse_context_lengths(text: str, num_samples: int) -> tuple[int, ...]:
+    """'MIN:MAX' -> `num_samples` lengths spread evenly; '1024,2048' -> exactly those lengths."""
+    try:
+        if ":" in text:
+            low, high = (int(x) for x in text.split(":"))
+            if not 1 <= low <= high:
+                raise ValueError
+            if num_samples < 1:
+                raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+            return spread(low, high, num_samples)
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError as exc:
+        if str(exc).startswith("--num-samples"):
+            raise
+        raise ValueError(f"--context-lengths must be MIN:MAX with 1 <= MIN <= MAX, or a comma list of "
+                         f"positive integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"--context-lengths must be positive, got {text!r}")
+    return values
+
+
+def add_calibrate_parser(sub: Any) -> None:
+    """Register `lserve calibrate` on the CLI's subparsers."""
+    d = DEFAULTS
+    p = sub.add_parser(
+        "calibrate", help="calibrate a streaming-head pattern for a model (DuoAttention-style gates)",
+        description="Optimise one gate per (layer, KV head): attention = gate*dense + (1-gate)*streaming, "
+        "frozen weights, on generated multi-passkey samples. Writes full_attention_heads.tsv, "
+        "<model>.json (usable as --attn-pattern) and config.json into --output.",
+    )
+    p.add_argument("--model", default=None, help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf"], help="how to read --model")
+    p.add_argument("--output", required=True, help="output folder (created if needed)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimisation steps, one sample each (default: {d.steps})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak AdamW learning rate (default: {d.lr})")
+    p.add_argument("--reg", type=float, default=d.reg, help=f"weight of mean|gate| in the loss (default: {d.reg})")
+    p.add_argument("--context-lengths", default="1024:3072",
+                   help="sample lengths in tokens: MIN:MAX spread over --num-samples, or a comma list (default: 1024:3072)")
+    p.add_argument("--num-samples", type=int, default=50, help="samples for a MIN:MAX range (default: 50)")
+    p.add_argument("--sink", type=int, default=d.sink, help=f"streaming heads' sink tokens (default: {d.sink})")
+    p.add_argument("--local", type=int, default=d.local, help=f"streaming heads' local window (default: {d.local})")
+    p.add_argument("--num-passkeys", type=int, default=d.num_passkeys, help=f"passkeys per sample (default: {d.num_passkeys})")
+    p.add_argument("--passkey-length", type=int, default=d.passkey_length,
+                   help=f"NATO words per passkey (default: {d.passkey_length})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the samples and their order (default: {d.seed})")
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"],
+                   help="default: bfloat16 (float32 on a CPU without bf16 instructions)")
+    p.add_argument("--haystack-file", default=None, help="text file whose sentences fill the haystack (default: generated)")
+    p.add_argument("--no-chat-template", action="store_true", help="plain text samples even if the model has a chat template")
+    p.add_argument("--save-every", type=int, default=d.save_every, help=f"write gate checkpoints every N steps (default: {d.save_every})")
+    p.add_argument("--checkpoint-layers", action="store_true",
+                   help="recompute each layer in the backward pass (less memory for long contexts, ~30%% slower)")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from lserve.calibration.train import calibrate
+
+    cfg = CalibrationConfig(
+        output=args.output, model=args.model, load_format=args.load_format, steps=args.steps, lr=args.lr,
+        reg=args.reg, context_lengths=parse_context_lengths(args.context_lengths, args.num_samples),
+        sink=args.sink, local=args.local, num_passkeys=args.num_passkeys, passkey_length=args.passkey_length,
+        seed=args.seed, device=args.device, dtype=args.dtype, haystack_file=args.haystack_file,
+        chat_template=not args.no_chat_template, save_every=args.save_every, checkpoint_layers=args.checkpoint_layers,
+    )
+    result = calibrate(cfg)
+    g = result.gates.flatten()
+    print(f"wrote {result.pattern_path} and {result.tsv_path}")
+    print(f"final loss {result.final_loss:.5f}; gates: mean {float(g.mean()):.3f}, "
+          f"{int((g > 0.95).sum())}/{g.numel()} > 0.95, {int((g < 0.05).sum())}/{g.numel()} < 0.05; "
+          f"wall time {result.wall_time_s / 60:.1f} min")
+    return 0

@@ -1,0 +1,302 @@
+"""Request and response bodies of the OpenAI-compatible API (OpenAI's names plus vLLM's extras).
+
+These pydantic models are the server's contract: FastAPI validates every body against them and
+publishes them in `/openapi.json`. Requests are validated strictly (no "5" for 5, no 1 for true,
+no NaN or infinity), so a wrongly typed field is a 400 rather than a silent conversion. Fields
+that OpenAI or vLLM define but lserve cannot honour are declared so they show in the schema, and
+a value that would change the output is refused by `unsupported_fields` instead of ignored.
+Unknown fields are accepted and ignored (with a log line), as vLLM does.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+# Upper bound of `repetition_penalty` and lower bound of its inverse: beyond these the float32
+# logits overflow to infinity and sampling would fail for the whole batch.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
+
+def _integral_float(value: Any) -> Any:
+    """JSON has one number type: 4.0 is an integer to JSON Schema, so accept it as 4 (but not 4.5 or "4")."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral_float)]
+
+
+def _only(**schema: Any) -> dict[str, Any]:
+    """Extra JSON Schema keywords documenting the only values lserve accepts for an OpenAI field.
+
+    The server checks these itself (with a message saying what is unsupported); the schema says
+    the same so that clients and fuzzers know it.
+    """
+    return schema
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = Field(False, description="send one last chunk with the usage of the whole request")
+    continuous_usage_stats: bool = Field(False, description="include the running usage in every chunk (vLLM)")
+
+
+class _SamplingRequest(_Request):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = Field(None, description="a served model name (default: the only model)")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy (default 1)")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: JsonInt | None = Field(None, ge=-1, description="keep the k most likely tokens; 0 or -1 = off (vLLM)")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="(vLLM)")
+    repetition_penalty: float | None = Field(
+        None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1], description="1 = off (vLLM)"
+    )
+    presence_penalty: float | None = Field(None, description="only 0 is supported",
+                                           json_schema_extra=_only(minimum=0, maximum=0))
+    frequency_penalty: float | None = Field(None, description="only 0 is supported",
+                                            json_schema_extra=_only(minimum=0, maximum=0))
+    seed: JsonInt | None = Field(None, ge=0, lt=2**63)
+    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="strings that end the output (not included in it)")
+    stop_token_ids: list[Annotated[JsonInt, Field(ge=0)]] | None = Field(
+        None, description="token ids that end the output (vLLM)")
+    ignore_eos: bool = Field(False, description="keep generating after EOS (vLLM)")
+    skip_special_tokens: bool = Field(True, description="(vLLM)")
+    n: JsonInt = Field(1, description="only 1 is supported", json_schema_extra=_only(minimum=1, maximum=1))
+    logit_bias: dict[str, float] | None = Field(None, description="not supported (must be empty)",
+                                                json_schema_extra=_only(maxProperties=0))
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="ignored")
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[JsonInt] | list[str] | list[list[JsonInt]] = Field(
+        ..., description="a string, a list of token ids, or a list of either (one choice per prompt)"
+    )
+    max_tokens: JsonInt | None = Field(16, ge=1, description="null: the rest of the context")
+    echo: bool = Field(False, description="prepend the prompt to the output text")
+    logprobs: JsonInt | None = Field(None, description="not supported (must be null)",
+                                     json_schema_extra=_only(type="null"))
+    best_of: JsonInt | None = Field(None, description="only 1 is supported",
+                                    json_schema_extra=_only(minimum=1, maximum=1))
+    suffix: str | None = Field(None, description="not supported (must be null or empty)",
+                               json_schema_extra=_only(maxLength=0))
+    add_special_tokens: bool = Field(True, description="add the tokenizer's special tokens (BOS) (vLLM)")
+
+
+class ContentPart(_Request):
+    type: str = Field(..., description="only 'text' is supported", json_schema_extra=_only(enum=["text"]))
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(..., description="the conversation, rendered with the chat template",
+                                        json_schema_extra=_only(minItems=1))
+    max_completion_tokens: JsonInt | None = Field(None, ge=1, description="default: the rest of the context")
+    max_tokens: JsonInt | None = Field(None, ge=1, description="deprecated name of max_completion_tokens")
+    logprobs: bool | None = Field(None, description="not supported (must be false)",
+                                  json_schema_extra=_only(enum=[False, None]))
+    top_logprobs: JsonInt | None = Field(None, description="not supported (must be null or 0)",
+                                         json_schema_extra=_only(minimum=0, maximum=0))
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported (must be empty)",
+                                               json_schema_extra=_only(maxItems=0))
+    tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none' or 'auto' (no tools)",
+                                                     json_schema_extra=_only(enum=["none", "auto", None]))
+    parallel_tool_calls: bool | None = Field(None, description="ignored (no tools)")
+    response_format: dict[str, Any] | None = Field(
+        None, description="only {'type': 'text'} is supported",
+        json_schema_extra=_only(properties={"type": {"const": "text"}}, additionalProperties=False))
+    echo: bool = Field(False, description="not supported (must be false)", json_schema_extra=_only(enum=[False]))
+    add_generation_prompt: bool = Field(True, description="end the rendered prompt with the assistant header (vLLM)")
+    continue_final_message: bool = Field(False, description="not supported (must be false)",
+                                         json_schema_extra=_only(enum=[False]))
+    add_special_tokens: bool = Field(False, description="the template already adds them (vLLM)")
+
+
+class TokenizeRequest(_Request):
+    """POST /tokenize: either `prompt` or `messages`."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, json_schema_extra=_only(minItems=1))
+    add_special_tokens: bool | None = Field(None, description="default: true for prompt, false for messages")
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Request):
+    """POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[JsonInt]
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """Every error: OpenAI's shape with vLLM's type names (BadRequestError, NotFoundError, ...)."""
+
+    error: ErrorInfo
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", "abort"] | None
+    stop_reason: int | str | None = Field(None, description="the stop string or token id that ended the output")
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", "abort"] | None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lserve"
+    root: str
+    parent: str | None = None
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[JsonInt]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """GET /tokenizer_info: what lm-eval's remote tokenizer needs."""
+
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    chat_template: str | None
+    max_model_len: int
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
+# ---- refusing what cannot be honoured --------------------------------------------------------
+
+# vLLM extras that would change the output; lserve does not implement them. Anything else that
+# is unknown is ignored, as vLLM ignores it.
+_UNSUPPORTED_EXTRAS = (
+    "min_tokens", "include_stop_str_in_output", "prompt_logprobs", "truncate_prompt_tokens",
+    "allowed_token_ids", "bad_words", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "structured_outputs", "logits_processors", "return_token_ids", "chat_template", "chat_template_kwargs",
+    "functions", "function_call", "prompt_embeds", "mm_processor_kwargs",
+)
+
+
+def _is_set(value: Any) -> bool:
+    """True for a value that asks for something (not null, false, 0, "" or an empty container)."""
+    return value not in (None, False, 0, "", [], {})
+
+
+def unsupported_fields(req: CompletionRequest | ChatCompletionRequest) -> tuple[str, str] | None:
+    """(param, message) for the first field whose value lserve cannot honour, or None."""
+    checks: list[tuple[str, bool, str]] = [
+        ("n", req.n != 1, "only n=1 is supported"),
+        ("presence_penalty", _is_set(req.presence_penalty), "presence_penalty is not supported (only 0)"),
+        ("frequency_penalty", _is_set(req.frequency_penalty), "frequency_penalty is not supported (only 0)"),
+        ("logit_bias", _is_set(req.logit_bias), "logit_bias is not supported"),
+        ("stream_options", req.stream_options is not None and not req.stream,
+         "Stream options can only be defined when `stream=True`."),
+    ]
+    if isinstance(req, CompletionRequest):
+        checks += [
+            ("logprobs", req.logprobs is not None, "logprobs is not supported"),
+            ("best_of", req.best_of not in (None, 1), "only best_of=1 is supported"),
+            ("suffix", _is_set(req.suffix), "suffix is not supported"),
+        ]
+    else:
+        fmt = req.response_format or {}
+        checks += [
+            ("logprobs", bool(req.logprobs), "logprobs is not supported"),
+            ("top_logprobs", _is_set(req.top_logprobs), "top_logprobs is not supported"),
+            ("tools", _is_set(req.tools), "tools are not supported"),
+            ("tool_choice", req.tool_choice not in (None, "none", "auto"), "tool_choice is not supported"),
+            ("response_format", fmt not in ({}, {"type": "text"}), "only response_format {'type': 'text'} is supported"),
+            ("echo", req.echo, "echo is not supported for chat completions"),
+            ("continue_final_message", req.continue_final_message, "continue_final_message is not supported"),
+        ]
+    for param, bad, message in checks:
+        if bad:
+            return param, message
+    for name in _UNSUPPORTED_EXTRAS:
+        if _is_set((req.model_extra or {}).get(name)):
+            return name, f"{name} is not supported by lserve"
+    return None

@@ -1,0 +1,541 @@
+"""The OpenAI endpoints' logic: requests -> engine requests -> responses or server-sent events.
+
+Everything that can be wrong with a request is found before it reaches the engine (model name,
+unsupported fields, empty prompts, prompt + max_tokens over the context, sampling values) and
+becomes an `APIError` (400/404 with OpenAI's error body), so bad input never reaches a step that
+other requests share. Streams hold back the last few characters while a stop string could still
+be completing, so no text that a stop string later removes is ever sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from fastapi import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from lserve.entrypoints.openai.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    RequestStream,
+)
+from lserve.entrypoints.openai.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfoResponse,
+    UsageInfo,
+    unsupported_fields,
+)
+from lserve.errors import RequestRejected
+from lserve.request import RequestOutput
+from lserve.sampling_params import SamplingParams
+
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestEntityTooLargeError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body and the given HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.param)
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+# ---- the HTTP connection ---------------------------------------------------------------------
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_until_disconnect(request: Request, work: Callable[[], Any]) -> Response:
+    """Run a handler, cancelling it when the client disconnects first (its requests are then aborted).
+
+    Starlette never cancels a handler whose client left; without this a non-streaming request
+    would keep its KV pages until it finished for nobody.
+    """
+    task = asyncio.ensure_future(work())
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return task.result()
+
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events that stop, and call `on_close`, as soon as the client disconnects.
+
+    Starlette only watches for a disconnect under some ASGI versions; this always races the body
+    against the client's `http.disconnect`, so a client that leaves during a long prefill (before
+    any byte was sent) is noticed at once. `on_close` runs however the response ends, even if the
+    body generator never started.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def body() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client vanished while we were sending
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(body)
+                await _wait_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            self._on_close()
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    import json
+
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prompt:
+    token_ids: list[int]
+    text: str  # for echo; "" when not needed
+
+
+def _text_delta(text: str, sent: int, finished: bool, holdback: int) -> tuple[str, int]:
+    """The text not yet sent, minus a tail that could still turn into a stop string."""
+    end = len(text) if finished else max(sent, len(text) - holdback)
+    return text[sent:end], end
+
+
+def _holdback(params: SamplingParams) -> int:
+    return max((len(s) for s in params.stop_strings), default=1) - 1
+
+
+async def _merged(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index, output) from several streams as they arrive, until each has finished."""
+    pending = {asyncio.ensure_future(s.next()): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=lambda t: pending[t]):
+                i = pending.pop(task)
+                out = task.result()
+                yield i, out
+                if not out.finished:
+                    pending[asyncio.ensure_future(streams[i].next())] = i
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them; text parts are joined with newlines (as vLLM does)."""
+    if not messages:
+        raise APIError(400, "messages must not be empty", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if (m.model_extra or {}).get("tool_calls"):
+            raise APIError(400, "tool calls are not supported", f"messages.{i}.tool_calls")
+        if isinstance(m.content, str):
+            content = m.content
+        else:
+            texts = []
+            for j, part in enumerate(m.content):
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"only text content parts are supported, got type {part.type!r}",
+                                   f"messages.{i}.content.{j}")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        d: dict[str, Any] = {"role": m.role, "content": content}
+        if m.name is not None:
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+class OpenAIServing:
+    """Handlers of every endpoint; the FastAPI routes in `api_server` only call these."""
+
+    def __init__(self, engine: AsyncEngine, served_model_names: Sequence[str], model_root: str) -> None:
+        if not served_model_names:
+            raise ValueError("at least one served model name is needed")
+        self.engine = engine
+        self.llm_engine = engine.engine
+        self.served_model_names = list(served_model_names)
+        self.model_name = self.served_model_names[0]
+        self.model_root = model_root
+        self.max_model_len = self.llm_engine.max_model_len
+        self.vocab_size = self.llm_engine.core.arch.vocab_size
+        self.created = int(time.time())
+
+    # ---- checks ------------------------------------------------------------------------------
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.served_model_names:
+            raise APIError(404, f"The model `{name}` does not exist.", "model")
+
+    def _check_request(self, req: CompletionRequest | ChatCompletionRequest) -> None:
+        self.check_model(req.model)
+        problem = unsupported_fields(req)
+        if problem is not None:
+            raise APIError(400, problem[1], problem[0])
+
+    def _sampling_params(
+        self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_tokens: int | None, prompt_param: str
+    ) -> SamplingParams:
+        """SamplingParams with max_tokens resolved against the context (vLLM's wording when it does not fit)."""
+        limit = self.max_model_len
+        if max_tokens is None:
+            if prompt_len >= limit:
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {limit} tokens. However, you requested "
+                    f"{prompt_len} tokens in the messages, Please reduce the length of the messages.",
+                    prompt_param,
+                )
+            max_tokens = limit - prompt_len
+        elif prompt_len + max_tokens > limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
+                "Please reduce the length of the messages or completion.",
+                "max_tokens" if prompt_len < limit else prompt_param,
+            )
+        try:
+            return SamplingParams(
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=0 if req.top_k is None else req.top_k,
+                min_p=0.0 if req.min_p is None else req.min_p,
+                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                max_tokens=max_tokens,
+                stop=req.stop,
+                stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                seed=req.seed,
+                skip_special_tokens=req.skip_special_tokens,
+            )
+        except ValueError as exc:  # SamplingParams names the field first in its message
+            raise APIError(400, str(exc), str(exc).split(" ", 1)[0]) from exc
+
+    # ---- engine-thread jobs (the tokenizer is not thread-safe) ------------------------------
+
+    def _encode_prompts(self, prompts: list[str | list[int]], add_special_tokens: bool, echo: bool) -> list[_Prompt]:
+        out = []
+        for i, p in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            try:
+                ids = self.llm_engine.encode(p, add_special_tokens=add_special_tokens)
+            except RequestRejected as exc:
+                raise APIError(400, str(exc), param) from exc
+            if not ids:
+                raise APIError(400, "the prompt has no tokens", param)
+            self._check_token_ids(ids, param)
+            text = ""
+            if echo:
+                text = p if isinstance(p, str) else self._decode(ids)
+            out.append(_Prompt(ids, text))
+        return out
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is out of the vocabulary range [0, {self.vocab_size})", param)
+
+    def _decode(self, ids: list[int]) -> str:
+        tok = self.llm_engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer")
+        try:
+            return str(tok.decode(ids))
+        except Exception as exc:  # e.g. an id the model has a row for but the tokenizer does not know
+            raise APIError(400, f"cannot decode these token ids: {exc}", "tokens") from exc
+
+    def _render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, add_special_tokens: bool
+    ) -> list[int]:
+        try:
+            text = self.llm_engine.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except RequestRejected as exc:
+            raise APIError(400, str(exc), "messages") from exc
+        except Exception as exc:  # a template may raise anything (jinja errors, its own checks) on odd input
+            raise APIError(400, f"the chat template cannot render these messages: {exc}", "messages") from exc
+        ids = self.llm_engine.encode(text, add_special_tokens=add_special_tokens)
+        if not ids:
+            raise APIError(400, "the rendered conversation has no tokens", "messages")
+        return ids
+
+    # ---- completions -------------------------------------------------------------------------
+
+    async def create_completion(self, req: CompletionRequest, arrival: float) -> Response:
+        self._check_request(req)
+        prompts: list[str | list[int]]
+        if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)):
+            prompts = [req.prompt]  # type: ignore[list-item]
+        else:
+            prompts = list(req.prompt)  # type: ignore[arg-type]
+        if not prompts:
+            raise APIError(400, "the prompt must not be empty", "prompt")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise APIError(400, "the prompt must not be empty", "prompt" if len(prompts) == 1 else f"prompt.{i}")
+        encoded = await self.engine.run(self._encode_prompts, prompts, req.add_special_tokens, req.echo,
+                                        refresh_stats=False)
+        params = [self._sampling_params(req, len(p.token_ids), req.max_tokens, "prompt") for p in encoded]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        model = req.model or self.model_name  # the name the client used, as vLLM answers
+        streams = await self._add(request_id, [p.token_ids for p in encoded], params, arrival)
+        prompt_tokens = sum(len(p.token_ids) for p in encoded)
+        if req.stream:
+            opts = req.stream_options
+            body = self._completion_stream(
+                request_id, model, streams, [p.text for p in encoded], params, prompt_tokens,
+                include_usage=bool(opts and opts.include_usage), continuous=bool(opts and opts.continuous_usage_stats),
+            )
+            return EventStreamResponse(body, self._closer(streams))
+        finals = await self._collect(streams)
+        choices = [
+            CompletionChoice(index=i, text=encoded[i].text + out.outputs[0].text,
+                             finish_reason=out.outputs[0].finish_reason,  # type: ignore[arg-type]
+                             stop_reason=out.outputs[0].stop_reason)
+            for i, out in enumerate(finals)
+        ]
+        completion_tokens = sum(len(out.outputs[0].token_ids) for out in finals)
+        resp = CompletionResponse(id=request_id, created=int(time.time()), model=model, choices=choices,
+                                  usage=UsageInfo(**_usage(prompt_tokens, completion_tokens)))
+        return Response(resp.model_dump_json(), media_type="application/json")
+
+    async def _completion_stream(
+        self, request_id: str, model: str, streams: list[RequestStream], echoes: list[str],
+        params: list[SamplingParams],
+        prompt_tokens: int, include_usage: bool, continuous: bool,
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        sent = [0] * len(streams)
+        tokens = [0] * len(streams)
+        holdback = [_holdback(p) for p in params]
+
+        def chunk(index: int, text: str, finish: str | None, stop_reason: int | str | None) -> str:
+            data: dict[str, Any] = {
+                "id": request_id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish,
+                             "stop_reason": stop_reason}],
+            }
+            if include_usage:
+                data["usage"] = _usage(prompt_tokens, sum(tokens)) if continuous else None
+            return sse(data)
+
+        try:
+            for i, echo in enumerate(echoes):
+                if echo:
+                    yield chunk(i, echo, None, None)
+            async for i, out in _merged(streams):
+                comp = out.outputs[0]
+                tokens[i] = len(comp.token_ids)
+                delta, sent[i] = _text_delta(comp.text, sent[i], out.finished, holdback[i])
+                if delta or out.finished:
+                    yield chunk(i, delta, comp.finish_reason if out.finished else None,
+                                comp.stop_reason if out.finished else None)
+            if include_usage:
+                yield sse({"id": request_id, "object": "text_completion", "created": created,
+                           "model": model, "choices": [], "usage": _usage(prompt_tokens, sum(tokens))})
+        except EngineDeadError as exc:  # the status line (200) is long gone: report it in the stream
+            yield sse(error_body(503, str(exc)))
+        yield sse("[DONE]")
+
+    # ---- chat completions --------------------------------------------------------------------
+
+    async def create_chat_completion(self, req: ChatCompletionRequest, arrival: float) -> Response:
+        self._check_request(req)
+        messages = _message_dicts(req.messages)
+        ids = await self.engine.run(self._render_chat, messages, req.add_generation_prompt, req.add_special_tokens,
+                                    refresh_stats=False)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = self._sampling_params(req, len(ids), max_tokens, "messages")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        model = req.model or self.model_name
+        streams = await self._add(request_id, [ids], [params], arrival)
+        if req.stream:
+            opts = req.stream_options
+            body = self._chat_stream(request_id, model, streams[0], params, len(ids),
+                                     include_usage=bool(opts and opts.include_usage),
+                                     continuous=bool(opts and opts.continuous_usage_stats))
+            return EventStreamResponse(body, self._closer(streams))
+        out = (await self._collect(streams))[0]
+        comp = out.outputs[0]
+        resp = ChatCompletionResponse(
+            id=request_id, created=int(time.time()), model=model,
+            choices=[ChatChoice(index=0, message=AssistantMessage(content=comp.text),
+                                finish_reason=comp.finish_reason,  # type: ignore[arg-type]
+                                stop_reason=comp.stop_reason)],
+            usage=UsageInfo(**_usage(len(ids), len(comp.token_ids))),
+        )
+        return Response(resp.model_dump_json(), media_type="application/json")
+
+    async def _chat_stream(
+        self, request_id: str, model: str, stream: RequestStream, params: SamplingParams, prompt_tokens: int,
+        include_usage: bool, continuous: bool,
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        tokens = 0
+
+        def chunk(delta: dict[str, str], finish: str | None = None, stop_reason: int | str | None = None) -> str:
+            data: dict[str, Any] = {
+                "id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish,
+                             "stop_reason": stop_reason}],
+            }
+            if include_usage:
+                data["usage"] = _usage(prompt_tokens, tokens) if continuous else None
+            return sse(data)
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})  # OpenAI's first chunk carries the role
+            sent = 0
+            holdback = _holdback(params)
+            while True:
+                out = await stream.next()
+                comp = out.outputs[0]
+                tokens = len(comp.token_ids)
+                delta, sent = _text_delta(comp.text, sent, out.finished, holdback)
+                if out.finished:
+                    yield chunk({"content": delta} if delta else {}, comp.finish_reason, comp.stop_reason)
+                    break
+                if delta:
+                    yield chunk({"content": delta})
+            if include_usage:
+                yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                           "model": model, "choices": [], "usage": _usage(prompt_tokens, tokens)})
+        except EngineDeadError as exc:
+            yield sse(error_body(503, str(exc)))
+        yield sse("[DONE]")
+
+    # ---- shared request plumbing -------------------------------------------------------------
+
+    async def _add(
+        self, request_id: str, prompts: list[list[int]], params: list[SamplingParams], arrival: float
+    ) -> list[RequestStream]:
+        ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        try:
+            return await self.engine.add_requests(list(zip(ids, prompts, params)), arrival)
+        except RequestRejected as exc:
+            raise APIError(400, str(exc), "prompt") from exc
+
+    def _closer(self, streams: list[RequestStream]) -> Callable[[], None]:
+        ids = [s.request_id for s in streams]
+        return lambda: self.engine.abort(ids)
+
+    async def _collect(self, streams: list[RequestStream]) -> list[RequestOutput]:
+        """The final output of every stream; if this is cancelled (client gone) the requests are aborted."""
+        finals = []
+        try:
+            for s in streams:
+                out = await s.next()
+                while not out.finished:
+                    out = await s.next()
+                finals.append(out)
+        finally:
+            self.engine.abort([s.request_id for s in streams])  # a no-op for finished requests
+        return finals
+
+    # ---- small endpoints ---------------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        return ModelList(data=[
+            ModelCard(id=name, created=self.created, root=self.model_root, max_model_len=self.max_model_len)
+            for name in self.served_model_names
+        ])
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt")
+        if self.llm_engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        if req.messages is not None:
+            messages = _message_dicts(req.messages)
+            add_special = bool(req.add_special_tokens)
+            ids = await self.engine.run(self._render_chat, messages, req.add_generation_prompt, add_special,
+                                        refresh_stats=False)
+        else:
+            add_special = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = await self.engine.run(self.llm_engine.encode, req.prompt, add_special, refresh_stats=False)
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self.check_model(req.model)
+        self._check_token_ids(req.tokens, "tokens")
+        text = await self.engine.run(self._decode, req.tokens, refresh_stats=False)
+        return DetokenizeResponse(prompt=text)
+
+    def tokenizer_info(self) -> TokenizerInfoResponse:
+        tok = self.llm_engine.tokenizer
+        if tok is None:
+            raise APIError(404, "this model has no tokenizer")
+
+        def token(name: str) -> str | None:
+            value = getattr(tok, name, None)
+            return value if isinstance(value, str) else None
+
+        template = getattr(tok, "chat_template", None)
+        return TokenizerInfoResponse(
+            tokenizer_class=type(tok).__name__, eos_token=token("eos_token"), bos_token=token("bos_token"),
+            pad_token=token("pad_token"), chat_template=template if isinstance(template, str) else None,
+            max_model_len=self.max_model_len,
+        )

@@ -1,0 +1,249 @@
+"""The ring pool for streaming heads and decode page selection, in both backends, against references.
+
+An engine-like simulation: two sequences prefill in chunks and then decode, their streaming heads
+wrapping around a ring of a few pages and their dense heads reading pages chosen by the selector
+(re-selected every `INTERVAL` steps). Every layer's output is compared with a brute-force
+reference computed on a separate cache that keeps the whole history of every head: the Λ mask
+for streaming heads, and for dense heads the pages a from-scratch Quest selection would pick.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lserve.attention.metadata import build_metadata
+from lserve.attention.page_selector import PageSelector
+from lserve.attention.sparsity import HeadSparsity
+from lserve.attention.torch_backend import (
+    TorchAttentionBackend,
+    page_scores_torch,
+    update_key_stats,
+    write_kv,
+)
+from lserve.attention.triton_backend import TritonAttentionBackend
+from lserve.kv_cache.layout import KVCache, KVCacheTensors, KVShape, RingGeometry
+from lserve.ops import reference as ref
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = 5e-3 if DEVICE.type == "cuda" else 1e-4
+
+PAGE, LOGICAL, D, HQ, HKV = 16, 8, 32, 8, 4
+MAX_CHUNK = 24
+INTERVAL = 3
+DENSE_LAYERS = 1  # layer 0 reads every page; layer 2 selects (layer 1 has only streaming heads)
+FLAGS = ([True, False, True, False], [True, True, True, True], [False, True, False, False])
+WINDOWS = dict(prefill_sink=5, prefill_local=20, decode_sink=3, decode_local=13)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert not torch.isnan(a).any()
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12))
+
+
+def brute_force_pages(q: torch.Tensor, keys: torch.Tensor, seq_len: int, keep: int, anchor: int) -> list[int]:
+    """The `keep` older pages (< anchor) with the highest Quest bound of q (G, D) over keys (L, D),
+    summed over the GQA group."""
+    scores = []
+    for p in range(anchor):
+        best = float("-inf")
+        for start in range(p * PAGE, min((p + 1) * PAGE, seq_len), LOGICAL):
+            block = keys[start : min(start + LOGICAL, seq_len)].double()
+            lo, hi = block.amin(0), block.amax(0)
+            bound = torch.maximum(q.double() * hi, q.double() * lo).sum(-1).sum()  # summed over the GQA group
+            best = max(best, float(bound))
+        scores.append((best, p))
+    return sorted(p for _, p in sorted(scores, reverse=True)[:keep])
+
+
+class RingSim:
+    def __init__(self, backend_cls: type, token_budget: int, seed: int) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+        rng = random.Random(seed)
+        flags = tuple(torch.tensor(f, device=DEVICE) for f in FLAGS)
+        self.sparsity = HeadSparsity(flags, **WINDOWS)
+        self.geometry = RingGeometry.plan(PAGE, 5, 20, MAX_CHUNK, max_model_len=400)
+        assert self.geometry.ring_pages and self.geometry.pages_per_seq * PAGE < 100  # it must wrap
+        n_stream = tuple(sum(f) for f in FLAGS)
+        paged = KVCacheTensors(KVShape(3, HKV, D, PAGE, torch.float32, tuple(HKV - n for n in n_stream)), 30,
+                               DEVICE, LOGICAL)
+        ring = KVCacheTensors(KVShape(3, HKV, D, PAGE, torch.float32, n_stream), 2 * self.geometry.pages_per_seq,
+                              DEVICE)
+        for t in (*paged.k, *paged.v, *ring.k, *ring.v):
+            t.fill_(float("nan"))
+        self.cache = KVCache(paged, ring, flags, self.geometry)
+        self.selector = None
+        if token_budget:
+            self.selector = PageSelector([HKV - n for n in n_stream], PAGE, token_budget, INTERVAL, 2, DEVICE,
+                                         num_dense_layers=DENSE_LAYERS, aggregate="sum")
+        self.backend = backend_cls(self.cache, HQ, D**-0.5, self.sparsity, self.selector)
+        # the full history of every head, for the references
+        self.full = KVCacheTensors(KVShape(3, HKV, D, PAGE, torch.float32), 30, DEVICE)
+        pool = list(range(30))
+        rng.shuffle(pool)
+        self.tables = [[pool.pop() for _ in range(8)], [pool.pop() for _ in range(8)]]
+        self.seats = [1, 0]
+
+    def step(self, plan: list[tuple[int, int, int]], num_decodes: int):
+        """plan: (sequence, tokens before, new tokens) -> per layer (q, out, md)."""
+        qlens = [n for _, _, n in plan]
+        seq_lens = [b + n for _, b, n in plan]
+        seqs = [s for s, _, _ in plan]
+        md = build_metadata(qlens, seq_lens, [self.tables[s] for s in seqs], num_decodes, PAGE, DEVICE,
+                            seats=[self.seats[s] for s in seqs], ring=self.geometry,
+                            request_ids=[f"r{s}" for s in seqs])
+        self.backend.prepare(md)
+        t = sum(qlens)
+        per_layer = []
+        for layer in range(3):
+            q = torch.randn((t, HQ, D), generator=self.gen).to(DEVICE)
+            k = torch.randn((t, HKV, D), generator=self.gen).to(DEVICE)
+            v = torch.randn((t, HKV, D), generator=self.gen).to(DEVICE)
+            write_kv(self.full.k[layer], self.full.v[layer], k, v, md.slot_mapping)
+            per_layer.append((q, self.backend.forward(q, k, v, layer, md)))
+        return md, seqs, seq_lens, per_layer
+
+
+def _schedule() -> list[tuple[list[tuple[int, int, int]], int]]:
+    """Seq 0: an 80-token prompt in chunks of 24 while seq 1 (a 30-token prompt) starts decoding."""
+    steps = [([(1, 0, 24), (0, 0, 24)], 0), ([(1, 24, 6), (0, 24, 24)], 0), ([(1, 30, 1), (0, 48, 24)], 1)]
+    steps.append(([(1, 31, 1), (0, 72, 8)], 1))
+    for i in range(14):  # both decode, past the ring's length and across page boundaries
+        steps.append(([(0, 80 + i, 1), (1, 32 + i, 1)], 2))
+    return steps
+
+
+def _run(backend_cls: type, token_budget: int, seed: int = 0):
+    sim = RingSim(backend_cls, token_budget, seed)
+    return sim, [sim.step(plan, nd) for plan, nd in _schedule()]
+
+
+def _check_against_reference(sim: RingSim, steps, token_budget: int) -> list[dict]:
+    sp = sim.sparsity
+    keep = token_budget // PAGE - 1
+    state: dict[int, tuple[int, int]] = {}  # seq -> (anchor, age) of its live selection
+    last_top: dict[tuple[int, int, int], list[int]] = {}  # (seq, layer, head) -> its stored older pages
+    chosen_log = []
+    for md, seqs, seq_lens, per_layer in steps:
+        nd = md.num_decodes
+        tables = [sim.tables[s] for s in seqs]
+        lists: dict[int, dict[tuple[int, int], list[int]]] = {layer: {} for layer in range(3)}
+        if token_budget:
+            for b in range(nd):
+                n = -(-seq_lens[b] // PAGE)
+                if n <= token_budget // PAGE:
+                    state.pop(seqs[b], None)
+                    continue
+                old = state.get(seqs[b])
+                if old is None or old[1] + 1 >= INTERVAL or n - old[0] > sim.selector.tail_width:
+                    state[seqs[b]] = (n - 1, 0)
+                    for layer, (q, _) in enumerate(per_layer):
+                        if layer < DENSE_LAYERS:
+                            continue
+                        keys = ref.gather_sequence(sim.full.k[layer], tables[b], seq_lens[b])
+                        for h in range(HKV):
+                            top = brute_force_pages(q[b, 2 * h : 2 * h + 2], keys[:, h], seq_lens[b], keep, n - 1)
+                            lists[layer][(b, h)] = top
+                    chosen_log.append({"seq": seqs[b], "len": seq_lens[b], "recompute": True})
+                else:
+                    state[seqs[b]] = (old[0], old[1] + 1)
+                    chosen_log.append({"seq": seqs[b], "len": seq_lens[b], "recompute": False})
+                anchor = state[seqs[b]][0]
+                for layer in range(DENSE_LAYERS, 3):
+                    for h in range(HKV):
+                        top = lists[layer].get((b, h), last_top.get((seqs[b], layer, h), []))
+                        last_top[(seqs[b], layer, h)] = top
+                        lists[layer][(b, h)] = sorted(set(top) | set(range(anchor, n)))
+        for layer, (q, out) in enumerate(per_layer):
+            flags = sp.streaming_heads[layer]
+            if nd:
+                exp = ref.sparse_decode_ref(q[:nd], sim.full.k[layer], sim.full.v[layer], seq_lens[:nd], tables[:nd],
+                                            D**-0.5, flags, sp.decode_sink, sp.decode_local, lists[layer] or None)
+                assert _rel(out[:nd], exp) < 1e-5, (layer, seq_lens)
+            if md.num_prefills:
+                starts = [0]
+                for n in md.query_lens_cpu:
+                    starts.append(starts[-1] + n)
+                pre = slice(starts[nd], starts[-1])
+                exp = ref.sparse_prefill_ref(q[pre], sim.full.k[layer], sim.full.v[layer],
+                                             [s - starts[nd] for s in starts[nd:]], seq_lens[nd:], tables[nd:],
+                                             D**-0.5, flags, sp.prefill_sink, sp.prefill_local)
+                assert _rel(out[pre], exp) < 1e-5, (layer, seq_lens)
+    return chosen_log
+
+
+@pytest.mark.parametrize("token_budget", [0, 3 * PAGE], ids=["ring", "ring+selection"])
+def test_torch_backend_ring_pool_and_selection_match_the_reference(token_budget: int) -> None:
+    sim, steps = _run(TorchAttentionBackend, token_budget)
+    log = _check_against_reference(sim, steps, token_budget)
+    if token_budget:
+        # seq 0 decodes 14 steps past the budget: selections on steps 0, 3, 6, 9, 12 of its own count
+        recomputes = [e["recompute"] for e in log if e["seq"] == 0]
+        assert recomputes == [i % INTERVAL == 0 for i in range(14)]
+        assert sim.selector.num_selections["r0"] == 5
+
+
+@pytest.mark.parametrize("token_budget", [0, 3 * PAGE], ids=["ring", "ring+selection"])
+def test_triton_backend_matches_the_torch_backend(token_budget: int) -> None:
+    _, a = _run(TorchAttentionBackend, token_budget)
+    _, b = _run(TritonAttentionBackend, token_budget)
+    for (_, _, _, la), (_, _, _, lb) in zip(a, b):
+        for (_, out_a), (_, out_b) in zip(la, lb):
+            assert _rel(out_b, out_a) < TOL
+
+
+def test_selection_changes_the_output_and_a_large_budget_does_not() -> None:
+    """Negative test: a small budget is not silently dense; a budget over the context is exact."""
+    _, dense = _run(TorchAttentionBackend, 0)
+    _, small = _run(TorchAttentionBackend, 3 * PAGE)
+    _, large = _run(TorchAttentionBackend, 512)
+    last = -1  # the final decode step: both sequences are far past 3 pages
+    diffs = [_rel(s[1][:2], d[1][:2]) for s, d in zip(small[last][3], dense[last][3])]
+    assert max(diffs) > 1e-2
+    for s, d in zip(large[last][3], dense[last][3]):
+        assert torch.equal(s[1], d[1])
+
+
+def test_ring_pool_memory_is_constant_in_context_length() -> None:
+    geo = RingGeometry.plan(64, sink=128, local=8192, max_chunk=8192, max_model_len=262144)
+    assert geo.pages_per_seq == 2 + 256  # sink pages + ring pages; independent of the context
+    mapping = geo.logical_to_ring(4096).tolist()
+    assert max(mapping) == geo.pages_per_seq - 1 and mapping[:2] == [0, 1]
+    assert mapping[2] == mapping[2 + 256] == 2  # the ring wraps after 256 local pages
+    short = RingGeometry.plan(64, sink=128, local=8192, max_chunk=8192, max_model_len=8192)
+    assert short.ring_pages == 0 and short.pages_per_seq == 128  # a short model: no wrap needed
+
+
+def test_key_statistics_across_page_boundaries_in_decode() -> None:
+    """Prefill then one token at a time: the torch statistics equal the op reference after every step."""
+    gen = torch.Generator().manual_seed(5)
+    rows = 4 * PAGE // LOGICAL
+    k_cache = torch.zeros((4, PAGE, 2, D))
+    mins = [torch.full((rows, 2, D), 7.0) for _ in range(2)]  # stale values from an earlier owner
+    maxs = [torch.full((rows, 2, D), -7.0) for _ in range(2)]
+    pages = [2, 0, 3]
+    pos = list(range(13))
+    for step in range(30):
+        slots = torch.tensor([pages[p // PAGE] * PAGE + p % PAGE for p in pos])
+        k = torch.randn((len(pos), 2, D), generator=gen)
+        ref.kv_append_ref(k, k, slots, k_cache, k_cache.clone(), mins[0], maxs[0], LOGICAL)
+        update_key_stats(mins[1], maxs[1], k, slots, LOGICAL)
+        assert torch.equal(mins[0], mins[1]) and torch.equal(maxs[0], maxs[1]), step
+        pos = [pos[-1] + 1]
+
+
+def test_page_scores_torch_equals_the_reference() -> None:
+    gen = torch.Generator().manual_seed(2)
+    rows = 10 * PAGE // LOGICAL
+    k_min = torch.randn((rows, 2, D), generator=gen)
+    k_max = k_min + torch.rand((rows, 2, D), generator=gen)
+    q = torch.randn((2, 6, D), generator=gen)
+    tables = [[3, 1, 7, 2], [5, 0, 9, 0]]
+    seq_lens = [57, 35]
+    for aggregate in ("max", "sum"):
+        got = page_scores_torch(q, k_min, k_max, torch.tensor(tables, dtype=torch.int32), torch.tensor(seq_lens),
+                                PAGE, LOGICAL, aggregate)
+        exp = ref.page_scores_ref(q, k_min, k_max, tables, seq_lens, PAGE, LOGICAL, aggregate)
+        assert torch.allclose(got.double(), exp, atol=1e-4), aggregate
