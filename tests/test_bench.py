@@ -35,23 +35,28 @@ def _error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if "error" in line.lower()]
 
 
-def test_offline_bench_dense_vs_other_configs(tiny_model: Path, tmp_path: Path, capsys) -> None:
+def test_offline_bench_dense_vs_sparse_configs(tiny_model: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
+    pattern = tmp_path / "heads.tsv"
+    pattern.write_text("0.9\t0.1\n0.2\t0.8\n")  # layer 0 streams head 1, layer 1 head 0
+    stream = (f"stream:page_size=16,attn_pattern={pattern},streaming_sparsity=0.5,prefill_sink_tokens=16,"
+              "decode_sink_tokens=16,prefill_local_tokens=32,decode_local_tokens=32,max_num_batched_tokens=32")
     rc = main(["bench", "--model", str(tiny_model), "--load-format", "dummy", "--device", "cpu",
                "--input-len", "100", "--output-len", "8", "--batch-size", "1,3", "--compare", "dense:",
-               "--compare", "p16:page_size=16", "--compare", "budget:token_budget=64", "--output-json", str(out)])
+               "--compare", "p16:page_size=16", "--compare", stream,
+               "--compare", "sel:page_size=16,token_budget=32,num_dense_layers=0",
+               "--compare", "bad:attn_pattern=/nonexistent/p.tsv,streaming_sparsity=0.5", "--output-json", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "Traceback" not in captured.out + captured.err
     assert "hardware: CPU" in captured.out and "2 layers, 4 query / 2 KV heads, head dim 16" in captured.out
     assert "| 100 | 8 | 3 | p16 |" in captured.out
-    expected = ("budget: failed: NotSupportedError: dynamic page selection (token_budget > 0) is not implemented "
-                "yet; use token_budget=0")
-    assert [line for line in captured.out.splitlines() if "budget: failed" in line] == [expected]
+    assert [line for line in captured.out.splitlines() if "bad: failed" in line] == [
+        "bad: failed: PatternError: head pattern '/nonexistent/p.tsv' does not exist"]
     data = json.loads(out.read_text())
     assert data["engine_settings"]["max_model_len"] == 108 and data["engine_settings"]["max_num_seqs"] == 3
     rows = {(r["config"], r["batch_size"]): r for r in data["results"]}
-    assert len(rows) == 6
+    assert len(rows) == 10
     bytes_per_token = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, dim 16, float32
     for page, name in ((64, "dense"), (16, "p16")):
         for batch in (1, 3):
@@ -61,14 +66,23 @@ def test_offline_bench_dense_vs_other_configs(tiny_model: Path, tmp_path: Path, 
             assert r["tpot_s"] == pytest.approx(r["decode_time_s"] / 7)
             assert r["output_tok_s"] == pytest.approx(batch * 8 / r["total_time_s"])
             pages = math.ceil(107 / page)  # the last sampled token never enters the cache
-            assert r["kv_pages_peak"] == batch * pages
-            assert r["kv_bytes_per_seq"] == pages * page * bytes_per_token
+            assert r["kv_pages_peak"] == batch * pages  # measured
+            assert r["kv_bytes_per_seq"] == pages * page * bytes_per_token  # the engine's accounting
             assert r["kv_bytes_per_seq_full"] == 108 * bytes_per_token
+            assert r["decode_pages_read_fraction"] == 1.0
     p16 = rows[("p16", 3)]["ratios"]
     assert p16["kv_memory_ratio"] == pytest.approx((7 * 16) / (2 * 64))
     assert p16["prefill_speedup"] > 0 and p16["tpot_speedup"] > 0
     assert rows[("dense", 1)]["ratios"] == {}
-    assert rows[("budget", 1)]["status"] == "failed" and rows[("budget", 1)]["prefill_latency_s"] is None
+    # streaming heads: the dense half in 7 pages of 16 tokens, the streaming half in a sink + ring block
+    # of 1 + ceil((32 + 32) / 16) = 5 pages; decode reads fewer pages than dense
+    streaming = rows[("stream", 3)]
+    assert streaming["kv_bytes_per_seq"] == (7 + 5) * 16 * bytes_per_token // 2
+    assert streaming["ratios"]["kv_memory_ratio"] < p16["kv_memory_ratio"]
+    assert streaming["decode_pages_read_fraction"] < 1.0
+    selected = rows[("sel", 1)]  # a 32-token budget: 2 of 7 pages per dense head per step
+    assert selected["status"] == "ok" and selected["decode_pages_read_fraction"] == pytest.approx(2 / 7)
+    assert rows[("bad", 1)]["status"] == "failed" and rows[("bad", 1)]["prefill_latency_s"] is None
 
 
 def test_shipped_dummy_configs_resolve() -> None:
@@ -163,3 +177,21 @@ def test_arrivals_and_percentiles() -> None:
     values = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
     for p in (1, 50, 90, 99, 100):
         assert _percentile(values, p) == pytest.approx(float(np.percentile(values, p)))
+
+
+def test_random_head_pattern_option(tmp_path: Path) -> None:
+    from lserve.bench.command import _with_random_pattern
+    from lserve.eval.options import ConfigSpec, parse_compare
+    from lserve.sparse.patterns import load_pattern
+
+    arch, _ = read_arch_config(resolve_source("dummy:llama-3-8b", "auto"))
+    spec = parse_compare("sparse:attn_pattern=random,streaming_sparsity=0.5")
+    made = _with_random_pattern(spec, arch, tmp_path, seed=0)
+    assert made.overrides["streaming_sparsity"] == 0.5 and made.overrides["attn_pattern"] != "random"
+    pattern = load_pattern(made.overrides["attn_pattern"])
+    pattern.check_model(32, 8)
+    again = load_pattern(_with_random_pattern(ConfigSpec("b", spec.overrides), arch, tmp_path, seed=0)
+                         .overrides["attn_pattern"])
+    assert bool((pattern.scores == again.scores).all())  # seeded
+    plain = ConfigSpec("dense")
+    assert _with_random_pattern(plain, arch, tmp_path, seed=0) is plain

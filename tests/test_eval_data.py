@@ -226,3 +226,18 @@ def test_subtask_names() -> None:
     assert parse_subtasks("vt,cwe,vt") == ["vt", "cwe"]
     with pytest.raises(ValueError, match="unknown ruler subtask 'nope'"):
         parse_subtasks("vt,nope")
+
+
+def test_niah_with_a_user_haystack_file(fmt, tokenizer, tmp_path) -> None:
+    text = "Octopuses have three hearts.  Honey never spoils!\nBananas are berries? Yes, they are.\n"
+    path = tmp_path / "facts.txt"
+    path.write_text(text)
+    samples = make_niah_samples(fmt, [600], [0.5], haystack_file=path)
+    s = samples[0]
+    _check_length(s, tokenizer)
+    assert "Octopuses have three hearts. Honey never spoils! Bananas are berries?" in s.user_text
+    assert s.user_text.count(f"is {s.answers[0]}.") == 1 and "Maria" not in s.user_text  # no generated prose
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match="holds no text"):
+        make_niah_samples(fmt, [600], [0.5], haystack_file=empty)

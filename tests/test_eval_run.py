@@ -27,20 +27,21 @@ def _error_lines(text: str) -> list[str]:
 def test_passkey_eval_with_a_failing_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     rc = main(["eval", "--task", "passkey", "--lengths", "256,320", "--num-samples", "1", "--output-dir", str(out),
-               "--compare", "dense:", "--compare", "budget:token_budget=64", "--dtype", "float32", "--device", "cpu",
+               "--compare", "dense:", "--compare", "bad:attn_pattern=/nonexistent/p.tsv,streaming_sparsity=0.5",
+               "--dtype", "float32", "--device", "cpu",
                "--max-tokens", "8"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "Traceback" not in captured.out + captured.err
     table = captured.out
-    assert "| length | dense | budget |" in table
+    assert "| length | dense | bad |" in table
     assert re.search(r"\| 256 \| \d+% \(\d/1\) \| failed \|", table)
-    failures = [line for line in table.splitlines() if line.startswith("budget: failed:")]
-    assert len(failures) == 1 and "NotSupportedError" in failures[0]
+    failures = [line for line in table.splitlines() if line.startswith("bad: failed:")]
+    assert failures == ["bad: failed: PatternError: head pattern '/nonexistent/p.tsv' does not exist"]
     data = json.loads((out / "passkey.json").read_text())
-    dense, budget = data["configs"]
+    dense, bad = data["configs"]
     assert dense["status"] == "ok" and 0 <= dense["accuracy"] <= 100 and set(dense["by_length"]) == {"256", "320"}
-    assert budget["status"] == "failed" and "token_budget" in budget["error"] and budget["accuracy"] is None
+    assert bad["status"] == "failed" and "PatternError" in bad["error"] and bad["accuracy"] is None
     assert data["model"] == "SmolLM2-135M-Instruct" and data["lengths"] == [256, 320]
     for s in data["samples"]:
         assert s["num_tokens"] <= s["length"] and s["num_tokens"] >= 0.98 * s["length"]
@@ -100,9 +101,10 @@ def test_length_over_the_model_limit_is_one_line(tmp_path: Path, capsys: pytest.
     (["--task", "niah", "--haystack-file", "/nonexistent/x.txt"], "does not exist"),
     (["--task", "passkey", "--base-url", "ftp://x"], "bad --base-url"),
     (["--task", "passkey", "--lengths", "20"], "too short for the passkey prompt"),
+    (["--task", "passkey", "--output-dir", "/proc/no/such"], "cannot create --output-dir /proc/no/such"),
 ])
 def test_bad_input_is_one_line(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["eval", *args, "--output-dir", str(tmp_path)])
+    rc = main(["eval", "--output-dir", str(tmp_path), *args])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     lines = _error_lines(err)
@@ -156,3 +158,14 @@ def test_unreachable_server_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     lines = _error_lines(err)
     assert rc == 1 and len(lines) == 1 and "cannot get the model name from http://127.0.0.1:9/v1/models" in lines[0]
+
+
+def test_help_lists_the_tools(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, flags in (("eval", ("--task", "--compare", "--base-url", "--depths", "--streaming-sparsity")),
+                           ("bench", ("--dummy-config", "--input-len", "--max-concurrency", "--compare"))):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        for flag in flags:
+            assert flag in out, (command, flag)

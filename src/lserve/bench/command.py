@@ -12,16 +12,20 @@ import argparse
 import itertools
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lserve.config import engine_fields
 from lserve.eval.options import (
+    ConfigSpec,
     check_engine_settings,
     parse_compare_list,
     parse_size_list,
 )
+
+RANDOM_PATTERN = "random"
 
 
 def add_bench_parser(sub: Any, add_engine_flags: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -38,7 +42,8 @@ def add_bench_parser(sub: Any, add_engine_flags: Callable[[argparse.ArgumentPars
     p.add_argument("--output-len", default="64", help="generated tokens, comma-separated (default: 64)")
     p.add_argument("--batch-size", default="1", help="sequences per batch, comma-separated (default: 1)")
     p.add_argument("--compare", action="append", metavar="NAME:FIELD=VALUE,...",
-                   help="an engine configuration (repeatable); ratios are against the first")
+                   help="an engine configuration (repeatable); ratios are against the first. attn_pattern=random "
+                   "makes a seeded random head pattern of the model's shape (for speed work on dummy models)")
     p.add_argument("--num-warmups", type=int, default=1,
                    help="untimed short runs (same batch size) before each case (default: 1)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the random prompts (default: 0)")
@@ -83,6 +88,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.num_warmups < 0:
         raise ValueError(f"--num-warmups must be >= 0, got {args.num_warmups}")
     base = _base_kwargs(args)
+    if args.output_json is not None:  # fail now rather than after a long run
+        try:
+            args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cannot create the folder of --output-json {args.output_json}: {exc}") from exc
     if args.base_url:
         return _run_server(args, base, inputs, outputs)
     return _run_offline(args, base, inputs, outputs, batches)
@@ -91,8 +101,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
 def _run_offline(
     args: argparse.Namespace, base: dict[str, Any], inputs: list[int], outputs: list[int], batches: list[int]
 ) -> int:
-    from lserve.bench.offline import Case, add_ratios, bench_config, format_results
-    from lserve.eval.system import hardware_description, model_info
+    from lserve.bench.offline import Case
+    from lserve.eval.system import model_info
 
     specs = parse_compare_list(args.compare)
     need = max(inputs) + max(outputs)
@@ -106,13 +116,40 @@ def _run_offline(
     elif need > info.limit:
         raise ValueError(f"input + output = {need} tokens exceeds max_model_len={info.limit}")
     cases = [Case(i, o, b) for i, o, b in itertools.product(inputs, outputs, batches)]
+    with tempfile.TemporaryDirectory(prefix="lserve-bench-") as tmp:
+        run_specs = [_with_random_pattern(s, info.arch, Path(tmp), args.data_seed) for s in specs]
+        return _report_offline(args, base, info, specs, run_specs, cases)
+
+
+def _with_random_pattern(spec: ConfigSpec, arch: Any, folder: Path, seed: int) -> ConfigSpec:
+    """`attn_pattern=random`: a seeded random head pattern of the model's shape (speed does not
+    depend on which heads stream), written to `folder` for the engine to load."""
+    if spec.overrides.get("attn_pattern") != RANDOM_PATTERN:
+        return spec
+    import torch
+
+    from lserve.sparse.patterns import HeadPattern, save_pattern
+
+    scores = torch.rand((arch.num_layers, arch.num_kv_heads), generator=torch.Generator().manual_seed(seed))
+    path = save_pattern(HeadPattern(scores, {"method": "random (lserve bench attn_pattern=random)"}),
+                        folder / f"{spec.name}-random-heads.json")
+    return ConfigSpec(spec.name, {**spec.overrides, "attn_pattern": str(path)})
+
+
+def _report_offline(
+    args: argparse.Namespace, base: dict[str, Any], info: Any, specs: list[ConfigSpec], run_specs: list[ConfigSpec],
+    cases: list[Any],
+) -> int:
+    from lserve.bench.offline import add_ratios, bench_config, format_results
+    from lserve.eval.system import hardware_description
+
     hardware = hardware_description(base.get("device", "auto"))
     print(f"hardware: {hardware}")
     print(f"model: {info.name} ({info.load_format}; {info.shape()})")
     print(f"cases: {len(cases)} (input {args.input_len}, output {args.output_len}, batch {args.batch_size}); "
           f"configurations: {', '.join(s.describe() for s in specs)}", flush=True)
     results = []
-    for spec in specs:
+    for spec in run_specs:
         print(f"running {spec.name} ...", file=sys.stderr, flush=True)
         results.extend(bench_config(spec, base, cases, args.data_seed, args.num_warmups))
     add_ratios(results)

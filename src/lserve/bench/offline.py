@@ -10,11 +10,12 @@ tokens are on the CPU, so GPU work is finished):
 - TTFT: per request, from adding the batch to its first token (mean over the batch);
 - TPOT: (end - prefill latency) / (output_len - 1): the decode steps after the first token;
 - throughput: output tokens / total time (and input + output tokens / total time);
-- KV memory per sequence: the most KV pages in use during the case (`EngineStats.kv_pages_used`)
-  times the bytes of one page over all layers (`KVShape.bytes_per_page` of the engine's paged
-  pool), divided by the batch size. It counts page rounding and the pages reserved for the
-  tokens being generated. A second pool (the streaming heads' ring cache) must be added in
-  `kv_pools` when the engine grows one;
+- KV memory per sequence: what one sequence of the case holds at its longest (input + output - 1
+  tokens; the last sampled token never enters the cache), by the engine's own accounting
+  (`EngineCore.kv_bytes_per_sequence`): its paged-pool pages (dense heads only when there are
+  streaming heads; key statistics included with page selection), page rounding included, plus
+  its constant ring block when there are streaming heads. The peak of `EngineStats.kv_pages_used`
+  is reported beside it (`kv_pages_peak`, paged pool, whole batch) as a measured cross-check;
 - pages-read fraction: decode KV pages read / pages a dense decode would read, from the engine's
   counters over the timed case (`EngineStats.decode_pages_read` and `decode_pages_dense`).
 """
@@ -60,7 +61,7 @@ class CaseResult:
     output_tok_s: float | None = None
     total_tok_s: float | None = None
     kv_pages_peak: int | None = None
-    kv_bytes_per_seq: float | None = None
+    kv_bytes_per_seq: int | None = None
     kv_bytes_per_seq_full: int | None = None
     """What a contiguous dense cache needs for input + output tokens (no paging, no sparsity)."""
     decode_pages_read_fraction: float | None = None
@@ -79,13 +80,6 @@ def random_prompts(vocab_size: int, case: Case, seed: int) -> list[list[int]]:
     return torch.randint(0, vocab_size, (case.batch_size, case.input_len), generator=gen).tolist()
 
 
-def kv_pools(llm: Any) -> list[tuple[int, int]]:
-    """(pages in use now, bytes per page) for each KV pool of the engine (today: the paged pool)."""
-    engine = llm.llm_engine
-    stats = engine.get_stats()
-    return [(stats.kv_pages_used, engine.core.kv_tensors.shape.bytes_per_page)]
-
-
 def run_case(llm: Any, case: Case, seed: int) -> dict[str, Any]:
     """Time one static batch through the engine's step loop; returns the measured fields."""
     from lserve.sampling_params import SamplingParams
@@ -95,7 +89,7 @@ def run_case(llm: Any, case: Case, seed: int) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=case.output_len, ignore_eos=True)
     before = engine.get_stats()
     first: dict[str, float] = {}
-    peak_pages = peak_bytes = 0
+    peak_pages = 0
     all_first: float | None = None
     ids: list[str] = []
     start = time.perf_counter()
@@ -109,9 +103,7 @@ def run_case(llm: Any, case: Case, seed: int) -> dict[str, Any]:
                 first.setdefault(out.request_id, now)
             if all_first is None and len(first) == case.batch_size:
                 all_first = now
-            pools = kv_pools(llm)
-            peak_pages = max(peak_pages, sum(p for p, _ in pools))
-            peak_bytes = max(peak_bytes, sum(p * b for p, b in pools))
+            peak_pages = max(peak_pages, engine.get_stats().kv_pages_used)
     except BaseException:
         for request_id in ids:  # leave the engine clean for the next case
             engine.abort_request(request_id)
@@ -135,7 +127,7 @@ def run_case(llm: Any, case: Case, seed: int) -> dict[str, Any]:
         "output_tok_s": batch * n_out / (end - start),
         "total_tok_s": batch * (n_in + n_out) / (end - start),
         "kv_pages_peak": peak_pages,
-        "kv_bytes_per_seq": peak_bytes / batch,
+        "kv_bytes_per_seq": engine.core.kv_bytes_per_sequence(n_in + n_out - 1),
         "kv_bytes_per_seq_full": (n_in + n_out) * arch.kv_bytes_per_token * elem,
         "decode_pages_read_fraction": (after.decode_pages_read - before.decode_pages_read) / dense if dense else None,
     }

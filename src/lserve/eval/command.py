@@ -162,6 +162,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
     base = _engine_kwargs(args)
     base.setdefault("max_num_seqs", min(args.batch_size, 256))
     check_engine_settings(base, specs)
+    try:  # fail now rather than after a long run
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create --output-dir {args.output_dir}: {exc.strerror or exc}") from exc
 
     from lserve.eval.report import (
         failure_lines,
