@@ -62,8 +62,14 @@ def test_token_budget_below_two_pages() -> None:
     _one_line_error(run_cli("generate", "--prompt", "hi", "--token-budget", "100"), "token_budget")
 
 
-def test_streaming_without_a_pattern() -> None:
-    _one_line_error(run_cli("generate", "--prompt", "hi", "--streaming-sparsity", "0.5"), "needs a head pattern")
+def test_streaming_without_a_pattern(tmp_path: Path) -> None:
+    # the default model ships a pattern (lserve/patterns/), so ask for a model that has none
+    from tests.helpers_models import hf_config
+
+    hf_config().save_pretrained(str(tmp_path / "tiny-no-pattern"))
+    proc = run_cli("generate", "--prompt", "hi", "--model", str(tmp_path / "tiny-no-pattern"),
+                   "--load-format", "dummy", "--streaming-sparsity", "0.5")
+    _one_line_error(proc, "needs a head pattern and none ships for tiny-no-pattern")
 
 
 def test_pattern_of_the_wrong_shape(tmp_path: Path) -> None:
