@@ -105,7 +105,7 @@ def test_preemption_with_ring_pool_and_selection_matches_one_at_a_time(pattern_p
     tiny = _streaming_llm(pattern_path, page_size=16, num_kv_pages=48, max_num_batched_tokens=64,
                           token_budget=64, selector_interval=1, num_dense_layers=1)
     prompts = [LONG[:700], "Tell me about " + FILLER * 12, "Describe this: " + FILLER * 10, SHORT]
-    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     expected = [tiny.generate(p, greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
     outs = tiny.generate(prompts, greedy, use_tqdm=False)
     core = tiny.engine.core
