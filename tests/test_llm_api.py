@@ -116,9 +116,12 @@ def test_request_that_can_never_fit_is_rejected_not_hung() -> None:
     assert _all_pages_free(llm)
 
 
-def test_sparse_settings_not_yet_supported_fail_loudly() -> None:
+def test_sparse_settings_not_yet_supported_fail_loudly(tmp_path) -> None:
+    from tests.helpers_models import hf_config
+
+    hf_config().save_pretrained(str(tmp_path / "tiny"))  # a model with no shipped pattern (the default has one)
     with pytest.raises(LServeError, match="needs a head pattern"):
-        LLM(streaming_sparsity=0.5)  # no calibrated pattern ships for the default model yet
+        LLM(model=str(tmp_path / "tiny"), load_format="dummy", streaming_sparsity=0.5)
     with pytest.raises(NotSupportedError, match="token_budget"):
         LLM(token_budget=4096)
     with pytest.raises(ValueError, match="streaming_sparsity"):
