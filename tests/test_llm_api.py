@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lserve import LLM, RequestRejected, SamplingParams
+from lserve import LLM, LServeError, RequestRejected, SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +116,12 @@ def test_request_that_can_never_fit_is_rejected_not_hung() -> None:
     assert _all_pages_free(llm)
 
 
-def test_bad_sparse_settings_fail_loudly() -> None:
+def test_bad_sparse_settings_fail_loudly(tmp_path) -> None:
+    from tests.helpers_models import hf_config
+
+    hf_config().save_pretrained(str(tmp_path / "tiny"))  # a model with no shipped pattern (the default has one)
+    with pytest.raises(LServeError, match="needs a head pattern"):
+        LLM(model=str(tmp_path / "tiny"), load_format="dummy", streaming_sparsity=0.5)
     with pytest.raises(ValueError, match="token_budget"):
         LLM(token_budget=100, page_size=64)  # less than two pages
     with pytest.raises(ValueError, match="streaming_sparsity"):
