@@ -48,6 +48,12 @@ def test_passkey_eval_with_a_failing_config(tmp_path: Path, capsys: pytest.Captu
         output = s["outputs"]["dense"]
         assert s["scores"]["dense"] == score("first_number", output, s["answers"])
     assert (out / "passkey_accuracy.png").read_bytes()[:8] == PNG_MAGIC
+    # the table and the plots can be redone from the JSON alone
+    assert main(["eval", "--replot", str(out / "passkey.json"), "--output-dir", str(tmp_path / "again")]) == 0
+    again = capsys.readouterr().out
+    table_lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert [line for line in again.splitlines() if line.startswith("|")] == table_lines
+    assert (tmp_path / "again" / "passkey_accuracy.png").read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.slow
@@ -102,6 +108,8 @@ def test_length_over_the_model_limit_is_one_line(tmp_path: Path, capsys: pytest.
     (["--task", "passkey", "--base-url", "ftp://x"], "bad --base-url"),
     (["--task", "passkey", "--lengths", "20"], "too short for the passkey prompt"),
     (["--task", "passkey", "--output-dir", "/proc/no/such"], "cannot create --output-dir /proc/no/such"),
+    (["--lengths", "1k"], "--task is required"),
+    (["--replot", "/nonexistent/passkey.json"], "cannot read lserve eval results from /nonexistent/passkey.json"),
 ])
 def test_bad_input_is_one_line(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["eval", "--output-dir", str(tmp_path), *args])

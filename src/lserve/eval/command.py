@@ -35,7 +35,7 @@ def add_eval_parser(sub: Any, add_engine_flags: Callable[[argparse.ArgumentParse
         description="Generate long-context tasks offline (seeded), run them through one or more engine "
         "configurations (or OpenAI-compatible servers), score them exactly, and write a table, JSON and plots.",
     )
-    p.add_argument("--task", required=True, choices=TASKS, help="which task family to run")
+    p.add_argument("--task", choices=TASKS, help="which task family to run (required unless --replot)")
     p.add_argument("--lengths", default="1k,2k,4k", help="prompt lengths in the model's tokens (default: 1k,2k,4k)")
     p.add_argument("--depths", default=None,
                    help="needle depths in [0, 1] or %%, e.g. 0,0.5,1 (niah default: 0,0.25,0.5,0.75,1; passkey: "
@@ -59,6 +59,8 @@ def add_eval_parser(sub: Any, add_engine_flags: Callable[[argparse.ArgumentParse
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated data (default: 0)")
     p.add_argument("--no-chat", action="store_true", help="plain prompts instead of the model's chat template")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--replot", type=Path, default=None, metavar="TASK.json",
+                   help="only reprint the table and redraw the plots (into --output-dir) from a results file")
     p.add_argument("--output-dir", type=Path, default=Path("lserve-eval"),
                    help="where TASK.json and the plots go (default: ./lserve-eval)")
     add_engine_flags(p)
@@ -146,6 +148,10 @@ def check_lengths(lengths: list[int], answer_tokens: int, limit: int, model: str
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """The whole `lserve eval` flow; returns the exit status (1 when every configuration failed)."""
+    if args.replot is not None:
+        return replot(args.replot, args.output_dir)
+    if args.task is None:
+        raise ValueError("--task is required (passkey, niah or ruler)")
     _check_positive(args, ("num_samples", "batch_size", "concurrency", "max_tokens"))
     if args.subtasks and args.task != "ruler":
         raise ValueError("--subtasks applies to --task ruler only")
@@ -203,6 +209,24 @@ def run_eval_command(args: argparse.Namespace) -> int:
         print(line)
     print(f"\nresults: {json_path}" + "".join(f"\nplot: {p}" for p in plots))
     return 0 if any(r.ok for r in results) else 1
+
+
+def replot(path: Path, out_dir: Path) -> int:
+    """Reprint the table and redraw the plots of a finished run."""
+    from lserve.eval.report import (
+        failure_lines,
+        format_table,
+        load_payload,
+        write_plots,
+    )
+
+    task, samples, results, meta = load_payload(path)
+    plots = write_plots(task, samples, results, out_dir, str(meta.get("model", "")))
+    print(format_table(task, samples, results))
+    for line in failure_lines(results):
+        print(line)
+    print("".join(f"plot: {p}\n" for p in plots), end="")
+    return 0
 
 
 def _run_all(

@@ -182,13 +182,17 @@ def plot_accuracy(
     """
     n = len(panels)
     cols = min(n, 4)
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")]
     rows = -(-n // cols)
     fig = _figure(4.2 * cols, 3.2 * rows)
     for i, (panel, series) in enumerate(panels.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
-        for name, points in series.items():
+        for k, (name, points) in enumerate(series.items()):
             xs = [x for x, y in points.items() if y is not None]
-            ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
+            marker, line = styles[k % len(styles)]
+            # later configs drawn thinner and on top, so equal curves stay visible
+            ax.plot(xs, [points[x] for x in xs], marker=marker, linestyle=line, label=name,
+                    linewidth=max(0.8, 2.6 - 0.6 * k), markersize=max(3.0, 8 - 1.5 * k), zorder=2 + k)
         lengths = sorted({x for points in series.values() for x in points})
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [length_label(x) for x in lengths])
@@ -272,3 +276,30 @@ def write_plots(
         failed = [r.name for r in results if not r.ok]
         paths.append(plot_accuracy(out_dir / f"{task}_accuracy.png", f"{task}, {model}", panels, failed))
     return paths
+
+
+def load_payload(path: Path) -> tuple[str, list[Sample], list[ConfigResult], dict[str, Any]]:
+    """Read a results JSON back (task, samples without their text, results, metadata) to redo the
+    table and the plots without running anything."""
+    try:
+        data = json.loads(path.read_text())
+        task = data["task"]
+        samples = [
+            Sample(task, row.get("subtask") or "", int(row["length"]), row.get("depth"), int(row["index"]), "", "",
+                   [0] * int(row["num_tokens"]), list(row["answers"]), row["scorer"], 0)
+            for row in data["samples"]
+        ]
+        results = []
+        for c in data["configs"]:
+            ok = c["status"] == "ok"
+            results.append(ConfigResult(
+                c["name"], c.get("overrides") or {}, c["status"], c.get("error"),
+                outputs=[row["outputs"][c["name"]] for row in data["samples"]] if ok else [],
+                scores=[float(row["scores"][c["name"]]) for row in data["samples"]] if ok else [],
+                sample_errors=[row.get("errors", {}).get(c["name"], "") for row in data["samples"]],
+                seconds=float(c.get("seconds") or 0.0), stats=c.get("stats") or {},
+            ))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"cannot read lserve eval results from {path}: {type(exc).__name__}: {exc}") from exc
+    meta = {k: v for k, v in data.items() if k not in ("task", "configs", "samples")}
+    return task, samples, results, meta

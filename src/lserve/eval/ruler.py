@@ -59,6 +59,8 @@ MakeFn = Callable[[PromptFormat, int, random.Random, Sources], tuple[Fitted, lis
 class Subtask:
     name: str
     max_tokens: int
+    """Answer tokens: room for a chat model's full sentence (digits and made-up words take several
+    tokens each in small vocabularies); an answer cut short loses the references it did not reach."""
     make: MakeFn
 
 
@@ -195,13 +197,13 @@ def _fwe(fmt: PromptFormat, length: int, rng: random.Random, src: Sources) -> tu
 
 SUBTASKS: dict[str, Subtask] = {
     s.name: s for s in (
-        Subtask("niah_single", 24, _niah_single),
-        Subtask("niah_multikey", 24, _niah_multikey),
-        Subtask("niah_multivalue", 64, _niah_multivalue),
-        Subtask("niah_multiquery", 64, _niah_multiquery),
-        Subtask("vt", 40, _vt),
-        Subtask("cwe", 80, _cwe),
-        Subtask("fwe", 32, _fwe),
+        Subtask("niah_single", 32, _niah_single),
+        Subtask("niah_multikey", 32, _niah_multikey),
+        Subtask("niah_multivalue", 96, _niah_multivalue),
+        Subtask("niah_multiquery", 96, _niah_multiquery),
+        Subtask("vt", 64, _vt),
+        Subtask("cwe", 120, _cwe),
+        Subtask("fwe", 50, _fwe),
     )
 }
 
