@@ -32,16 +32,13 @@ from pathlib import Path
 import torch
 
 from lserve import LLM, SamplingParams
+from lserve.model.loader import DUMMY_CONFIG_DIR
 from lserve.request import Request
 from lserve.runner.model_runner import StepInput
 from lserve.sparse.patterns import HeadPattern, save_pattern
 
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "vocab_size": 128256,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
-}
+# the shape lserve ships for `model="dummy:llama-3-8b"` (head_dim follows from hidden / heads)
+LLAMA3_8B = {**json.loads((DUMMY_CONFIG_DIR / "llama-3-8b.json").read_text()), "head_dim": 128}
 
 
 TINY = {**LLAMA3_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "head_dim": 32,
@@ -187,6 +184,29 @@ def time_decode(core, batch: int, seq_len: int, steps: int) -> dict[str, float]:
     return out
 
 
+def profile_step(core, batch: int, seq_len: int, label: str) -> None:
+    """One eager decode step under the profiler: GPU kernels launched, and where their time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = core.runner.graphs
+    core.runner.graphs = None
+    time_decode(core, batch, seq_len, 4)  # warm (compiles every kernel the step needs)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        time_decode(core, batch, seq_len, 4)
+    core.runner.graphs = graphs
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # the first 8 steps of time_decode warm up; all 12 steps ran under the profiler
+    per_step = len(kernels) / 12
+    print(f"\n{label}: {per_step:.0f} GPU kernels per decode step (batch {batch}, {seq_len} tokens)")
+    totals: dict[str, list[float]] = {}
+    for e in kernels:
+        t = totals.setdefault(e.name[:90], [0, 0.0])
+        t[0] += 1
+        t[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    for name, (n, us) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:40]:
+        print(f"  {n / 12:7.1f} /step {us / 12:9.1f} us/step  {name}")
+
+
 def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict]:
     lengths = [int(x) for x in args.lengths.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
@@ -206,6 +226,8 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
                   max_num_batched_tokens=args.chunk, num_kv_pages=budget // (kv_per_token * 64), **extra)
         core = llm.engine.core
         graphs = core.runner.graphs
+        if args.profile:
+            profile_step(core, min(batches), min(lengths), name)
         for b, n in cases:
             for eager in (False, True) if not args.no_eager else (False,):
                 core.runner.graphs = None if eager else graphs
@@ -247,6 +269,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--no-eager", action="store_true", help="decode: skip the runs without CUDA graphs")
+    parser.add_argument("--profile", action="store_true",
+                        help="decode: print the GPU kernels of one eager step per configuration")
     parser.add_argument("--tiny", action="store_true", help="a small model shape (a CPU smoke run)")
     args = parser.parse_args()
     if args.lengths is None:

@@ -274,3 +274,53 @@ def test_prefill_streaming_window_much_wider_than_a_tile(use_tma: bool) -> None:
         expected = ref.sparse_prefill_ref(q, seqs.k_cache, seqs.v_cache, starts, seq_lens, seqs.page_tables,
                                           d**-0.5, streaming, sink, local)
         assert _rel_err(out, expected) < TOL[torch.float32], (sink, local)
+
+
+# ---- one pool of several: kernels indexing the model's heads through a head map --------------
+
+
+def test_kv_append_through_a_head_map() -> None:
+    """A pool that stores model KV heads [2, 0] reads them from the full k/v (strided views too)."""
+    hkv_model, d, page_size = 3, 32, 16
+    gen = torch.Generator().manual_seed(5)
+    head_map = torch.tensor([2, 0], device=DEVICE)
+    slots = torch.tensor([0, 1, 2, 32, 33], device=DEVICE)  # each run starts its logical page
+    kv = torch.randn((5, 2 * hkv_model * d + 7), generator=gen).to(DEVICE)  # a wider row: strided views
+    k = kv[:, : hkv_model * d].view(5, hkv_model, d)
+    v = kv[:, hkv_model * d : 2 * hkv_model * d].view(5, hkv_model, d)
+    for stats in (False, True):
+        k_cache = torch.full((4, page_size, 2, d), float("nan"), device=DEVICE)
+        v_cache = torch.full_like(k_cache, float("nan"))
+        k_min = torch.zeros((4, 2, d), device=DEVICE) if stats else None
+        k_max = torch.zeros((4, 2, d), device=DEVICE) if stats else None
+        kv_append(k, v, slots, k_cache, v_cache, k_min, k_max, head_map=head_map)
+        flat_k, flat_v = k_cache.view(-1, 2, d), v_cache.view(-1, 2, d)
+        assert torch.equal(flat_k[slots], k[:, [2, 0]]) and torch.equal(flat_v[slots], v[:, [2, 0]])
+        if stats:
+            assert torch.equal(k_max[0], k[:3, [2, 0]].amax(0)) and torch.equal(k_min[2], k[3:, [2, 0]].amin(0))
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_through_a_head_map_writes_only_its_heads(num_splits: int) -> None:
+    """Two pools (heads [1, 3] and [0, 2] of four KV heads, group 3) fill one output; each call
+    equals the gathered-heads call and leaves the other pool's rows alone."""
+    page_size, hkv, group, d = 16, 4, 3, 32
+    seq_lens = [37, 5, 70]
+    gen = torch.Generator().manual_seed(num_splits)
+    q = torch.randn((3, hkv * group, d), generator=gen).to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    for heads in ([1, 3], [0, 2]):
+        seqs = PagedSeqs(seq_lens, page_size, len(heads), d, torch.float32, seed=heads[0])
+        kv_map = torch.tensor(heads, device=DEVICE)
+        q_heads = [h * group + g for h in heads for g in range(group)]
+        before = out.clone()
+        sparse_decode(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, d**-0.5, num_splits=num_splits,
+                      kv_head_map=kv_map, out=out, group=group)
+        want = sparse_decode(q[:, q_heads].contiguous(), seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, d**-0.5,
+                             num_splits=num_splits)
+        assert _rel_err(out[:, q_heads], want) < 1e-5
+        others = [h for h in range(hkv * group) if h not in q_heads]
+        assert torch.equal(out[:, others].isnan(), before[:, others].isnan())
+    assert not out.isnan().any()
+    with pytest.raises(ValueError, match="kv_head_map"):
+        sparse_decode(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, 1.0, kv_head_map=kv_map)

@@ -163,11 +163,18 @@ class AttentionBackend(ABC):
             calls.append(PoolCall(paged.k[layer_idx], paged.v[layer_idx], k_min, k_max, md.page_table,
                                   md.slot_mapping, dense_route[0], dense_route[1], None))
         for call in calls:
-            assert call.kv_heads is not None and call.q_heads is not None
-            out[:, call.q_heads] = self._attend(
-                call, q[:, call.q_heads], k[:, call.kv_heads], v[:, call.kv_heads], layer_idx, md
-            )
+            self._attend_heads(call, q, k, v, layer_idx, md, out)
         return out
+
+    def _attend_heads(
+        self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata,
+        out: torch.Tensor,
+    ) -> None:
+        """One pool of several: attention of its heads (q, k, v hold all of the model's heads),
+        written into their rows of `out`. This version gathers the heads and scatters the result;
+        a backend whose kernels index heads through `call.kv_heads` does without the copies."""
+        assert call.kv_heads is not None and call.q_heads is not None
+        out[:, call.q_heads] = self._attend(call, q[:, call.q_heads], k[:, call.kv_heads], v[:, call.kv_heads], layer, md)
 
     def _begin_forward(self) -> None:
         """Drop tensors shared by the layers of the previous forward (a captured graph must build its own)."""
@@ -178,7 +185,7 @@ class AttentionBackend(ABC):
     def _attend(
         self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata
     ) -> torch.Tensor:
-        self._write(call, k.contiguous(), v.contiguous(), md)
+        self._write(call, k, v, md)  # views into the qkv projection: the writers take strides
         out = torch.empty_like(q)
         nd = md.num_decodes
         if nd:
@@ -189,9 +196,10 @@ class AttentionBackend(ABC):
         return out
 
     def _page_lists(
-        self, call: PoolCall, q: torch.Tensor, layer: int, md: AttentionMetadata
+        self, call: PoolCall, q: torch.Tensor, layer: int, md: AttentionMetadata, all_heads: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Decode page lists of this pool's heads: explicit ones in the metadata, else the selector's."""
+        """Decode page lists of this pool's heads: explicit ones in the metadata, else the selector's.
+        `all_heads`: q holds every query head of the model, not only the pool's."""
         if call.ring:
             return None  # streaming heads read their windows
         if md.decode_page_list is not None and md.decode_page_list_len is not None:
@@ -204,7 +212,8 @@ class AttentionBackend(ABC):
         nd = md.num_decodes
 
         def scores() -> torch.Tensor:
-            return self._page_scores(q, k_min, k_max, md.page_table[:nd], md.seq_lens[:nd], md.page_size)
+            qq = q[:, call.q_heads] if all_heads and call.q_heads is not None else q
+            return self._page_scores(qq, k_min, k_max, md.page_table[:nd], md.seq_lens[:nd], md.page_size)
 
         return self.selector.select(layer, nd, scores)
 

@@ -51,7 +51,39 @@ class TritonAttentionBackend(AttentionBackend):
         prefill_lens = list(md.query_lens_cpu[md.num_decodes :])
         self._tiles = plan_tiles(prefill_lens, prefill_block_m(device), device, first_seq=md.num_decodes)
 
-    def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> None:
+    def _attend(
+        self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata
+    ) -> torch.Tensor:
+        if md.num_prefills:
+            return super()._attend(call, q, k, v, layer, md)
+        out = torch.empty_like(q)
+        self._decode_step(call, q, k, v, layer, md, out)
+        return out
+
+    def _attend_heads(
+        self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata,
+        out: torch.Tensor,
+    ) -> None:
+        if md.num_prefills:  # prefill work dwarfs the head copies
+            super()._attend_heads(call, q, k, v, layer, md, out)
+        else:
+            self._decode_step(call, q, k, v, layer, md, out)
+
+    def _decode_step(
+        self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata,
+        out: torch.Tensor,
+    ) -> None:
+        """A pure decode step (the CUDA-graph case, where every small kernel counts): no copies.
+        The kernels take q, k, v as strided views of the projection and, for one pool of
+        several, reach the pool's heads through its head map; the result goes straight into `out`."""
+        self._write(call, k, v, md, head_map=call.kv_heads)
+        lists = self._page_lists(call, q, layer, md, all_heads=call.kv_heads is not None)
+        self._decode(call, q, md, lists, out=out)
+
+    def _write(
+        self, call: PoolCall, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
+        head_map: torch.Tensor | None = None,
+    ) -> None:
         logical = self.cache.paged.logical_page_size or 16
         segments = None
         if call.k_min is not None:
@@ -64,7 +96,7 @@ class TritonAttentionBackend(AttentionBackend):
                     self._segments = plan_segments(call.slot_mapping, logical)
                 segments = self._segments
         kv_append(k, v, call.slot_mapping, call.k_cache, call.v_cache, call.k_min, call.k_max,
-                  segments=segments, logical_page_size=logical)
+                  segments=segments, logical_page_size=logical, head_map=head_map)
 
     def _single_segments(self, slots: torch.Tensor, logical: int) -> AppendSegments:
         """One segment per token, built once per forward (the paged pool's slots are the same for
@@ -87,16 +119,36 @@ class TritonAttentionBackend(AttentionBackend):
                            self.selector.aggregate)
 
     def _decode(
-        self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata, lists: tuple[torch.Tensor, torch.Tensor] | None
+        self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata, lists: tuple[torch.Tensor, torch.Tensor] | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Decode rows of one pool. With `out`, q and out hold all of the model's heads and the
+        pool's heads are reached through `call.kv_heads`."""
         nd = md.num_decodes
         sink, local = self.windows(call, decode=True)
+        mapped = out is not None and call.kv_heads is not None
         return sparse_decode(
-            q.contiguous(), call.k_cache, call.v_cache, call.page_table[:nd], md.seq_lens[:nd], self.scale,
-            streaming_heads=call.streaming, sink=sink, local=local,
+            q[:nd], call.k_cache, call.v_cache, call.page_table[:nd], md.seq_lens[:nd],
+            self.scale, streaming_heads=call.streaming, sink=sink, local=local,
             page_list=lists[0] if lists else None, page_list_len=lists[1] if lists else None,
-            max_seq_len=self.decode_split_len or max(md.seq_lens_cpu[:nd]), **(GPU_DECODE if q.is_cuda else {}),
+            max_seq_len=self._split_len(call, md, lists), kv_head_map=call.kv_heads if mapped else None,
+            out=out[:nd] if out is not None else None, group=self._group if mapped else None,
+            **(GPU_DECODE if q.is_cuda else {}),
         )
+
+    def _split_len(
+        self, call: PoolCall, md: AttentionMetadata, lists: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> int:
+        """The longest key range a decode program list can walk: what the split count is chosen
+        for. Host-only values (the same at capture and replay): a ring reads at most its window,
+        a page list at most its width."""
+        longest = self.decode_split_len or max(md.seq_lens_cpu[: md.num_decodes])
+        if call.ring:
+            sink, local = self.windows(call, decode=True)
+            return min(longest, sink + local)
+        if lists is not None:
+            return min(longest, lists[0].shape[2] * md.page_size)
+        return longest
 
     def _prefill(
         self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,

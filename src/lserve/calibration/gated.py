@@ -137,6 +137,7 @@ def final_hidden(
     # the same steps as LlamaForCausalLM.forward, with a checkpoint around each layer
     x = model.embed_tokens(input_ids)
     rope = model.rotary(positions)
+    residual = None
     for layer in model.layers:
-        x = checkpoint(layer, x, rope, attn, use_reentrant=False)
-    return model.norm(x)
+        x, residual = checkpoint(layer, x, residual, rope, attn, use_reentrant=False)
+    return model.final_norm(x, residual)

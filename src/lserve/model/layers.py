@@ -1,4 +1,9 @@
-"""Building blocks of the Llama family: RMSNorm, rotary embeddings (with llama3 scaling), gated MLP."""
+"""Building blocks of the Llama family: RMSNorm, rotary embeddings (with llama3 scaling), gated MLP.
+
+The PyTorch code here is the reference. On a CUDA GPU, outside autograd, the same steps run as
+fused Triton kernels (`lserve.ops.fused_layers`: one launch instead of five to eight, which is
+what a decode step's time is made of at long context); they repeat every rounding of this code.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,11 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+def use_fused_kernels(x: torch.Tensor) -> bool:
+    """The Triton kernels serve inference on CUDA; autograd (calibration) takes the PyTorch path."""
+    return x.is_cuda and not torch.is_grad_enabled()
 
 
 class RMSNorm(nn.Module):
@@ -18,6 +28,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused_kernels(x):
+            from lserve.ops.fused_layers import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
+        return self._norm(x)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); the fused kernel updates `residual` in place."""
+        if use_fused_kernels(x):
+            from lserve.ops.fused_layers import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual), residual
+        total = x + residual
+        return self._norm(total), total
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -75,7 +101,12 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (T, Hq, D), k (T, Hkv, D) rotated by cos/sin (T, 1, D)."""
+    """q (T, Hq, D), k (T, Hkv, D) rotated by cos/sin (T, 1, D); the fused kernel rotates in place."""
+    if use_fused_kernels(q):
+        from lserve.ops.fused_layers import rotary_
+
+        rotary_(q, k, cos, sin)
+        return q, k
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
@@ -94,5 +125,10 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if use_fused_kernels(gate_up):
+            from lserve.ops.fused_layers import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)

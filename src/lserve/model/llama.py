@@ -64,10 +64,18 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionFn
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionFn,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (x', residual'), where the hidden state is x + residual (residual None:
+        the hidden state is x). Carrying the sum lazily lets each add fuse into the next norm."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, rope, attn)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -87,9 +95,14 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions (T,) -> final hidden states (T, hidden)."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions)
+        residual = None
         for layer in self.layers:
-            x = layer(x, rope, attn)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, attn)
+        return self.final_norm(x, residual)
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The final RMSNorm of the hidden state x + residual."""
+        return self.norm(x) if residual is None else self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> float32 logits (N, vocab)."""

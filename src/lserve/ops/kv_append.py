@@ -46,21 +46,24 @@ def plan_segments(slots: torch.Tensor, logical_page_size: int, all_single: bool 
 
 @triton.jit
 def _append_kernel(
-    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr,
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, map_ptr,
     num_tokens,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ct, stride_ch,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MAP: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1)  # the cache's head
+    src = head  # the head of k and v that this cache head stores
+    if HAS_MAP:
+        src = tl.load(map_ptr + head)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, HEAD_DIM)
     valid = rows < num_tokens
     slots = tl.load(slot_ptr + rows, mask=valid, other=0).to(tl.int64)
     m = valid[:, None]
-    k = tl.load(k_ptr + rows[:, None] * stride_kt + head * stride_kh + cols[None, :], mask=m)
-    v = tl.load(v_ptr + rows[:, None] * stride_vt + head * stride_vh + cols[None, :], mask=m)
+    k = tl.load(k_ptr + rows[:, None] * stride_kt + src * stride_kh + cols[None, :], mask=m)
+    v = tl.load(v_ptr + rows[:, None] * stride_vt + src * stride_vh + cols[None, :], mask=m)
     dst = slots[:, None] * stride_ct + head * stride_ch + cols[None, :]
     tl.store(kc_ptr + dst, k, mask=m)
     tl.store(vc_ptr + dst, v, mask=m)
@@ -69,12 +72,16 @@ def _append_kernel(
 @triton.jit
 def _append_stats_kernel(
     k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, seg_start_ptr, seg_len_ptr, stats_head_ptr,
+    map_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ct, stride_ch, stride_sg, stride_sh,
-    HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr, ALL_STATS: tl.constexpr, HAS_MAP: tl.constexpr,
 ):
     seg = tl.program_id(0)
     head = tl.program_id(1)
+    src = head  # the head of k and v that this cache head stores
+    if HAS_MAP:
+        src = tl.load(map_ptr + head)
     first = tl.load(seg_start_ptr + seg)
     n = tl.load(seg_len_ptr + seg)
     r = tl.arange(0, LOGICAL)
@@ -83,12 +90,15 @@ def _append_stats_kernel(
     rows = first + r
     slots = tl.load(slot_ptr + rows, mask=valid, other=0).to(tl.int64)
     m = valid[:, None]
-    k = tl.load(k_ptr + rows[:, None] * stride_kt + head * stride_kh + cols[None, :], mask=m, other=0.0)
-    v = tl.load(v_ptr + rows[:, None] * stride_vt + head * stride_vh + cols[None, :], mask=m, other=0.0)
+    k = tl.load(k_ptr + rows[:, None] * stride_kt + src * stride_kh + cols[None, :], mask=m, other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * stride_vt + src * stride_vh + cols[None, :], mask=m, other=0.0)
     dst = slots[:, None] * stride_ct + head * stride_ch + cols[None, :]
     tl.store(kc_ptr + dst, k, mask=m)
     tl.store(vc_ptr + dst, v, mask=m)
-    if tl.load(stats_head_ptr + head) != 0:
+    flag = 1
+    if not ALL_STATS:
+        flag = tl.load(stats_head_ptr + head)
+    if flag != 0:
         kf = k.to(tl.float32)
         lo = tl.min(tl.where(m, kf, float("inf")), axis=0)
         hi = tl.max(tl.where(m, kf, float("-inf")), axis=0)
@@ -113,15 +123,22 @@ def kv_append(
     segments: AppendSegments | None = None,
     stats_heads: torch.Tensor | None = None,
     logical_page_size: int = 16,
+    head_map: torch.Tensor | None = None,
 ) -> None:
     """Write k, v (T, Hkv, D) into (num_pages, page_size, Hkv, D) caches at `slots` (T,) int64.
 
     With `k_min`/`k_max` ((num_pages * page_size // logical_page_size, Hkv, D)) also keep key
     statistics for the heads flagged in `stats_heads` (Hkv,) (all heads when None).
+    A cache that holds some of the model's KV heads takes `head_map` (cache heads,) int64: the
+    head of k and v (which then hold all of the model's KV heads) each cache head stores.
     """
     t, hkv, d = k.shape
     if v.shape != k.shape or slots.shape != (t,):
         raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} and slots {tuple(slots.shape)} disagree")
+    if head_map is not None:
+        if head_map.shape != (k_cache.shape[2],) or k_cache.shape[2] > hkv:
+            raise ValueError(f"head map {tuple(head_map.shape)} does not fit cache {tuple(k_cache.shape)}")
+        hkv = k_cache.shape[2]
     if k_cache.shape[2:] != (hkv, d) or v_cache.shape != k_cache.shape:
         raise ValueError(f"cache {tuple(k_cache.shape)} does not hold heads {hkv} x dim {d}")
     if k.stride(-1) != 1 or v.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
@@ -132,9 +149,9 @@ def kv_append(
     if k_min is None or k_max is None:
         block_t = 16
         _append_kernel[(triton.cdiv(t, block_t), hkv)](
-            k, v, slots, k_cache, v_cache, t,
+            k, v, slots, k_cache, v_cache, head_map if head_map is not None else slots, t,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides,
-            HEAD_DIM=d, BLOCK_T=block_t,
+            HEAD_DIM=d, BLOCK_T=block_t, HAS_MAP=head_map is not None,
         )
         return
     if k_min.shape != k_max.shape or k_min.shape[1:] != (hkv, d) or not k_min.is_contiguous():
@@ -142,9 +159,10 @@ def kv_append(
     if k_cache.shape[1] % logical_page_size:
         raise ValueError(f"page size {k_cache.shape[1]} is not a multiple of {logical_page_size}")
     seg = segments if segments is not None else plan_segments(slots, logical_page_size)
-    heads = stats_heads if stats_heads is not None else torch.ones(hkv, dtype=torch.int8, device=k.device)
+    heads = stats_heads.to(torch.int8) if stats_heads is not None else seg.start  # (unread when ALL_STATS)
     _append_stats_kernel[(seg.num_segments, hkv)](
-        k, v, slots, k_cache, v_cache, k_min, k_max, seg.start, seg.length, heads.to(torch.int8),
+        k, v, slots, k_cache, v_cache, k_min, k_max, seg.start, seg.length, heads,
+        head_map if head_map is not None else slots,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides, k_min.stride(0), k_min.stride(1),
-        HEAD_DIM=d, LOGICAL=logical_page_size,
+        HEAD_DIM=d, LOGICAL=logical_page_size, ALL_STATS=stats_heads is None, HAS_MAP=head_map is not None,
     )

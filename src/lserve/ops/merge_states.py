@@ -12,11 +12,15 @@ import triton.language as tl
 
 @triton.jit
 def _merge_kernel(
-    out_ptr, lse_ptr, dst_ptr, num_splits,
-    stride_o_row, stride_o_split, stride_l_row, stride_d_row,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    out_ptr, lse_ptr, dst_ptr, map_ptr, num_splits, num_heads,
+    stride_o_row, stride_o_split, stride_l_row, stride_db, stride_dh,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, GROUP: tl.constexpr, HAS_MAP: tl.constexpr,
 ):
     row = tl.program_id(0)
+    b = row // num_heads
+    head = row % num_heads
+    if HAS_MAP:  # head h of the partial results is query head map[h // GROUP] * GROUP + h % GROUP of dst
+        head = tl.load(map_ptr + head // GROUP) * GROUP + head % GROUP
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
     sm = s < num_splits
@@ -27,19 +31,35 @@ def _merge_kernel(
     total = tl.sum(w, axis=0)
     parts = tl.load(out_ptr + row * stride_o_row + s[:, None] * stride_o_split + d[None, :], mask=sm[:, None], other=0.0)
     merged = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(dst_ptr + row * stride_d_row + d, merged.to(dst_ptr.dtype.element_ty))
+    tl.store(dst_ptr + b * stride_db + head * stride_dh + d, merged.to(dst_ptr.dtype.element_ty))
 
 
-def merge_states(partial_out: torch.Tensor, partial_lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """partial_out (B, H, S, D) float32, partial_lse (B, H, S) natural log -> (B, H, D) in `dtype`."""
+def merge_states(
+    partial_out: torch.Tensor,
+    partial_lse: torch.Tensor,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    head_map: torch.Tensor | None = None,
+    group: int = 1,
+) -> torch.Tensor:
+    """partial_out (B, H, S, D) float32, partial_lse (B, H, S) natural log -> (B, H, D) in `dtype`.
+
+    With `out` (B, H', D) the result is written there (a strided view is fine); with `head_map`
+    (H // group,) row h lands in query head `head_map[h // group] * group + h % group` of `out`.
+    """
     bsz, heads, splits, d = partial_out.shape
     if partial_lse.shape != (bsz, heads, splits):
         raise ValueError(f"lse {tuple(partial_lse.shape)} does not match out {tuple(partial_out.shape)}")
-    out = partial_out.reshape(bsz * heads, splits, d)
+    if head_map is not None and (out is None or head_map.shape != (heads // group,)):
+        raise ValueError("a head map needs `out` and one entry per KV head")
+    parts = partial_out.reshape(bsz * heads, splits, d)
     lse = partial_lse.reshape(bsz * heads, splits)
-    dst = torch.empty((bsz * heads, d), dtype=dtype, device=partial_out.device)
+    dst = out if out is not None else torch.empty((bsz, heads, d), dtype=dtype, device=partial_out.device)
+    if dst.stride(-1) != 1 or dst.shape[0] != bsz or dst.shape[2] != d:
+        raise ValueError(f"out {tuple(dst.shape)} does not hold {bsz} rows of dim {d}")
     _merge_kernel[(bsz * heads,)](
-        out, lse, dst, splits, out.stride(0), out.stride(1), lse.stride(0), dst.stride(0),
-        HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        parts, lse, dst, head_map if head_map is not None else lse, splits, heads,
+        parts.stride(0), parts.stride(1), lse.stride(0), dst.stride(0), dst.stride(1),
+        HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), GROUP=group, HAS_MAP=head_map is not None,
     )
-    return dst.view(bsz, heads, d)
+    return dst

@@ -24,19 +24,23 @@ from lserve.ops.paged_inputs import check_paged_attention, pack_sparse_args
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, kc_ptr, vc_ptr, page_table_ptr, seq_lens_ptr, stream_ptr, list_ptr, list_len_ptr,
-    out_ptr, lse_ptr,
+    q_ptr, kc_ptr, vc_ptr, page_table_ptr, seq_lens_ptr, stream_ptr, list_ptr, list_len_ptr, map_ptr,
+    out_ptr, lse_ptr, dst_ptr,
     sink, local, qk_scale,
     stride_qb, stride_qh,
     stride_cp, stride_ct, stride_ch,
     stride_pt_b, stride_list_b, stride_list_h, stride_len_b,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_db, stride_dh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LIST: tl.constexpr, HAS_STREAM: tl.constexpr,
+    HAS_MAP: tl.constexpr,
 ):
     b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(1)  # the cache's head
     split = tl.program_id(2)
+    src = kvh  # the model's KV head, whose query heads are rows of q and of the output
+    if HAS_MAP:
+        src = tl.load(map_ptr + kvh)
     seq_len = tl.load(seq_lens_ptr + b)
     is_stream = False
     if HAS_STREAM:
@@ -58,7 +62,7 @@ def _decode_kernel(
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
-    heads = kvh * GROUP + g
+    heads = src * GROUP + g
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -89,12 +93,17 @@ def _decode_kernel(
         m_i = m_new
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
-    # natural-log LSE of the split (scores were scaled by log2(e))
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_rows = b * stride_ob + heads * stride_oh + split * stride_os
     gm = g < GROUP
-    tl.store(out_ptr + o_rows[:, None] + d[None, :], out, mask=gm[:, None])
-    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=gm)
+    if NUM_SPLITS == 1:  # the final result: straight into the destination, no merge pass
+        d_rows = b * stride_db + heads * stride_dh
+        tl.store(dst_ptr + d_rows[:, None] + d[None, :], out.to(dst_ptr.dtype.element_ty), mask=gm[:, None])
+    else:
+        # natural-log LSE of the split (scores were scaled by log2(e)); partial rows by cache head
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        p_heads = kvh * GROUP + g
+        o_rows = b * stride_ob + p_heads * stride_oh + split * stride_os
+        tl.store(out_ptr + o_rows[:, None] + d[None, :], out, mask=gm[:, None])
+        tl.store(lse_ptr + b * stride_lb + p_heads * stride_lh + split, lse, mask=gm)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_virtual_len: int, num_sms: int = 132,
@@ -122,34 +131,60 @@ def sparse_decode(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    kv_head_map: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    group: int | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, D) -> (B, Hq, D): attention of each sequence's last token over its selected keys.
 
     page_table (B, max_pages) int32; seq_lens (B,) int32 (tokens including the new one, already
     appended); streaming_heads (Hkv,) bool/int8 or None; page_list (B, Hkv, max_list) int32 logical
     page indices with page_list_len (B, Hkv), for dense heads, or None for every page.
+
+    A cache that holds some of the model's KV heads (one pool of several) takes `kv_head_map`
+    (Hkv,) int64: the model KV head of each cache head. q then holds all of the model's query heads
+    and the result goes into those heads' rows of `out` (B, Hq, D), the other rows left as they
+    are; no gather or scatter copies. `group` (query heads per KV head) goes with the map. `out`
+    may also be given without a map.
     """
     bsz, hq, d = q.shape
-    page_size, hkv = check_paged_attention(q, k_cache, v_cache, page_table, page_list, page_list_len)
-    group = hq // hkv
+    if kv_head_map is not None:
+        hkv = k_cache.shape[2]
+        if out is None or group is None or kv_head_map.shape != (hkv,) or hkv * group > hq:
+            raise ValueError("kv_head_map needs `out`, `group` and one entry per cache head")
+        page_size, _ = check_paged_attention(q[:, : hkv * group], k_cache, v_cache, page_table, page_list, page_list_len)
+    else:
+        page_size, hkv = check_paged_attention(q, k_cache, v_cache, page_table, page_list, page_list_len)
+        group = hq // hkv
+    if out is not None and (out.shape != q.shape or out.stride(-1) != 1):
+        raise ValueError(f"out {tuple(out.shape)} does not match q {tuple(q.shape)}")
     if num_splits is None:
         longest = max_seq_len if max_seq_len is not None else int(seq_lens.max().item())
         num_splits = choose_num_splits(bsz, hkv, longest, _num_sms(q.device))
-    out = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
-    lse = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
+    dst = out if out is not None else torch.empty_like(q)
+    heads = hkv * group  # query heads served by this cache
+    if num_splits > 1:
+        part = torch.empty((bsz, heads, num_splits, d), dtype=torch.float32, device=q.device)
+        lse = torch.empty((bsz, heads, num_splits), dtype=torch.float32, device=q.device)
+    else:  # written straight into dst; the partial buffers are not touched
+        part, lse = dst.unsqueeze(2), dst
     stream, lst, lst_len = pack_sparse_args(q.device, streaming_heads, page_list, page_list_len)
     _decode_kernel[(bsz, hkv, num_splits)](
-        q, k_cache, v_cache, page_table, seq_lens, stream, lst, lst_len, out, lse,
+        q, k_cache, v_cache, page_table, seq_lens, stream, lst, lst_len,
+        kv_head_map if kv_head_map is not None else seq_lens, part, lse, dst,
         sink, local, scale * 1.4426950408889634,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         page_table.stride(0), lst.stride(0), lst.stride(1), lst_len.stride(0),
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), dst.stride(0), dst.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE_SIZE=page_size,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_LIST=page_list is not None,
-        HAS_STREAM=streaming_heads is not None, num_warps=num_warps, num_stages=num_stages,
+        HAS_STREAM=streaming_heads is not None, HAS_MAP=kv_head_map is not None,
+        num_warps=num_warps, num_stages=num_stages,
     )
-    return merge_states(out, lse, q.dtype)
+    if num_splits > 1:
+        merge_states(part, lse, q.dtype, out=dst, head_map=kv_head_map, group=group)
+    return dst
 
 
 def _num_sms(device: torch.device) -> int:
