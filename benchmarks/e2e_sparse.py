@@ -191,10 +191,13 @@ def profile_step(core, batch: int, seq_len: int, label: str) -> None:
     graphs = core.runner.graphs
     core.runner.graphs = None
     time_decode(core, batch, seq_len, 4)  # warm (compiles every kernel the step needs)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         time_decode(core, batch, seq_len, 4)
     core.runner.graphs = graphs
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # on a CPU (a smoke run) count the aten ops instead: each would be a kernel on a GPU
+    kernels = [e for e in prof.events()
+               if (e.device_type == torch.autograd.DeviceType.CUDA if cuda else e.name.startswith("aten::"))]
     # the first 8 steps of time_decode warm up; all 12 steps ran under the profiler
     per_step = len(kernels) / 12
     print(f"\n{label}: {per_step:.0f} GPU kernels per decode step (batch {batch}, {seq_len} tokens)")
@@ -202,9 +205,23 @@ def profile_step(core, batch: int, seq_len: int, label: str) -> None:
     for e in kernels:
         t = totals.setdefault(e.name[:90], [0, 0.0])
         t[0] += 1
-        t[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        t[1] += e.device_time_total if cuda else e.cpu_time_total
     for name, (n, us) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:40]:
         print(f"  {n / 12:7.1f} /step {us / 12:9.1f} us/step  {name}")
+
+
+def profile_host(core, batch: int, seq_len: int, label: str) -> None:
+    """Where the host time of graph-replayed decode steps goes (cProfile, cumulative)."""
+    import cProfile
+    import pstats
+
+    time_decode(core, batch, seq_len, 4)
+    prof = cProfile.Profile()
+    prof.enable()
+    time_decode(core, batch, seq_len, 8)
+    prof.disable()
+    print(f"\n{label}: host time of 16 graph steps (batch {batch}, {seq_len} tokens), by cumulative time")
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
 
 
 def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict]:
@@ -228,6 +245,8 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
         graphs = core.runner.graphs
         if args.profile:
             profile_step(core, min(batches), min(lengths), name)
+        if args.host_profile:
+            profile_host(core, min(batches), max(lengths), name)
         for b, n in cases:
             for eager in (False, True) if not args.no_eager else (False,):
                 core.runner.graphs = None if eager else graphs
@@ -271,6 +290,8 @@ def main() -> None:
     parser.add_argument("--no-eager", action="store_true", help="decode: skip the runs without CUDA graphs")
     parser.add_argument("--profile", action="store_true",
                         help="decode: print the GPU kernels of one eager step per configuration")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="decode: print where the host time of graph steps goes (cProfile)")
     parser.add_argument("--tiny", action="store_true", help="a small model shape (a CPU smoke run)")
     args = parser.parse_args()
     if args.lengths is None:
