@@ -45,7 +45,7 @@ def add_bench_parser(sub: Any, add_engine_flags: Callable[[argparse.ArgumentPars
                    help="an engine configuration (repeatable); ratios are against the first. attn_pattern=random "
                    "makes a seeded random head pattern of the model's shape (for speed work on dummy models)")
     p.add_argument("--num-warmups", type=int, default=1,
-                   help="untimed short runs (same batch size) before each case (default: 1)")
+                   help="untimed runs of each case (its prompts, at most 16 output tokens) before timing it (default: 1)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the random prompts (default: 0)")
     p.add_argument("--output-json", type=Path, default=None, help="write all results to this JSON file")
     s = p.add_argument_group("server mode (--base-url)")
