@@ -20,6 +20,7 @@ from lserve.attention.page_selector import PageSelector, cdiv
 from lserve.attention.sparsity import HeadSparsity
 from lserve.errors import NotSupportedError
 from lserve.kv_cache.layout import KVCache, KVCacheTensors
+from lserve.ops.paged_inputs import StoredSelection
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ class AttentionBackend(ABC):
 
     def _page_lists(
         self, call: PoolCall, q: torch.Tensor, layer: int, md: AttentionMetadata, all_heads: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ) -> tuple[torch.Tensor, torch.Tensor] | StoredSelection | None:
         """Decode page lists of this pool's heads: explicit ones in the metadata, else the selector's.
         `all_heads`: q holds every query head of the model, not only the pool's."""
         if call.ring:
@@ -215,7 +216,13 @@ class AttentionBackend(ABC):
             qq = q[:, call.q_heads] if all_heads and call.q_heads is not None else q
             return self._page_scores(qq, k_min, k_max, md.page_table[:nd], md.seq_lens[:nd], md.page_size)
 
-        return self.selector.select(layer, nd, scores)
+        return self._selection(layer, nd, scores)
+
+    def _selection(self, layer: int, nd: int, scores_fn) -> tuple[torch.Tensor, torch.Tensor] | StoredSelection | None:
+        """The selector's pages for this layer's decode rows: explicit lists here; a backend whose
+        decode kernel reads the selector's store directly returns the `StoredSelection`."""
+        assert self.selector is not None
+        return self.selector.select(layer, nd, scores_fn)
 
     # ---- what a backend implements ---------------------------------------------------------
 
@@ -225,9 +232,11 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def _decode(
-        self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata, lists: tuple[torch.Tensor, torch.Tensor] | None
+        self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata,
+        lists: tuple[torch.Tensor, torch.Tensor] | StoredSelection | None,
     ) -> torch.Tensor:
-        """Attention of the decode rows' queries (nd, pool q heads, D) over the pool."""
+        """Attention of the decode rows' queries (nd, pool q heads, D) over the pool (`lists`: what
+        `_page_lists` gave: a `StoredSelection` only where this backend's `_selection` makes one)."""
 
     @abstractmethod
     def _prefill(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from lserve.attention.metadata import AttentionMetadata
+from lserve.ops.paged_inputs import StoredSelection
 
 
 def cdiv(a: int, b: int) -> int:
@@ -181,28 +182,45 @@ class PageSelector:
             self._shared = shared
         return shared
 
-    def select(self, layer: int, nd: int, scores_fn) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Page lists (nd, H, W) int32 and counts (nd, H) int32 of this layer, or None to read every page.
+    def update(self, layer: int, nd: int, scores_fn, top_pages_fn=None) -> StoredSelection | None:
+        """This layer's stored selection, recomputed first for the rows that re-select this step;
+        None when every page is read (no row selects, or a dense layer).
 
         `scores_fn()` returns the Quest scores (nd, H, P) of the current queries; it is called only
-        in "select" mode. Only device buffers and the host mode are read, so a CUDA graph captured
-        for a mode replays correctly for any later step of the same mode. The parts that do not
-        depend on the layer are built once per forward (`begin_forward`): fewer small kernels.
+        in "select" mode. `top_pages_fn(scores, store, plan, keep)` does the top-k update in one
+        kernel (`ops.page_select.select_top_pages_`); without it PyTorch ops do (the reference).
+        Only device buffers and the host mode are read, so a CUDA graph captured for a mode
+        replays correctly for any later step of the same mode.
         """
         mode = self.mode
         if mode == "none" or not self.layer_selects(layer):
             return None
         store = self._store[layer]
-        heads = store.shape[1]
-        recompute, seats = self._plan_dev[0, :nd], self._plan_dev[4, :nd]
-        fit, every, tail, counts, anchor = self._shared_tensors(nd)
         if self.keep and mode == "select":
             scores = scores_fn()
-            pos = torch.arange(scores.shape[2], device=scores.device)
-            older = pos[None, None, :] < anchor[:, None, None]  # the anchor page is read anyway
-            top = scores.masked_fill(~older, float("-inf")).topk(self.keep, dim=2).indices.sort(dim=2).values
-            current = store[seats]
-            store[seats] = torch.where(recompute.bool()[:, None, None], top.to(torch.int32), current)
+            if top_pages_fn is not None:
+                top_pages_fn(scores, store, self._plan_dev, self.keep)
+            else:
+                recompute, seats = self._plan_dev[0, :nd], self._plan_dev[4, :nd]
+                anchor = self._plan_dev[3, :nd]
+                pos = torch.arange(scores.shape[2], device=scores.device)
+                older = pos[None, None, :] < anchor[:, None, None]  # the anchor page is read anyway
+                top = scores.masked_fill(~older, float("-inf")).topk(self.keep, dim=2).indices.sort(dim=2).values
+                current = store[seats]
+                store[seats] = torch.where(recompute.bool()[:, None, None], top.to(torch.int32), current)
+        return StoredSelection(store, self._plan_dev, self.keep, self.keep + self.tail_width)
+
+    def select(self, layer: int, nd: int, scores_fn) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Page lists (nd, H, W) int32 and counts (nd, H) int32 of this layer, or None to read every page
+        (`update`, then the stored pages spelled out as explicit lists). The parts that do not
+        depend on the layer are built once per forward (`begin_forward`): fewer small kernels."""
+        sel = self.update(layer, nd, scores_fn)
+        if sel is None:
+            return None
+        store = sel.store
+        heads = store.shape[1]
+        seats = self._plan_dev[4, :nd]
+        fit, every, tail, counts, _ = self._shared_tensors(nd)
         selected = torch.cat([store[seats][:, :, : self.keep], tail.expand(nd, heads, -1)], dim=2)
         lists = torch.where(fit, every.expand(nd, heads, -1), selected)
         return lists, counts.expand(nd, heads).contiguous()

@@ -13,6 +13,8 @@ from lserve.attention.backend import AttentionBackend, PoolCall
 from lserve.attention.metadata import AttentionMetadata
 from lserve.ops.kv_append import AppendSegments, kv_append, plan_segments
 from lserve.ops.page_scores import page_scores
+from lserve.ops.page_select import select_top_pages_
+from lserve.ops.paged_inputs import StoredSelection
 from lserve.ops.sparse_decode import sparse_decode
 from lserve.ops.sparse_prefill import PrefillTiles, plan_tiles, sparse_prefill
 
@@ -118,9 +120,14 @@ class TritonAttentionBackend(AttentionBackend):
         return page_scores(q.contiguous(), k_min, k_max, page_table, seq_lens, page_size, logical,
                            self.selector.aggregate)
 
+    def _selection(self, layer: int, nd: int, scores_fn) -> StoredSelection | None:
+        # the top-k update in one kernel, and the decode kernel reads the store: no list building
+        assert self.selector is not None
+        return self.selector.update(layer, nd, scores_fn, select_top_pages_)
+
     def _decode(
-        self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata, lists: tuple[torch.Tensor, torch.Tensor] | None,
-        out: torch.Tensor | None = None,
+        self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata,
+        lists: tuple[torch.Tensor, torch.Tensor] | StoredSelection | None, out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode rows of one pool. With `out`, q and out hold all of the model's heads and the
         pool's heads are reached through `call.kv_heads`."""
@@ -130,14 +137,16 @@ class TritonAttentionBackend(AttentionBackend):
         return sparse_decode(
             q[:nd], call.k_cache, call.v_cache, call.page_table[:nd], md.seq_lens[:nd],
             self.scale, streaming_heads=call.streaming, sink=sink, local=local,
-            page_list=lists[0] if lists else None, page_list_len=lists[1] if lists else None,
+            page_list=lists[0] if isinstance(lists, tuple) else None,
+            page_list_len=lists[1] if isinstance(lists, tuple) else None,
+            selection=lists if isinstance(lists, StoredSelection) else None,
             max_seq_len=self._split_len(call, md, lists), kv_head_map=call.kv_heads if mapped else None,
             out=out[:nd] if out is not None else None, group=self._group if mapped else None,
             **(GPU_DECODE if q.is_cuda else {}),
         )
 
     def _split_len(
-        self, call: PoolCall, md: AttentionMetadata, lists: tuple[torch.Tensor, torch.Tensor] | None
+        self, call: PoolCall, md: AttentionMetadata, lists: tuple[torch.Tensor, torch.Tensor] | StoredSelection | None
     ) -> int:
         """The longest key range a decode program list can walk: what the split count is chosen
         for. Host-only values (the same at capture and replay): a ring reads at most its window,
@@ -146,6 +155,8 @@ class TritonAttentionBackend(AttentionBackend):
         if call.ring:
             sink, local = self.windows(call, decode=True)
             return min(longest, sink + local)
+        if isinstance(lists, StoredSelection):
+            return min(longest, lists.width * md.page_size)
         if lists is not None:
             return min(longest, lists[0].shape[2] * md.page_size)
         return longest

@@ -1,8 +1,27 @@
-"""Input checks and optional-argument packing shared by the paged attention launchers."""
+"""Input checks, optional-argument packing and the stored page selection shared by the paged
+attention launchers (no Triton here: the page selector imports this on any machine)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class StoredSelection:
+    """A layer's selection as the selector keeps it, for kernels that read it directly.
+
+    Decoding row b, KV head h reads: every page 0..pages-1 when the row fits the budget (plan row
+    1); else `store[seat, h, :keep]` followed by pages anchor..pages-1 (plan rows 2-4)."""
+
+    store: torch.Tensor
+    """(seats + 1, H, >= keep) int32: selected older pages, ascending."""
+    plan: torch.Tensor
+    """(5, seats + 1) int64: recompute, fits, pages, anchor, seat per decoding row."""
+    keep: int
+    width: int
+    """The most pages one row reads (keep + the longest tail): what splits are sized for."""
 
 
 def check_paged_attention(

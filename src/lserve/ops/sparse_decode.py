@@ -19,21 +19,21 @@ import triton
 import triton.language as tl
 
 from lserve.ops.merge_states import merge_states
-from lserve.ops.paged_inputs import check_paged_attention, pack_sparse_args
+from lserve.ops.paged_inputs import StoredSelection, check_paged_attention, pack_sparse_args
 
 
 @triton.jit
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, page_table_ptr, seq_lens_ptr, stream_ptr, list_ptr, list_len_ptr, map_ptr,
     out_ptr, lse_ptr, dst_ptr,
-    sink, local, qk_scale,
+    sink, local, qk_scale, keep,
     stride_qb, stride_qh,
     stride_cp, stride_ct, stride_ch,
     stride_pt_b, stride_list_b, stride_list_h, stride_len_b,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_db, stride_dh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LIST: tl.constexpr, HAS_STREAM: tl.constexpr,
-    HAS_MAP: tl.constexpr,
+    HAS_MAP: tl.constexpr, STORED: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)  # the cache's head
@@ -48,11 +48,24 @@ def _decode_kernel(
     sink_len = tl.minimum(sink, seq_len)
     local_start = tl.maximum(sink_len, seq_len - local)
     n_list = 0
-    if HAS_LIST:
+    fits = 0
+    anchor = 0
+    list_row = list_ptr
+    if STORED:
+        # the page selector's own buffers (`StoredSelection`): list_ptr is its store, list_len_ptr
+        # its plan; a row that fits reads every page, else its stored pages, then anchor..last
+        fits = tl.load(list_len_ptr + stride_len_b + b)
+        pages = tl.load(list_len_ptr + 2 * stride_len_b + b).to(tl.int32)
+        anchor = tl.load(list_len_ptr + 3 * stride_len_b + b).to(tl.int32)
+        seat = tl.load(list_len_ptr + 4 * stride_len_b + b)
+        n_list = tl.where(fits != 0, pages, keep + pages - anchor)
+        list_row = list_ptr + seat * stride_list_b + kvh * stride_list_h
+    elif HAS_LIST:
         n_list = tl.load(list_len_ptr + b * stride_len_b + kvh)
+        list_row = list_ptr + b * stride_list_b + kvh * stride_list_h
     if is_stream:
         virtual_len = sink_len + seq_len - local_start
-    elif HAS_LIST:
+    elif HAS_LIST or STORED:
         virtual_len = n_list * PAGE_SIZE
     else:
         virtual_len = seq_len
@@ -72,8 +85,14 @@ def _decode_kernel(
         valid = vpos < end
         if is_stream:
             pos = tl.where(vpos < sink_len, vpos, local_start + vpos - sink_len)
+        elif STORED:
+            idx = vpos // PAGE_SIZE
+            stored = tl.load(list_row + idx, mask=valid & (fits == 0) & (idx < keep), other=0)
+            lp = tl.where(fits != 0, idx, tl.where(idx < keep, stored, anchor + idx - keep))
+            pos = lp * PAGE_SIZE + vpos % PAGE_SIZE
+            valid = valid & (pos < seq_len)
         elif HAS_LIST:
-            lp = tl.load(list_ptr + b * stride_list_b + kvh * stride_list_h + vpos // PAGE_SIZE, mask=valid, other=0)
+            lp = tl.load(list_row + vpos // PAGE_SIZE, mask=valid, other=0)
             pos = lp * PAGE_SIZE + vpos % PAGE_SIZE
             valid = valid & (pos < seq_len)
         else:
@@ -134,6 +153,7 @@ def sparse_decode(
     kv_head_map: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     group: int | None = None,
+    selection: StoredSelection | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, D) -> (B, Hq, D): attention of each sequence's last token over its selected keys.
 
@@ -146,7 +166,12 @@ def sparse_decode(
     and the result goes into those heads' rows of `out` (B, Hq, D), the other rows left as they
     are; no gather or scatter copies. `group` (query heads per KV head) goes with the map. `out`
     may also be given without a map.
+
+    `selection` (instead of page_list) reads the page selector's store and plan directly: the
+    same pages as `PageSelector.select`'s lists, without building them.
     """
+    if selection is not None and page_list is not None:
+        raise ValueError("give page_list or selection, not both")
     bsz, hq, d = q.shape
     if kv_head_map is not None:
         hkv = k_cache.shape[2]
@@ -169,17 +194,22 @@ def sparse_decode(
     else:  # written straight into dst; the partial buffers are not touched
         part, lse = dst.unsqueeze(2), dst
     stream, lst, lst_len = pack_sparse_args(q.device, streaming_heads, page_list, page_list_len)
+    keep = 0
+    if selection is not None:
+        if selection.store.shape[1] != hkv:
+            raise ValueError(f"selection store {tuple(selection.store.shape)} does not hold {hkv} heads")
+        lst, lst_len, keep = selection.store, selection.plan, selection.keep
     _decode_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, stream, lst, lst_len,
         kv_head_map if kv_head_map is not None else seq_lens, part, lse, dst,
-        sink, local, scale * 1.4426950408889634,
+        sink, local, scale * 1.4426950408889634, keep,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         page_table.stride(0), lst.stride(0), lst.stride(1), lst_len.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), dst.stride(0), dst.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE_SIZE=page_size,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_LIST=page_list is not None,
-        HAS_STREAM=streaming_heads is not None, HAS_MAP=kv_head_map is not None,
+        HAS_STREAM=streaming_heads is not None, HAS_MAP=kv_head_map is not None, STORED=selection is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
