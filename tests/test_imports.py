@@ -13,7 +13,7 @@ BASE = {"config", "errors", "sampling_params", "request"}
 ALLOWED: dict[str, set[str]] = {
     "ops": set(),
     "kv_cache": set(),
-    "model": set(),
+    "model": {"ops"},  # fused elementwise kernels (ops/fused_layers.py) on CUDA
     "sparse": {"ops", "kv_cache"},
     "attention": {"ops", "kv_cache", "sparse"},
     "runner": {"ops", "kv_cache", "sparse", "attention", "model"},

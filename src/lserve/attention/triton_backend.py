@@ -13,7 +13,6 @@ from lserve.attention.backend import AttentionBackend, PoolCall
 from lserve.attention.metadata import AttentionMetadata
 from lserve.ops.kv_append import AppendSegments, kv_append, plan_segments
 from lserve.ops.page_scores import page_scores
-from lserve.ops.page_select import select_top_pages_
 from lserve.ops.paged_inputs import StoredSelection
 from lserve.ops.sparse_decode import sparse_decode
 from lserve.ops.sparse_prefill import PrefillTiles, plan_tiles, sparse_prefill
@@ -121,9 +120,9 @@ class TritonAttentionBackend(AttentionBackend):
                            self.selector.aggregate)
 
     def _selection(self, layer: int, nd: int, scores_fn) -> StoredSelection | None:
-        # the top-k update in one kernel, and the decode kernel reads the store: no list building
+        # the decode kernel reads the selector's store and plan: no page lists to build
         assert self.selector is not None
-        return self.selector.update(layer, nd, scores_fn, select_top_pages_)
+        return self.selector.update(layer, nd, scores_fn)
 
     def _decode(
         self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata,
