@@ -76,6 +76,7 @@ def build_metadata(
     pages s * pages_per_seq .. (s + 1) * pages_per_seq - 1.
     """
     num_seqs = len(query_lens)
+    decode_only = num_seqs > 0 and all(q == 1 for q in query_lens)
     max_pages = max((len(t) for t in page_tables), default=1) or 1
     table = torch.zeros((num_seqs, max_pages), dtype=torch.int32)
     for i, pages in enumerate(page_tables):
@@ -86,7 +87,12 @@ def build_metadata(
         offsets = ring.logical_to_ring(max_pages)
         base = torch.tensor(seats, dtype=torch.int32)[:, None] * ring.pages_per_seq
         ring_table = base + offsets[None, :]
-        ring_slots = _slots(ring_table, query_lens, seq_lens, page_size).to(device)
+        if decode_only:  # one token per sequence: its slot in plain integers, no tensor ops
+            ring_slots = torch.tensor(
+                [(seat * ring.pages_per_seq + ring.ring_page((n - 1) // page_size)) * page_size + (n - 1) % page_size
+                 for seat, n in zip(seats, seq_lens)], dtype=torch.int64).to(device)
+        else:
+            ring_slots = _slots(ring_table, query_lens, seq_lens, page_size).to(device)
         ring_table = ring_table.to(device)
     starts = [0]
     for qlen in query_lens:
@@ -98,7 +104,9 @@ def build_metadata(
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         page_table=table.to(device),
-        slot_mapping=_slots(table, query_lens, seq_lens, page_size).to(device),
+        slot_mapping=(torch.tensor([pages[(n - 1) // page_size] * page_size + (n - 1) % page_size
+                                    for pages, n in zip(page_tables, seq_lens)], dtype=torch.int64)
+                      if decode_only else _slots(table, query_lens, seq_lens, page_size)).to(device),
         page_size=page_size,
         query_lens_cpu=tuple(query_lens),
         seq_lens_cpu=tuple(seq_lens),

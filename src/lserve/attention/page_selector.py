@@ -136,11 +136,7 @@ class PageSelector:
         host[2].fill_(1)
         host[3].fill_(0)
         host[4].fill_(self.scratch_seat)
-        host[0, :nd] = torch.tensor(recompute, dtype=torch.int64)
-        host[1, :nd] = torch.tensor(fits, dtype=torch.int64)
-        host[2, :nd] = torch.tensor(num_pages, dtype=torch.int64)
-        host[3, :nd] = torch.tensor(anchor, dtype=torch.int64)
-        host[4, :nd] = torch.tensor(md.seats[:nd], dtype=torch.int64)
+        host[:, :nd] = torch.tensor([recompute, fits, num_pages, anchor, list(md.seats[:nd])], dtype=torch.int64)
         self._plan_dev.copy_(host, non_blocking=False)
         self.plan = DecodePlan(tuple(recompute), tuple(fits), tuple(num_pages), tuple(anchor))
         return self.plan

@@ -12,6 +12,8 @@ context length). The pools' head counts differ per layer, as the head pattern de
 
 from __future__ import annotations
 
+import functools
+
 import os
 from dataclasses import dataclass
 
@@ -106,12 +108,22 @@ class RingGeometry:
         return RingGeometry(sink_pages, ring)
 
     def logical_to_ring(self, num_logical_pages: int) -> torch.Tensor:
-        """Ring page index (0 .. pages_per_seq - 1) of each logical page of a sequence, (n,) int32."""
+        """Ring page index (0 .. pages_per_seq - 1) of each logical page of a sequence, (n,) int32.
+        Cached per length (a decode step asks for the same table again and again): do not modify."""
+        return _ring_index(self.sink_pages, self.ring_pages, num_logical_pages)
+
+    def ring_page(self, logical_page: int) -> int:
+        """`logical_to_ring` for one page, in plain integers."""
         s, r = self.sink_pages, self.ring_pages
-        idx = torch.arange(num_logical_pages, dtype=torch.int32)
-        if r == 0:
-            return idx
-        return torch.where(idx < s, idx, s + (idx - s) % r)
+        return logical_page if r == 0 or logical_page < s else s + (logical_page - s) % r
+
+
+@functools.lru_cache(maxsize=64)
+def _ring_index(sink_pages: int, ring_pages: int, n: int) -> torch.Tensor:
+    idx = torch.arange(n, dtype=torch.int32)
+    if ring_pages == 0:
+        return idx
+    return torch.where(idx < sink_pages, idx, sink_pages + (idx - sink_pages) % ring_pages)
 
 
 class KVCache:
