@@ -92,3 +92,14 @@ def test_bad_json_and_missing_files(tmp_path: Path) -> None:
 
 def test_no_shipped_pattern_for_unknown_model() -> None:
     assert shipped_pattern("no-such-model") is None
+
+
+def test_streaming_fraction_is_computed_once() -> None:
+    """Engine statistics read it every step; with the flags on a GPU each recount would be a sync."""
+    from lserve.attention.sparsity import HeadSparsity
+
+    flags = (torch.tensor([True, False]), torch.tensor([False, False]))
+    sparsity = HeadSparsity(flags, 1, 2, 3, 4)
+    assert sparsity.streaming_fraction == 0.25
+    flags[1][0] = True  # flags are fixed for an engine's life: no recount
+    assert sparsity.streaming_fraction == 0.25

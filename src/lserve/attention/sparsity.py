@@ -6,6 +6,7 @@ from query i iff j <= i and (j < sink or i - j < local); prefill and decode have
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +21,10 @@ class HeadSparsity:
     decode_sink: int
     decode_local: int
 
-    @property
+    @functools.cached_property
     def streaming_fraction(self) -> float:
-        """Fraction of all KV heads (over every layer) that stream."""
+        """Fraction of all KV heads (over every layer) that stream. Computed once: the flags live
+        on the device, and engine statistics read this every step."""
         total = sum(f.numel() for f in self.streaming_heads)
         return sum(int(f.sum()) for f in self.streaming_heads) / total if total else 0.0
 
