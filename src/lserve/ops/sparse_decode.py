@@ -50,6 +50,7 @@ def _decode_kernel(
     n_list = 0
     fits = 0
     anchor = 0
+    n_stored = 0
     list_row = list_ptr
     if STORED:
         # the page selector's own buffers (`StoredSelection`): list_ptr is its store, list_len_ptr
@@ -59,6 +60,7 @@ def _decode_kernel(
         anchor = tl.load(list_len_ptr + 3 * stride_len_b + b).to(tl.int32)
         seat = tl.load(list_len_ptr + 4 * stride_len_b + b)
         n_list = tl.where(fits != 0, pages, keep + pages - anchor)
+        n_stored = tl.where(fits != 0, 0, keep)
         list_row = list_ptr + seat * stride_list_b + kvh * stride_list_h
     elif HAS_LIST:
         n_list = tl.load(list_len_ptr + b * stride_len_b + kvh)
@@ -87,8 +89,11 @@ def _decode_kernel(
             pos = tl.where(vpos < sink_len, vpos, local_start + vpos - sink_len)
         elif STORED:
             idx = vpos // PAGE_SIZE
-            stored = tl.load(list_row + idx, mask=valid & (fits == 0) & (idx < keep), other=0)
-            lp = tl.where(fits != 0, idx, tl.where(idx < keep, stored, anchor + idx - keep))
+            # the first n_stored entries come from the store (none when the row fits); the mask is
+            # a block compare only (a scalar flag in it breaks some Triton interpreters)
+            from_store = idx < n_stored
+            stored = tl.load(list_row + idx, mask=valid & from_store, other=0)
+            lp = tl.where(from_store, stored, tl.where(fits != 0, idx, anchor + idx - keep))
             pos = lp * PAGE_SIZE + vpos % PAGE_SIZE
             valid = valid & (pos < seq_len)
         elif HAS_LIST:
