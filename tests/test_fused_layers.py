@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, _rotate, rope_inv_freq
+from lserve.model.layers import (
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    _rotate,
+    rope_inv_freq,
+)
 from lserve.ops.fused_layers import rms_norm, rotary_, silu_and_mul
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,7 +13,6 @@ context length). The pools' head counts differ per layer, as the head pattern de
 from __future__ import annotations
 
 import functools
-
 import os
 from dataclasses import dataclass
 

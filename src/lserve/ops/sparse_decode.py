@@ -19,7 +19,11 @@ import triton
 import triton.language as tl
 
 from lserve.ops.merge_states import merge_states
-from lserve.ops.paged_inputs import StoredSelection, check_paged_attention, pack_sparse_args
+from lserve.ops.paged_inputs import (
+    StoredSelection,
+    check_paged_attention,
+    pack_sparse_args,
+)
 
 
 @triton.jit
