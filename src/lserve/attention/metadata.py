@@ -52,11 +52,15 @@ class AttentionMetadata:
 
 
 def _slots(table: torch.Tensor, query_lens: list[int], seq_lens: list[int], page_size: int) -> torch.Tensor:
-    slots = []
-    for i, (qlen, slen) in enumerate(zip(query_lens, seq_lens)):
-        pos = torch.arange(slen - qlen, slen, dtype=torch.int64)
-        slots.append(table[i, pos // page_size].to(torch.int64) * page_size + pos % page_size)
-    return torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
+    """Cache slot of every new token: (T,) int64, in a fixed number of tensor ops whatever the
+    batch (the host work of a decode step must not grow with the number of sequences)."""
+    lens = torch.tensor(query_lens, dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.arange(len(query_lens)), lens)
+    # position of each token: its sequence's first new position plus its offset within the chunk
+    first = torch.tensor(seq_lens, dtype=torch.int64) - lens
+    offset = torch.arange(rows.shape[0]) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+    pos = first[rows] + offset
+    return table[rows, pos // page_size].to(torch.int64) * page_size + pos % page_size
 
 
 def build_metadata(
@@ -76,7 +80,6 @@ def build_metadata(
     pages s * pages_per_seq .. (s + 1) * pages_per_seq - 1.
     """
     num_seqs = len(query_lens)
-    decode_only = num_seqs > 0 and all(q == 1 for q in query_lens)
     max_pages = max((len(t) for t in page_tables), default=1) or 1
     table = torch.zeros((num_seqs, max_pages), dtype=torch.int32)
     for i, pages in enumerate(page_tables):
@@ -87,12 +90,7 @@ def build_metadata(
         offsets = ring.logical_to_ring(max_pages)
         base = torch.tensor(seats, dtype=torch.int32)[:, None] * ring.pages_per_seq
         ring_table = base + offsets[None, :]
-        if decode_only:  # one token per sequence: its slot in plain integers, no tensor ops
-            ring_slots = torch.tensor(
-                [(seat * ring.pages_per_seq + ring.ring_page((n - 1) // page_size)) * page_size + (n - 1) % page_size
-                 for seat, n in zip(seats, seq_lens)], dtype=torch.int64).to(device)
-        else:
-            ring_slots = _slots(ring_table, query_lens, seq_lens, page_size).to(device)
+        ring_slots = _slots(ring_table, query_lens, seq_lens, page_size).to(device)
         ring_table = ring_table.to(device)
     starts = [0]
     for qlen in query_lens:
@@ -104,9 +102,7 @@ def build_metadata(
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         page_table=table.to(device),
-        slot_mapping=(torch.tensor([pages[(n - 1) // page_size] * page_size + (n - 1) % page_size
-                                    for pages, n in zip(page_tables, seq_lens)], dtype=torch.int64)
-                      if decode_only else _slots(table, query_lens, seq_lens, page_size)).to(device),
+        slot_mapping=_slots(table, query_lens, seq_lens, page_size).to(device),
         page_size=page_size,
         query_lens_cpu=tuple(query_lens),
         seq_lens_cpu=tuple(seq_lens),

@@ -111,11 +111,6 @@ class RingGeometry:
         Cached per length (a decode step asks for the same table again and again): do not modify."""
         return _ring_index(self.sink_pages, self.ring_pages, num_logical_pages)
 
-    def ring_page(self, logical_page: int) -> int:
-        """`logical_to_ring` for one page, in plain integers."""
-        s, r = self.sink_pages, self.ring_pages
-        return logical_page if r == 0 or logical_page < s else s + (logical_page - s) % r
-
 
 @functools.lru_cache(maxsize=64)
 def _ring_index(sink_pages: int, ring_pages: int, n: int) -> torch.Tensor:
