@@ -112,22 +112,28 @@ class LLM:
             for rid in ids:
                 engine.abort_request(rid)
             raise
-        results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 2, unit="req")
-        try:
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.finished:
-                        results[out.request_id] = out
+        with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 2, unit="req") as bar:
+            return run_to_completion(engine, ids, bar)
+
+
+def run_to_completion(engine: LLMEngine, ids: list[str], bar: Any = None) -> list[RequestOutput]:
+    """Step the engine until it has nothing left; the final output of each request in `ids`, in
+    order. `bar` (a tqdm bar) moves as each finishes. On any error, including Ctrl-C, the requests
+    that had not finished are aborted (their pages freed) before the error propagates."""
+    results: dict[str, RequestOutput] = {}
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    if bar is not None:
                         bar.update(1)
-        except BaseException:
-            for rid in ids:
-                if rid not in results:
-                    engine.abort_request(rid)
-            raise
-        finally:
-            bar.close()
-        return [results[rid] for rid in ids]
+    except BaseException:
+        for rid in ids:
+            if rid not in results:
+                engine.abort_request(rid)
+        raise
+    return [results[rid] for rid in ids]
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -74,27 +74,21 @@ def run_with_llm(llm: Any, samples: Sequence[Sample], desc: str, progress: bool 
     All samples are queued at once and the engine's continuous batching runs `max_num_seqs` of
     them at a time; the progress bar moves as each one finishes.
     """
+    from lserve.engine.llm import run_to_completion
     from lserve.sampling_params import SamplingParams
 
     engine = llm.llm_engine
     ids: list[str] = []
-    texts: dict[str, str] = {}
     try:
         for s in samples:
             params = SamplingParams(temperature=0.0, max_tokens=s.max_tokens)
             ids.append(engine.add_request(list(s.prompt_ids), params))
-        with tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress) as bar:
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.finished:
-                        texts[out.request_id] = out.outputs[0].text
-                        bar.update(1)
     except BaseException:
         for request_id in ids:
-            if request_id not in texts:
-                engine.abort_request(request_id)
+            engine.abort_request(request_id)
         raise
-    return [texts[request_id] for request_id in ids]
+    with tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress) as bar:
+        return [out.outputs[0].text for out in run_to_completion(engine, ids, bar)]
 
 
 def engine_stats(llm: Any) -> dict[str, float | None]:
