@@ -206,7 +206,9 @@ def profile_step(core, batch: int, seq_len: int, label: str) -> None:
         t = totals.setdefault(e.name[:90], [0, 0.0])
         t[0] += 1
         t[1] += e.device_time_total if cuda else e.cpu_time_total
-    for name, (n, us) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:40]:
+    busy = sum(us for _, us in totals.values()) / 12
+    print(f"  kernel time {busy / 1000:.2f} ms per step; by time:")
+    for name, (n, us) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:40]:
         print(f"  {n / 12:7.1f} /step {us / 12:9.1f} us/step  {name}")
 
 
@@ -237,6 +239,37 @@ def profile_host(core, batch: int, seq_len: int, label: str) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
+def split_host(core, batch: int, seq_len: int, label: str) -> None:
+    """Wall time of each phase of graph-replayed decode steps (a sync after each phase, so the
+    GPU's time lands in the graph phase): where the host part of a step goes."""
+    runner = core.runner
+    phases = {"plan (metadata)": (runner, "plan"), "backend.prepare": (runner.backend, "prepare"),
+              "graph input copies": (runner.graphs, "_load"), "graph load + replay": (runner.graphs, "run"),
+              "sample": (runner.sampler, "sample"), "whole step": (runner, "execute")}
+    spent = {name: 0.0 for name in phases}
+    time_decode(core, batch, seq_len, 4)  # compiled and captured: the steps below are steady ones
+    for name, (obj, attr) in phases.items():
+        fn = getattr(obj, attr)
+
+        def timed(*a, _fn=fn, _name=name, **kw):
+            t = time.perf_counter()
+            r = _fn(*a, **kw)
+            sync()
+            spent[_name] += time.perf_counter() - t
+            return r
+
+        setattr(obj, attr, timed)
+    try:
+        r = time_decode(core, batch, seq_len, 16)
+    finally:
+        for obj, attr in phases.values():
+            delattr(obj, attr)
+    steps = 8 + 16  # time_decode's own warm-up steps (steady too) are counted
+    parts = ", ".join(f"{name} {1000 * t / steps:.2f}" for name, t in spent.items())
+    print(f"\n{label}: ms per step (batch {batch}, {seq_len} tokens): {parts}; step {r['ms']:.2f}, replay "
+          f"{r.get('replay', float('nan')):.2f}", flush=True)
+
+
 def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict]:
     lengths = [int(x) for x in args.lengths.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
@@ -260,6 +293,8 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
             profile_step(core, min(batches), min(lengths), name)
         if args.host_profile:
             profile_host(core, min(batches), max(lengths), name)
+        if args.split_host:
+            split_host(core, min(batches), max(lengths), name)
         for b, n in cases:
             for eager in (False, True) if not args.no_eager else (False,):
                 core.runner.graphs = None if eager else graphs
@@ -303,6 +338,8 @@ def main() -> None:
     parser.add_argument("--no-eager", action="store_true", help="decode: skip the runs without CUDA graphs")
     parser.add_argument("--profile", action="store_true",
                         help="decode: print the GPU kernels of one eager step per configuration")
+    parser.add_argument("--split-host", action="store_true",
+                        help="decode: wall time per phase of a graph step (plan, prepare, replay, sample)")
     parser.add_argument("--host-profile", action="store_true",
                         help="decode: print where the host time of graph steps goes (cProfile)")
     parser.add_argument("--tiny", action="store_true", help="a small model shape (a CPU smoke run)")

@@ -84,3 +84,91 @@ def test_select_pages_topk_plus_newest_and_all_when_it_fits() -> None:
             else:
                 older = sorted(range(n - 1), key=lambda p: -float(rand[b, h, p]))[:5]
                 assert got == sorted(older + [n - 1])
+
+
+def test_page_scores_through_a_head_map_equal_the_gathered_heads() -> None:
+    """One pool of several: its statistics hold model KV heads 2 and 0; q holds all 4 KV heads' query
+    heads (a strided view, as the projection gives it)."""
+    gen = torch.Generator().manual_seed(5)
+    group, d, page, logical = 3, 32, 32, 8
+    seq_lens = [5 * page + 7, 2 * page]
+    rows = 8 * page // logical
+    k_min = torch.randn((rows, 2, d), generator=gen)
+    k_max = k_min + torch.rand((rows, 2, d), generator=gen)
+    qkv = torch.randn((2, 4 * group + 5, d), generator=gen)
+    q = qkv[:, : 4 * group]  # not contiguous over the batch
+    table = torch.tensor([[0, 1, 2, 3, 4, 5], [6, 7, 0, 0, 0, 0]], dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    heads = torch.tensor([2, 0])
+    picked = torch.cat([q[:, 2 * group: 3 * group], q[:, :group]], dim=1)
+    args = (k_min.to(DEVICE), k_max.to(DEVICE), table.to(DEVICE), lens.to(DEVICE), page, logical, "sum")
+    got = page_scores(q.to(DEVICE), *args, kv_head_map=heads.to(DEVICE), group=group)
+    want = page_scores(picked.contiguous().to(DEVICE), *args)
+    assert torch.equal(got, want)
+    assert torch.isinf(got[1, :, 2:]).all() and torch.isfinite(got[0]).all()
+    with pytest.raises(ValueError, match="group"):
+        page_scores(q.to(DEVICE), *args, kv_head_map=heads.to(DEVICE))
+
+
+def _plan(redo: list[int], anchor: list[int], seats: list[int], spare: int = 2) -> torch.Tensor:
+    """The selector's plan rows (recompute, fits, pages, anchor, seat), with spare columns."""
+    n = len(redo)
+    plan = torch.zeros((5, n + spare), dtype=torch.int64)
+    plan[0, :n] = torch.tensor(redo)
+    plan[2, :n] = torch.tensor(anchor) + 1
+    plan[3, :n] = torch.tensor(anchor)
+    plan[4, :n] = torch.tensor(seats)
+    return plan
+
+
+@pytest.mark.parametrize("width,keep", [(37, 5), (130, 1), (9, 7)])
+def test_store_top_pages_equals_the_reference_and_brute_force(width: int, keep: int) -> None:
+    from lserve.ops.page_scores import store_top_pages
+
+    gen = torch.Generator().manual_seed(width)
+    rng = random.Random(width)
+    rows, heads, seats = 4, 3, 6
+    scores = torch.randn((rows, heads, width), generator=gen) * 50
+    scores[0, 0, : width // 2] = 1.5  # ties: the lower pages win
+    scores[1, 1] = -scores[1, 1].abs() - 1  # every score negative
+    scores[2, :, -3:] = float("-inf")  # past the sequence
+    anchor = [width - 1, rng.randint(keep, width - 1), max(width - 4, keep), rng.randint(keep, width - 1)]
+    redo = [1, 1, 1, 0]  # row 3 reuses its selection: its store row must stay as it was
+    seat_ids = [4, 0, 5, 2]
+    plan = _plan(redo, anchor, seat_ids)
+    store = torch.randint(0, 1000, (seats + 1, heads, keep + 2), generator=gen, dtype=torch.int32)
+    want = store.clone()
+    ref.store_top_pages_ref(scores, plan, want, keep)
+    got = store.to(DEVICE)
+    store_top_pages(scores.to(DEVICE), plan.to(DEVICE), got, keep)
+    assert torch.equal(got.cpu(), want)
+    for b in range(rows):
+        for h in range(heads):
+            row = want[seat_ids[b], h]
+            if not redo[b]:
+                assert torch.equal(row, store[seat_ids[b], h])
+                continue
+            ranked = sorted(range(anchor[b]), key=lambda p: (-float(scores[b, h, p]), p))
+            assert row[:keep].tolist() == sorted(ranked[:keep])
+            assert torch.equal(row[keep:], store[seat_ids[b], h, keep:])  # nothing past keep
+    untouched = [s for s in range(seats + 1) if s not in seat_ids[:3]]
+    assert torch.equal(want[untouched], store[untouched])
+
+
+@pytest.mark.parametrize("dtype", [
+    pytest.param(torch.bfloat16, marks=pytest.mark.gpu),  # the CPU interpreter's bf16 matmul is wrong
+    torch.float16,
+])
+def test_page_scores_in_half_precision_equal_the_float64_bound(dtype: torch.dtype) -> None:
+    """The engine's statistics and queries are bf16/fp16: products are exact in the float32 sums."""
+    gen = torch.Generator().manual_seed(7)
+    page, logical, hq, hkv, d = 64, 16, 8, 2, 64
+    seq_lens = [5 * page + 9]
+    k_min = torch.randn((6 * page // logical, hkv, d), generator=gen).to(dtype)
+    k_max = (k_min.float() + torch.rand(k_min.shape, generator=gen)).to(dtype)
+    q = torch.randn((1, hq, d), generator=gen).to(dtype)
+    table = [[3, 0, 5, 1, 4, 2]]
+    got = page_scores(q.to(DEVICE), k_min.to(DEVICE), k_max.to(DEVICE), torch.tensor(table, dtype=torch.int32,
+                      device=DEVICE), torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), page, logical, "sum")
+    want = ref.page_scores_ref(q, k_min, k_max, table, seq_lens, page, logical, "sum")
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-4)

@@ -213,8 +213,8 @@ class AttentionBackend(ABC):
         nd = md.num_decodes
 
         def scores() -> torch.Tensor:
-            qq = q[:, call.q_heads] if all_heads and call.q_heads is not None else q
-            return self._page_scores(qq, k_min, k_max, md.page_table[:nd], md.seq_lens[:nd], md.page_size)
+            heads = call.kv_heads if all_heads else None  # q holds every head: reach the pool's by map
+            return self._page_scores(q, k_min, k_max, md.page_table[:nd], md.seq_lens[:nd], md.page_size, heads)
 
         return self._selection(layer, nd, scores)
 
@@ -248,9 +248,10 @@ class AttentionBackend(ABC):
     @abstractmethod
     def _page_scores(
         self, q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor, page_table: torch.Tensor,
-        seq_lens: torch.Tensor, page_size: int,
+        seq_lens: torch.Tensor, page_size: int, kv_heads: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Quest page scores (nd, pool heads, P) of the decode queries."""
+        """Quest page scores (nd, pool heads, P) of the decode queries. With `kv_heads` (the
+        pool's model KV heads), q holds every query head of the model."""
 
     def windows(self, call: PoolCall, decode: bool) -> tuple[int, int]:
         """(sink, local) for the streaming heads of `call`."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lserve.kv_cache.layout import RingGeometry
@@ -51,22 +52,41 @@ class AttentionMetadata:
         return self.num_seqs - self.num_decodes
 
 
-def _slots(table: torch.Tensor, query_lens: list[int], seq_lens: list[int], page_size: int) -> torch.Tensor:
-    """Cache slot of every new token: (T,) int64, in a fixed number of tensor ops whatever the
+def _slots(table: np.ndarray, query_lens: np.ndarray, seq_lens: np.ndarray, page_size: int) -> np.ndarray:
+    """Cache slot of every new token: (T,) int64, in a fixed number of array ops whatever the
     batch (the host work of a decode step must not grow with the number of sequences)."""
-    lens = torch.tensor(query_lens, dtype=torch.int64)
-    rows = torch.repeat_interleave(torch.arange(len(query_lens)), lens)
+    rows = np.repeat(np.arange(len(query_lens)), query_lens)
     # position of each token: its sequence's first new position plus its offset within the chunk
-    first = torch.tensor(seq_lens, dtype=torch.int64) - lens
-    offset = torch.arange(rows.shape[0]) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+    first = seq_lens - query_lens
+    offset = np.arange(rows.shape[0]) - np.repeat(np.cumsum(query_lens) - query_lens, query_lens)
     pos = first[rows] + offset
-    return table[rows, pos // page_size].to(torch.int64) * page_size + pos % page_size
+    return table[rows, pos // page_size].astype(np.int64) * page_size + pos % page_size
+
+
+def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Host arrays (int32 / int64) as device tensors through one copy: a step's metadata costs
+    one transfer instead of one per field (each a few microseconds of host time on a GPU)."""
+    offsets, total = [], 0
+    for a in arrays:
+        total = -(-total // 8) * 8  # every field starts 8-byte aligned, so it can be viewed as its dtype
+        offsets.append(total)
+        total += a.nbytes
+    buf = np.empty(max(total, 8), dtype=np.uint8)
+    for a, off in zip(arrays, offsets):
+        buf[off : off + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    flat = torch.from_numpy(buf).to(device)  # on a CPU no copy: the tensors view `buf`
+    return [
+        flat[off : off + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape) for a, off in zip(arrays, offsets)
+    ]
+
+
+_TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
 
 
 def build_metadata(
     query_lens: list[int],
     seq_lens: list[int],
-    page_tables: list[list[int]],
+    page_tables: list[list[int]] | np.ndarray,
     num_decodes: int,
     page_size: int,
     device: torch.device,
@@ -74,40 +94,47 @@ def build_metadata(
     ring: RingGeometry | None = None,
     request_ids: list[str] | None = None,
 ) -> AttentionMetadata:
-    """Pack host-side per-sequence lists into device tensors (one small copy per field).
+    """Pack host-side per-sequence values into device tensors (one copy for all of them).
 
-    With `ring` (and `seats`), also map every logical page to its ring page: seat s owns ring
-    pages s * pages_per_seq .. (s + 1) * pages_per_seq - 1.
+    `page_tables`: each sequence's page ids, as lists or as one (num_seqs, width) int32 array
+    (rows of `SeatPageRows`, 0-padded). With `ring` (and `seats`), also map every logical page to
+    its ring page: seat s owns ring pages s * pages_per_seq .. (s + 1) * pages_per_seq - 1.
     """
     num_seqs = len(query_lens)
-    max_pages = max((len(t) for t in page_tables), default=1) or 1
-    table = torch.zeros((num_seqs, max_pages), dtype=torch.int32)
-    for i, pages in enumerate(page_tables):
-        table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-    ring_table = ring_slots = None
+    if isinstance(page_tables, np.ndarray):
+        table = page_tables.astype(np.int32, copy=False)
+        if table.shape[1] == 0:
+            table = np.zeros((num_seqs, 1), dtype=np.int32)
+    else:
+        max_pages = max((len(t) for t in page_tables), default=1) or 1
+        table = np.zeros((num_seqs, max_pages), dtype=np.int32)
+        for i, pages in enumerate(page_tables):
+            table[i, : len(pages)] = pages
+    max_pages = table.shape[1]
+    qlens = np.asarray(query_lens, dtype=np.int64)
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    starts = np.zeros(num_seqs + 1, dtype=np.int32)
+    np.cumsum(qlens, out=starts[1:])
+    arrays = [starts, lens.astype(np.int32), table, _slots(table, qlens, lens, page_size)]
     if ring is not None:
         assert seats is not None, "a ring pool needs seats"
         offsets = ring.logical_to_ring(max_pages)
-        base = torch.tensor(seats, dtype=torch.int32)[:, None] * ring.pages_per_seq
-        ring_table = base + offsets[None, :]
-        ring_slots = _slots(ring_table, query_lens, seq_lens, page_size).to(device)
-        ring_table = ring_table.to(device)
-    starts = [0]
-    for qlen in query_lens:
-        starts.append(starts[-1] + qlen)
+        ring_table = np.asarray(seats, dtype=np.int32)[:, None] * ring.pages_per_seq + offsets[None, :]
+        arrays += [ring_table, _slots(ring_table, qlens, lens, page_size)]
+    on_device = to_device(arrays, device)
     return AttentionMetadata(
         num_seqs=num_seqs,
         num_decodes=num_decodes,
-        num_tokens=starts[-1],
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        page_table=table.to(device),
-        slot_mapping=_slots(table, query_lens, seq_lens, page_size).to(device),
+        num_tokens=int(starts[-1]),
+        query_start_loc=on_device[0],
+        seq_lens=on_device[1],
+        page_table=on_device[2],
+        slot_mapping=on_device[3],
         page_size=page_size,
         query_lens_cpu=tuple(query_lens),
         seq_lens_cpu=tuple(seq_lens),
         seats=tuple(seats) if seats is not None else (),
         request_ids=tuple(request_ids) if request_ids is not None else (),
-        ring_page_table=ring_table,
-        ring_slot_mapping=ring_slots,
+        ring_page_table=on_device[4] if ring is not None else None,
+        ring_slot_mapping=on_device[5] if ring is not None else None,
     )

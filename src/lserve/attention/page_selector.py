@@ -23,6 +23,7 @@ import torch
 
 from lserve.attention.metadata import AttentionMetadata
 from lserve.ops.paged_inputs import StoredSelection
+from lserve.ops.reference import store_top_pages_ref
 
 
 def cdiv(a: int, b: int) -> int:
@@ -160,7 +161,6 @@ class PageSelector:
     def begin_forward(self) -> None:
         """Forget the tensors shared by the layers of one forward (called before its first layer)."""
         self._shared: tuple[torch.Tensor, ...] | None = None
-        self._older: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _shared_tensors(self, nd: int) -> tuple[torch.Tensor, ...]:
         """What every selecting layer of this forward reads the same way: (fit (nd, 1, 1) bool,
@@ -179,12 +179,14 @@ class PageSelector:
             self._shared = shared
         return shared
 
-    def update(self, layer: int, nd: int, scores_fn) -> StoredSelection | None:
+    def update(self, layer: int, nd: int, scores_fn, store_fn=store_top_pages_ref) -> StoredSelection | None:
         """This layer's stored selection, recomputed first for the rows that re-select this step;
         None when every page is read (no row selects, or a dense layer).
 
         `scores_fn()` returns the Quest scores (nd, H, P) of the current queries; it is called only
-        in "select" mode. Only device buffers and the host mode are read, so a CUDA graph captured
+        in "select" mode. `store_fn(scores, plan, store, keep)` writes the re-selecting rows' top
+        pages into the store (`ops.page_scores.store_top_pages` on a GPU, its PyTorch reference
+        by default). Only device buffers and the host mode are read, so a CUDA graph captured
         for a mode replays correctly for any later step of the same mode.
         """
         mode = self.mode
@@ -192,25 +194,8 @@ class PageSelector:
             return None
         store = self._store[layer]
         if self.keep and mode == "select":
-            scores = scores_fn()
-            redo, not_older, seats = self._older_mask(nd, scores.shape[2])
-            # unsorted top-k, then the kept pages in ascending order (one small sort of `keep` ids)
-            top = scores.masked_fill(not_older, float("-inf")).topk(self.keep, dim=2, sorted=False).indices
-            top = top.sort(dim=2).values.to(torch.int32)
-            store[seats] = torch.where(redo, top, store[seats])
+            store_fn(scores_fn(), self._plan_dev[:, :nd], store, self.keep)
         return StoredSelection(store, self._plan_dev, self.keep, self.keep + self.tail_width)
-
-    def _older_mask(self, nd: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(re-selects (nd, 1, 1) bool, not older (nd, 1, P) bool, seats (nd,)): the same for every
-        selecting layer of a forward, so built once per forward. A row's older pages are those
-        before its anchor (the anchor page and later ones are read anyway)."""
-        cached = getattr(self, "_older", None)
-        if cached is None or cached[1].shape[0] != nd or cached[1].shape[2] != width:
-            recompute, _, _, anchor, seats = self._plan_dev[:, :nd]
-            pos = torch.arange(width, device=self.device)
-            cached = (recompute.bool()[:, None, None], pos[None, None, :] >= anchor[:, None, None], seats)
-            self._older = cached
-        return cached
 
     def select(self, layer: int, nd: int, scores_fn) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Page lists (nd, H, W) int32 and counts (nd, H) int32 of this layer, or None to read every page

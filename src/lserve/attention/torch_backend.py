@@ -98,10 +98,13 @@ class TorchAttentionBackend(AttentionBackend):
 
     def _page_scores(
         self, q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor, page_table: torch.Tensor,
-        seq_lens: torch.Tensor, page_size: int,
+        seq_lens: torch.Tensor, page_size: int, kv_heads: torch.Tensor | None = None,
     ) -> torch.Tensor:
         logical = self.cache.paged.logical_page_size
         assert logical is not None and self.selector is not None
+        if kv_heads is not None:  # the pool's query heads, in pool order
+            g = self._group
+            q = q[:, (kv_heads[:, None] * g + torch.arange(g, device=q.device)[None, :]).reshape(-1)]
         return page_scores_torch(q, k_min, k_max, page_table, seq_lens, page_size, logical, self.selector.aggregate)
 
     def _prefill(

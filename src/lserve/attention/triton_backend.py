@@ -12,7 +12,7 @@ import torch
 from lserve.attention.backend import AttentionBackend, PoolCall
 from lserve.attention.metadata import AttentionMetadata
 from lserve.ops.kv_append import AppendSegments, kv_append, plan_segments
-from lserve.ops.page_scores import page_scores
+from lserve.ops.page_scores import page_scores, store_top_pages
 from lserve.ops.paged_inputs import StoredSelection
 from lserve.ops.sparse_decode import sparse_decode
 from lserve.ops.sparse_prefill import PrefillTiles, plan_tiles, sparse_prefill
@@ -112,17 +112,18 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _page_scores(
         self, q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor, page_table: torch.Tensor,
-        seq_lens: torch.Tensor, page_size: int,
+        seq_lens: torch.Tensor, page_size: int, kv_heads: torch.Tensor | None = None,
     ) -> torch.Tensor:
         logical = self.cache.paged.logical_page_size
         assert logical is not None and self.selector is not None
-        return page_scores(q.contiguous(), k_min, k_max, page_table, seq_lens, page_size, logical,
-                           self.selector.aggregate)
+        return page_scores(q, k_min, k_max, page_table, seq_lens, page_size, logical, self.selector.aggregate,
+                           kv_head_map=kv_heads, group=self._group if kv_heads is not None else None)
 
     def _selection(self, layer: int, nd: int, scores_fn) -> StoredSelection | None:
-        # the decode kernel reads the selector's store and plan: no page lists to build
+        # one kernel selects into the selector's store, and the decode kernel reads the store and
+        # plan directly: no page lists to build
         assert self.selector is not None
-        return self.selector.update(layer, nd, scores_fn)
+        return self.selector.update(layer, nd, scores_fn, store_top_pages)
 
     def _decode(
         self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata,

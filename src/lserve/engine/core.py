@@ -165,7 +165,7 @@ class EngineCore:
         backend = create_backend(self.backend_name, self.kv_cache, arch.num_heads, arch.head_dim**-0.5,
                                  sparsity, selector)
         self.runner = ModelRunner(self.model, backend, cache.page_size, self.device, self.config.model.seed,
-                                  ring_geometry)
+                                  ring_geometry, page_rows=self.kv_manager.seat_rows)
         if self.backend_name == "triton":
             backend.decode_split_len = self.max_model_len
         if self.device.type == "cuda" and self.backend_name == "triton" and not self.config.model.enforce_eager:

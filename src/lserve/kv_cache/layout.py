@@ -16,6 +16,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lserve.errors import LServeError
@@ -106,18 +107,18 @@ class RingGeometry:
             return RingGeometry(max_pages, 0)
         return RingGeometry(sink_pages, ring)
 
-    def logical_to_ring(self, num_logical_pages: int) -> torch.Tensor:
+    def logical_to_ring(self, num_logical_pages: int) -> np.ndarray:
         """Ring page index (0 .. pages_per_seq - 1) of each logical page of a sequence, (n,) int32.
         Cached per length (a decode step asks for the same table again and again): do not modify."""
         return _ring_index(self.sink_pages, self.ring_pages, num_logical_pages)
 
 
 @functools.lru_cache(maxsize=64)
-def _ring_index(sink_pages: int, ring_pages: int, n: int) -> torch.Tensor:
-    idx = torch.arange(n, dtype=torch.int32)
+def _ring_index(sink_pages: int, ring_pages: int, n: int) -> np.ndarray:
+    idx = np.arange(n, dtype=np.int32)
     if ring_pages == 0:
         return idx
-    return torch.where(idx < sink_pages, idx, sink_pages + (idx - sink_pages) % ring_pages)
+    return np.where(idx < sink_pages, idx, sink_pages + (idx - sink_pages) % ring_pages).astype(np.int32)
 
 
 class KVCache:

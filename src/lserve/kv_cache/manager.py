@@ -8,11 +8,53 @@ requests hold pages.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+
 from lserve.kv_cache.page_pool import PagePool
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+class SeatPageRows:
+    """Every seat's page ids as rows of one int32 array, kept in step with the page tables.
+
+    A step's page table is then a slice of rows (`rows(seats, width)`), not a conversion of
+    Python lists: at 256K tokens a table holds 4,096 pages per sequence, and converting those
+    lists every decode step cost more host time than the rest of the step. Entries past a
+    seat's pages are 0. Grows on demand (rows: seats used so far; columns: the longest table).
+    """
+
+    def __init__(self) -> None:
+        self._rows = np.zeros((0, 0), dtype=np.int32)
+        self._count: dict[int, int] = {}
+
+    def append(self, seat: int, start: int, pages: Sequence[int]) -> None:
+        end = start + len(pages)
+        rows, cols = self._rows.shape
+        if seat >= rows or end > cols:
+            grown = np.zeros((max(rows, seat + 1, 2 * rows), max(cols, end, 2 * cols if end > cols else cols)),
+                             dtype=np.int32)
+            grown[:rows, :cols] = self._rows
+            self._rows = grown
+        self._rows[seat, start:end] = pages
+        self._count[seat] = end
+
+    def clear(self, seat: int) -> None:
+        count = self._count.pop(seat, 0)
+        if count:
+            self._rows[seat, :count] = 0
+
+    def rows(self, seats: Sequence[int], width: int) -> np.ndarray:
+        """(len(seats), width) int32: the first `width` page ids of each seat, 0-padded."""
+        out = np.zeros((len(seats), width), dtype=np.int32)
+        have = min(width, self._rows.shape[1])
+        if have and len(seats):
+            out[:, :have] = self._rows[np.asarray(seats, dtype=np.int64), :have]
+        return out
 
 
 class KVCacheManager:
@@ -25,6 +67,8 @@ class KVCacheManager:
         self.num_seats = num_seats if num_seats is not None else num_pages
         self.seats: dict[str, int] = {}
         self._free_seats = list(range(self.num_seats - 1, -1, -1))
+        self.seat_rows = SeatPageRows()
+        """The page tables again, as rows by seat (what the model runner builds step tables from)."""
 
     @property
     def num_pages(self) -> int:
@@ -57,7 +101,10 @@ class KVCacheManager:
                 return False
             self.seats[request_id] = self._free_seats.pop()
         table = self.page_tables.setdefault(request_id, [])
-        table.extend(self.pool.allocate(need))
+        if need:
+            new = self.pool.allocate(need)
+            self.seat_rows.append(self.seats[request_id], len(table), new)
+            table.extend(new)
         return True
 
     def free(self, request_id: str) -> None:
@@ -67,6 +114,7 @@ class KVCacheManager:
             self.pool.free(pages)
         seat = self.seats.pop(request_id, None)
         if seat is not None:
+            self.seat_rows.clear(seat)
             self._free_seats.append(seat)
 
     def check_invariants(self) -> None:
@@ -75,5 +123,7 @@ class KVCacheManager:
         assert len(owned) == len(set(owned)), "a page is owned by two requests"
         assert len(owned) == self.pool.num_used_pages, "used pages and page tables disagree"
         assert set(self.seats) == set(self.page_tables), "seats and page tables disagree"
+        for rid, table in self.page_tables.items():
+            assert self.seat_rows.rows([self.seats[rid]], len(table))[0].tolist() == table, "seat rows are stale"
         assert len(set(self.seats.values())) == len(self.seats), "a seat is held twice"
         assert len(self.seats) + len(self._free_seats) == self.num_seats, "a seat was lost"

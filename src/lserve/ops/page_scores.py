@@ -1,8 +1,8 @@
 """Query-aware page scores for dynamic sparsity (Quest's bound with LServe's hierarchical paging).
 
 For a decode query q and a logical page with channel-wise key bounds kmin, kmax, the largest
-possible q.k in the page is sum_c max(q_c kmax_c, q_c kmin_c), computed elementwise in float32. A physical page scores the
-max over its logical pages; logical pages that start past the sequence are ignored (their
+possible q.k in the page is sum_c max(q_c kmax_c, q_c kmin_c) = max(q, 0).kmax + min(q, 0).kmin,
+two small matmuls with float32 accumulation. A physical page scores the max over its logical pages; logical pages that start past the sequence are ignored (their
 statistics belong to nobody yet). The query heads of a GQA group share one selection: their
 scores are aggregated by max (default) or sum. Reference: `ops.reference.page_scores_ref`.
 """
@@ -16,38 +16,56 @@ import triton.language as tl
 
 @triton.jit
 def _page_scores_kernel(
-    q_ptr, kmin_ptr, kmax_ptr, page_table_ptr, seq_lens_ptr, out_ptr,
+    q_ptr, kmin_ptr, kmax_ptr, page_table_ptr, seq_lens_ptr, map_ptr, out_ptr, width,
     stride_qb, stride_qh, stride_sg, stride_sh, stride_pt_b, stride_ob, stride_oh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    LOGICAL: tl.constexpr, BLOCK_P: tl.constexpr, USE_SUM: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    LOGICAL: tl.constexpr, BLOCK_P: tl.constexpr, USE_SUM: tl.constexpr, HAS_MAP: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(1)  # the statistics' head
     pblock = tl.program_id(2)
+    src = kvh  # the model's KV head, whose query heads are rows of q
+    if HAS_MAP:
+        src = tl.load(map_ptr + kvh)
     seq_len = tl.load(seq_lens_ptr + b)
     num_pages = tl.cdiv(seq_len, PAGE_SIZE)
-    if pblock * BLOCK_P >= num_pages:
-        return  # past the sequence: the output keeps its -inf (the grid covers the widest table)
-    d = tl.arange(0, HEAD_DIM)
     p = pblock * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < num_pages
+    out_row = out_ptr + b * stride_ob + kvh * stride_oh
+    if pblock * BLOCK_P >= num_pages:
+        # past the sequence (the grid covers the widest table): -inf, so the output needs no fill
+        tl.store(out_row + p, tl.full([BLOCK_P], float("-inf"), tl.float32), mask=p < width)
+        return
+    d = tl.arange(0, HEAD_DIM)
+    g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP
+    q = tl.load(q_ptr + b * stride_qb + (src * GROUP + g)[:, None] * stride_qh + d[None, :],
+                mask=g_ok[:, None], other=0.0)
+    # sum_c max(q_c kmax_c, q_c kmin_c) = max(q, 0) . kmax + min(q, 0) . kmin: two small matmuls
+    # over the GQA group's rows (padded to 16). Products of two bf16/fp16 values are exact in the
+    # float32 accumulator; float32 inputs use IEEE products (TF32 could reorder close pages).
+    q_pos = tl.maximum(q, 0.0).to(kmax_ptr.dtype.element_ty)  # (the scalar 0.0 promotes to float32)
+    q_neg = tl.minimum(q, 0.0).to(kmax_ptr.dtype.element_ty)
     page = tl.load(page_table_ptr + b * stride_pt_b + p, mask=p_ok, other=0).to(tl.int64)
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for sub in tl.static_range(PAGE_SIZE // LOGICAL):
         ok = p_ok & (p * PAGE_SIZE + sub * LOGICAL < seq_len)
         row = page * (PAGE_SIZE // LOGICAL) + sub
         addr = row[:, None] * stride_sg + kvh * stride_sh + d[None, :]
-        kmax = tl.load(kmax_ptr + addr, mask=ok[:, None], other=0.0).to(tl.float32)
-        kmin = tl.load(kmin_ptr + addr, mask=ok[:, None], other=0.0).to(tl.float32)
-        # Elementwise float32 products (no tensor-core dot: the GQA group is a handful of rows,
-        # and tf32 rounding could reorder close pages), one query head of the group at a time.
-        agg = tl.zeros([BLOCK_P], tl.float32) if USE_SUM else tl.full([BLOCK_P], float("-inf"), tl.float32)
-        for g in tl.static_range(GROUP):
-            qg = tl.load(q_ptr + b * stride_qb + (kvh * GROUP + g) * stride_qh + d).to(tl.float32)
-            s = tl.sum(tl.maximum(qg[None, :] * kmax, qg[None, :] * kmin), axis=1)  # (BLOCK_P,)
-            agg = agg + s if USE_SUM else tl.maximum(agg, s)
+        kmax = tl.load(kmax_ptr + addr, mask=ok[:, None], other=0.0)
+        kmin = tl.load(kmin_ptr + addr, mask=ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q_pos, tl.trans(kmax), input_precision="ieee")
+            s += tl.dot(q_neg, tl.trans(kmin), input_precision="ieee")
+        else:
+            s = tl.dot(q_pos, tl.trans(kmax)) + tl.dot(q_neg, tl.trans(kmin))  # (GROUP_PAD, BLOCK_P)
+        if USE_SUM:
+            agg = tl.sum(s, axis=0)  # padded rows are 0
+        else:
+            agg = tl.max(tl.where(g_ok[:, None], s, float("-inf")), axis=0)
         best = tl.maximum(best, tl.where(ok, agg, float("-inf")))
-    tl.store(out_ptr + b * stride_ob + kvh * stride_oh + p, best, mask=p_ok)
+    tl.store(out_row + p, best, mask=p < width)
 
 
 def page_scores(
@@ -59,26 +77,44 @@ def page_scores(
     page_size: int,
     logical_page_size: int,
     aggregate: str = "max",
+    kv_head_map: torch.Tensor | None = None,
+    group: int | None = None,
+    block_p: int = 64,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """q (B, Hq, D); statistics (num_pages * page_size // logical, Hkv, D); page_table (B, P) int32;
-    seq_lens (B,) -> scores (B, Hkv, P) float32, -inf for pages past each sequence."""
+    seq_lens (B,) int32 -> scores (B, Hkv, P) float32, -inf for pages past each sequence.
+
+    Statistics that hold some of the model's KV heads (one pool of several) take `kv_head_map`
+    (Hkv,) int64, the model KV head of each statistics head, and `group` (query heads per KV
+    head); q then holds all of the model's query heads. q may be any view with a unit last
+    stride (the projection's output needs no copy).
+    """
     bsz, hq, d = q.shape
     hkv = k_min.shape[1]
     if aggregate not in ("max", "sum"):
         raise ValueError(f"aggregate must be 'max' or 'sum', got {aggregate!r}")
-    if hq % hkv or k_min.shape != k_max.shape or k_min.shape[2] != d or not k_min.is_contiguous():
+    if kv_head_map is not None and (kv_head_map.shape != (hkv,) or group is None or hkv * group > hq):
+        raise ValueError("kv_head_map needs `group` and one entry per statistics head")
+    if (kv_head_map is None and hq % hkv) or k_min.shape != k_max.shape or k_min.shape[2] != d \
+            or not k_min.is_contiguous() or not k_max.is_contiguous():
         raise ValueError(f"q {tuple(q.shape)} does not fit statistics {tuple(k_min.shape)}")
     if page_size % logical_page_size:
         raise ValueError(f"page size {page_size} is not a multiple of {logical_page_size}")
+    if q.dtype != k_min.dtype:
+        q = q.to(k_min.dtype)  # the matmul takes one input type (the engine's are the same)
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if kv_head_map is None:
+        group = hq // hkv
     max_pages = page_table.shape[1]
-    out = torch.full((bsz, hkv, max_pages), float("-inf"), dtype=torch.float32, device=q.device)
-    block_p = 32
-    group = hq // hkv
+    out = torch.empty((bsz, hkv, max_pages), dtype=torch.float32, device=q.device)
     _page_scores_kernel[(bsz, hkv, triton.cdiv(max_pages, block_p))](
-        q, k_min, k_max, page_table, seq_lens, out,
+        q, k_min, k_max, page_table, seq_lens, kv_head_map if kv_head_map is not None else seq_lens, out, max_pages,
         q.stride(0), q.stride(1), k_min.stride(0), k_min.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, HEAD_DIM=d, PAGE_SIZE=page_size,
-        LOGICAL=logical_page_size, BLOCK_P=block_p, USE_SUM=aggregate == "sum",
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE_SIZE=page_size,
+        LOGICAL=logical_page_size, BLOCK_P=block_p, USE_SUM=aggregate == "sum", HAS_MAP=kv_head_map is not None,
+        IEEE=k_min.dtype == torch.float32, num_warps=num_warps,
     )
     return out
 
@@ -104,3 +140,71 @@ def select_pages(
     chosen = torch.where(fits, everything, chosen).sort(dim=2).values
     lengths = torch.where(fits.view(bsz, 1), num_pages.view(bsz, 1), torch.full_like(num_pages.view(bsz, 1), k))
     return chosen.to(torch.int32).contiguous(), lengths.expand(bsz, hkv).to(torch.int32).contiguous()
+
+
+@triton.jit
+def _store_top_pages_kernel(
+    scores_ptr, plan_ptr, store_ptr, keep,
+    stride_sb, stride_sh, stride_plan, stride_tb, stride_th,
+    BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    if tl.load(plan_ptr + b) == 0:
+        return  # this row reuses its stored pages
+    anchor = tl.load(plan_ptr + 3 * stride_plan + b).to(tl.int32)
+    seat = tl.load(plan_ptr + 4 * stride_plan + b)
+    p = tl.arange(0, BLOCK_P)
+    older = p < anchor
+    s = tl.load(scores_ptr + b * stride_sb + h * stride_sh + p, mask=older, other=float("-inf"))
+    # float32 -> int32 with the same order (negative floats: flip the magnitude bits); pages from
+    # the anchor on rank below every older page
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = tl.where(older, key, -2147483648)
+    # the keep-th largest key by bisection, count(key >= lo) >= keep > count(key > hi), between
+    # the smallest and largest older key; it stops as soon as exactly `keep` keys are >= mid
+    # (with distinct scores, after about log2(pages) rounds of one compare-and-count each)
+    lo = tl.min(tl.where(older, key, 2147483647), axis=0).to(tl.int64)
+    hi = tl.max(key, axis=0).to(tl.int64)
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        count = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
+        lo = tl.where(count >= keep, mid, lo)
+        hi = tl.where(count > keep, hi, tl.where(count == keep, mid, mid - 1))
+    threshold = lo.to(tl.int32)
+    above = key > threshold
+    tie = key == threshold
+    room = keep - tl.sum(above.to(tl.int32), axis=0)  # ties go to the lowest pages
+    chosen = (above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= room))) & older
+    # the chosen pages in ascending order: each goes to its rank among them
+    slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(store_ptr + seat * stride_tb + h * stride_th + slot, p.to(tl.int32), mask=chosen)
+
+
+def store_top_pages(
+    scores: torch.Tensor, plan: torch.Tensor, store: torch.Tensor, keep: int, num_warps: int | None = None
+) -> None:
+    """Page selection into the selector's store, in one kernel (no sort).
+
+    For each decoding row b that re-selects (`plan[0, b] != 0`) and each head h: the `keep`
+    pages with the highest scores among those before the row's anchor (`plan[3, b]`), in
+    ascending order, into `store[plan[4, b], h, :keep]`; ties go to the lower page. Rows that
+    reuse their selection are left alone. scores (B, H, P) float32; plan (5, >= B) int64 (the
+    selector's plan: recompute, fits, pages, anchor, seat); store (seats, H, >= keep) int32.
+    A re-selecting row has at least `keep` older pages (it does not fit the budget).
+    Reference: `ops.reference.store_top_pages_ref`.
+    """
+    bsz, heads, width = scores.shape
+    if store.shape[1] != heads or store.shape[2] < keep or plan.shape[0] != 5 or plan.shape[1] < bsz:
+        raise ValueError(f"scores {tuple(scores.shape)}, plan {tuple(plan.shape)} and store "
+                         f"{tuple(store.shape)} do not fit (keep {keep})")
+    if keep == 0 or bsz == 0:
+        return
+    scores = scores if scores.stride(2) == 1 else scores.contiguous()
+    block_p = triton.next_power_of_2(width)
+    _store_top_pages_kernel[(bsz, heads)](
+        scores, plan, store, keep,
+        scores.stride(0), scores.stride(1), plan.stride(0), store.stride(0), store.stride(1),
+        BLOCK_P=block_p, num_warps=num_warps or (4 if block_p <= 4096 else 8 if block_p <= 16384 else 16),
+    )

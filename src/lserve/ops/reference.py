@@ -212,3 +212,16 @@ def page_scores_ref(
                     best = max(best, agg)
                 out[b, h, p] = best
     return out
+
+
+def store_top_pages_ref(scores: torch.Tensor, plan: torch.Tensor, store: torch.Tensor, keep: int) -> None:
+    """`ops.page_scores.store_top_pages` in PyTorch (also the torch backend's path): a stable
+    descending sort of the pages before each row's anchor, the first `keep`, ascending."""
+    nd, _, width = scores.shape
+    if keep == 0 or nd == 0:
+        return
+    redo, anchor, seats = plan[0, :nd].bool(), plan[3, :nd], plan[4, :nd]
+    older = torch.arange(width, device=scores.device)[None, None, :] < anchor[:, None, None]
+    ranked = scores.masked_fill(~older, float("-inf")).sort(dim=2, descending=True, stable=True).indices
+    top = ranked[:, :, :keep].sort(dim=2).values.to(store.dtype)
+    store[seats, :, :keep] = torch.where(redo[:, None, None], top, store[seats, :, :keep])

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lserve.attention.backend import AttentionBackend
 from lserve.attention.metadata import AttentionMetadata, build_metadata
 from lserve.kv_cache.layout import RingGeometry
+from lserve.kv_cache.manager import SeatPageRows
 from lserve.model.llama import LlamaForCausalLM
 from lserve.request import Request
 from lserve.runner.cuda_graphs import DecodeGraphs
@@ -40,9 +42,12 @@ class ModelRunner:
         device: torch.device,
         seed: int,
         ring: RingGeometry | None = None,
+        page_rows: SeatPageRows | None = None,
     ) -> None:
         self.model = model
         self.ring = ring
+        self.page_rows = page_rows
+        """The KV manager's page tables by seat: step tables are sliced from it (no list conversion)."""
         self.backend = backend
         self.page_size = page_size
         self.device = device
@@ -91,14 +96,18 @@ class ModelRunner:
 
     def plan(self, inputs: Sequence[StepInput], num_decodes: int) -> AttentionMetadata:
         """Attention metadata of the step, built once and shared by every layer."""
+        seats = [s.seat for s in inputs]
+        tables: list[list[int]] | np.ndarray = [s.page_ids for s in inputs]
+        if self.page_rows is not None:
+            tables = self.page_rows.rows(seats, max(len(s.page_ids) for s in inputs))
         return build_metadata(
             query_lens=[s.num_new_tokens for s in inputs],
             seq_lens=[s.request.num_computed_tokens + s.num_new_tokens for s in inputs],
-            page_tables=[s.page_ids for s in inputs],
+            page_tables=tables,
             num_decodes=num_decodes,
             page_size=self.page_size,
             device=self.device,
-            seats=[s.seat for s in inputs],
+            seats=seats,
             ring=self.ring,
             request_ids=[s.request.request_id for s in inputs],
         )
