@@ -268,6 +268,49 @@ def split_host(core, batch: int, seq_len: int, label: str) -> None:
     parts = ", ".join(f"{name} {1000 * t / steps:.2f}" for name, t in spent.items())
     print(f"\n{label}: ms per step (batch {batch}, {seq_len} tokens): {parts}; step {r['ms']:.2f}, replay "
           f"{r.get('replay', float('nan')):.2f}", flush=True)
+    probe_plan(core, batch, seq_len)
+
+
+def probe_plan(core, batch: int, seq_len: int) -> None:
+    """The metadata step alone, repeated with the GPU idle: its host time, and where it goes."""
+    import cProfile
+    import pstats
+
+    import numpy as np
+
+    runner = core.runner
+    reqs = []
+    for b in range(batch):
+        rid = f"probe-{b}"
+        core.kv_manager.allocate(rid, seq_len)
+        req = Request(rid, [1] * seq_len, SamplingParams(max_tokens=1), 1)
+        req.num_computed_tokens = seq_len - 1
+        reqs.append(req)
+    inputs = [StepInput(r, 1, core.kv_manager.page_tables[r.request_id], True, core.kv_manager.seats[r.request_id])
+              for r in reqs]
+    for _ in range(5):
+        runner.plan(inputs, batch)
+    sync()
+    t = time.perf_counter()
+    for _ in range(50):
+        runner.plan(inputs, batch)
+    sync()
+    plan_ms = (time.perf_counter() - t) * 1000 / 50
+    buf = np.zeros(40000, dtype=np.uint8)
+    t = time.perf_counter()
+    for _ in range(50):
+        torch.from_numpy(buf).to(core.device)
+    sync()
+    copy_ms = (time.perf_counter() - t) * 1000 / 50
+    print(f"  plan alone {plan_ms:.3f} ms; one 40 kB pageable host-to-device copy {copy_ms:.3f} ms")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(20):
+        runner.plan(inputs, batch)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(8)
+    for r in reqs:
+        core.kv_manager.free(r.request_id)
 
 
 def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict]:
