@@ -324,3 +324,45 @@ def test_decode_through_a_head_map_writes_only_its_heads(num_splits: int) -> Non
     assert not out.isnan().any()
     with pytest.raises(ValueError, match="kv_head_map"):
         sparse_decode(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, 1.0, kv_head_map=kv_map)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("selected", [False, True])
+def test_decode_of_both_pools_in_one_launch_equals_one_launch_per_pool(num_splits: int | None, selected: bool) -> None:
+    """A layer's ring pool (streaming KV heads 1, 3) and paged pool (dense heads 0, 2; every page
+    or the selector's stored pages) in one launch give what a launch per pool gives."""
+    from lserve.ops.paged_inputs import StoredSelection
+    from lserve.ops.sparse_decode import PoolHeads, sparse_decode_ring_and_paged
+
+    page_size, group, d, sink, local = 16, 3, 32, 16, 20
+    seq_lens = [37, 5, 70]  # 3, 1 and 5 pages
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn((3, 4 * group, d), generator=gen).to(DEVICE)
+    ring_seqs = PagedSeqs(seq_lens, page_size, 2, d, torch.float32, seed=1)
+    paged_seqs = PagedSeqs(seq_lens, page_size, 2, d, torch.float32, seed=2)
+    ring_map, paged_map = torch.tensor([1, 3], device=DEVICE), torch.tensor([0, 2], device=DEVICE)
+    selection = None
+    if selected:  # keep 1 stored page: row 0 reads stored + page 2, row 1 fits, row 2 stored + page 4
+        store = torch.tensor([[[0], [1]], [[0], [0]], [[3], [0]], [[0], [0]]], dtype=torch.int32, device=DEVICE)
+        plan = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 1], [3, 1, 5, 1], [2, 0, 4, 0], [0, 1, 2, 3]], device=DEVICE)
+        selection = StoredSelection(store, plan, 1, 3)
+    want = torch.full_like(q, float("nan"))
+    flags = torch.ones(2, dtype=torch.int8, device=DEVICE)
+    sparse_decode(q, ring_seqs.k_cache, ring_seqs.v_cache, ring_seqs.table, ring_seqs.lens, d**-0.5,
+                  streaming_heads=flags, sink=sink, local=local, num_splits=num_splits, kv_head_map=ring_map,
+                  out=want, group=group)
+    sparse_decode(q, paged_seqs.k_cache, paged_seqs.v_cache, paged_seqs.table, paged_seqs.lens, d**-0.5,
+                  selection=selection, num_splits=num_splits, kv_head_map=paged_map, out=want, group=group)
+    got = torch.full_like(q, float("nan"))
+    sparse_decode_ring_and_paged(
+        q, PoolHeads(ring_seqs.k_cache, ring_seqs.v_cache, ring_seqs.table, ring_map),
+        PoolHeads(paged_seqs.k_cache, paged_seqs.v_cache, paged_seqs.table, paged_map),
+        ring_seqs.lens, d**-0.5, sink, local, got, group, selection=selection, num_splits=num_splits,
+        max_seq_len=max(seq_lens))
+    assert not got.isnan().any()
+    assert _rel_err(got, want.double()) < 1e-5
+    # negative: the ring heads really read only their windows (row 2 has 70 keys, the window 36)
+    dense = sparse_decode(q, ring_seqs.k_cache, ring_seqs.v_cache, ring_seqs.table, ring_seqs.lens, d**-0.5,
+                          kv_head_map=ring_map, out=torch.zeros_like(q), group=group)
+    ring_rows = [h * group + g for h in (1, 3) for g in range(group)]
+    assert _rel_err(got[2, ring_rows], dense[2, ring_rows].double()) > 1e-2
