@@ -1,7 +1,6 @@
 """One layer's sparse-attention work in a decode step, part by part, as the engine calls it.
 
     python benchmarks/decode_layer_parts.py [--lengths 65536,262144] [--batches 1,8]
-    python benchmarks/decode_layer_parts.py --matmul [--batches 1,8]   # the linear layers
 
 Llama-3-8B attention shape (32 query heads, 8 KV heads, head dim 128, bf16, page 64) with 50%
 streaming heads: the ring pool holds KV heads 1, 3, 5, 7 (sink 128, local 256 in decode), the
@@ -137,60 +136,12 @@ def layer_parts(seq_len: int, batch: int, splits: list[int]) -> list[str]:
     return rows_out
 
 
-MATMUL_SHAPES = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
-                 "down_proj": (4096, 14336), "lm_head": (128256, 4096)}
-
-
-def matmul_rows(batches: list[int]) -> list[str]:
-    """cuBLAS (torch.nn.functional.linear) against `small_matmul` for Llama-3-8B's linear layers at
-    decode batch sizes, over a few tile configurations; TB/s counts the weight bytes."""
-    from lserve.ops.small_matmul import CONFIG, small_matmul
-
-    configs = [dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
-               for bn in (16, 32, 64) for bk in (128, 256) for w in (4,) for st in (3, 4)]
-    rows, totals = [], {}
-    for m in batches:
-        for name, (n, k) in MATMUL_SHAPES.items():
-            w = torch.randn((n, k), dtype=DT, device=DEV) / k**0.5
-            x = torch.randn((m, k), dtype=DT, device=DEV)
-            want = torch.nn.functional.linear(x, w).float()
-            t_blas = bench_graph(lambda: torch.nn.functional.linear(x, w)) * 1e3
-            best = None
-            for cfg in configs:
-                try:
-                    got = small_matmul(x, w, **cfg).float()
-                except Exception as exc:  # noqa: BLE001 (a tile that does not fit is skipped)
-                    print(f"  {name} {cfg}: {type(exc).__name__}")
-                    continue
-                assert torch.allclose(got, want, rtol=2e-2, atol=2e-2), f"{name} {cfg} differs from cuBLAS"
-                t = bench_graph(lambda c=cfg: small_matmul(x, w, **c)) * 1e3
-                totals.setdefault(tuple(cfg.values()), 0.0)
-                totals[tuple(cfg.values())] += t
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            t_def = bench_graph(lambda: small_matmul(x, w)) * 1e3
-            tb = n * k * 2 / 1e6
-            rows.append(f"| {m} | {name} ({n}x{k}) | {t_blas:.1f} ({tb / t_blas:.2f}) | {t_def:.1f} ({tb / t_def:.2f}) "
-                        f"| {best[0]:.1f} {best[1]} |")
-            print(rows[-1], flush=True)
-    best_all = min(totals.items(), key=lambda kv: kv[1])
-    rows.append(f"\nbest single config over all shapes and batches: {best_all[0]} (block_n, block_k, warps, "
-                f"stages); the shipped one: {tuple(CONFIG.values())}")
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="65536,262144")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--splits", default="1,2,4,8,16,32")
-    ap.add_argument("--matmul", action="store_true", help="the linear layers instead (cuBLAS vs small_matmul)")
     args = ap.parse_args()
-    if args.matmul:
-        print(f"# {torch.cuda.get_device_name()}; torch {torch.__version__}; Llama-3-8B linear layers, bf16")
-        print("\n| batch | layer | cuBLAS us (TB/s) | small_matmul us (TB/s) | best config us |\n|---|---|---|---|---|")
-        print("\n".join(matmul_rows([int(x) for x in args.batches.split(",")])))
-        return
     splits = [int(x) for x in args.splits.split(",")]
     print(f"# {torch.cuda.get_device_name()}; torch {torch.__version__}; Llama-3-8B attention shape, "
           f"50% streaming (sink {SINK}, local {LOCAL}), budget {BUDGET}, page {PAGE}, logical {LOGICAL}")

@@ -8,7 +8,6 @@ what a decode step's time is made of at long context); they repeat every roundin
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
@@ -18,29 +17,6 @@ from torch import nn
 def use_fused_kernels(x: torch.Tensor) -> bool:
     """The Triton kernels serve inference on CUDA; autograd (calibration) takes the PyTorch path."""
     return x.is_cuda and not torch.is_grad_enabled()
-
-
-def small_matmul_enabled() -> bool:
-    """The decode-sized matmul kernel is on unless LSERVE_SMALL_MATMUL=0 (an A/B switch for benchmarks)."""
-    return os.environ.get("LSERVE_SMALL_MATMUL", "1") != "0"
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias; a decode-sized batch on CUDA (a few rows of bf16/fp16) streams the
-    weight through `lserve.ops.small_matmul`, everything else is `torch.nn.functional.linear`."""
-    if use_fused_kernels(x) and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and small_matmul_enabled():
-        from lserve.ops.small_matmul import MAX_ROWS, small_matmul
-
-        if x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1:
-            return small_matmul(x, weight, bias)
-    return nn.functional.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same checkpoint names) computed by `linear` above."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -145,8 +121,8 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
