@@ -14,11 +14,7 @@ from lserve.attention.metadata import AttentionMetadata
 from lserve.ops.kv_append import AppendSegments, kv_append, plan_segments
 from lserve.ops.page_scores import page_scores, store_top_pages
 from lserve.ops.paged_inputs import StoredSelection
-from lserve.ops.sparse_decode import (
-    PoolHeads,
-    sparse_decode,
-    sparse_decode_ring_and_paged,
-)
+from lserve.ops.sparse_decode import PoolHeads, sparse_decode, sparse_decode_ring_and_paged
 from lserve.ops.sparse_prefill import PrefillTiles, plan_tiles, sparse_prefill
 
 # Tuned on an H200 (benchmarks/attention_kernels.py --sweep, head dim 128, bf16): on Hopper the
