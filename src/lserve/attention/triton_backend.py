@@ -14,7 +14,7 @@ from lserve.attention.metadata import AttentionMetadata
 from lserve.ops.kv_append import AppendSegments, kv_append, plan_segments
 from lserve.ops.page_scores import page_scores, store_top_pages
 from lserve.ops.paged_inputs import StoredSelection
-from lserve.ops.sparse_decode import PoolHeads, sparse_decode, sparse_decode_ring_and_paged
+from lserve.ops.sparse_decode import sparse_decode
 from lserve.ops.sparse_prefill import PrefillTiles, plan_tiles, sparse_prefill
 
 # Tuned on an H200 (benchmarks/attention_kernels.py --sweep, head dim 128, bf16): on Hopper the
@@ -69,32 +69,6 @@ class TritonAttentionBackend(AttentionBackend):
             super()._attend_heads(call, q, k, v, layer, md, out)
         else:
             self._decode_step(call, q, k, v, layer, md, out)
-
-    def _attend_pools(
-        self, calls: list[PoolCall], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-        md: AttentionMetadata, out: torch.Tensor,
-    ) -> None:
-        """A pure decode step over the ring pool and the paged pool: both appends, then one
-        decode launch for the heads of both pools (one launch and one merge fewer per layer)."""
-        if md.num_prefills or len(calls) != 2:
-            return super()._attend_pools(calls, q, k, v, layer, md, out)
-        ring, paged = calls
-        self._write(ring, k, v, md, head_map=ring.kv_heads)
-        self._write(paged, k, v, md, head_map=paged.kv_heads)
-        lists = self._page_lists(paged, q, layer, md, all_heads=True)
-        if isinstance(lists, tuple):  # explicit page lists given with the metadata (tests)
-            self._decode(ring, q, md, None, out=out)
-            self._decode(paged, q, md, lists, out=out)
-            return
-        assert ring.kv_heads is not None and paged.kv_heads is not None
-        nd = md.num_decodes
-        sink, local = self.windows(ring, decode=True)
-        sparse_decode_ring_and_paged(
-            q[:nd], PoolHeads(ring.k_cache, ring.v_cache, ring.page_table[:nd], ring.kv_heads),
-            PoolHeads(paged.k_cache, paged.v_cache, paged.page_table[:nd], paged.kv_heads),
-            md.seq_lens[:nd], self.scale, sink, local, out[:nd], self._group, selection=lists,
-            max_seq_len=self._split_len(paged, md, lists), **(GPU_DECODE if q.is_cuda else {}),
-        )
 
     def _decode_step(
         self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata,

@@ -14,8 +14,6 @@ Reference: `ops.reference.sparse_decode_ref`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -32,47 +30,25 @@ from lserve.ops.paged_inputs import (
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, page_table_ptr, seq_lens_ptr, stream_ptr, list_ptr, list_len_ptr, map_ptr,
     out_ptr, lse_ptr, dst_ptr,
-    kc2_ptr, vc2_ptr, page_table2_ptr, map2_ptr, heads_a,
     sink, local, qk_scale, keep,
     stride_qb, stride_qh,
-    stride_cp, stride_ct, stride_ch, stride_cp2, stride_ct2, stride_ch2,
+    stride_cp, stride_ct, stride_ch,
     stride_pt_b, stride_list_b, stride_list_h, stride_len_b,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_db, stride_dh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LIST: tl.constexpr, HAS_STREAM: tl.constexpr,
-    HAS_MAP: tl.constexpr, STORED: tl.constexpr, TWO_POOLS: tl.constexpr,
+    HAS_MAP: tl.constexpr, STORED: tl.constexpr,
 ):
     b = tl.program_id(0)
-    kvh = tl.program_id(1)  # the launch's head (with two pools: the ring pool's heads, then the paged pool's)
+    kvh = tl.program_id(1)  # the cache's head
     split = tl.program_id(2)
+    src = kvh  # the model's KV head, whose query heads are rows of q and of the output
+    if HAS_MAP:
+        src = tl.load(map_ptr + kvh)
     seq_len = tl.load(seq_lens_ptr + b)
     is_stream = False
     if HAS_STREAM:
         is_stream = tl.load(stream_ptr + kvh) != 0
-    head = kvh  # the head within its cache (and its selection)
-    kc = kc_ptr
-    vc = vc_ptr
-    table = page_table_ptr
-    head_map = map_ptr
-    s_cp = stride_cp
-    s_ct = stride_ct
-    s_ch = stride_ch
-    if TWO_POOLS:
-        # one launch for both pools of a layer: heads 0..heads_a-1 are the ring pool's streaming
-        # heads (first set of pointers), the rest the paged pool's dense heads (second set)
-        is_stream = kvh < heads_a
-        if kvh >= heads_a:
-            head = kvh - heads_a
-            kc = kc2_ptr
-            vc = vc2_ptr
-            table = page_table2_ptr
-            head_map = map2_ptr
-            s_cp = stride_cp2
-            s_ct = stride_ct2
-            s_ch = stride_ch2
-    src = head  # the model's KV head, whose query heads are rows of q and of the output
-    if HAS_MAP:
-        src = tl.load(head_map + head)
     sink_len = tl.minimum(sink, seq_len)
     local_start = tl.maximum(sink_len, seq_len - local)
     n_list = 0
@@ -89,10 +65,10 @@ def _decode_kernel(
         seat = tl.load(list_len_ptr + 4 * stride_len_b + b)
         n_list = tl.where(fits != 0, pages, keep + pages - anchor)
         n_stored = tl.where(fits != 0, 0, keep)
-        list_row = list_ptr + seat * stride_list_b + head * stride_list_h
+        list_row = list_ptr + seat * stride_list_b + kvh * stride_list_h
     elif HAS_LIST:
-        n_list = tl.load(list_len_ptr + b * stride_len_b + head)
-        list_row = list_ptr + b * stride_list_b + head * stride_list_h
+        n_list = tl.load(list_len_ptr + b * stride_len_b + kvh)
+        list_row = list_ptr + b * stride_list_b + kvh * stride_list_h
     if is_stream:
         virtual_len = sink_len + seq_len - local_start
     elif HAS_LIST or STORED:
@@ -130,9 +106,9 @@ def _decode_kernel(
             valid = valid & (pos < seq_len)
         else:
             pos = vpos
-        page = tl.load(table + b * stride_pt_b + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-        addr = page * s_cp + (pos % PAGE_SIZE) * s_ct + head * s_ch
-        k = tl.load(kc + addr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        page = tl.load(page_table_ptr + b * stride_pt_b + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        addr = page * stride_cp + (pos % PAGE_SIZE) * stride_ct + kvh * stride_ch
+        k = tl.load(kc_ptr + addr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -140,7 +116,7 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vc + addr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(vc_ptr + addr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     has = l_i > 0
@@ -240,104 +216,19 @@ def sparse_decode(
     _decode_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, stream, lst, lst_len,
         kv_head_map if kv_head_map is not None else seq_lens, part, lse, dst,
-        k_cache, v_cache, page_table, seq_lens, hkv,  # (no second pool)
         sink, local, scale * 1.4426950408889634, keep,
         q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         page_table.stride(0), lst.stride(0), lst.stride(1), lst_len.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), dst.stride(0), dst.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE_SIZE=page_size,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_LIST=page_list is not None,
         HAS_STREAM=streaming_heads is not None, HAS_MAP=kv_head_map is not None, STORED=selection is not None,
-        TWO_POOLS=False, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         merge_states(part, lse, q.dtype, out=dst, head_map=kv_head_map, group=group)
     return dst
-
-
-@dataclass(frozen=True)
-class PoolHeads:
-    """One KV pool's part of a decode launch: its caches, page table (B, max_pages) int32 and the
-    model KV head of each of its heads (H,) int64."""
-
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    page_table: torch.Tensor
-    kv_head_map: torch.Tensor
-
-
-def sparse_decode_ring_and_paged(
-    q: torch.Tensor,
-    ring: PoolHeads,
-    paged: PoolHeads,
-    seq_lens: torch.Tensor,
-    scale: float,
-    sink: int,
-    local: int,
-    out: torch.Tensor,
-    group: int,
-    selection: StoredSelection | None = None,
-    max_seq_len: int | None = None,
-    num_splits: int | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
-) -> torch.Tensor:
-    """Decode of one layer whose heads live in two pools, in one launch (plus the merge): the ring
-    pool's streaming heads read their sink and local windows, the paged pool's dense heads every
-    page or, with `selection`, the page selector's pages. The result of each head is what
-    `sparse_decode` gives for its pool alone; it goes into the model's rows of `out` (B, Hq, D).
-
-    `max_seq_len`: the longest key range a paged head can read (for the split count; the ring's
-    window is known). A split past a head's range does nothing and weighs nothing in the merge.
-    """
-    bsz, hq, d = q.shape
-    ha, hb = ring.k_cache.shape[2], paged.k_cache.shape[2]
-    page_size, _ = check_paged_attention(q[:, : ha * group], ring.k_cache, ring.v_cache, ring.page_table, None, None)
-    page_b, _ = check_paged_attention(q[:, : hb * group], paged.k_cache, paged.v_cache, paged.page_table, None, None)
-    if page_b != page_size or ring.k_cache.dtype != paged.k_cache.dtype:
-        raise ValueError("both pools need the same page size and dtype")
-    if ring.page_table.stride(0) != paged.page_table.stride(0) or ring.page_table.shape[0] < bsz:
-        raise ValueError("the two page tables need the same row stride")
-    if ring.kv_head_map.shape != (ha,) or paged.kv_head_map.shape != (hb,) or (ha + hb) * group > hq:
-        raise ValueError("each pool needs one head map entry per cache head")
-    if out.shape != q.shape or out.stride(-1) != 1:
-        raise ValueError(f"out {tuple(out.shape)} does not match q {tuple(q.shape)}")
-    if selection is not None and selection.store.shape[1] != hb:
-        raise ValueError(f"selection store {tuple(selection.store.shape)} does not hold {hb} heads")
-    if num_splits is None:
-        longest = max_seq_len if max_seq_len is not None else int(seq_lens.max().item())
-        if selection is not None:
-            longest = min(longest, selection.width * page_size)
-        num_splits = choose_num_splits(bsz, ha + hb, max(longest, sink + local), _num_sms(q.device))
-    heads = (ha + hb) * group
-    if num_splits > 1:
-        part = torch.empty((bsz, heads, num_splits, d), dtype=torch.float32, device=q.device)
-        lse = torch.empty((bsz, heads, num_splits), dtype=torch.float32, device=q.device)
-    else:
-        part, lse = out.unsqueeze(2), out
-    none, lst, lst_len = pack_sparse_args(q.device, None, None, None)
-    keep = 0
-    if selection is not None:
-        lst, lst_len, keep = selection.store, selection.plan, selection.keep
-    kr, kp = ring.k_cache, paged.k_cache
-    _decode_kernel[(bsz, ha + hb, num_splits)](
-        q, kr, ring.v_cache, ring.page_table, seq_lens, none, lst, lst_len, ring.kv_head_map, part, lse, out,
-        kp, paged.v_cache, paged.page_table, paged.kv_head_map, ha,
-        sink, local, scale * 1.4426950408889634, keep,
-        q.stride(0), q.stride(1),
-        kr.stride(0), kr.stride(1), kr.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
-        ring.page_table.stride(0), lst.stride(0), lst.stride(1), lst_len.stride(0),
-        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE_SIZE=page_size,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_LIST=False, HAS_STREAM=False, HAS_MAP=True,
-        STORED=selection is not None, TWO_POOLS=True, num_warps=num_warps, num_stages=num_stages,
-    )
-    if num_splits > 1:
-        merge_states(part, lse, q.dtype, out=out, head_map=torch.cat([ring.kv_head_map, paged.kv_head_map]),
-                     group=group)
-    return out
 
 
 def _num_sms(device: torch.device) -> int:
