@@ -137,9 +137,11 @@ def fill_cache(core, gen: torch.Generator) -> None:
                     hi.copy_(rows.amax(1))
 
 
-def time_decode(core, batch: int, seq_len: int, steps: int) -> dict[str, float]:
+def time_decode(core, batch: int, seq_len: int, steps: int, overlap: bool = False) -> dict[str, float]:
     """Decode steps for `batch` sequences at `seq_len` tokens: mean ms per step, and the mean of
-    the steps that re-selected pages and of those that reused the selection."""
+    the steps that re-selected pages and of those that reused the selection. `overlap`: launch
+    each step before reading the previous one's tokens (the engine's async scheduling), so the
+    host's work hides behind the device's; reported as "overlapped" (mean ms per step)."""
     gen = torch.Generator(device=core.device).manual_seed(0)
     requests = []
     for b in range(batch):
@@ -166,6 +168,16 @@ def time_decode(core, batch: int, seq_len: int, steps: int) -> dict[str, float]:
         mode = selector.mode if selector is not None else "none"
         per_mode.setdefault(mode, []).append((time.perf_counter() - t1) * 1000)
     ms = (time.perf_counter() - t0) * 1000 / steps
+    overlapped = None
+    if overlap:
+        previous = runner.launch(inputs, batch)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            launched = runner.launch(inputs, batch)
+            previous.tokens()
+            previous = launched
+        previous.tokens()
+        overlapped = (time.perf_counter() - t1) * 1000 / steps
     replay = None
     graphs = runner.graphs
     if graphs is not None:  # the captured graph alone: the step's GPU time without host work
@@ -180,6 +192,8 @@ def time_decode(core, batch: int, seq_len: int, steps: int) -> dict[str, float]:
         if selector is not None:
             selector.forget(r.request_id)
     out = {"ms": ms} if replay is None else {"ms": ms, "replay": replay}
+    if overlapped is not None:
+        out["overlapped"] = overlapped
     out.update({mode: sum(v) / len(v) for mode, v in per_mode.items()})
     return out
 
@@ -341,7 +355,7 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
         for b, n in cases:
             for eager in (False, True) if not args.no_eager else (False,):
                 core.runner.graphs = None if eager else graphs
-                results[(name, b, n, eager)] = r = time_decode(core, b, n, args.steps)
+                results[(name, b, n, eager)] = r = time_decode(core, b, n, args.steps, overlap=args.overlap)
                 print(f"  {name:15s} batch {b} len {n:7d} {'eager' if eager else 'graph'}: {r['ms']:7.2f} ms/step "
                       f"{ {k: round(v, 2) for k, v in r.items() if k != 'ms'} }", flush=True)
         del llm, core, graphs
@@ -362,7 +376,14 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
                   f"{d['ms'] / s_['ms']:7.2f}x | {d['ms'] / sd['ms']:9.2f}x | {100 * sel / sd['ms']:7.1f}%")
             rows.append({"batch": b, "tokens": n, "cuda_graphs": not eager, "dense_ms": d["ms"],
                          "static_ms": s_["ms"], "static_dynamic_ms": sd["ms"],
-                         "select_step_ms": sd.get("select"), "reuse_step_ms": sd.get("reuse")})
+                         "select_step_ms": sd.get("select"), "reuse_step_ms": sd.get("reuse"),
+                         **({f"{c.replace('+', '_')}_overlapped_ms": results[(c, b, n, eager)]["overlapped"]
+                             for c in configs} if args.overlap else {})})
+        if args.overlap:
+            print("\nthe same steps overlapped (each launched before the previous one's tokens are read)")
+            for b, n in cases:
+                d, s_, sd = (results[(c, b, n, eager)]["overlapped"] for c in configs)
+                print(f"{b:5d} | {n:7d} | {d:8.2f} | {s_:9.2f} | {sd:11.2f} | {d / s_:7.2f}x | {d / sd:9.2f}x |")
     for b, n in skipped:
         print(f"{b:5d} | {n:7d} | skipped: dense KV ({b * n * kv_per_token / 2**30:.0f} GiB) exceeds --kv-gib")
     return rows
@@ -381,6 +402,8 @@ def main() -> None:
     parser.add_argument("--no-eager", action="store_true", help="decode: skip the runs without CUDA graphs")
     parser.add_argument("--profile", action="store_true",
                         help="decode: print the GPU kernels of one eager step per configuration")
+    parser.add_argument("--overlap", action="store_true",
+                        help="decode: also time steps launched before the previous step's tokens are read")
     parser.add_argument("--split-host", action="store_true",
                         help="decode: wall time per phase of a graph step (plan, prepare, replay, sample)")
     parser.add_argument("--host-profile", action="store_true",

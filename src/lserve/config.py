@@ -88,10 +88,15 @@ class SchedulerConfig:
 
     max_num_seqs: int = _field(64, "most requests running in one step")
     max_num_batched_tokens: int = _field(8192, "token budget of one step; longer prefills are chunked to fit")
+    async_scheduling: bool = _field(
+        True, "schedule and launch each step before reading the previous step's tokens, so that the "
+        "host's work overlaps the GPU's (a request that stops computes one extra token, dropped)")
 
     def __post_init__(self) -> None:
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True or False, got {self.async_scheduling!r}")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 from lserve.sampling_params import SamplingParams
 
+INFLIGHT_TOKEN = -1
+"""The id `Request.token_ids` gives a token that a running step has sampled but not yet returned."""
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -45,6 +48,10 @@ class Request:
     """KV pages (over layers and KV heads) its decode steps read; see `decode_pages_dense`."""
     decode_pages_dense: int = 0
     """The pages the same decode steps would read with dense attention."""
+    num_inflight_tokens: int = 0
+    """Tokens sampled by a step that is still running on the device (async scheduling): they count
+    in `num_tokens`, so the next step can be scheduled before their values are known; the model
+    runner reads their ids on the device. Resolved (appended) when that step's results arrive."""
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -52,15 +59,24 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight_tokens
+
+    @property
+    def needs_more_tokens(self) -> bool:
+        """False once the tokens known and in flight reach `max_tokens` (it finishes on their arrival)."""
+        return len(self.output_token_ids) + self.num_inflight_tokens < self.max_tokens
 
     @property
     def num_pending_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
     def token_ids(self, start: int, stop: int) -> list[int]:
-        """Tokens start..stop-1 of prompt + output, without building the whole list."""
+        """Tokens start..stop-1 of prompt + output, without building the whole list; tokens still in
+        flight are `INFLIGHT_TOKEN`."""
         n = len(self.prompt_token_ids)
+        known = n + len(self.output_token_ids)
+        if stop > known:
+            return self.token_ids(start, known) + [INFLIGHT_TOKEN] * (stop - max(start, known))
         if stop <= n:
             return self.prompt_token_ids[start:stop]
         if start >= n:

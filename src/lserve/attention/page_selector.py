@@ -88,7 +88,6 @@ class PageSelector:
         ]
         # per-row plan on the device, in fixed buffers so that a captured graph reads this step's
         # plan: rows past the step's decodes are inert (fit, one page, the spare seat)
-        self._plan_host = torch.zeros((5, num_seats + 1), dtype=torch.int64)
         self._plan_dev = torch.zeros((5, num_seats + 1), dtype=torch.int64, device=device)
         self._state: dict[str, _RequestState] = {}
         self.plan: DecodePlan | None = None
@@ -131,14 +130,16 @@ class PageSelector:
             num_pages.append(n)
             anchor.append(st.anchor if st is not None else n - 1)
         self._state = state
-        host = self._plan_host
+        # a fresh (pinned, on a GPU) host block each step, copied without waiting for the device:
+        # the block must not change before the copy ran, and earlier steps may still be running
+        host = torch.empty((5, self._plan_dev.shape[1]), dtype=torch.int64, pin_memory=self.device.type == "cuda")
         host[0].fill_(0)
         host[1].fill_(1)
         host[2].fill_(1)
         host[3].fill_(0)
         host[4].fill_(self.scratch_seat)
         host[:, :nd] = torch.tensor([recompute, fits, num_pages, anchor, list(md.seats[:nd])], dtype=torch.int64)
-        self._plan_dev.copy_(host, non_blocking=False)
+        self._plan_dev.copy_(host, non_blocking=True)
         self.plan = DecodePlan(tuple(recompute), tuple(fits), tuple(num_pages), tuple(anchor))
         return self.plan
 

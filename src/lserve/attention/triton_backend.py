@@ -50,7 +50,9 @@ class TritonAttentionBackend(AttentionBackend):
         if self._prefill_kw is None:
             self._prefill_kw = prefill_config(device)
         prefill_lens = list(md.query_lens_cpu[md.num_decodes :])
-        self._tiles = plan_tiles(prefill_lens, prefill_block_m(device), device, first_seq=md.num_decodes)
+        # (a pure decode step has no prefill tiles: no copy to the device that would wait for it)
+        self._tiles = plan_tiles(prefill_lens, prefill_block_m(device), device, first_seq=md.num_decodes) \
+            if prefill_lens else None
 
     def _attend(
         self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata

@@ -37,7 +37,7 @@ from lserve.model.loader import (
 )
 from lserve.request import Request, RequestStatus
 from lserve.runner.cuda_graphs import DecodeGraphs
-from lserve.runner.model_runner import ModelRunner, StepInput
+from lserve.runner.model_runner import LaunchedStep, ModelRunner, StepInput
 from lserve.sampling_params import SamplingParams
 from lserve.sparse.patterns import binarize, load_pattern, shipped_pattern
 
@@ -82,6 +82,9 @@ class EngineCore:
         self._init_kv_cache()
         sched = config.scheduler
         self.scheduler = Scheduler(self.kv_manager, self.num_seats, sched.max_num_batched_tokens)
+        self.async_scheduling = sched.async_scheduling
+        self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        """The launched step whose tokens have not been read yet (async scheduling)."""
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_decode_steps = 0
@@ -264,7 +267,7 @@ class EngineCore:
             self.runner.backend.selector.forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
 
     def stats(self) -> EngineStats:
         """A snapshot of queue sizes, cache use and counters (cheap; safe to call every step)."""
@@ -287,12 +290,47 @@ class EngineCore:
     # ---- the step --------------------------------------------------------------------------
 
     def step(self) -> StepResult:
+        """One engine step: the requests that got a token (and those of them that finished).
+
+        With async scheduling (the default) a step schedules and launches the next batch first and
+        then reads the tokens of the batch launched by the previous call, so the host's work
+        (scheduling, metadata, copies, the launch itself, detokenizing) overlaps the device's.
+        Each call still returns one token per running request; the first call returns none.
+        """
+        if not self.async_scheduling:
+            out = self.scheduler.schedule()
+            if out.is_empty:
+                return StepResult([], [])
+            launched = self.runner.launch(self._step_inputs(out), out.num_decodes)
+            self._count_decode_pages(out)
+            self.scheduler.advance(out)
+            return self._resolve(out, launched)
+        if self._inflight is not None and self._needs_tokens_first():
+            return self._resolve(*self._take_inflight())
         out = self.scheduler.schedule()
-        if out.is_empty:
-            return StepResult([], [])
-        sampled = self.runner.execute(self._step_inputs(out), out.num_decodes)
-        self._count_decode_pages(out)
-        changed = self.scheduler.update(out, sampled)
+        launched = None
+        if not out.is_empty:
+            launched = self.runner.launch(self._step_inputs(out), out.num_decodes)
+            self._count_decode_pages(out)
+            self.scheduler.advance(out)
+        result = self._resolve(*self._take_inflight()) if self._inflight is not None else StepResult([], [])
+        if launched is not None:
+            self._inflight = (out, launched)
+        return result
+
+    def _take_inflight(self) -> tuple[SchedulerOutput, LaunchedStep]:
+        assert self._inflight is not None
+        inflight, self._inflight = self._inflight, None
+        return inflight
+
+    def _needs_tokens_first(self) -> bool:
+        """A repetition penalty reads the tokens seen so far: with one in flight, read it first."""
+        return any(r.num_inflight_tokens and r.sampling_params.repetition_penalty != 1.0
+                   for r in self.scheduler.running)
+
+    def _resolve(self, out: SchedulerOutput, launched: LaunchedStep) -> StepResult:
+        """Wait for a launched step's tokens and hand them to their requests."""
+        changed = self.scheduler.resolve(out, launched.tokens())
         self.num_generation_tokens += len(changed)
         finished = [r for r in changed if r.is_finished]
         for r in finished:

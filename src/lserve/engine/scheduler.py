@@ -74,6 +74,8 @@ class Scheduler:
             for req in list(self.running):
                 if req not in self.running or (req.num_pending_tokens == 1) != want_decode or budget == 0:
                     continue
+                if not req.needs_more_tokens:  # its last token is in flight: it finishes when that arrives
+                    continue
                 n = min(req.num_pending_tokens, budget)
                 if not self._allocate_or_preempt(req, n, decodes, prefills, preempted):
                     continue
@@ -124,13 +126,28 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance computed tokens, append sampled tokens, finish requests; returns requests with news."""
+        self.advance(output)
+        return self.resolve(output, sampled)
+
+    def advance(self, output: SchedulerOutput) -> None:
+        """The step was launched: its tokens count as computed, and each request it samples has one
+        more token in flight (async scheduling schedules the next step before `resolve`)."""
+        for s in output.scheduled:
+            samples = s.samples
+            s.request.num_computed_tokens += s.num_new_tokens
+            if samples:
+                s.request.num_inflight_tokens += 1
+
+    def resolve(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """The step's sampled tokens arrived: append them, finish requests that stop; returns the
+        requests with news. A request finished (or aborted) meanwhile drops its token."""
         changed: list[Request] = []
         for s in output.scheduled:
             req = s.request
-            req.num_computed_tokens += s.num_new_tokens
             token = sampled.get(req.request_id)
-            if token is None:
+            if token is None or req.is_finished or req.num_inflight_tokens == 0:
                 continue
+            req.num_inflight_tokens -= 1
             req.append_token(token)
             changed.append(req)
             stop = req.check_stop()
@@ -145,6 +162,7 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free(req.request_id)
+        req.num_inflight_tokens = 0  # a token still in flight is dropped when it arrives
         req.status = status
         req.error = error
 

@@ -13,13 +13,29 @@ import numpy as np
 import torch
 
 from lserve.attention.backend import AttentionBackend
-from lserve.attention.metadata import AttentionMetadata, build_metadata
+from lserve.attention.metadata import AttentionMetadata, build_metadata, to_device
 from lserve.kv_cache.layout import RingGeometry
 from lserve.kv_cache.manager import SeatPageRows
 from lserve.model.llama import LlamaForCausalLM
-from lserve.request import Request
+from lserve.request import INFLIGHT_TOKEN, Request
 from lserve.runner.cuda_graphs import DecodeGraphs
 from lserve.runner.sampler import Sampler
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device; `tokens()` waits for it and reads its sampled tokens."""
+
+    request_ids: list[str]
+    device_tokens: torch.Tensor | None
+    """(len(request_ids),) int64 on the device; None when no request samples."""
+    _tokens: dict[str, int] | None = None
+
+    def tokens(self) -> dict[str, int]:
+        if self._tokens is None:
+            values = self.device_tokens.tolist() if self.device_tokens is not None else []
+            self._tokens = dict(zip(self.request_ids, values))
+        return self._tokens
 
 
 @dataclass(frozen=True)
@@ -54,10 +70,19 @@ class ModelRunner:
         self.sampler = Sampler(device, seed)
         self.graphs: DecodeGraphs | None = None
         """Set by the engine on CUDA: pure decode steps replay captured graphs."""
+        self._last: LaunchedStep | None = None
+        """The last launched step that sampled (its tokens feed in-flight inputs of the next)."""
 
     @torch.inference_mode()
     def execute(self, inputs: Sequence[StepInput], num_decodes: int) -> dict[str, int]:
         """Run the scheduled tokens (decodes first); return a sampled token per request that samples."""
+        return self.launch(inputs, num_decodes).tokens()
+
+    @torch.inference_mode()
+    def launch(self, inputs: Sequence[StepInput], num_decodes: int) -> LaunchedStep:
+        """Queue the step on the device and return without waiting for it. An input token that a
+        previous launch sampled and the host has not read yet (`INFLIGHT_TOKEN`) is taken from
+        that launch's tokens on the device."""
         token_ids: list[int] = []
         positions: list[int] = []
         for s in inputs:
@@ -67,32 +92,60 @@ class ModelRunner:
         md = self.plan(inputs, num_decodes)
         backend = self.backend
         backend.prepare(md)
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ids, pos = to_device([np.asarray(token_ids, dtype=np.int64), np.asarray(positions, dtype=np.int64)],
+                             self.device)
+        self._fill_inflight(ids, token_ids, inputs)
         sampling = [i for i, s in enumerate(inputs) if s.samples]
+        rows = slice(None) if len(sampling) == len(inputs) else sampling  # no index copy when every row samples
         graphs = self.graphs
         if graphs is not None and num_decodes == len(inputs) and graphs.bucket(num_decodes) is not None:
             mode = backend.selector.mode if backend.selector is not None else "none"
-            logits = graphs.run(md, ids, pos, mode)[sampling]
+            logits = graphs.run(md, ids, pos, mode)[rows]
         else:
             def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
                 return backend.forward(q, k, v, layer_idx, md)
 
             hidden = self.model(ids, pos, attn)
             if not sampling:
-                return {}
+                return LaunchedStep([], None)
             ends = md.query_start_loc[1:].long() - 1
-            logits = self.model.compute_logits(hidden[ends[sampling]])
+            logits = self.model.compute_logits(hidden[ends[rows]])
         if not sampling:
-            return {}
+            return LaunchedStep([], None)
         reqs = [inputs[i].request for i in sampling]
-        tokens = self.sampler.sample(
+        tokens = self.sampler.sample_on_device(
             logits,
             [r.request_id for r in reqs],
             [r.sampling_params for r in reqs],
             [r.all_token_ids if r.sampling_params.repetition_penalty != 1.0 else () for r in reqs],
         )
-        return {r.request_id: t for r, t in zip(reqs, tokens)}
+        step = LaunchedStep([r.request_id for r in reqs], tokens)
+        self._last = step
+        return step
+
+    def _fill_inflight(self, ids: torch.Tensor, token_ids: list[int], inputs: Sequence[StepInput]) -> None:
+        """Write the ids of in-flight tokens from the last launch's tokens, on the device. Only a
+        decoding request's one input token can be in flight (a preempted request is recomputed
+        only after its token arrived)."""
+        if INFLIGHT_TOKEN not in token_ids:
+            return
+        last = self._last
+        rows = {rid: i for i, rid in enumerate(last.request_ids)} if last is not None else {}
+        dst, src = [], []
+        flat = 0
+        for s in inputs:
+            for j in range(s.num_new_tokens):
+                if token_ids[flat + j] == INFLIGHT_TOKEN:
+                    row = rows.get(s.request.request_id)
+                    if row is None or last is None or last.device_tokens is None:
+                        raise RuntimeError(f"request {s.request.request_id}: an input token is in flight but "
+                                           "the last launched step did not sample it")
+                    dst.append(flat + j)
+                    src.append(row)
+            flat += s.num_new_tokens
+        assert last is not None and last.device_tokens is not None
+        dst_t, src_t = to_device([np.asarray(dst, dtype=np.int64), np.asarray(src, dtype=np.int64)], self.device)
+        ids[dst_t] = last.device_tokens[src_t]
 
     def plan(self, inputs: Sequence[StepInput], num_decodes: int) -> AttentionMetadata:
         """Attention metadata of the step, built once and shared by every layer."""

@@ -37,18 +37,26 @@ class Sampler:
         seen_token_ids: Sequence[Sequence[int]],
     ) -> list[int]:
         """logits (N, V) float32 -> N token ids."""
+        return self.sample_on_device(logits, request_ids, params, seen_token_ids).tolist()
+
+    def sample_on_device(
+        self,
+        logits: torch.Tensor,
+        request_ids: Sequence[str],
+        params: Sequence[SamplingParams],
+        seen_token_ids: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """logits (N, V) float32 -> (N,) int64 token ids on the logits' device, without waiting for
+        the device (a step can be launched before the previous one's tokens are read)."""
         for i, p in enumerate(params):
             if p.repetition_penalty != 1.0:
                 apply_repetition_penalty(logits[i], seen_token_ids[i], p.repetition_penalty)
-        greedy = logits.argmax(dim=-1)
-        if all(p.is_greedy for p in params):
-            return greedy.tolist()
-        out = greedy.tolist()
+        tokens = logits.argmax(dim=-1)
         for i, p in enumerate(params):
             if not p.is_greedy:
                 probs = filtered_probs(logits[i], p)
-                out[i] = _draw(probs, self._generator_for(request_ids[i], p))
-        return out
+                tokens[i] = torch.multinomial(probs, 1, generator=self._generator_for(request_ids[i], p))[0]
+        return tokens
 
 
 def apply_repetition_penalty(row: torch.Tensor, seen: Sequence[int], penalty: float) -> None:
@@ -78,5 +86,3 @@ def filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs / probs.sum()
 
 
-def _draw(probs: torch.Tensor, gen: torch.Generator) -> int:
-    return int(torch.multinomial(probs, 1, generator=gen).item())

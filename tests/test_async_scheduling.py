@@ -1,0 +1,101 @@
+"""Async scheduling (the default): a step is launched before the previous step's tokens are read.
+
+It must change nothing a caller can see: the same tokens, texts and finish reasons as the
+synchronous engine for greedy and seeded sampling, stop tokens, stop strings, max_tokens,
+repetition penalties, aborts and preemption; and no request computes past `max_tokens`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lserve import LLM, SamplingParams
+from lserve.request import INFLIGHT_TOKEN
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "List three prime numbers:",
+    "The capital of France is",
+    "Explain what a KV cache is in one sentence.",
+]
+
+
+@pytest.fixture(scope="module")
+def sync_llm() -> LLM:
+    return LLM(dtype="float32", device="cpu", async_scheduling=False)
+
+
+def _run(llm: LLM, params: list[SamplingParams]) -> list[tuple[list[int], str, str | None]]:
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
+
+
+def test_same_outputs_as_the_synchronous_engine(default_llm, sync_llm) -> None:
+    assert default_llm.engine.core.async_scheduling and not sync_llm.engine.core.async_scheduling
+    params = [
+        SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=14),
+        SamplingParams(temperature=0, max_tokens=30, stop=[" is", "."]),
+        SamplingParams(temperature=0.7, top_k=20, seed=5, max_tokens=6, repetition_penalty=1.3),
+    ]
+    got, want = _run(default_llm, params), _run(sync_llm, params)
+    assert got == want
+    assert [len(t) for t, _, _ in got][0] == 9 and got[0][2] == "length"
+    core = default_llm.engine.core
+    assert not core.has_unfinished_requests() and not core.kv_manager.page_tables
+    assert all(not r.num_inflight_tokens for r in core.scheduler.running)
+
+
+def test_stop_token_ends_the_request_and_its_extra_token_is_dropped(default_llm, sync_llm) -> None:
+    greedy = SamplingParams(temperature=0, max_tokens=40)
+    first = default_llm.generate(PROMPTS[2], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    stop_id = first[3]  # stop on the 4th generated token: the step after it is already launched
+    params = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_id])
+    got = default_llm.generate(PROMPTS[2], params, use_tqdm=False)[0].outputs[0]
+    want = sync_llm.generate(PROMPTS[2], params, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == want.token_ids == first[: first.index(stop_id) + 1]
+    assert got.finish_reason == "stop"
+    assert INFLIGHT_TOKEN not in got.token_ids
+
+
+def test_the_engine_counts_only_returned_tokens(default_llm) -> None:
+    core = default_llm.engine.core
+    before = core.num_generation_tokens
+    outs = default_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+                                use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 7 for o in outs)
+    assert core.num_generation_tokens - before == 7 * len(PROMPTS)
+
+
+def test_abort_while_a_step_is_in_flight(default_llm) -> None:
+    engine = default_llm.engine
+    keep = engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    gone = engine.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    for _ in range(3):
+        engine.step()  # the third call has a step in flight that includes `gone`
+    final = engine.abort_request(gone)
+    assert final is not None and final.outputs[0].finish_reason == "abort"
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    assert set(outputs) == {keep} and len(outputs[keep].outputs[0].token_ids) == 12
+    core = engine.core
+    while core.has_unfinished_requests():  # the last launched step, whose tokens nobody needs
+        core.step()
+    assert not core.kv_manager.page_tables and not core.kv_manager.seats
+
+
+def test_preemption_gives_the_synchronous_tokens() -> None:
+    """A pool too small for the batch: requests are preempted while their next token is in flight."""
+    settings = dict(dtype="float32", device="cpu", page_size=16, num_kv_pages=12, max_num_batched_tokens=64)
+    prompts = [p * 3 for p in PROMPTS]
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    async_llm, sync = LLM(**settings), LLM(**settings, async_scheduling=False)
+    got = [o.outputs[0].token_ids for o in async_llm.generate(prompts, greedy, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in sync.generate(prompts, greedy, use_tqdm=False)]
+    assert async_llm.engine.core.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    assert got == want
+    core = async_llm.engine.core
+    core.scheduler.check_invariants()
+    assert core.kv_manager.num_free_pages == core.kv_manager.num_pages
