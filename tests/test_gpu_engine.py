@@ -59,3 +59,23 @@ def test_cuda_graph_decode_gives_the_eager_tokens(tmp_path: Path, sparse: str) -
             assert modes == {"none"} if sparse == "dense" else {"reuse", "select"} <= modes
             assert len({b for b, _ in graphs._graphs}) > 1  # several buckets, padded rows included
     assert outs[False] == outs[True]
+
+
+def test_async_scheduling_with_cuda_graphs_gives_the_synchronous_tokens(tmp_path: Path) -> None:
+    """Steps launched before the previous tokens are read (in-flight input ids filled on the GPU,
+    pinned non-blocking copies, replayed graphs) give the tokens of the synchronous engine."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    prompts = [[(7 * i + j) % 900 + 10 for j in range(n)] for i, n in enumerate((5, 700, 129, 1500, 300))]
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=7, max_tokens=33, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=25, ignore_eos=True, stop_token_ids=[11]),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.7, top_k=50, seed=1, max_tokens=40, ignore_eos=True)]
+    outs = {}
+    for overlap in (False, True):
+        llm = LLM(str(tmp_path), load_format="dummy", dtype="float32", num_kv_pages=300,
+                  max_num_batched_tokens=512, max_num_seqs=8, async_scheduling=overlap)
+        outs[overlap] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        core = llm.engine.core
+        assert core.runner.graphs is not None and core.kv_manager.num_free_pages == core.kv_manager.num_pages
+    assert outs[True] == outs[False]
