@@ -99,3 +99,35 @@ def test_preemption_gives_the_synchronous_tokens() -> None:
     core = async_llm.engine.core
     core.scheduler.check_invariants()
     assert core.kv_manager.num_free_pages == core.kv_manager.num_pages
+
+
+def test_an_interrupted_read_loses_no_token(default_llm, sync_llm, monkeypatch) -> None:
+    """Reading a step's tokens can be interrupted (Ctrl-C while waiting for the device): the step
+    stays pending and the next calls read it; nothing is lost or duplicated."""
+    from lserve.runner.model_runner import LaunchedStep
+
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    want = sync_llm.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0].token_ids
+    engine = default_llm.engine
+    rid = engine.add_request(PROMPTS[1], params)
+    engine.step()
+    engine.step()
+    real = LaunchedStep.tokens
+    calls = []
+
+    def interrupted_once(self: LaunchedStep) -> dict[str, int]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("interrupted")
+        return real(self)
+
+    monkeypatch.setattr(LaunchedStep, "tokens", interrupted_once)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        engine.step()
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == rid
+            final = out
+    assert final is not None and final.outputs[0].token_ids == want
+    assert not engine.core.has_unfinished_requests()

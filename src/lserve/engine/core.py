@@ -83,8 +83,9 @@ class EngineCore:
         sched = config.scheduler
         self.scheduler = Scheduler(self.kv_manager, self.num_seats, sched.max_num_batched_tokens)
         self.async_scheduling = sched.async_scheduling
-        self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
-        """The launched step whose tokens have not been read yet (async scheduling)."""
+        self._pending: list[tuple[SchedulerOutput, LaunchedStep]] = []
+        """Launched steps whose tokens have not been read yet, oldest first (async scheduling keeps
+        one; a step whose reading was interrupted stays until it is read)."""
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_decode_steps = 0
@@ -267,7 +268,7 @@ class EngineCore:
             self.runner.backend.selector.forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or self._inflight is not None
+        return self.scheduler.num_unfinished > 0 or bool(self._pending)
 
     def stats(self) -> EngineStats:
         """A snapshot of queue sizes, cache use and counters (cheap; safe to call every step)."""
@@ -304,33 +305,44 @@ class EngineCore:
             launched = self.runner.launch(self._step_inputs(out), out.num_decodes)
             self._count_decode_pages(out)
             self.scheduler.advance(out)
-            return self._resolve(out, launched)
-        if self._inflight is not None and self._needs_tokens_first():
-            return self._resolve(*self._take_inflight())
+            return self._resolve(out, launched.tokens())
+        if len(self._pending) > 1:  # left by an interrupted read: catch up before launching more
+            return self._resolve_oldest()
+        resolved = None
+        if self._pending and self._needs_tokens_first():
+            resolved = self._resolve_oldest()
         out = self.scheduler.schedule()
-        launched = None
         if not out.is_empty:
             launched = self.runner.launch(self._step_inputs(out), out.num_decodes)
             self._count_decode_pages(out)
             self.scheduler.advance(out)
-        result = self._resolve(*self._take_inflight()) if self._inflight is not None else StepResult([], [])
-        if launched is not None:
-            self._inflight = (out, launched)
-        return result
+            self._pending.append((out, launched))
+        if resolved is not None:
+            return resolved
+        if len(self._pending) > 1 or (self._pending and out.is_empty):
+            return self._resolve_oldest()
+        return StepResult([], [])
 
-    def _take_inflight(self) -> tuple[SchedulerOutput, LaunchedStep]:
-        assert self._inflight is not None
-        inflight, self._inflight = self._inflight, None
-        return inflight
+    def drain(self) -> None:
+        """Read every launched step whose tokens nobody waits for any more (their requests are
+        finished or aborted), so that no work of finished requests outlives a run."""
+        while self._pending:
+            self._resolve_oldest()
+
+    def _resolve_oldest(self) -> StepResult:
+        out, launched = self._pending[0]
+        sampled = launched.tokens()  # may raise (an interrupt while waiting): the step stays pending
+        self._pending.pop(0)
+        return self._resolve(out, sampled)
 
     def _needs_tokens_first(self) -> bool:
         """A repetition penalty reads the tokens seen so far: with one in flight, read it first."""
         return any(r.num_inflight_tokens and r.sampling_params.repetition_penalty != 1.0
                    for r in self.scheduler.running)
 
-    def _resolve(self, out: SchedulerOutput, launched: LaunchedStep) -> StepResult:
-        """Wait for a launched step's tokens and hand them to their requests."""
-        changed = self.scheduler.resolve(out, launched.tokens())
+    def _resolve(self, out: SchedulerOutput, sampled: dict[str, int]) -> StepResult:
+        """Hand a launched step's sampled tokens to their requests."""
+        changed = self.scheduler.resolve(out, sampled)
         self.num_generation_tokens += len(changed)
         finished = [r for r in changed if r.is_finished]
         for r in finished:

@@ -122,6 +122,8 @@ class LLMEngine:
             outputs.append(self._output(tracked))
             if req.is_finished:
                 del self._tracked[req.request_id]
+        if not self._tracked:
+            self.core.drain()  # the step launched for requests that have finished since
         return outputs
 
     def _output(self, tracked: _Tracked) -> RequestOutput:

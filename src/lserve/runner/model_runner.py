@@ -24,16 +24,37 @@ from lserve.runner.sampler import Sampler
 
 @dataclass
 class LaunchedStep:
-    """A step queued on the device; `tokens()` waits for it and reads its sampled tokens."""
+    """A step queued on the device; `tokens()` waits for it (and nothing launched after it) and
+    reads its sampled tokens."""
 
     request_ids: list[str]
     device_tokens: torch.Tensor | None
     """(len(request_ids),) int64 on the device; None when no request samples."""
+    host_tokens: torch.Tensor | None = None
+    """On a GPU: a pinned copy of `device_tokens`, filled by a copy queued right after sampling."""
+    ready: torch.cuda.Event | None = None
+    """Recorded after that copy: waiting on it does not wait for steps launched later."""
     _tokens: dict[str, int] | None = None
+
+    @classmethod
+    def of(cls, request_ids: list[str], device_tokens: torch.Tensor) -> LaunchedStep:
+        if not device_tokens.is_cuda:
+            return cls(request_ids, device_tokens)
+        # `.tolist()` on the device tensor would wait for the whole stream, including the step
+        # launched after this one: copy now, and wait later for this copy only
+        host = torch.empty(device_tokens.shape, dtype=device_tokens.dtype, pin_memory=True)
+        host.copy_(device_tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(request_ids, device_tokens, host, ready)
 
     def tokens(self) -> dict[str, int]:
         if self._tokens is None:
-            values = self.device_tokens.tolist() if self.device_tokens is not None else []
+            if self.ready is not None and self.host_tokens is not None:
+                self.ready.synchronize()
+                values = self.host_tokens.tolist()
+            else:
+                values = self.device_tokens.tolist() if self.device_tokens is not None else []
             self._tokens = dict(zip(self.request_ids, values))
         return self._tokens
 
@@ -96,7 +117,10 @@ class ModelRunner:
                              self.device)
         self._fill_inflight(ids, token_ids, inputs)
         sampling = [i for i, s in enumerate(inputs) if s.samples]
-        rows = slice(None) if len(sampling) == len(inputs) else sampling  # no index copy when every row samples
+        # the sampling rows' index, without a copy that would wait for the device
+        rows: slice | torch.Tensor = slice(None)
+        if len(sampling) != len(inputs):
+            rows = to_device([np.asarray(sampling, dtype=np.int64)], self.device)[0]
         graphs = self.graphs
         if graphs is not None and num_decodes == len(inputs) and graphs.bucket(num_decodes) is not None:
             mode = backend.selector.mode if backend.selector is not None else "none"
@@ -119,7 +143,7 @@ class ModelRunner:
             [r.sampling_params for r in reqs],
             [r.all_token_ids if r.sampling_params.repetition_penalty != 1.0 else () for r in reqs],
         )
-        step = LaunchedStep([r.request_id for r in reqs], tokens)
+        step = LaunchedStep.of([r.request_id for r in reqs], tokens)
         self._last = step
         return step
 
