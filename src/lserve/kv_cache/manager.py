@@ -35,9 +35,10 @@ class SeatPageRows:
     def append(self, seat: int, start: int, pages: Sequence[int]) -> None:
         end = start + len(pages)
         rows, cols = self._rows.shape
-        if seat >= rows or end > cols:
-            grown = np.zeros((max(rows, seat + 1, 2 * rows), max(cols, end, 2 * cols if end > cols else cols)),
-                             dtype=np.int32)
+        if seat >= rows or end > cols:  # grow geometrically, only along the dimension that is short
+            new_rows = rows if seat < rows else max(seat + 1, 2 * rows)
+            new_cols = cols if end <= cols else max(end, 2 * cols)
+            grown = np.zeros((new_rows, new_cols), dtype=np.int32)
             grown[:rows, :cols] = self._rows
             self._rows = grown
         self._rows[seat, start:end] = pages
