@@ -302,10 +302,7 @@ class EngineCore:
             out = self.scheduler.schedule()
             if out.is_empty:
                 return StepResult([], [])
-            launched = self.runner.launch(self._step_inputs(out), out.num_decodes)
-            self._count_decode_pages(out)
-            self.scheduler.advance(out)
-            return self._resolve(out, launched.tokens())
+            return self._resolve(out, self._launch(out).tokens())
         if len(self._pending) > 1:  # left by an interrupted read: catch up before launching more
             return self._resolve_oldest()
         resolved = None
@@ -313,15 +310,19 @@ class EngineCore:
             resolved = self._resolve_oldest()
         out = self.scheduler.schedule()
         if not out.is_empty:
-            launched = self.runner.launch(self._step_inputs(out), out.num_decodes)
-            self._count_decode_pages(out)
-            self.scheduler.advance(out)
-            self._pending.append((out, launched))
+            self._pending.append((out, self._launch(out)))
         if resolved is not None:
             return resolved
         if len(self._pending) > 1 or (self._pending and out.is_empty):
             return self._resolve_oldest()
         return StepResult([], [])
+
+    def _launch(self, out: SchedulerOutput) -> LaunchedStep:
+        """Queue the scheduled batch on the device; its tokens count as computed (and in flight)."""
+        launched = self.runner.launch(self._step_inputs(out), out.num_decodes)
+        self._count_decode_pages(out)
+        self.scheduler.advance(out)
+        return launched
 
     def drain(self) -> None:
         """Read every launched step whose tokens nobody waits for any more (their requests are

@@ -137,7 +137,7 @@ class ModelRunner:
         if not sampling:
             return LaunchedStep([], None)
         reqs = [inputs[i].request for i in sampling]
-        tokens = self.sampler.sample_on_device(
+        tokens = self.sampler.sample(
             logits,
             [r.request_id for r in reqs],
             [r.sampling_params for r in reqs],

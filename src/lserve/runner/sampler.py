@@ -35,16 +35,6 @@ class Sampler:
         request_ids: Sequence[str],
         params: Sequence[SamplingParams],
         seen_token_ids: Sequence[Sequence[int]],
-    ) -> list[int]:
-        """logits (N, V) float32 -> N token ids."""
-        return self.sample_on_device(logits, request_ids, params, seen_token_ids).tolist()
-
-    def sample_on_device(
-        self,
-        logits: torch.Tensor,
-        request_ids: Sequence[str],
-        params: Sequence[SamplingParams],
-        seen_token_ids: Sequence[Sequence[int]],
     ) -> torch.Tensor:
         """logits (N, V) float32 -> (N,) int64 token ids on the logits' device, without waiting for
         the device (a step can be launched before the previous one's tokens are read)."""
