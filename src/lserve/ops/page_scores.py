@@ -2,9 +2,13 @@
 
 For a decode query q and a logical page with channel-wise key bounds kmin, kmax, the largest
 possible q.k in the page is sum_c max(q_c kmax_c, q_c kmin_c) = max(q, 0).kmax + min(q, 0).kmin,
-two small matmuls with float32 accumulation. A physical page scores the max over its logical pages; logical pages that start past the sequence are ignored (their
-statistics belong to nobody yet). The query heads of a GQA group share one selection: their
-scores are aggregated by max (default) or sum. Reference: `ops.reference.page_scores_ref`.
+two small matmuls with float32 accumulation. A physical page scores the max over its logical
+pages; logical pages that start past the sequence are ignored (their statistics belong to nobody
+yet). The query heads of a GQA group share one selection: their scores are aggregated by max
+(this function's default) or sum (the engine's). Reference: `ops.reference.page_scores_ref`.
+
+`store_top_pages` then writes each re-selecting row's best pages into the page selector's store
+(reference: `ops.reference.store_top_pages_ref`).
 """
 
 from __future__ import annotations
