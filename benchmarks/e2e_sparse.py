@@ -137,11 +137,9 @@ def fill_cache(core, gen: torch.Generator) -> None:
                     hi.copy_(rows.amax(1))
 
 
-def time_decode(core, batch: int, seq_len: int, steps: int, overlap: bool = False) -> dict[str, float]:
-    """Decode steps for `batch` sequences at `seq_len` tokens: mean ms per step, and the mean of
-    the steps that re-selected pages and of those that reused the selection. `overlap`: launch
-    each step before reading the previous one's tokens (the engine's async scheduling), so the
-    host's work hides behind the device's; reported as "overlapped" (mean ms per step)."""
+def decode_inputs(core, batch: int, seq_len: int) -> tuple[list, list]:
+    """`batch` requests of `seq_len` tokens whose last token is the decode step's input, over a
+    cache of random K/V: the step inputs and the requests."""
     gen = torch.Generator(device=core.device).manual_seed(0)
     requests = []
     for b in range(batch):
@@ -154,6 +152,23 @@ def time_decode(core, batch: int, seq_len: int, steps: int, overlap: bool = Fals
     fill_cache(core, gen)
     inputs = [StepInput(r, 1, core.kv_manager.page_tables[r.request_id], True, core.kv_manager.seats[r.request_id])
               for r in requests]
+    return inputs, requests
+
+
+def release(core, requests: list) -> None:
+    selector = core.runner.backend.selector
+    for r in requests:
+        core.kv_manager.free(r.request_id)
+        if selector is not None:
+            selector.forget(r.request_id)
+
+
+def time_decode(core, batch: int, seq_len: int, steps: int, overlap: bool = False) -> dict[str, float]:
+    """Decode steps for `batch` sequences at `seq_len` tokens: mean ms per step, and the mean of
+    the steps that re-selected pages and of those that reused the selection. `overlap`: launch
+    each step before reading the previous one's tokens (the engine's async scheduling), so the
+    host's work hides behind the device's; reported as "overlapped" (mean ms per step)."""
+    inputs, requests = decode_inputs(core, batch, seq_len)
     runner = core.runner
     selector = runner.backend.selector
     for _ in range(8):  # compile, capture graphs, warm up
@@ -170,14 +185,21 @@ def time_decode(core, batch: int, seq_len: int, steps: int, overlap: bool = Fals
     ms = (time.perf_counter() - t0) * 1000 / steps
     overlapped = None
     if overlap:
+        # the clock starts when a step's tokens arrive with the next step already queued, and
+        # stops when the `steps`-th step after it is read: `steps` steps of device time, the
+        # host's work of each launch hidden behind the step before it
         previous = runner.launch(inputs, batch)
+        for _ in range(2):
+            launched = runner.launch(inputs, batch)
+            previous.tokens()
+            previous = launched
         t1 = time.perf_counter()
         for _ in range(steps):
             launched = runner.launch(inputs, batch)
             previous.tokens()
             previous = launched
-        previous.tokens()
         overlapped = (time.perf_counter() - t1) * 1000 / steps
+        previous.tokens()
     replay = None
     graphs = runner.graphs
     if graphs is not None:  # the captured graph alone: the step's GPU time without host work
@@ -187,10 +209,7 @@ def time_decode(core, batch: int, seq_len: int, steps: int, overlap: bool = Fals
             graph.replay()
         sync()
         replay = (time.perf_counter() - t1) * 100
-    for r in requests:
-        core.kv_manager.free(r.request_id)
-        if selector is not None:
-            selector.forget(r.request_id)
+    release(core, requests)
     out = {"ms": ms} if replay is None else {"ms": ms, "replay": replay}
     if overlapped is not None:
         out["overlapped"] = overlapped
@@ -250,6 +269,21 @@ def profile_host(core, batch: int, seq_len: int, label: str) -> None:
     finally:
         del runner.execute
     print(f"\n{label}: host time of 16 graph steps (batch {batch}, {seq_len} tokens), by own time")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    # launches overlapped with the device (async scheduling): a call that waits for the device
+    # here leaves the GPU idle for the rest of the launch
+    inputs, requests = decode_inputs(core, batch, seq_len)
+    prof = cProfile.Profile()
+    previous = runner.launch(inputs, batch)
+    for _ in range(16):
+        prof.enable()
+        launched = runner.launch(inputs, batch)
+        prof.disable()
+        previous.tokens()
+        previous = launched
+    previous.tokens()
+    release(core, requests)
+    print(f"\n{label}: host time of 16 overlapped launches (batch {batch}, {seq_len} tokens), by own time")
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
@@ -341,10 +375,12 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
     skipped = [(b, n) for n in lengths for b in batches if (b, n) not in cases]
     max_len = max(lengths) + 64
     results: dict[tuple[str, int, int, bool], dict[str, float]] = {}
+    configs = {name: configs[name] for name in args.configs.split(",")}
     for name, extra in configs.items():
         llm = LLM(folder, load_format="dummy", dtype=args.dtype, max_model_len=max_len, max_num_seqs=max(batches),
                   max_num_batched_tokens=args.chunk, num_kv_pages=budget // (kv_per_token * 64), **extra)
         core = llm.engine.core
+        core.runner.backend.pool_streams = not args.sequential_pools
         graphs = core.runner.graphs
         if args.profile:
             profile_step(core, min(batches), min(lengths), name)
@@ -360,6 +396,8 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
                       f"{ {k: round(v, 2) for k, v in r.items() if k != 'ms'} }", flush=True)
         del llm, core, graphs
         free()
+    if len(configs) < 3:
+        return [{"config": c, "batch": b, "tokens": n, "cuda_graphs": not e, **r} for (c, b, n, e), r in results.items()]
     print(f"\ndecode step, {gpu_name()}, {shape_name(args)} (dummy weights, {args.dtype}); "
           f"static: 50% streaming heads (sink 128, local 256); dynamic: budget 4096, interval 4")
     rows = []
@@ -408,6 +446,10 @@ def main() -> None:
                         help="decode: wall time per phase of a graph step (plan, prepare, replay, sample)")
     parser.add_argument("--host-profile", action="store_true",
                         help="decode: print where the host time of graph steps goes (cProfile)")
+    parser.add_argument("--configs", default="dense,static,static+dynamic",
+                        help="decode: which of dense, static, static+dynamic to run")
+    parser.add_argument("--sequential-pools", action="store_true",
+                        help="decode: run a layer's ring and paged pools on one stream (no side stream)")
     parser.add_argument("--tiny", action="store_true", help="a small model shape (a CPU smoke run)")
     args = parser.parse_args()
     if args.lengths is None:

@@ -48,17 +48,21 @@ def test_cuda_graph_decode_gives_the_eager_tokens(tmp_path: Path, sparse: str) -
     prompts = [[(7 * i + j) % 900 + 10 for j in range(n)] for i, n in enumerate((5, 700, 129, 1500, 300))]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     outs = {}
-    for eager in (True, False):
+    # eager with the ring and paged pools one after the other on one stream, eager with the ring
+    # on a side stream (the default), and captured graphs (the side stream as a parallel branch)
+    for eager, pool_streams in ((True, False), (True, True), (False, True)):
         llm = LLM(str(tmp_path), load_format="dummy", dtype="float32", num_kv_pages=300,
                   max_num_batched_tokens=512, max_num_seqs=8, enforce_eager=eager, **kw)
-        outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.engine.core.runner.backend.pool_streams = pool_streams
+        outs[eager, pool_streams] = [o.outputs[0].token_ids
+                                     for o in llm.generate(prompts, params, use_tqdm=False)]
         graphs = llm.engine.core.runner.graphs
         assert (graphs is None) == eager
         if not eager:
             modes = {m for _, m in graphs._graphs}
             assert modes == {"none"} if sparse == "dense" else {"reuse", "select"} <= modes
             assert len({b for b, _ in graphs._graphs}) > 1  # several buckets, padded rows included
-    assert outs[False] == outs[True]
+    assert outs[False, True] == outs[True, True] == outs[True, False]
 
 
 def test_async_scheduling_with_cuda_graphs_gives_the_synchronous_tokens(tmp_path: Path) -> None:

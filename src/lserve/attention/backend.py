@@ -163,9 +163,16 @@ class AttentionBackend(ABC):
         if dense_route is not None:
             calls.append(PoolCall(paged.k[layer_idx], paged.v[layer_idx], k_min, k_max, md.page_table,
                                   md.slot_mapping, dense_route[0], dense_route[1], None))
-        for call in calls:
-            self._attend_heads(call, q, k, v, layer_idx, md, out)
+        self._attend_pools(calls, q, k, v, layer_idx, md, out)
         return out
+
+    def _attend_pools(
+        self, calls: list[PoolCall], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+        md: AttentionMetadata, out: torch.Tensor,
+    ) -> None:
+        """The pools of a layer whose heads are split between them, one after the other."""
+        for call in calls:
+            self._attend_heads(call, q, k, v, layer, md, out)
 
     def _attend_heads(
         self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata,

@@ -42,6 +42,9 @@ class TritonAttentionBackend(AttentionBackend):
     _tiles: PrefillTiles | None = None
     _prefill_kw: dict | None = None
     _segments: AppendSegments | None = None
+    _side: torch.cuda.Stream | None = None
+    pool_streams: bool = True
+    """Run a layer's ring pool on a side stream beside its paged pool in pure decode steps (GPU)."""
 
     def prepare(self, md: AttentionMetadata) -> None:
         super().prepare(md)
@@ -62,6 +65,28 @@ class TritonAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         self._decode_step(call, q, k, v, layer, md, out)
         return out
+
+    def _attend_pools(
+        self, calls: list[PoolCall], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+        md: AttentionMetadata, out: torch.Tensor,
+    ) -> None:
+        """In a pure decode step on a GPU the streaming heads' ring (append, decode) runs on a side
+        stream beside the dense heads' pool (append, selection, decode): each path is a chain of
+        small kernels bound by latency, not bandwidth, so the two overlap almost fully (a captured
+        graph keeps the fork and the join as parallel branches)."""
+        if md.num_prefills or len(calls) < 2 or not q.is_cuda or not self.pool_streams:
+            super()._attend_pools(calls, q, k, v, layer, md, out)
+            return
+        main = torch.cuda.current_stream(q.device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(q.device)
+        side = self._side
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self._attend_heads(calls[0], q, k, v, layer, md, out)
+        for call in calls[1:]:
+            self._attend_heads(call, q, k, v, layer, md, out)
+        main.wait_stream(side)
 
     def _attend_heads(
         self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata,

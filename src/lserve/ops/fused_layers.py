@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lserve.ops.launch import pdl_args, pdl_enter
+
 
 @triton.jit
 def _round(x, DTYPE: tl.constexpr):
@@ -26,7 +28,9 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps,
     stride_x, stride_r, stride_o,
     HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     m = cols < n_cols
@@ -56,6 +60,7 @@ def rms_norm(
     _rms_norm_kernel[(t,)](
         x, res, weight, out, n, eps, x.stride(0), res.stride(0), out.stride(0),
         HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 2048 else 4,
+        **pdl_args(x.device),
     )
     return out
 
@@ -65,7 +70,9 @@ def _rotary_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, num_q_heads, num_k_heads,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0)
     d = tl.arange(0, HALF)
     h = tl.arange(0, BLOCK_H)
@@ -104,12 +111,13 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         return
     _rotary_kernel[(t,)](
         q, k, cos, sin, hq, k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-        HALF=d // 2, BLOCK_H=min(16, triton.next_power_of_2(max(hq, k.shape[1]))),
+        HALF=d // 2, BLOCK_H=min(16, triton.next_power_of_2(max(hq, k.shape[1]))), **pdl_args(q.device),
     )
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, n, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, n, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < n
@@ -130,5 +138,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if t == 0:
         return out
     block = 1024
-    _silu_mul_kernel[(t, triton.cdiv(n, block))](x, out, n, x.stride(0), out.stride(0), BLOCK=block)
+    _silu_mul_kernel[(t, triton.cdiv(n, block))](x, out, n, x.stride(0), out.stride(0), BLOCK=block,
+                                                  **pdl_args(x.device))
     return out

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lserve.ops.launch import pdl_args, pdl_enter
+
 
 @dataclass(frozen=True)
 class AppendSegments:
@@ -51,7 +53,9 @@ def _append_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ct, stride_ch,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MAP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid_t = tl.program_id(0)
     head = tl.program_id(1)  # the cache's head
     src = head  # the head of k and v that this cache head stores
@@ -76,7 +80,9 @@ def _append_stats_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ct, stride_ch, stride_sg, stride_sh,
     HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr, ALL_STATS: tl.constexpr, HAS_MAP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     seg = tl.program_id(0)
     head = tl.program_id(1)
     src = head  # the head of k and v that this cache head stores
@@ -151,7 +157,7 @@ def kv_append(
         _append_kernel[(triton.cdiv(t, block_t), hkv)](
             k, v, slots, k_cache, v_cache, head_map if head_map is not None else slots, t,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides,
-            HEAD_DIM=d, BLOCK_T=block_t, HAS_MAP=head_map is not None,
+            HEAD_DIM=d, BLOCK_T=block_t, HAS_MAP=head_map is not None, **pdl_args(k.device),
         )
         return
     if k_min.shape != k_max.shape or k_min.shape[1:] != (hkv, d) or not k_min.is_contiguous():
@@ -165,4 +171,5 @@ def kv_append(
         head_map if head_map is not None else slots,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides, k_min.stride(0), k_min.stride(1),
         HEAD_DIM=d, LOGICAL=logical_page_size, ALL_STATS=stats_heads is None, HAS_MAP=head_map is not None,
+        **pdl_args(k.device),
     )

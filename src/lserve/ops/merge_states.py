@@ -9,13 +9,17 @@ import torch
 import triton
 import triton.language as tl
 
+from lserve.ops.launch import pdl_args, pdl_enter
+
 
 @triton.jit
 def _merge_kernel(
     out_ptr, lse_ptr, dst_ptr, map_ptr, num_splits, num_heads,
     stride_o_row, stride_o_split, stride_l_row, stride_db, stride_dh,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, GROUP: tl.constexpr, HAS_MAP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     b = row // num_heads
     head = row % num_heads
@@ -61,5 +65,6 @@ def merge_states(
         parts, lse, dst, head_map if head_map is not None else lse, splits, heads,
         parts.stride(0), parts.stride(1), lse.stride(0), dst.stride(0), dst.stride(1),
         HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), GROUP=group, HAS_MAP=head_map is not None,
+        **pdl_args(dst.device),
     )
     return dst

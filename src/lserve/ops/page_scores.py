@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lserve.ops.launch import pdl_args, pdl_enter
+
 
 @triton.jit
 def _page_scores_kernel(
@@ -25,7 +27,9 @@ def _page_scores_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     LOGICAL: tl.constexpr, BLOCK_P: tl.constexpr, USE_SUM: tl.constexpr, HAS_MAP: tl.constexpr,
     IEEE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)  # the statistics' head
     pblock = tl.program_id(2)
@@ -118,7 +122,7 @@ def page_scores(
         q.stride(0), q.stride(1), k_min.stride(0), k_min.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE_SIZE=page_size,
         LOGICAL=logical_page_size, BLOCK_P=block_p, USE_SUM=aggregate == "sum", HAS_MAP=kv_head_map is not None,
-        IEEE=k_min.dtype == torch.float32, num_warps=num_warps,
+        IEEE=k_min.dtype == torch.float32, num_warps=num_warps, **pdl_args(q.device),
     )
     return out
 
@@ -151,7 +155,9 @@ def _store_top_pages_kernel(
     scores_ptr, plan_ptr, store_ptr, keep,
     stride_sb, stride_sh, stride_plan, stride_tb, stride_th,
     BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     if tl.load(plan_ptr + b) == 0:
@@ -211,4 +217,5 @@ def store_top_pages(
         scores, plan, store, keep,
         scores.stride(0), scores.stride(1), plan.stride(0), store.stride(0), store.stride(1),
         BLOCK_P=block_p, num_warps=num_warps or (4 if block_p <= 4096 else 8 if block_p <= 16384 else 16),
+        **pdl_args(scores.device),
     )
