@@ -1,5 +1,14 @@
-"""Probe: decode-sized GEMMs (M = batch rows) through cuBLAS variants, and chains of small Triton
-kernels with and without programmatic dependent launch (PDL), timed in CUDA graphs."""
+"""Probes behind the decode-step choices of docs/benchmarks.md, timed in CUDA graphs (GPU only):
+
+    python benchmarks/probe_gemm_pdl.py [pdl] [gemm] [l2]
+
+- pdl: chains of small Triton kernels with and without programmatic dependent launch, alone and
+  after cuBLAS GEMMs;
+- gemm: the Llama-3-8B projections at decode batch sizes through cuBLAS and cuBLASLt, with the
+  weight as (N, K) (`F.linear`) and as (K, N), distinct weights per call so L2 holds none;
+- l2: the output projection after a spin that stands for attention, with and without a
+  side-stream kernel that first reads its weight into L2.
+"""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lserve.ops import reference as ref
-from lserve.ops.page_scores import page_scores, select_pages
+from lserve.ops.page_scores import page_scores
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -58,32 +58,6 @@ def test_score_is_an_upper_bound_of_every_key_in_the_page() -> None:
     score = page_scores(q.to(DEVICE), k_min.to(DEVICE), k_max.to(DEVICE), torch.zeros((1, 1), dtype=torch.int32,
                         device=DEVICE), torch.tensor([16], dtype=torch.int32, device=DEVICE), 16, 16)
     assert float(score) >= float((keys[:, 0] @ q[0, 0]).max()) - 1e-4
-
-
-def test_select_pages_topk_plus_newest_and_all_when_it_fits() -> None:
-    scores = torch.tensor([[[5.0, 1.0, 9.0, 3.0, 7.0, 0.5, float("-inf")]],
-                           [[1.0, 2.0, 3.0, float("-inf"), float("-inf"), float("-inf"), float("-inf")]]])
-    seq_lens = torch.tensor([6 * 16 - 3, 3 * 16])  # 6 pages and 3 pages of 16 tokens
-    pages, lengths = select_pages(scores, seq_lens, page_size=16, token_budget=4 * 16)
-    assert lengths.tolist() == [[4], [3]]
-    assert pages[0, 0].tolist() == [0, 2, 4, 5]  # top-3 older pages (9, 7, 5) + the newest (5)
-    assert pages[1, 0, :3].tolist() == [0, 1, 2]  # within the budget: every page, no selection
-    # brute force on random scores
-    gen = torch.Generator().manual_seed(0)
-    rand = torch.randn((3, 2, 20), generator=gen)
-    lens = torch.tensor([20 * 16, 11 * 16 + 1, 5 * 16])
-    for b in range(3):
-        rand[b, :, -(-int(lens[b]) // 16):] = float("-inf")
-    pages, lengths = select_pages(rand, lens, 16, 6 * 16)
-    for b in range(3):
-        n = -(-int(lens[b]) // 16)
-        for h in range(2):
-            got = pages[b, h, : lengths[b, h]].tolist()
-            if n <= 6:
-                assert got == list(range(n))
-            else:
-                older = sorted(range(n - 1), key=lambda p: -float(rand[b, h, p]))[:5]
-                assert got == sorted(older + [n - 1])
 
 
 def test_page_scores_through_a_head_map_equal_the_gathered_heads() -> None:

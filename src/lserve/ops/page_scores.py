@@ -127,29 +127,6 @@ def page_scores(
     return out
 
 
-def select_pages(
-    scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, token_budget: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top pages within `token_budget` plus always the newest page; every page when the context fits.
-
-    scores (B, Hkv, P) -> (page_list (B, Hkv, K) int32 sorted ascending, lengths (B, Hkv) int32).
-    """
-    bsz, hkv, max_pages = scores.shape
-    budget_pages = max(1, token_budget // page_size)
-    num_pages = (seq_lens.long() + page_size - 1) // page_size  # (B,)
-    k = int(min(budget_pages, max_pages))
-    newest = (num_pages - 1).view(bsz, 1, 1).expand(bsz, hkv, 1)
-    older = scores.clone()
-    older.scatter_(2, newest, float("-inf"))  # the newest page is kept anyway
-    top = older.topk(max(k - 1, 0), dim=2).indices if k > 1 else older[..., :0].long()
-    chosen = torch.cat([top, newest], dim=2)
-    everything = torch.arange(k, device=scores.device).view(1, 1, k).expand(bsz, hkv, k)
-    fits = (num_pages <= budget_pages).view(bsz, 1, 1)
-    chosen = torch.where(fits, everything, chosen).sort(dim=2).values
-    lengths = torch.where(fits.view(bsz, 1), num_pages.view(bsz, 1), torch.full_like(num_pages.view(bsz, 1), k))
-    return chosen.to(torch.int32).contiguous(), lengths.expand(bsz, hkv).to(torch.int32).contiguous()
-
-
 @triton.jit
 def _store_top_pages_kernel(
     scores_ptr, plan_ptr, store_ptr, keep,
