@@ -245,63 +245,6 @@ def test_decode_dense_streaming_and_page_lists(page_size: int, hq: int, hkv: int
             assert _rel_err(out, dense) > 2 * TOL[dtype], kw.keys()
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("mapped", [False, True], ids=["all-heads", "head-map"])
-def test_decode_takes_the_new_token_from_new_kv_not_the_cache(num_splits: int, mapped: bool) -> None:
-    """With `new_kv` the new token (position seq_len - 1) comes from the projection's k/v and its
-    cache slot is never read: the slot holds NaN and the output still equals the reference over
-    the real keys (dense, streaming and page-list heads; one cache of all heads or a head map)."""
-    page_size, d, group = 16, 32, 2
-    model_heads = [0, 1, 2, 3]
-    heads = [3, 1] if mapped else model_heads
-    hkv = len(heads)
-    seq_lens = [1, 17, 16 * 3, 16 * 5 + 9]
-    seqs = PagedSeqs(seq_lens, page_size, hkv, d, torch.float32, seed=11 + num_splits)
-    gen = torch.Generator().manual_seed(3)
-    hq = len(model_heads) * group if mapped else hkv * group
-    q = torch.randn((len(seq_lens), hq, d), generator=gen).to(DEVICE)
-    # the projection's k and v for all model heads, as strided views of one (B, 3, H, D) block
-    proj = torch.randn((len(seq_lens), 3, len(model_heads), d), generator=gen).to(DEVICE)
-    k_new, v_new = proj[:, 1], proj[:, 2]
-    for b, n in enumerate(seq_lens):
-        page, off = seqs.page_tables[b][(n - 1) // page_size], (n - 1) % page_size
-        for i, h in enumerate(heads):
-            seqs.k_cache[page, off, i] = k_new[b, h]
-            seqs.v_cache[page, off, i] = v_new[b, h]
-    truth_k, truth_v = seqs.k_cache.clone(), seqs.v_cache.clone()
-    for b, n in enumerate(seq_lens):  # the slot the append has not written yet
-        page, off = seqs.page_tables[b][(n - 1) // page_size], (n - 1) % page_size
-        seqs.k_cache[page, off] = float("nan")
-        seqs.v_cache[page, off] = float("nan")
-    streaming = torch.tensor([i % 2 == 0 for i in range(hkv)], device=DEVICE)
-    lists = {(b, h): sorted({(n - 1) // page_size} | set(range(0, (n - 1) // page_size, 2)))
-             for b, n in enumerate(seq_lens) for h in range(hkv)}
-    width = max(len(v) for v in lists.values())
-    page_list = torch.zeros((len(seq_lens), hkv, width), dtype=torch.int32)
-    page_len = torch.zeros((len(seq_lens), hkv), dtype=torch.int32)
-    for (b, h), chosen in lists.items():
-        page_list[b, h, : len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
-        page_len[b, h] = len(chosen)
-    sink, local = 5, 21
-    cases = [dict(), dict(streaming_heads=streaming, sink=sink, local=local),
-             dict(page_list=page_list.to(DEVICE), page_list_len=page_len.to(DEVICE))]
-    q_heads = [h * group + g for h in heads for g in range(group)]
-    for kw in cases:
-        mapping = dict(kv_head_map=torch.tensor(heads, device=DEVICE), group=group) if mapped else {}
-        out = torch.zeros_like(q)
-        sparse_decode(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, d**-0.5, num_splits=num_splits,
-                      new_kv=(k_new, v_new), out=out, **mapping, **kw)
-        expected = ref.sparse_decode_ref(
-            q[:, q_heads], truth_k, truth_v, seq_lens, seqs.page_tables, d**-0.5, kw.get("streaming_heads"),
-            sink, local, lists if "page_list" in kw else None,
-        )
-        assert _rel_err(out[:, q_heads], expected) < TOL[torch.float32], kw.keys()
-        # negative: without new_kv the kernel reads the (unwritten) slot
-        plain = sparse_decode(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, d**-0.5, num_splits=num_splits,
-                              out=torch.zeros_like(q), **mapping, **kw)
-        assert plain[:, q_heads].isnan().any()
-
-
 def test_merge_states_matches_reference_including_empty_splits() -> None:
     gen = torch.Generator().manual_seed(0)
     out = torch.randn((2, 3, 5, 32), generator=gen).to(DEVICE)

@@ -44,7 +44,7 @@ class TritonAttentionBackend(AttentionBackend):
     _segments: AppendSegments | None = None
     _side: torch.cuda.Stream | None = None
     pool_streams: bool = True
-    """Pure decode steps on a GPU run each layer on two streams (`_decode_side_by_side`)."""
+    """Run a layer's ring pool on a side stream beside its paged pool in pure decode steps (GPU)."""
 
     def prepare(self, md: AttentionMetadata) -> None:
         super().prepare(md)
@@ -63,51 +63,29 @@ class TritonAttentionBackend(AttentionBackend):
         if md.num_prefills:
             return super()._attend(call, q, k, v, layer, md)
         out = torch.empty_like(q)
-        if self._side_by_side(q):
-            self._decode_side_by_side([call], q, k, v, layer, md, out)
-        else:
-            self._decode_step(call, q, k, v, layer, md, out)
+        self._decode_step(call, q, k, v, layer, md, out)
         return out
 
     def _attend_pools(
         self, calls: list[PoolCall], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
         md: AttentionMetadata, out: torch.Tensor,
     ) -> None:
-        if md.num_prefills or not self._side_by_side(q):
+        """In a pure decode step on a GPU the streaming heads' ring (append, decode) runs on a side
+        stream beside the dense heads' pool (append, selection, decode): each path is a chain of
+        small kernels bound by latency, not bandwidth, so the two overlap almost fully (a captured
+        graph keeps the fork and the join as parallel branches)."""
+        if md.num_prefills or len(calls) < 2 or not q.is_cuda or not self.pool_streams:
             super()._attend_pools(calls, q, k, v, layer, md, out)
-        else:
-            self._decode_side_by_side(calls, q, k, v, layer, md, out)
-
-    def _side_by_side(self, q: torch.Tensor) -> bool:
-        return q.is_cuda and self.pool_streams
-
-    def _decode_side_by_side(
-        self, calls: list[PoolCall], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-        md: AttentionMetadata, out: torch.Tensor,
-    ) -> None:
-        """A pure decode step's layer on a GPU, in two streams. The side stream takes what the
-        output does not wait on first: the streaming heads' ring (append, decode) and the paged
-        pool's append (K/V and key statistics). The main stream meanwhile selects the dense heads'
-        pages and decodes them, with the new token's key and value taken from the projection
-        (`new_kv`) instead of its cache slot, which the side stream may not have written yet. The
-        selection reads no statistics of the newest page (it is always attended, never scored).
-        Each path is a chain of small latency-bound kernels, so they overlap almost fully; a
-        captured graph keeps the fork and the join as parallel branches."""
+            return
         main = torch.cuda.current_stream(q.device)
         if self._side is None:
             self._side = torch.cuda.Stream(q.device)
         side = self._side
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            for call in calls:
-                if call.ring:
-                    self._decode_step(call, q, k, v, layer, md, out)
-                else:
-                    self._write(call, k, v, md, head_map=call.kv_heads)
-        for call in calls:
-            if not call.ring:
-                lists = self._page_lists(call, q, layer, md, all_heads=call.kv_heads is not None)
-                self._decode(call, q, md, lists, out=out, new_kv=(k, v))
+            self._attend_heads(calls[0], q, k, v, layer, md, out)
+        for call in calls[1:]:
+            self._attend_heads(call, q, k, v, layer, md, out)
         main.wait_stream(side)
 
     def _attend_heads(
@@ -177,7 +155,6 @@ class TritonAttentionBackend(AttentionBackend):
     def _decode(
         self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata,
         lists: tuple[torch.Tensor, torch.Tensor] | StoredSelection | None, out: torch.Tensor | None = None,
-        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Decode rows of one pool. With `out`, q and out hold all of the model's heads and the
         pool's heads are reached through `call.kv_heads`."""
@@ -192,7 +169,6 @@ class TritonAttentionBackend(AttentionBackend):
             selection=lists if isinstance(lists, StoredSelection) else None,
             max_seq_len=self._split_len(call, md, lists), kv_head_map=call.kv_heads if mapped else None,
             out=out[:nd] if out is not None else None, group=self._group if mapped else None,
-            new_kv=(new_kv[0][:nd], new_kv[1][:nd]) if new_kv is not None else None,
             **(GPU_DECODE if q.is_cuda else {}),
         )
 

@@ -29,15 +29,15 @@ from lserve.ops.paged_inputs import (
 @triton.jit
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, page_table_ptr, seq_lens_ptr, stream_ptr, list_ptr, list_len_ptr, map_ptr,
-    out_ptr, lse_ptr, dst_ptr, kn_ptr, vn_ptr,
+    out_ptr, lse_ptr, dst_ptr,
     sink, local, qk_scale, keep,
-    stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh,
+    stride_qb, stride_qh,
     stride_cp, stride_ct, stride_ch,
     stride_pt_b, stride_list_b, stride_list_h, stride_len_b,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_db, stride_dh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LIST: tl.constexpr, HAS_STREAM: tl.constexpr,
-    HAS_MAP: tl.constexpr, STORED: tl.constexpr, NEW_KV: tl.constexpr,
+    HAS_MAP: tl.constexpr, STORED: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)  # the cache's head
@@ -46,9 +46,6 @@ def _decode_kernel(
     if HAS_MAP:
         src = tl.load(map_ptr + kvh)
     seq_len = tl.load(seq_lens_ptr + b)
-    # NEW_KV: the new token (position seq_len - 1) is not read from the cache (it may not be
-    # written yet) but from kn/vn, by the last split
-    kv_len = seq_len - 1 if NEW_KV else seq_len
     is_stream = False
     if HAS_STREAM:
         is_stream = tl.load(stream_ptr + kvh) != 0
@@ -72,12 +69,12 @@ def _decode_kernel(
     elif HAS_LIST:
         n_list = tl.load(list_len_ptr + b * stride_len_b + kvh)
         list_row = list_ptr + b * stride_list_b + kvh * stride_list_h
-    if is_stream:  # (the last virtual key is position seq_len - 1)
-        virtual_len = sink_len + seq_len - local_start - (seq_len - kv_len)
+    if is_stream:
+        virtual_len = sink_len + seq_len - local_start
     elif HAS_LIST or STORED:
         virtual_len = n_list * PAGE_SIZE
     else:
-        virtual_len = kv_len
+        virtual_len = seq_len
     chunk = tl.cdiv(tl.cdiv(virtual_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(virtual_len, start + chunk)
@@ -102,11 +99,11 @@ def _decode_kernel(
             stored = tl.load(list_row + idx, mask=valid & from_store, other=0)
             lp = tl.where(from_store, stored, tl.where(fits != 0, idx, anchor + idx - keep))
             pos = lp * PAGE_SIZE + vpos % PAGE_SIZE
-            valid = valid & (pos < kv_len)
+            valid = valid & (pos < seq_len)
         elif HAS_LIST:
             lp = tl.load(list_row + vpos // PAGE_SIZE, mask=valid, other=0)
             pos = lp * PAGE_SIZE + vpos % PAGE_SIZE
-            valid = valid & (pos < kv_len)
+            valid = valid & (pos < seq_len)
         else:
             pos = vpos
         page = tl.load(page_table_ptr + b * stride_pt_b + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
@@ -121,19 +118,6 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(vc_ptr + addr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    if NEW_KV:
-        # one more key, the new token's, in the last split (a score of -inf elsewhere)
-        kn = tl.load(kn_ptr + b * stride_knb + src * stride_knh + d).to(tl.float32)
-        vn = tl.load(vn_ptr + b * stride_vnb + src * stride_vnh + d).to(tl.float32)
-        sn = tl.sum(q.to(tl.float32) * kn[None, :], axis=1) * qk_scale
-        sn = tl.where(split == NUM_SPLITS - 1, sn, float("-inf"))
-        m_new = tl.maximum(m_i, sn)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        pn = tl.exp2(sn - m_safe)
-        l_i = l_i * alpha + pn
-        acc = acc * alpha[:, None] + pn[:, None] * vn[None, :]
         m_i = m_new
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -184,7 +168,6 @@ def sparse_decode(
     out: torch.Tensor | None = None,
     group: int | None = None,
     selection: StoredSelection | None = None,
-    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, D) -> (B, Hq, D): attention of each sequence's last token over its selected keys.
 
@@ -200,10 +183,6 @@ def sparse_decode(
 
     `selection` (instead of page_list) reads the page selector's store and plan directly: the
     same pages as `PageSelector.select`'s lists, without building them.
-
-    `new_kv` (k, v), each (B, Hkv, D) (the model's KV heads when a head map is given; any strides
-    with a unit last one): the new token's key and value, read from here instead of the cache, so
-    that its append may run at the same time as this call (on another stream).
     """
     if selection is not None and page_list is not None:
         raise ValueError("give page_list or selection, not both")
@@ -229,10 +208,6 @@ def sparse_decode(
     else:  # written straight into dst; the partial buffers are not touched
         part, lse = dst.unsqueeze(2), dst
     stream, lst, lst_len = pack_sparse_args(q.device, streaming_heads, page_list, page_list_len)
-    kn, vn = new_kv if new_kv is not None else (q, q)  # (pointers only, unread without NEW_KV)
-    if new_kv is not None and (kn.shape[0] != bsz or kn.shape[2] != d or vn.shape != kn.shape
-                               or kn.stride(2) != 1 or vn.stride(2) != 1):
-        raise ValueError(f"new_kv {tuple(kn.shape)} does not fit q {tuple(q.shape)}")
     keep = 0
     if selection is not None:
         if selection.store.shape[1] != hkv:
@@ -240,16 +215,16 @@ def sparse_decode(
         lst, lst_len, keep = selection.store, selection.plan, selection.keep
     _decode_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, stream, lst, lst_len,
-        kv_head_map if kv_head_map is not None else seq_lens, part, lse, dst, kn, vn,
+        kv_head_map if kv_head_map is not None else seq_lens, part, lse, dst,
         sink, local, scale * 1.4426950408889634, keep,
-        q.stride(0), q.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
+        q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         page_table.stride(0), lst.stride(0), lst.stride(1), lst_len.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), dst.stride(0), dst.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE_SIZE=page_size,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_LIST=page_list is not None,
         HAS_STREAM=streaming_heads is not None, HAS_MAP=kv_head_map is not None, STORED=selection is not None,
-        NEW_KV=new_kv is not None, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         merge_states(part, lse, q.dtype, out=dst, head_map=kv_head_map, group=group)
