@@ -56,6 +56,12 @@ def test_stop_token_ends_the_request_and_its_extra_token_is_dropped(default_llm,
     assert got.token_ids == want.token_ids == first[: first.index(stop_id) + 1]
     assert got.finish_reason == "stop"
     assert INFLIGHT_TOKEN not in got.token_ids
+    # the request's own page counts leave out the step launched after its stop token
+    got_out = default_llm.generate(PROMPTS[2], params, use_tqdm=False)[0]
+    want_out = sync_llm.generate(PROMPTS[2], params, use_tqdm=False)[0]
+    keys = ("decode_pages_read", "decode_pages_dense", "decode_pages_read_fraction")
+    assert [got_out.metrics[k] for k in keys] == [want_out.metrics[k] for k in keys]
+    assert got_out.metrics["decode_pages_read_fraction"] == 1.0  # dense attention
 
 
 def test_the_engine_counts_only_returned_tokens(default_llm) -> None:

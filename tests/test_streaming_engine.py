@@ -86,6 +86,9 @@ def test_page_selection_with_a_small_budget_reads_fewer_pages(default_llm, patte
     assert out.outputs[0].token_ids != dense  # 4 of ~40 pages: not silently dense
     stats = llm.llm_engine.get_stats()
     assert stats.num_decode_steps == 11 and 0.05 < stats.decode_pages_read_fraction < 0.25
+    # the only request: its own fraction is the engine's
+    assert out.metrics["decode_pages_read_fraction"] == pytest.approx(stats.decode_pages_read_fraction)
+    assert out.metrics["decode_pages_dense"] == stats.decode_pages_dense
     # 11 decode steps, re-selected on the request's steps 0, 4 and 8
     assert llm.engine.core.runner.backend.selector.num_selections == {}  # forgotten when finished
     combined = _streaming_llm(pattern_path, page_size=16, token_budget=64)

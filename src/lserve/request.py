@@ -128,3 +128,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    """`arrival_time`, `first_token_time` (monotonic seconds); once the request has decoded,
+    `decode_pages_read` and `decode_pages_dense` (KV pages over layers and KV heads that its
+    decode steps read, and would read with dense attention) and their ratio
+    `decode_pages_read_fraction`."""

@@ -11,7 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lserve.attention.backend import create_backend, resolve_backend_name
+from lserve.attention.backend import (
+    StepPageCounts,
+    create_backend,
+    resolve_backend_name,
+)
 from lserve.attention.page_selector import PageSelector
 from lserve.attention.sparsity import HeadSparsity
 from lserve.config import EngineConfig
@@ -83,7 +87,7 @@ class EngineCore:
         sched = config.scheduler
         self.scheduler = Scheduler(self.kv_manager, self.num_seats, sched.max_num_batched_tokens)
         self.async_scheduling = sched.async_scheduling
-        self._pending: list[tuple[SchedulerOutput, LaunchedStep]] = []
+        self._pending: list[tuple[SchedulerOutput, LaunchedStep, StepPageCounts]] = []
         """Launched steps whose tokens have not been read yet, oldest first (async scheduling keeps
         one; a step whose reading was interrupted stays until it is read)."""
         self.num_prompt_tokens = 0
@@ -302,7 +306,8 @@ class EngineCore:
             out = self.scheduler.schedule()
             if out.is_empty:
                 return StepResult([], [])
-            return self._resolve(out, self._launch(out).tokens())
+            launched, counts = self._launch(out)
+            return self._resolve(out, launched.tokens(), counts)
         if len(self._pending) > 1:  # left by an interrupted read: catch up before launching more
             return self._resolve_oldest()
         resolved = None
@@ -310,19 +315,22 @@ class EngineCore:
             resolved = self._resolve_oldest()
         out = self.scheduler.schedule()
         if not out.is_empty:
-            self._pending.append((out, self._launch(out)))
+            self._pending.append((out, *self._launch(out)))
         if resolved is not None:
             return resolved
         if len(self._pending) > 1 or (self._pending and out.is_empty):
             return self._resolve_oldest()
         return StepResult([], [])
 
-    def _launch(self, out: SchedulerOutput) -> LaunchedStep:
-        """Queue the scheduled batch on the device; its tokens count as computed (and in flight)."""
+    def _launch(self, out: SchedulerOutput) -> tuple[LaunchedStep, StepPageCounts]:
+        """Queue the scheduled batch on the device; its tokens count as computed (and in flight).
+        Returns the launch and the KV pages its decode rows read (engine totals count them now:
+        the device reads them whatever becomes of the tokens)."""
         launched = self.runner.launch(self._step_inputs(out), out.num_decodes)
-        self._count_decode_pages(out)
+        counts = self.runner.backend.last_page_counts
+        self._count_decode_pages(counts)
         self.scheduler.advance(out)
-        return launched
+        return launched, counts
 
     def drain(self) -> None:
         """Read every launched step whose tokens nobody waits for any more (their requests are
@@ -331,32 +339,34 @@ class EngineCore:
             self._resolve_oldest()
 
     def _resolve_oldest(self) -> StepResult:
-        out, launched = self._pending[0]
+        out, launched, counts = self._pending[0]
         sampled = launched.tokens()  # may raise (an interrupt while waiting): the step stays pending
         self._pending.pop(0)
-        return self._resolve(out, sampled)
+        return self._resolve(out, sampled, counts)
 
     def _needs_tokens_first(self) -> bool:
         """A repetition penalty reads the tokens seen so far: with one in flight, read it first."""
         return any(r.num_inflight_tokens and r.sampling_params.repetition_penalty != 1.0
                    for r in self.scheduler.running)
 
-    def _resolve(self, out: SchedulerOutput, sampled: dict[str, int]) -> StepResult:
-        """Hand a launched step's sampled tokens to their requests."""
+    def _resolve(self, out: SchedulerOutput, sampled: dict[str, int], counts: StepPageCounts) -> StepResult:
+        """Hand a launched step's sampled tokens to their requests. A request's own page counts
+        grow only with the steps whose token it keeps (not the one launched after it stopped)."""
         changed = self.scheduler.resolve(out, sampled)
+        kept = {id(r) for r in changed}
+        for s, read, dense in zip(out.scheduled, counts.read, counts.dense):  # decode rows come first
+            if id(s.request) in kept:
+                s.request.decode_pages_read += read
+                s.request.decode_pages_dense += dense
         self.num_generation_tokens += len(changed)
         finished = [r for r in changed if r.is_finished]
         for r in finished:
             self._forget(r.request_id)
         return StepResult(changed, finished)
 
-    def _count_decode_pages(self, out: SchedulerOutput) -> None:
-        counts = self.runner.backend.last_page_counts
+    def _count_decode_pages(self, counts: StepPageCounts) -> None:
         if not counts.read:
             return
-        for s, read, dense in zip(out.scheduled, counts.read, counts.dense):
-            s.request.decode_pages_read += read
-            s.request.decode_pages_dense += dense
         self.num_decode_steps += 1
         self.decode_pages_read += sum(counts.read)
         self.decode_pages_dense += sum(counts.dense)

@@ -141,4 +141,8 @@ class LLMEngine:
         metrics = {"arrival_time": req.arrival_time}
         if tracked.first_token_time is not None:
             metrics["first_token_time"] = tracked.first_token_time
+        if req.decode_pages_dense:  # the KV pages its decode steps read, against dense attention
+            metrics["decode_pages_read"] = req.decode_pages_read
+            metrics["decode_pages_dense"] = req.decode_pages_dense
+            metrics["decode_pages_read_fraction"] = req.decode_pages_read / req.decode_pages_dense
         return RequestOutput(req.request_id, tracked.prompt, req.prompt_token_ids, [completion], finished, metrics)
