@@ -81,6 +81,9 @@ class TritonAttentionBackend(AttentionBackend):
         if self._side is None:
             self._side = torch.cuda.Stream(q.device)
         side = self._side
+        # the ring's path allocates nothing that outlives it (no per-forward cache): what is made
+        # on the side stream is used and freed there
+        assert calls[0].ring, "the first pool of a layer is its ring"
         side.wait_stream(main)
         with torch.cuda.stream(side):
             self._attend_heads(calls[0], q, k, v, layer, md, out)
