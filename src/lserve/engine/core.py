@@ -303,11 +303,14 @@ class EngineCore:
         Each call still returns one token per running request; the first call returns none.
         """
         if not self.async_scheduling:
-            out = self.scheduler.schedule()
-            if out.is_empty:
-                return StepResult([], [])
-            launched, counts = self._launch(out)
-            return self._resolve(out, launched.tokens(), counts)
+            # through the pending list too: a read interrupted while waiting leaves its step
+            # pending, and the next call reads it instead of launching another
+            if not self._pending:
+                out = self.scheduler.schedule()
+                if out.is_empty:
+                    return StepResult([], [])
+                self._pending.append((out, *self._launch(out)))
+            return self._resolve_oldest()
         if len(self._pending) > 1:  # left by an interrupted read: catch up before launching more
             return self._resolve_oldest()
         resolved = None
