@@ -89,7 +89,8 @@ class EngineCore:
         self.async_scheduling = sched.async_scheduling
         self._pending: list[tuple[SchedulerOutput, LaunchedStep, StepPageCounts]] = []
         """Launched steps whose tokens have not been read yet, oldest first (async scheduling keeps
-        one; a step whose reading was interrupted stays until it is read)."""
+        one between calls, synchronous steps none; a step whose reading was interrupted stays
+        until it is read)."""
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_decode_steps = 0
