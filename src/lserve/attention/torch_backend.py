@@ -102,9 +102,8 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         logical = self.cache.paged.logical_page_size
         assert logical is not None and self.selector is not None
-        if kv_heads is not None:  # the pool's query heads, in pool order
-            g = self._group
-            q = q[:, (kv_heads[:, None] * g + torch.arange(g, device=q.device)[None, :]).reshape(-1)]
+        # this backend gathers a pool's heads before attending (`_attend_heads`): q holds only them
+        assert kv_heads is None, "the torch backend scores gathered heads"
         return page_scores_torch(q, k_min, k_max, page_table, seq_lens, page_size, logical, self.selector.aggregate)
 
     def _prefill(

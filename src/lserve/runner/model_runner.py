@@ -174,9 +174,11 @@ class ModelRunner:
     def plan(self, inputs: Sequence[StepInput], num_decodes: int) -> AttentionMetadata:
         """Attention metadata of the step, built once and shared by every layer."""
         seats = [s.seat for s in inputs]
-        tables: list[list[int]] | np.ndarray = [s.page_ids for s in inputs]
+        tables: list[list[int]] | np.ndarray
         if self.page_rows is not None:
             tables = self.page_rows.rows(seats, max(len(s.page_ids) for s in inputs))
+        else:
+            tables = [s.page_ids for s in inputs]
         return build_metadata(
             query_lens=[s.num_new_tokens for s in inputs],
             seq_lens=[s.request.num_computed_tokens + s.num_new_tokens for s in inputs],
