@@ -150,9 +150,24 @@ def decode_inputs(core, batch: int, seq_len: int) -> tuple[list, list]:
         req.num_computed_tokens = seq_len - 1  # the last token is the decode step's input
         requests.append(req)
     fill_cache(core, gen)
+    sync()  # the fill is long GPU work: no timed phase after this may wait for it
     inputs = [StepInput(r, 1, core.kv_manager.page_tables[r.request_id], True, core.kv_manager.seats[r.request_id])
               for r in requests]
     return inputs, requests
+
+
+def launch_ahead(runner, inputs: list, batch: int, steps: int, previous, profiler=None):
+    """`steps` steps, each launched before the previous one's tokens are read (the engine's async
+    scheduling); returns the last launched step, unread. `profiler` runs around the launches only."""
+    for _ in range(steps):
+        if profiler is not None:
+            profiler.enable()
+        launched = runner.launch(inputs, batch)
+        if profiler is not None:
+            profiler.disable()
+        previous.tokens()
+        previous = launched
+    return previous
 
 
 def release(core, requests: list) -> None:
@@ -188,16 +203,9 @@ def time_decode(core, batch: int, seq_len: int, steps: int, overlap: bool = Fals
         # the clock starts when a step's tokens arrive with the next step already queued, and
         # stops when the `steps`-th step after it is read: `steps` steps of device time, the
         # host's work of each launch hidden behind the step before it
-        previous = runner.launch(inputs, batch)
-        for _ in range(2):
-            launched = runner.launch(inputs, batch)
-            previous.tokens()
-            previous = launched
+        previous = launch_ahead(runner, inputs, batch, 2, runner.launch(inputs, batch))
         t1 = time.perf_counter()
-        for _ in range(steps):
-            launched = runner.launch(inputs, batch)
-            previous.tokens()
-            previous = launched
+        previous = launch_ahead(runner, inputs, batch, steps, previous)
         overlapped = (time.perf_counter() - t1) * 1000 / steps
         previous.tokens()
     replay = None
@@ -274,14 +282,7 @@ def profile_host(core, batch: int, seq_len: int, label: str) -> None:
     # here leaves the GPU idle for the rest of the launch
     inputs, requests = decode_inputs(core, batch, seq_len)
     prof = cProfile.Profile()
-    previous = runner.launch(inputs, batch)
-    for _ in range(16):
-        prof.enable()
-        launched = runner.launch(inputs, batch)
-        prof.disable()
-        previous.tokens()
-        previous = launched
-    previous.tokens()
+    launch_ahead(runner, inputs, batch, 16, runner.launch(inputs, batch), profiler=prof).tokens()
     release(core, requests)
     print(f"\n{label}: host time of 16 overlapped launches (batch {batch}, {seq_len} tokens), by own time")
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
