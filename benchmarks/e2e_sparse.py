@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from lserve import LLM, SamplingParams
+from lserve.config import SparseConfig
 from lserve.model.loader import DUMMY_CONFIG_DIR
 from lserve.request import Request
 from lserve.runner.model_runner import StepInput
@@ -253,6 +254,96 @@ def profile_step(core, batch: int, seq_len: int, label: str) -> None:
         print(f"  {n / 12:7.1f} /step {us / 12:9.1f} us/step  {name}")
 
 
+def timeline(core, batch: int, seq_len: int, label: str, folder: Path | None) -> None:
+    """The kernels of one replay of each captured decode graph, in time order with their stream:
+    where the step's time goes on its critical path (per-stream busy time and the main stream's
+    idle gaps). With `folder`, each replay's kernel list is also written there as JSON."""
+    from torch.profiler import ProfilerActivity, profile
+
+    time_decode(core, batch, seq_len, 8)  # compiles and captures a graph for each selector mode
+    graphs = core.runner.graphs
+    inputs, requests = decode_inputs(core, batch, seq_len)
+    for (bucket, mode), (graph, _) in sorted(graphs._graphs.items(), key=lambda kv: str(kv[0])):
+        if bucket != graphs.bucket(batch):
+            continue
+        for _ in range(3):
+            graph.replay()
+        sync()
+        with tempfile.TemporaryDirectory() as tmp:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    graph.replay()
+                    sync()
+                    time.sleep(0.002)  # a gap that marks where each replay starts
+            trace = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            events = json.loads(trace.read_text())["traceEvents"]
+        kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+        # the last replay: kernels after the largest gap between consecutive launches
+        gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in zip(kernels, kernels[1:])]
+        starts = [i + 1 for i, g in enumerate(gaps) if g > 1000]
+        step = kernels[starts[-1]:] if starts else kernels
+        t0 = step[0]["ts"]
+        end = max(e["ts"] + e["dur"] for e in step)
+        streams: dict[int, float] = {}
+        for e in step:
+            sid = e["args"].get("stream", 0)
+            streams[sid] = streams.get(sid, 0.0) + e["dur"]
+        main_sid = max(streams, key=lambda s: streams[s])
+        main = [e for e in step if e["args"].get("stream", 0) == main_sid]
+        idle = sum(max(0.0, b["ts"] - (a["ts"] + a["dur"])) for a, b in zip(main, main[1:]))
+        by_name: dict[str, list[float]] = {}
+        for e in main:
+            t = by_name.setdefault(e["name"][:70], [0, 0.0])
+            t[0] += 1
+            t[1] += e["dur"]
+        print(f"\n{label} graph '{mode}' (batch {batch}, {seq_len} tokens): {len(step)} kernels, "
+              f"{(end - t0) / 1000:.3f} ms first start to last end; busy per stream (ms): "
+              f"{ {s: round(us / 1000, 3) for s, us in streams.items()} }; main stream idle between "
+              f"kernels {idle / 1000:.3f} ms over {len(main) - 1} gaps")
+        for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:20]:
+            print(f"  main {n:5d} x {us / n:7.2f} us = {us / 1000:6.3f} ms  {name}")
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = [{"t": round(e["ts"] - t0, 2), "dur": e["dur"], "stream": e["args"].get("stream", 0),
+                     "name": e["name"][:80]} for e in step]
+            name = f"timeline_{label.replace('+', '_')}_{mode}_b{batch}_{seq_len}.json"
+            (folder / name).write_text(json.dumps(rows, indent=0))
+    # steps launched ahead (the engine's async scheduling): what runs between the graphs, and
+    # the device's idle time between one step's last kernel and the next one's first
+    previous = launch_ahead(core.runner, inputs, batch, 2, core.runner.launch(inputs, batch))
+    sync()
+    with tempfile.TemporaryDirectory() as tmp:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            previous = launch_ahead(core.runner, inputs, batch, 8, previous)
+            previous.tokens()
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    outside = [e for e in gpu if e.get("cat") != "kernel" or e["args"].get("graph id") in (None, 0)]
+    span = (gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"]) / 1000
+    print(f"\n{label}: 8 steps launched ahead: {len(gpu)} GPU operations over {span:.3f} ms; outside the graphs "
+          f"{len(outside)} ({sum(e['dur'] for e in outside) / 1000:.3f} ms busy); device gaps over 5 us:")
+    busy_end = gpu[0]["ts"]
+    gaps = []
+    for prev, e in zip(gpu, gpu[1:]):
+        busy_end = max(busy_end, prev["ts"] + prev["dur"])
+        if e["ts"] - busy_end > 5:
+            gaps.append((e["ts"] - busy_end, prev["name"][:50], e["name"][:50]))
+    for g, a, b in gaps[:24]:
+        print(f"  {g:8.1f} us idle between {a!r} and {b!r}")
+    print(f"  total idle in gaps over 5 us: {sum(g for g, _, _ in gaps) / 1000:.3f} ms")
+    names: dict[str, list[float]] = {}
+    for e in outside:
+        t = names.setdefault(e["name"][:70], [0, 0.0])
+        t[0] += 1
+        t[1] += e["dur"]
+    for name, (n, us) in sorted(names.items(), key=lambda kv: -kv[1][1])[:12]:
+        print(f"  outside graphs: {n:3d} x {us / n:7.2f} us  {name}")
+    release(core, requests)
+
+
 def profile_host(core, batch: int, seq_len: int, label: str) -> None:
     """Where the host time of graph-replayed decode steps goes (cProfile over `runner.execute`
     only, by own time; the waits for the GPU show up in the call that blocks)."""
@@ -369,6 +460,8 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
               "decode_local_tokens": 256, "prefill_sink_tokens": 128, "prefill_local_tokens": 8192}
     configs = {"dense": {}, "static": static,
                "static+dynamic": {**static, "token_budget": 4096, "selector_interval": 4}}
+    if args.dense_layers is not None:  # else the engine's default
+        configs["static+dynamic"]["num_dense_layers"] = args.dense_layers
     # the pool must hold the largest batch x length that fits densely next to the weights
     kv_per_token = args.shape['num_hidden_layers'] * args.shape['num_key_value_heads'] * args.shape['head_dim'] * 2 * 2
     budget = int(args.kv_gib * 2**30)
@@ -389,6 +482,8 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
             profile_host(core, min(batches), max(lengths), name)
         if args.split_host:
             split_host(core, min(batches), max(lengths), name)
+        if args.timeline:
+            timeline(core, min(batches), max(lengths), name, args.timeline_dir)
         for b, n in cases:
             for eager in (False, True) if not args.no_eager else (False,):
                 core.runner.graphs = None if eager else graphs
@@ -399,8 +494,10 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
         free()
     if len(configs) < 3:
         return [{"config": c, "batch": b, "tokens": n, "cuda_graphs": not e, **r} for (c, b, n, e), r in results.items()]
+    dense_layers = args.dense_layers if args.dense_layers is not None else SparseConfig.num_dense_layers
     print(f"\ndecode step, {gpu_name()}, {shape_name(args)} (dummy weights, {args.dtype}); "
-          f"static: 50% streaming heads (sink 128, local 256); dynamic: budget 4096, interval 4")
+          f"static: 50% streaming heads (sink 128, local 256); dynamic: budget 4096, interval 4, "
+          f"first {dense_layers} layers dense")
     rows = []
     for eager in (False, True) if not args.no_eager else (False,):
         graphs_label = "CUDA graphs" if torch.cuda.is_available() else "eager (no GPU)"
@@ -447,10 +544,16 @@ def main() -> None:
                         help="decode: wall time per phase of a graph step (plan, prepare, replay, sample)")
     parser.add_argument("--host-profile", action="store_true",
                         help="decode: print where the host time of graph steps goes (cProfile)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="decode: the kernels of one replay of each captured graph, by stream (GPU)")
+    parser.add_argument("--timeline-dir", type=Path, default=None,
+                        help="with --timeline: also write each replay's kernels there as JSON")
     parser.add_argument("--configs", default="dense,static,static+dynamic",
                         help="decode: which of dense, static, static+dynamic to run")
     parser.add_argument("--sequential-pools", action="store_true",
                         help="decode: run a layer's ring and paged pools on one stream (no side stream)")
+    parser.add_argument("--dense-layers", type=int, default=None,
+                        help="decode: num_dense_layers of static+dynamic (default: the engine's)")
     parser.add_argument("--tiny", action="store_true", help="a small model shape (a CPU smoke run)")
     args = parser.parse_args()
     if args.lengths is None:

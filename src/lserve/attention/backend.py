@@ -186,7 +186,6 @@ class AttentionBackend(ABC):
 
     def _begin_forward(self) -> None:
         """Drop tensors shared by the layers of the previous forward (a captured graph must build its own)."""
-        self._forward_cache: dict[str, object] = {}
         if self.selector is not None:
             self.selector.begin_forward()
 

@@ -121,24 +121,13 @@ class TritonAttentionBackend(AttentionBackend):
             # statistics work on runs of slots inside one logical page; a pure decode step has one
             # token per sequence (no search, nothing read back: safe inside a CUDA graph)
             if md.num_decodes == md.num_seqs:
-                segments = self._single_segments(call.slot_mapping, logical)
+                segments = plan_segments(call.slot_mapping, logical, all_single=True)
             else:
                 if self._segments is None:
                     self._segments = plan_segments(call.slot_mapping, logical)
                 segments = self._segments
         kv_append(k, v, call.slot_mapping, call.k_cache, call.v_cache, call.k_min, call.k_max,
                   segments=segments, logical_page_size=logical, head_map=head_map)
-
-    def _single_segments(self, slots: torch.Tensor, logical: int) -> AppendSegments:
-        """One segment per token, built once per forward (the paged pool's slots are the same for
-        every layer)."""
-        cache = getattr(self, "_forward_cache", None)
-        if cache is None:
-            return plan_segments(slots, logical, all_single=True)
-        if "segments" not in cache:
-            seg = plan_segments(slots, logical, all_single=True)
-            cache["segments"] = seg
-        return cache["segments"]  # type: ignore[return-value]
 
     def _page_scores(
         self, q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor, page_table: torch.Tensor,

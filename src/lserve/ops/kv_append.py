@@ -28,6 +28,9 @@ class AppendSegments:
     length: torch.Tensor
     """(S,) tokens in the run (1..logical_page_size)."""
     num_segments: int
+    single: bool = False
+    """Every run is one token and run i is token i (a pure decode step): `start` and `length`
+    are not read, and the kernel takes its token straight from its program id."""
 
 
 def plan_segments(slots: torch.Tensor, logical_page_size: int, all_single: bool = False) -> AppendSegments:
@@ -37,8 +40,7 @@ def plan_segments(slots: torch.Tensor, logical_page_size: int, all_single: bool 
     """
     t = slots.shape[0]
     if all_single or t <= 1:
-        ones = torch.ones(t, dtype=torch.int32, device=slots.device)
-        return AppendSegments(torch.arange(t, dtype=torch.int32, device=slots.device), ones, t)
+        return AppendSegments(slots, slots, t, single=True)  # (start and length unread)
     logical = slots // logical_page_size
     breaks = (logical[1:] != logical[:-1]) | (slots[1:] != slots[:-1] + 1)
     starts = torch.cat([torch.zeros(1, dtype=torch.long, device=slots.device), torch.nonzero(breaks)[:, 0] + 1])
@@ -74,13 +76,43 @@ def _append_kernel(
 
 
 @triton.jit
+def _append_one_token(
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, stats_head_ptr, t, head, src,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch, stride_sg, stride_sh,
+    HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr, ALL_STATS: tl.constexpr,
+):
+    """Token t alone (a decode step): its slot and its K/V rows load side by side, then the
+    statistics of its logical page start afresh (its first token) or take it in: two dependent
+    loads in all, where a segment's run needs four (latency is this kernel's whole cost)."""
+    cols = tl.arange(0, HEAD_DIM)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    k = tl.load(k_ptr + t * stride_kt + src * stride_kh + cols)
+    v = tl.load(v_ptr + t * stride_vt + src * stride_vh + cols)
+    dst = slot * stride_ct + head * stride_ch + cols
+    tl.store(kc_ptr + dst, k)
+    tl.store(vc_ptr + dst, v)
+    flag = 1
+    if not ALL_STATS:
+        flag = tl.load(stats_head_ptr + head)
+    if flag != 0:
+        lo = k.to(tl.float32)
+        hi = lo
+        addr = (slot // LOGICAL) * stride_sg + head * stride_sh + cols
+        if slot % LOGICAL != 0:  # the page already has keys: merge with them
+            lo = tl.minimum(lo, tl.load(kmin_ptr + addr).to(tl.float32))
+            hi = tl.maximum(hi, tl.load(kmax_ptr + addr).to(tl.float32))
+        tl.store(kmin_ptr + addr, lo.to(kmin_ptr.dtype.element_ty))
+        tl.store(kmax_ptr + addr, hi.to(kmax_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _append_stats_kernel(
     k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, seg_start_ptr, seg_len_ptr, stats_head_ptr,
     map_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ct, stride_ch, stride_sg, stride_sh,
     HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr, ALL_STATS: tl.constexpr, HAS_MAP: tl.constexpr,
-    PDL: tl.constexpr,
+    SINGLE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     seg = tl.program_id(0)
@@ -88,6 +120,11 @@ def _append_stats_kernel(
     src = head  # the head of k and v that this cache head stores
     if HAS_MAP:
         src = tl.load(map_ptr + head)
+    if SINGLE:
+        _append_one_token(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, stats_head_ptr, seg, head, src,
+                          stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch, stride_sg, stride_sh,
+                          HEAD_DIM, LOGICAL, ALL_STATS)
+        return
     first = tl.load(seg_start_ptr + seg)
     n = tl.load(seg_len_ptr + seg)
     r = tl.arange(0, LOGICAL)
@@ -171,5 +208,5 @@ def kv_append(
         head_map if head_map is not None else slots,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides, k_min.stride(0), k_min.stride(1),
         HEAD_DIM=d, LOGICAL=logical_page_size, ALL_STATS=stats_heads is None, HAS_MAP=head_map is not None,
-        **pdl_args(k.device),
+        SINGLE=seg.single, **pdl_args(k.device),
     )
