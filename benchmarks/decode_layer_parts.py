@@ -128,11 +128,27 @@ def layer_parts(seq_len: int, batch: int, splits: list[int]) -> list[str]:
         label = " (engine)" if (block_p, warps) == (64, 4) else ""
         rows_out.append(f"| {seq_len // 1024}K | {batch} | Quest scores, {block_p} pages x {warps} warps{label} "
                         f"| {t_scores:.1f} |")
+    # in a decode step the statistics come from HBM (the weights flush L2 between layers): the
+    # same calls after a write of 96 MB, less the write's own time
+    flush = torch.empty(96 * 2**20, dtype=torch.uint8, device=DEV)
+    t_flush = bench_graph(lambda: flush.zero_()) * 1e3
+    for block_p, warps in ((16, 4), (32, 4), (64, 4), (32, 8), (128, 8)):
+        t_cold = bench_graph(lambda bp=block_p, w=warps: (flush.zero_(), page_scores(
+            q, k_min, k_max, table, lens, PAGE, LOGICAL, "sum", kv_head_map=dense_heads, group=GROUP,
+            block_p=bp, num_warps=w))) * 1e3 - t_flush
+        label = " (engine)" if (block_p, warps) == (64, 4) else ""
+        rows_out.append(f"| {seq_len // 1024}K | {batch} | Quest scores from HBM, {block_p} pages x {warps} warps"
+                        f"{label} | {t_cold:.1f} |")
     rows_out.append(f"| {seq_len // 1024}K | {batch} | select: scores + topk/sort/scatter (before) | {t_old:.1f} |")
-    for warps in (None, 4, 8, 16):
-        t_new = bench_graph(lambda w=warps: store_top_pages(scores(), plan, store, keep, num_warps=w)) * 1e3
-        label = "engine" if warps is None else f"{warps} warps"
-        rows_out.append(f"| {seq_len // 1024}K | {batch} | select: scores + store_top_pages ({label}) | {t_new:.1f} |")
+    t_new = bench_graph(lambda: store_top_pages(scores(), plan, store, keep)) * 1e3
+    rows_out.append(f"| {seq_len // 1024}K | {batch} | select: scores + store_top_pages (engine) | {t_new:.1f} |")
+    # the bisection's rounds depend on the scores: the Quest scores above, and close scores
+    s_close = 1.0 + torch.rand(s.shape, device=DEV, generator=gen) * 1e-3
+    for label, data in (("Quest scores", s), ("close scores", s_close)):
+        times = [bench_graph(lambda w=warps: store_top_pages(data, plan, store, keep, num_warps=w)) * 1e3
+                 for warps in (4, 8, 16)]
+        rows_out.append(f"| {seq_len // 1024}K | {batch} | store_top_pages alone, {label}, 4/8/16 warps | "
+                        f"{' / '.join(f'{t:.1f}' for t in times)} |")
     return rows_out
 
 

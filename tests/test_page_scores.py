@@ -95,7 +95,7 @@ def _plan(redo: list[int], anchor: list[int], seats: list[int], spare: int = 2) 
     return plan
 
 
-@pytest.mark.parametrize("width,keep", [(37, 5), (130, 1), (9, 7)])
+@pytest.mark.parametrize("width,keep", [(37, 5), (130, 1), (9, 7), (1030, 63)])
 def test_store_top_pages_equals_the_reference_and_brute_force(width: int, keep: int) -> None:
     from lserve.ops.page_scores import store_top_pages
 
@@ -106,14 +106,17 @@ def test_store_top_pages_equals_the_reference_and_brute_force(width: int, keep: 
     scores[0, 0, : width // 2] = 1.5  # ties: the lower pages win
     scores[1, 1] = -scores[1, 1].abs() - 1  # every score negative
     scores[2, :, -3:] = float("-inf")  # past the sequence
+    scores[3, 0] = 7.0  # every score tied
+    scores[1, 2] = 1.0 + torch.arange(width) * 1e-6  # close scores: many search rounds
+    scores[2, 1, ::3] = 2.5  # a third of the pages tied, across the threshold
     anchor = [width - 1, rng.randint(keep, width - 1), max(width - 4, keep), rng.randint(keep, width - 1)]
-    redo = [1, 1, 1, 0]  # row 3 reuses its selection: its store row must stay as it was
+    redo = [1, 1, 1, 0] if width < 100 else [1, 1, 1, 1]  # a row that reuses: its store row must stay
     seat_ids = [4, 0, 5, 2]
     plan = _plan(redo, anchor, seat_ids)
     store = torch.randint(0, 1000, (seats + 1, heads, keep + 2), generator=gen, dtype=torch.int32)
     want = store.clone()
     ref.store_top_pages_ref(scores, plan, want, keep)
-    got = store.to(DEVICE)
+    got = store.clone().to(DEVICE)  # (a copy: `store` stays the "before" state)
     store_top_pages(scores.to(DEVICE), plan.to(DEVICE), got, keep)
     assert torch.equal(got.cpu(), want)
     for b in range(rows):
@@ -125,7 +128,7 @@ def test_store_top_pages_equals_the_reference_and_brute_force(width: int, keep: 
             ranked = sorted(range(anchor[b]), key=lambda p: (-float(scores[b, h, p]), p))
             assert row[:keep].tolist() == sorted(ranked[:keep])
             assert torch.equal(row[keep:], store[seat_ids[b], h, keep:])  # nothing past keep
-    untouched = [s for s in range(seats + 1) if s not in seat_ids[:3]]
+    untouched = [s for s, r in zip(seat_ids, redo) if not r] + [s for s in range(seats + 1) if s not in seat_ids]
     assert torch.equal(want[untouched], store[untouched])
 
 

@@ -112,7 +112,7 @@ class SparseConfig:
     token_budget: int = _field(0, "dense heads in decode: tokens of selected KV pages (0 = off)")
     logical_page_size: int = _field(16, "tokens per logical page for page statistics")
     selector_interval: int = _field(4, "decode steps between page re-selections")
-    num_dense_layers: int = _field(2, "with token_budget: the first N layers read every page (as Quest)")
+    num_dense_layers: int = _field(0, "with token_budget: the first N layers read every page (Quest keeps 2)")
 
     def __post_init__(self) -> None:
         s = self.streaming_sparsity

@@ -67,7 +67,7 @@ class PageSelector:
         interval: int,
         num_seats: int,
         device: torch.device,
-        num_dense_layers: int = 2,
+        num_dense_layers: int = 0,
         aggregate: str = "sum",
     ) -> None:
         self.page_size = page_size

@@ -53,7 +53,7 @@ class LLM:
         token_budget: int = 0,
         logical_page_size: int = 16,
         selector_interval: int = 4,
-        num_dense_layers: int = 2,
+        num_dense_layers: int = 0,
         **kwargs: Any,
     ) -> None:
         settings = dict(locals())

@@ -193,6 +193,6 @@ def store_top_pages(
     _store_top_pages_kernel[(bsz, heads)](
         scores, plan, store, keep,
         scores.stride(0), scores.stride(1), plan.stride(0), store.stride(0), store.stride(1),
-        BLOCK_P=block_p, num_warps=num_warps or (4 if block_p <= 4096 else 8 if block_p <= 16384 else 16),
+        BLOCK_P=block_p, num_warps=num_warps or (4 if block_p <= 2048 else 8 if block_p <= 16384 else 16),
         **pdl_args(scores.device),
     )
