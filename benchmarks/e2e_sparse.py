@@ -257,7 +257,12 @@ def profile_step(core, batch: int, seq_len: int, label: str) -> None:
 def timeline(core, batch: int, seq_len: int, label: str, folder: Path | None) -> None:
     """The kernels of one replay of each captured decode graph, in time order with their stream:
     where the step's time goes on its critical path (per-stream busy time and the main stream's
-    idle gaps). With `folder`, each replay's kernel list is also written there as JSON."""
+    idle gaps). With `folder`, each replay's kernel list is also written there as JSON.
+
+    Each graph replays on the last step's plan: a "select" graph replayed after a reusing step
+    skips the top-page search (its rows do not re-select), so only the steps launched ahead
+    (printed last) show the search's cost. Kernels launched with programmatic dependent launch
+    start before their predecessor ends: their durations include that wait."""
     from torch.profiler import ProfilerActivity, profile
 
     time_decode(core, batch, seq_len, 8)  # compiles and captures a graph for each selector mode
