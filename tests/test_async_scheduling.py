@@ -142,3 +142,41 @@ def test_an_interrupted_read_loses_no_token(default_llm, sync_llm, monkeypatch, 
     assert final is not None and final.finished and final.outputs[0].token_ids == want
     assert not engine.core.has_unfinished_requests()
     assert all(not r.num_inflight_tokens for r in engine.core.scheduler.running)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_request_page_counts_add_up_under_preemption_and_abort(async_scheduling: bool) -> None:
+    """Per-request decode page counts (RequestOutput.metrics) against the engine's totals, with
+    page selection on, a pool small enough to preempt and one request aborted midway. The
+    synchronous engine keeps every decode row it runs, so the requests' counts sum to the
+    totals exactly; launched ahead, rows whose token is dropped (after a stop, an abort or a
+    preemption) count only in the totals, the device having read their pages."""
+    llm = LLM(dtype="float32", device="cpu", page_size=16, num_kv_pages=12, max_num_batched_tokens=64,
+              token_budget=32, selector_interval=2, async_scheduling=async_scheduling)
+    engine = llm.engine
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ids = [engine.add_request(p * 3, greedy) for p in PROMPTS]
+    finals = {}
+    for step in range(200):  # bounded: a lost token fails instead of hanging
+        if not engine.has_unfinished_requests():
+            break
+        if step == 30:
+            aborted = engine.abort_request(ids[1])
+            assert aborted is not None and aborted.finished
+            finals[ids[1]] = aborted
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert not engine.has_unfinished_requests() and set(finals) == set(ids)
+    core = engine.core
+    assert core.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    stats = engine.get_stats()
+    read = sum(o.metrics.get("decode_pages_read", 0) for o in finals.values())
+    dense = sum(o.metrics.get("decode_pages_dense", 0) for o in finals.values())
+    assert 0 < read < dense  # selection read fewer pages than dense attention would
+    if async_scheduling:
+        assert read <= stats.decode_pages_read and dense <= stats.decode_pages_dense
+    else:
+        assert (read, dense) == (stats.decode_pages_read, stats.decode_pages_dense)
+    assert all(len(finals[i].outputs[0].token_ids) == 40 for i in ids if i != ids[1])
+    assert core.kv_manager.num_free_pages == core.kv_manager.num_pages
