@@ -265,8 +265,11 @@ def timeline(core, batch: int, seq_len: int, label: str, folder: Path | None) ->
     start before their predecessor ends: their durations include that wait."""
     from torch.profiler import ProfilerActivity, profile
 
-    time_decode(core, batch, seq_len, 8)  # compiles and captures a graph for each selector mode
     graphs = core.runner.graphs
+    if graphs is None or not torch.cuda.is_available():
+        print(f"\n{label}: --timeline needs a GPU and CUDA graphs; skipped")
+        return
+    time_decode(core, batch, seq_len, 8)  # compiles and captures a graph for each selector mode
     inputs, requests = decode_inputs(core, batch, seq_len)
     for (bucket, mode), (graph, _) in sorted(graphs._graphs.items(), key=lambda kv: str(kv[0])):
         if bucket != graphs.bucket(batch):

@@ -98,12 +98,13 @@ def test_kv_append_with_statistics(page_size: int, logical: int, dtype: torch.dt
         assert torch.equal(k_min[g].float(), chunk.amin(0)) and torch.equal(k_max[g].float(), chunk.amax(0))
 
 
-@pytest.mark.parametrize("mapped", [False, True])
+@pytest.mark.parametrize("mapped,filtered", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kv_append_decode_rows(mapped: bool, dtype: torch.dtype) -> None:
+def test_kv_append_decode_rows(mapped: bool, filtered: bool, dtype: torch.dtype) -> None:
     """A pure decode step (one token per row: the kernel's single-token path) equals the
     reference and the general segment path: rows at a logical page's first slot start afresh
-    over stale statistics, the others merge, with and without a head map (one pool of several)."""
+    over stale statistics, the others merge, with and without a head map (one pool of several)
+    and a filter of the heads that keep statistics."""
     page_size, logical, d = 32, 16, 32
     hkv = 2
     gen = torch.Generator().manual_seed(11)
@@ -120,28 +121,34 @@ def test_kv_append_decode_rows(mapped: bool, dtype: torch.dtype) -> None:
     v = torch.randn((5, model_heads, d), generator=gen).to(dtype).to(DEVICE)
     ref_kc, ref_vc, ref_min, ref_max = k_cache.clone(), v_cache.clone(), k_min.clone(), k_max.clone()
     gen_kc, gen_vc, gen_min, gen_max = k_cache.clone(), v_cache.clone(), k_min.clone(), k_max.clone()
+    stale_min, stale_max = k_min.clone(), k_max.clone()
     src_k, src_v = (k[:, heads], v[:, heads]) if mapped else (k, v)
+    flags = torch.tensor([False, True], device=DEVICE) if filtered else None  # cache head 0: no statistics
     # rows 48 and 49 share a logical page: the reference takes them one step at a time
     for t in range(5):
         ref.kv_append_ref(src_k[t : t + 1], src_v[t : t + 1], slots[t : t + 1], ref_kc, ref_vc, ref_min, ref_max,
-                          logical)
+                          logical, stats_heads=flags)
     # three decode steps (rows of one step are different sequences: never one logical page):
     # 48 starts its page, 49 and then 63 merge into it
     for rows in (slice(0, 2), slice(2, 4), slice(4, 5)):
         segs = plan_segments(slots[rows], logical, all_single=True)
         assert segs.single
         kv_append(k[rows], v[rows], slots[rows], k_cache, v_cache, k_min, k_max, segs, logical_page_size=logical,
-                  head_map=heads)
+                  head_map=heads, stats_heads=flags)
         kv_append(k[rows], v[rows], slots[rows], gen_kc, gen_vc, gen_min, gen_max,
-                  plan_segments(slots[rows], logical), logical_page_size=logical, head_map=heads)
+                  plan_segments(slots[rows], logical), logical_page_size=logical, head_map=heads, stats_heads=flags)
     for got in ((k_cache, v_cache, k_min, k_max), (gen_kc, gen_vc, gen_min, gen_max)):
         assert torch.equal(got[0].isnan(), ref_kc.isnan())
         assert torch.equal(got[0].nan_to_num(), ref_kc.nan_to_num()) and torch.equal(got[1].nan_to_num(),
                                                                                    ref_vc.nan_to_num())
         assert torch.equal(got[2], ref_min) and torch.equal(got[3], ref_max)
-    # the fresh pages hold exactly their one key: the stale statistics are gone
-    assert torch.equal(k_min[96 // logical].float(), src_k[0].float())
-    assert torch.equal(k_max[48 // logical].float(), src_k[[1, 2, 4]].amax(0).float())
+    # the fresh pages hold exactly their one key: the stale statistics are gone (in the heads
+    # that keep statistics; a filtered head's statistics are left as they were)
+    kept = [1] if filtered else [0, 1]
+    assert torch.equal(k_min[96 // logical, kept].float(), src_k[0, kept].float())
+    assert torch.equal(k_max[48 // logical, kept].float(), src_k[[1, 2, 4]][:, kept].amax(0).float())
+    if filtered:
+        assert torch.equal(k_min[:, 0], stale_min[:, 0]) and torch.equal(k_max[:, 0], stale_max[:, 0])
 
 
 def test_kv_append_without_statistics_and_head_filter() -> None:

@@ -108,8 +108,15 @@ def test_store_top_pages_equals_the_reference_and_brute_force(width: int, keep: 
     scores[2, :, -3:] = float("-inf")  # past the sequence
     scores[3, 0] = 7.0  # every score tied
     scores[1, 2] = 1.0 + torch.arange(width) * 1e-6  # close scores: many search rounds
-    scores[2, 1, ::3] = 2.5  # a third of the pages tied, across the threshold
-    anchor = [width - 1, rng.randint(keep, width - 1), max(width - 4, keep), rng.randint(keep, width - 1)]
+    scores[2, 1, ::3] = 2.5  # a third of the pages tied (below the cut)
+    # a tie group across the cut: keep // 2 pages above it, keep + 1 tied, the rest below
+    anchor_row0 = width - 1
+    spots = torch.randperm(anchor_row0, generator=gen)
+    above, tied = keep // 2, keep + 1
+    scores[0, 1] = -100.0
+    scores[0, 1, spots[:above]] = 100.0
+    scores[0, 1, spots[above : above + tied]] = 50.0
+    anchor = [anchor_row0, rng.randint(keep, width - 1), max(width - 4, keep), rng.randint(keep, width - 1)]
     redo = [1, 1, 1, 0] if width < 100 else [1, 1, 1, 1]  # a row that reuses: its store row must stay
     seat_ids = [4, 0, 5, 2]
     plan = _plan(redo, anchor, seat_ids)

@@ -21,7 +21,8 @@ from lserve.ops.launch import pdl_args, pdl_enter
 
 @dataclass(frozen=True)
 class AppendSegments:
-    """Runs of new tokens inside one logical page each (all int32, on the tokens' device)."""
+    """Runs of new tokens inside one logical page each (int32, on the tokens' device; with
+    `single`, placeholders that are never read)."""
 
     start: torch.Tensor
     """(S,) index of the run's first token in the step's flat batch."""
