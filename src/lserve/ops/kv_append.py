@@ -77,6 +77,19 @@ def _append_kernel(
 
 
 @triton.jit
+def _store_page_stats(kmin_ptr, kmax_ptr, first_slot, head, lo, hi, cols, stride_sg, stride_sh, LOGICAL: tl.constexpr):
+    """The key min/max (lo, hi: float32 over cols) of new tokens starting at `first_slot`, into
+    their logical page's statistics: afresh when they include its first slot (what was there
+    belonged to an earlier owner), else merged with what the page holds."""
+    addr = (first_slot // LOGICAL) * stride_sg + head * stride_sh + cols
+    if first_slot % LOGICAL != 0:  # the page already has keys: merge with them
+        lo = tl.minimum(lo, tl.load(kmin_ptr + addr).to(tl.float32))
+        hi = tl.maximum(hi, tl.load(kmax_ptr + addr).to(tl.float32))
+    tl.store(kmin_ptr + addr, lo.to(kmin_ptr.dtype.element_ty))
+    tl.store(kmax_ptr + addr, hi.to(kmax_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _append_one_token(
     k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, stats_head_ptr, t, head, src,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch, stride_sg, stride_sh,
@@ -96,14 +109,8 @@ def _append_one_token(
     if not ALL_STATS:
         flag = tl.load(stats_head_ptr + head)
     if flag != 0:
-        lo = k.to(tl.float32)
-        hi = lo
-        addr = (slot // LOGICAL) * stride_sg + head * stride_sh + cols
-        if slot % LOGICAL != 0:  # the page already has keys: merge with them
-            lo = tl.minimum(lo, tl.load(kmin_ptr + addr).to(tl.float32))
-            hi = tl.maximum(hi, tl.load(kmax_ptr + addr).to(tl.float32))
-        tl.store(kmin_ptr + addr, lo.to(kmin_ptr.dtype.element_ty))
-        tl.store(kmax_ptr + addr, hi.to(kmax_ptr.dtype.element_ty))
+        kf = k.to(tl.float32)
+        _store_page_stats(kmin_ptr, kmax_ptr, slot, head, kf, kf, cols, stride_sg, stride_sh, LOGICAL)
 
 
 @triton.jit
@@ -147,13 +154,7 @@ def _append_stats_kernel(
         lo = tl.min(tl.where(m, kf, float("inf")), axis=0)
         hi = tl.max(tl.where(m, kf, float("-inf")), axis=0)
         first_slot = tl.load(slot_ptr + first).to(tl.int64)
-        g = first_slot // LOGICAL
-        addr = g * stride_sg + head * stride_sh + cols
-        if first_slot % LOGICAL != 0:  # the page already has keys: merge with them
-            lo = tl.minimum(lo, tl.load(kmin_ptr + addr).to(tl.float32))
-            hi = tl.maximum(hi, tl.load(kmax_ptr + addr).to(tl.float32))
-        tl.store(kmin_ptr + addr, lo.to(kmin_ptr.dtype.element_ty))
-        tl.store(kmax_ptr + addr, hi.to(kmax_ptr.dtype.element_ty))
+        _store_page_stats(kmin_ptr, kmax_ptr, first_slot, head, lo, hi, cols, stride_sg, stride_sh, LOGICAL)
 
 
 def kv_append(
