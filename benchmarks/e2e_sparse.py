@@ -254,17 +254,42 @@ def profile_step(core, batch: int, seq_len: int, label: str) -> None:
         print(f"  {n / 12:7.1f} /step {us / 12:9.1f} us/step  {name}")
 
 
+def cuda_trace(fn) -> list[dict]:
+    """The GPU operations (kernels, copies, fills) that `fn()` runs, from a profiler trace, in
+    time order: chrome-trace events with `ts`, `dur` (microseconds), `name`, `cat` and `args`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+
+
+def print_by_name(events: list[dict], prefix: str, top: int) -> None:
+    """Count and total time of `events` per name, largest first."""
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        t = totals.setdefault(e["name"][:70], [0, 0.0])
+        t[0] += 1
+        t[1] += e["dur"]
+    for name, (n, us) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"  {prefix} {n:5d} x {us / n:7.2f} us = {us / 1000:6.3f} ms  {name}")
+
+
 def timeline(core, batch: int, seq_len: int, label: str, folder: Path | None) -> None:
     """The kernels of one replay of each captured decode graph, in time order with their stream:
     where the step's time goes on its critical path (per-stream busy time and the main stream's
-    idle gaps). With `folder`, each replay's kernel list is also written there as JSON.
+    idle gaps). With `folder`, each replay's kernel list is also written there as JSON. Then 8
+    steps launched ahead: the device's idle gaps between operations, and the copies and fills
+    that run between the graphs.
 
     Each graph replays on the last step's plan: a "select" graph replayed after a reusing step
     skips the top-page search (its rows do not re-select), so only the steps launched ahead
-    (printed last) show the search's cost. Kernels launched with programmatic dependent launch
-    start before their predecessor ends: their durations include that wait."""
-    from torch.profiler import ProfilerActivity, profile
-
+    show the search's cost. Kernels launched with programmatic dependent launch start before
+    their predecessor ends: their durations include that wait."""
     graphs = core.runner.graphs
     if graphs is None or not torch.cuda.is_available():
         print(f"\n{label}: --timeline needs a GPU and CUDA graphs; skipped")
@@ -277,17 +302,15 @@ def timeline(core, batch: int, seq_len: int, label: str, folder: Path | None) ->
         for _ in range(3):
             graph.replay()
         sync()
-        with tempfile.TemporaryDirectory() as tmp:
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    graph.replay()
-                    sync()
-                    time.sleep(0.002)  # a gap that marks where each replay starts
-            trace = Path(tmp) / "trace.json"
-            prof.export_chrome_trace(str(trace))
-            events = json.loads(trace.read_text())["traceEvents"]
-        kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
-        # the last replay: kernels after the largest gap between consecutive launches
+
+        def replays(graph=graph) -> None:
+            for _ in range(3):
+                graph.replay()
+                sync()
+                time.sleep(0.002)  # a gap that marks where each replay starts
+
+        kernels = [e for e in cuda_trace(replays) if e["cat"] == "kernel"]
+        # the last replay: kernels after the last gap of over a millisecond
         gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in zip(kernels, kernels[1:])]
         starts = [i + 1 for i, g in enumerate(gaps) if g > 1000]
         step = kernels[starts[-1]:] if starts else kernels
@@ -300,55 +323,42 @@ def timeline(core, batch: int, seq_len: int, label: str, folder: Path | None) ->
         main_sid = max(streams, key=lambda s: streams[s])
         main = [e for e in step if e["args"].get("stream", 0) == main_sid]
         idle = sum(max(0.0, b["ts"] - (a["ts"] + a["dur"])) for a, b in zip(main, main[1:]))
-        by_name: dict[str, list[float]] = {}
-        for e in main:
-            t = by_name.setdefault(e["name"][:70], [0, 0.0])
-            t[0] += 1
-            t[1] += e["dur"]
         print(f"\n{label} graph '{mode}' (batch {batch}, {seq_len} tokens): {len(step)} kernels, "
               f"{(end - t0) / 1000:.3f} ms first start to last end; busy per stream (ms): "
               f"{ {s: round(us / 1000, 3) for s, us in streams.items()} }; main stream idle between "
               f"kernels {idle / 1000:.3f} ms over {len(main) - 1} gaps")
-        for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:20]:
-            print(f"  main {n:5d} x {us / n:7.2f} us = {us / 1000:6.3f} ms  {name}")
+        print_by_name(main, "main", 20)
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             rows = [{"t": round(e["ts"] - t0, 2), "dur": e["dur"], "stream": e["args"].get("stream", 0),
                      "name": e["name"][:80]} for e in step]
             name = f"timeline_{label.replace('+', '_')}_{mode}_b{batch}_{seq_len}.json"
             (folder / name).write_text(json.dumps(rows, indent=0))
-    # steps launched ahead (the engine's async scheduling): what runs between the graphs, and
-    # the device's idle time between one step's last kernel and the next one's first
-    previous = launch_ahead(core.runner, inputs, batch, 2, core.runner.launch(inputs, batch))
+    # steps launched ahead (the engine's async scheduling): the device's idle time between
+    # operations, and the copies and fills that run between the graphs
+    previous = [launch_ahead(core.runner, inputs, batch, 2, core.runner.launch(inputs, batch))]
     sync()
-    with tempfile.TemporaryDirectory() as tmp:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            previous = launch_ahead(core.runner, inputs, batch, 8, previous)
-            previous.tokens()
-        trace = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
-    outside = [e for e in gpu if e.get("cat") != "kernel" or e["args"].get("graph id") in (None, 0)]
+
+    def steps() -> None:
+        previous[0] = launch_ahead(core.runner, inputs, batch, 8, previous[0])
+        previous[0].tokens()
+
+    gpu = cuda_trace(steps)
+    copies = [e for e in gpu if e["cat"] != "kernel"]
     span = (gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"]) / 1000
-    print(f"\n{label}: 8 steps launched ahead: {len(gpu)} GPU operations over {span:.3f} ms; outside the graphs "
-          f"{len(outside)} ({sum(e['dur'] for e in outside) / 1000:.3f} ms busy); device gaps over 5 us:")
+    print(f"\n{label}: 8 steps launched ahead: {len(gpu)} GPU operations over {span:.3f} ms, of which {len(copies)} "
+          f"copies and fills ({sum(e['dur'] for e in copies) / 1000:.3f} ms busy); device gaps over 5 us:")
     busy_end = gpu[0]["ts"]
-    gaps = []
+    idle_gaps = []
     for prev, e in zip(gpu, gpu[1:]):
         busy_end = max(busy_end, prev["ts"] + prev["dur"])
         if e["ts"] - busy_end > 5:
-            gaps.append((e["ts"] - busy_end, prev["name"][:50], e["name"][:50]))
-    for g, a, b in gaps[:24]:
+            idle_gaps.append((e["ts"] - busy_end, prev["name"][:50], e["name"][:50]))
+    for g, a, b in idle_gaps[:24]:
         print(f"  {g:8.1f} us idle between {a!r} and {b!r}")
-    print(f"  total idle in gaps over 5 us: {sum(g for g, _, _ in gaps) / 1000:.3f} ms")
-    names: dict[str, list[float]] = {}
-    for e in outside:
-        t = names.setdefault(e["name"][:70], [0, 0.0])
-        t[0] += 1
-        t[1] += e["dur"]
-    for name, (n, us) in sorted(names.items(), key=lambda kv: -kv[1][1])[:12]:
-        print(f"  outside graphs: {n:3d} x {us / n:7.2f} us  {name}")
+    print(f"  total idle in gaps over 5 us: {sum(g for g, _, _ in idle_gaps) / 1000:.3f} ms")
+    print_by_name(copies, "copies and fills:", 12)
+    print_by_name([e for e in gpu if e["cat"] == "kernel"], "kernels:", 12)
     release(core, requests)
 
 
