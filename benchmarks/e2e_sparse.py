@@ -493,6 +493,13 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
                   max_num_batched_tokens=args.chunk, num_kv_pages=budget // (kv_per_token * 64), **extra)
         core = llm.engine.core
         core.runner.backend.pool_streams = not args.sequential_pools
+        from lserve.model.layers import Linear
+        Linear.use_gemv = not args.no_gemv
+        if args.gemv_kw:
+            Linear.gemv_kw = json.loads(args.gemv_kw)
+        if args.no_decode_pdl:
+            import lserve.ops.sparse_decode as sd
+            sd.PDL_MAX_KEYS = -1
         graphs = core.runner.graphs
         if args.profile:
             profile_step(core, min(batches), min(lengths), name)
@@ -570,6 +577,12 @@ def main() -> None:
                         help="decode: which of dense, static, static+dynamic to run")
     parser.add_argument("--sequential-pools", action="store_true",
                         help="decode: run a layer's ring and paged pools on one stream (no side stream)")
+    parser.add_argument("--gemv-kw", default=None, metavar="JSON",
+                        help='decode: the GEMV\'s tiling, e.g. \'{"block_n": 8, "block_k": 512}\'')
+    parser.add_argument("--no-gemv", action="store_true",
+                        help="decode: every projection through cuBLAS (no lserve.ops.gemv)")
+    parser.add_argument("--no-decode-pdl", action="store_true",
+                        help="decode: no programmatic dependent launch for short decode launches")
     parser.add_argument("--dense-layers", type=int, default=None,
                         help="decode: num_dense_layers of static+dynamic (default: the engine's)")
     parser.add_argument("--tiny", action="store_true", help="a small model shape (a CPU smoke run)")

@@ -83,3 +83,25 @@ def test_async_scheduling_with_cuda_graphs_gives_the_synchronous_tokens(tmp_path
         core = llm.engine.core
         assert core.runner.graphs is not None and core.kv_manager.num_free_pages == core.kv_manager.num_pages
     assert outs[True] == outs[False]
+
+
+def test_decode_gemv_gives_the_same_tokens_eager_and_in_graphs(tmp_path: Path) -> None:
+    """bf16 (the GEMV's dtype): one request decodes one row per step, so its projections with
+    K >= N/2 go through `ops.gemv` (called eagerly, or while a graph is captured); captured
+    graphs give the eager tokens."""
+    from unittest import mock
+
+    from lserve.model.layers import Linear
+    from lserve.ops import gemv as gemv_module
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    prompt = [[(7 * j) % 900 + 10 for j in range(300)]]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outs = {}
+    for eager in (True, False):
+        llm = LLM(str(tmp_path), load_format="dummy", dtype="bfloat16", num_kv_pages=100,
+                  max_num_batched_tokens=512, max_num_seqs=4, enforce_eager=eager)
+        with mock.patch.object(gemv_module, "gemv", wraps=gemv_module.gemv) as spy:
+            outs[eager] = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+        assert Linear.use_gemv and spy.call_count > 0
+    assert outs[True] == outs[False]

@@ -3,6 +3,8 @@
 The PyTorch code here is the reference. On a CUDA GPU, outside autograd, the same steps run as
 fused Triton kernels (`lserve.ops.fused_layers`: one launch instead of five to eight, which is
 what a decode step's time is made of at long context); they repeat every rounding of this code.
+A one-row product of a decode step at batch 1 runs as a GEMV kernel (`Linear`, `lserve.ops.gemv`),
+which sums in float32 as cuBLAS does, in another order.
 """
 
 from __future__ import annotations
@@ -17,6 +19,28 @@ from torch import nn
 def use_fused_kernels(x: torch.Tensor) -> bool:
     """The Triton kernels serve inference on CUDA; autograd (calibration) takes the PyTorch path."""
     return x.is_cuda and not torch.is_grad_enabled()
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose one-row products (a decode step at batch 1: half precision, on a GPU,
+    outside autograd) run through `lserve.ops.gemv` for weights with K >= N / 2: q/k/v, output
+    and down. There it reads the weight at 3.2-3.9 TB/s where cuBLAS reaches 2.5-3.6 on an
+    H200; the wide gate/up weight (where cuBLAS reaches about 4.2) and the LM head stay on
+    cuBLAS. Class settings, for A/B timing: `use_gemv`, `gemv_rows` (the most rows it serves;
+    larger batches are not measured yet) and `gemv_kw` (keywords of `gemv`, its tiling)."""
+
+    use_gemv = True
+    gemv_rows = 1
+    gemv_kw: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.use_gemv and use_fused_kernels(x) and x.dim() == 2 and 1 <= x.shape[0] <= self.gemv_rows
+                and x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == x.dtype
+                and 2 * self.in_features >= self.out_features and x.stride(1) == 1 and self.weight.stride(1) == 1):
+            from lserve.ops.gemv import gemv
+
+            return gemv(x, self.weight, self.bias, **self.gemv_kw)
+        return super().forward(x)
 
 
 class RMSNorm(nn.Module):
@@ -121,8 +145,8 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)

@@ -1,0 +1,112 @@
+"""Decode-sized projections: `lserve.ops.gemv` against cuBLAS (`F.linear`) on Llama-3-8B's shapes.
+
+    python benchmarks/gemv_decode.py [--rows 1,2,4,8] [--shapes q/k/v,output,down]
+
+For each projection and batch, a CUDA graph runs 8 (norm, product) pairs over 8 distinct copies
+of the weight (so that L2 holds none of them, as in a decode step, where each weight is read
+once). The norm is the engine's RMSNorm kernel (launched with programmatic dependent launch on
+Hopper), the projection's real predecessor, and is there for both sides: the time reported is
+per pair minus the norm alone, in microseconds, with the bandwidth of the weight read. Each
+GEMV tiling (block_n, block_k, warps, stages) must match cuBLAS to bf16
+rounding first; a tiling that fails to compile is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_kernels import bench_graph  # noqa: E402
+
+from lserve.ops.fused_layers import rms_norm  # noqa: E402
+from lserve.ops.gemv import gemv  # noqa: E402
+
+SHAPES = {  # name: (N, K) of Llama-3-8B
+    "q/k/v": (6144, 4096),
+    "output": (4096, 4096),
+    "gate/up": (28672, 4096),
+    "down": (4096, 14336),
+}
+COPIES = 8
+
+
+def tilings(rows: int) -> list[tuple[int, int, int, int]]:
+    """(block_n, block_k, warps, stages) worth trying for `rows` rows."""
+    if rows == 1:
+        return [(bn, bk, w, st) for bn in (4, 8, 16) for bk in (512, 1024) for w in (4,) for st in (3, 4)]
+    return [(bn, bk, w, st) for bn in (8, 16) for bk in (64, 128) for w in (4, 8) for st in (3,)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,2,4,8")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--json", default=None, help="write every time to this file, and the one-row tiling with "
+                    "the least total time over the shapes as 'best_one_row'")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    record: dict = {}
+    print(f"# {torch.cuda.get_device_name()}; torch {torch.__version__}; bf16; {COPIES} distinct weights per "
+          "graph, each product after an RMSNorm")
+    print("\n| projection | rows | cuBLAS us (TB/s) | best GEMV us (TB/s) | its tiling (block_n, block_k, warps, "
+          "stages) | others: us |")
+    print("|---|---:|---:|---:|---|---|")
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        ws = [torch.randn((n, k), dtype=torch.bfloat16, device=dev) / k**0.5 for _ in range(COPIES)]
+        norm_w = torch.ones(k, dtype=torch.bfloat16, device=dev)
+        nbytes = n * k * 2
+        for rows in (int(r) for r in args.rows.split(",")):
+            h = torch.randn((rows, k), dtype=torch.bfloat16, device=dev)
+            want = F.linear(rms_norm(h, norm_w, 1e-5), ws[0]).float()
+            t_norm = bench_graph(lambda: [rms_norm(h, norm_w, 1e-5) for _ in ws], calls=4) * 1e3 / COPIES
+            t_cublas = bench_graph(lambda: [F.linear(rms_norm(h, norm_w, 1e-5), w) for w in ws],
+                                   calls=4) * 1e3 / COPIES - t_norm
+            results, failed = [], []
+            record[f"{name}/{rows}/cublas"] = t_cublas
+            for bn, bk, warps, stages in tilings(rows):
+                kw = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+                try:
+                    got = gemv(rms_norm(h, norm_w, 1e-5), ws[0], **kw).float()
+                except Exception as e:  # noqa: BLE001 - a tiling that does not compile is a result
+                    failed.append(f"{(bn, bk, warps, stages)}: {type(e).__name__}")
+                    continue
+                err = float((got - want).abs().max() / want.abs().max())
+                assert err < 2e-2, f"{name} rows {rows} tiling {kw}: error {err}"
+                t = bench_graph(lambda kw=kw: [gemv(rms_norm(h, norm_w, 1e-5), w, **kw) for w in ws],
+                                calls=4) * 1e3 / COPIES - t_norm
+                results.append(((bn, bk, warps, stages), t))
+                record[f"{name}/{rows}/{bn},{bk},{warps},{stages}"] = t
+            if not results:
+                print(f"| {name} | {rows} | {t_cublas:.1f} | - | every tiling failed: {'; '.join(failed)} | |")
+                continue
+            best, t_best = min(results, key=lambda r: r[1])
+            others = ", ".join(f"{'/'.join(str(v) for v in c)}: {t:.1f}" for c, t in results if c != best)
+            if failed:
+                others += f"; failed: {'; '.join(failed)}"
+            print(f"| {name} | {rows} | {t_cublas:.1f} ({nbytes / t_cublas / 1e6:.2f}) | {t_best:.1f} "
+                  f"({nbytes / t_best / 1e6:.2f}) | {best} | {others} |", flush=True)
+        ws.clear()
+        torch.cuda.empty_cache()
+    if args.json:
+        totals: dict[str, float] = {}
+        for key, t in record.items():
+            rows, tiling = key.split("/")[-2:]  # (names hold slashes: q/k/v)
+            if rows == "1" and tiling != "cublas":
+                totals[tiling] = totals.get(tiling, 0.0) + t
+        shapes = len(args.shapes.split(","))
+        whole = {t: v for t, v in totals.items() if sum(1 for k in record if k.endswith("/1/" + t)) == shapes}
+        if whole:
+            bn, bk, warps, stages = (int(v) for v in min(whole, key=whole.get).split(","))
+            record["best_one_row"] = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+        Path(args.json).write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

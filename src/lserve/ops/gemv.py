@@ -1,0 +1,93 @@
+"""Matrix-vector products for decode steps: y = x W^T (+ b) for a few rows of x.
+
+A decode step at batch 1 reads every weight once per token, so its projections are bound by
+memory bandwidth. On an H200, cuBLAS (with its split-K reduction) reads Llama-3-8B's q/k/v
+weight at 2.9 TB/s, the output weight at 2.5 and the down weight at 3.6; this kernel reads
+them at 3.4, 3.2 and 3.9 TB/s (`benchmarks/gemv_decode.py`, docs/benchmarks.md). Each program
+takes BLOCK_N output columns over the whole of K (no split-K, so no reduction kernel after
+it): its weight rows are one contiguous slab. The loop accumulates elementwise products and
+reduces once after it (no shuffles or barriers per tile), with the loads software-pipelined
+(`num_stages`). It waits for the kernel before it (programmatic dependent launch,
+ops/launch.py) before reading anything. Accumulation is float32, per program in K order.
+
+Reference: `x.float() @ w.float().T`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lserve.ops.launch import pdl_args, pdl_enter
+
+MAX_ROWS = 8
+"""Rows of x that the kernel serves (decode batches)."""
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K,
+    stride_xm, stride_wn, stride_om,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+):
+    pdl_enter(PDL)
+    n0 = tl.program_id(0) * BLOCK_N
+    m = tl.arange(0, M_PAD)[:, None, None]
+    n = n0 + tl.arange(0, BLOCK_N)[None, :, None]
+    kk = tl.arange(0, BLOCK_K)[None, None, :]
+    m_ok = m < M
+    n_ok = n < N
+    acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        k = k0 + kk
+        k_ok = k < K
+        x = tl.load(x_ptr + m * stride_xm + k, mask=m_ok & k_ok, other=0.0)  # (M_PAD, 1, BLOCK_K)
+        w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + k, mask=n_ok & k_ok, other=0.0)  # (1, BLOCK_N, BLOCK_K)
+        acc += x.to(tl.float32) * w.to(tl.float32)
+    y = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
+    n2 = n0 + tl.arange(0, BLOCK_N)
+    m2 = tl.arange(0, M_PAD)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + m2[:, None] * stride_om + n2[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=(m2 < M)[:, None] & (n2 < N)[None, :])
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_n: int = 4,
+    block_k: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """x (M, K) with 1 <= M <= MAX_ROWS, weight (N, K) and bias (N,) of x's dtype -> (M, N).
+
+    The default tiling (4 columns a program, 1024-wide K tiles for one row, 4 warps, 3 stages)
+    was the fastest over Llama-3-8B's q/k/v, output and down shapes at one row on an H200."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply")
+    rows, k = x.shape
+    n = weight.shape[0]
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"gemv serves 1..{MAX_ROWS} rows, got {rows}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x ({x.dtype}), weight ({weight.dtype}) and bias need one dtype")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("x and weight need a contiguous last dimension")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias {tuple(bias.shape)} does not match {n} outputs")
+    m_pad = triton.next_power_of_2(rows)
+    if block_k is None:  # about 64 float32 accumulators per thread
+        block_k = max(32, min(1024, triton.next_power_of_2(64 * 32 * num_warps // (m_pad * block_n))))
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, rows, n, k,
+        x.stride(0), weight.stride(0), out.stride(0),
+        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, HAS_BIAS=bias is not None,
+        num_warps=num_warps, **pdl_args(x.device),
+    )
+    return out

@@ -1,0 +1,78 @@
+"""The decode GEMV kernel against float64 matmuls: odd sizes (not multiples of the tiles), a
+strided x, half precision, bias, and clear errors for what it does not serve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lserve.ops.gemv import MAX_ROWS, gemv
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("n,k", [(37, 100), (16, 64), (70, 333)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_matmul(rows: int, n: int, k: int, bias: bool) -> None:
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x = torch.randn((rows, k), generator=g).to(DEVICE)
+    w = torch.randn((n, k), generator=g).to(DEVICE)
+    b = torch.randn((n,), generator=g).to(DEVICE) if bias else None
+    got = gemv(x, w, b, block_n=16, block_k=32)
+    want = x.double() @ w.double().T + (b.double() if b is not None else 0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_gemv_strided_rows_half_precision_and_default_tiles() -> None:
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn((4, 300), generator=g).to(torch.float16).to(DEVICE)
+    x = big[:, 20:277]  # rows 300 apart, K = 257
+    w = (torch.randn((45, 257), generator=g) / 16).to(torch.float16).to(DEVICE)
+    got = gemv(x, w)
+    assert got.dtype == torch.float16 and got.shape == (4, 45)
+    want = x.double() @ w.double().T
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+
+
+def test_gemv_rejects_what_it_does_not_serve() -> None:
+    w = torch.zeros((8, 16), device=DEVICE)
+    with pytest.raises(ValueError, match="rows"):
+        gemv(torch.zeros((MAX_ROWS + 1, 16), device=DEVICE), w)
+    with pytest.raises(ValueError, match="do not multiply"):
+        gemv(torch.zeros((1, 15), device=DEVICE), w)
+    with pytest.raises(ValueError, match="bias"):
+        gemv(torch.zeros((1, 16), device=DEVICE), w, torch.zeros(7, device=DEVICE))
+    with pytest.raises(ValueError, match="dtype"):
+        gemv(torch.zeros((1, 16), device=DEVICE, dtype=torch.float16), w)
+
+
+def test_linear_takes_the_gemv_only_where_it_should() -> None:
+    """`model.layers.Linear` equals nn.Linear everywhere; on a GPU, one half-precision row of a
+    K >= N/2 weight goes through the GEMV (the others, and autograd, through cuBLAS)."""
+    from unittest import mock
+
+    from lserve.model.layers import Linear
+
+    dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(3)
+    narrow, wide = Linear(64, 48).to(DEVICE, dtype), Linear(16, 64, bias=False).to(DEVICE, dtype)
+    with torch.no_grad(), mock.patch("lserve.ops.gemv.gemv", wraps=gemv) as spy:
+        for layer, rows in ((narrow, 1), (narrow, 3), (wide, 1)):
+            x = torch.randn((rows, layer.in_features), generator=g).to(DEVICE, dtype)
+            want = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double()
+                                              if layer.bias is not None else None)
+            torch.testing.assert_close(layer(x).double(), want, rtol=2e-3, atol=2e-3)
+    # only the narrow layer's single row on a GPU
+    assert spy.call_count == (1 if DEVICE.type == "cuda" else 0)
+
+
+@pytest.mark.parametrize("rows,n,k,tiles", [(2, 130, 520, dict(block_n=32, block_k=128)),
+                                             (1, 37, 2500, {})])  # {}: the engine's tiling, K past 2 tiles
+def test_gemv_bfloat16_rounds_like_a_float32_sum(rows: int, n: int, k: int, tiles: dict) -> None:
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn((rows, k), generator=g).to(torch.bfloat16).to(DEVICE)
+    w = (torch.randn((n, k), generator=g) / 23).to(torch.bfloat16).to(DEVICE)
+    got = gemv(x, w, **tiles)
+    want = (x.float() @ w.float().T).to(torch.bfloat16)  # float32 sums, one rounding at the end
+    assert float((got.float() - want.float()).abs().max()) <= float(want.float().abs().max()) * 2**-7
