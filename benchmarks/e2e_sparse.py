@@ -493,8 +493,9 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
                   max_num_batched_tokens=args.chunk, num_kv_pages=budget // (kv_per_token * 64), **extra)
         core = llm.engine.core
         core.runner.backend.pool_streams = not args.sequential_pools
-        from lserve.model.layers import Linear
+        from lserve.model.layers import GatedMLP, Linear
         Linear.use_gemv = not args.no_gemv
+        GatedMLP.gated_gemv = not args.no_gated_gemv
         if args.gemv_kw:
             Linear.gemv_kw = json.loads(args.gemv_kw)
         if args.no_decode_pdl:
@@ -579,6 +580,8 @@ def main() -> None:
                         help="decode: run a layer's ring and paged pools on one stream (no side stream)")
     parser.add_argument("--gemv-kw", default=None, metavar="JSON",
                         help='decode: the GEMV\'s tiling, e.g. \'{"block_n": 8, "block_k": 512}\'')
+    parser.add_argument("--no-gated-gemv", action="store_true",
+                        help="decode: the gate/up product through cuBLAS, then SiLU-and-mul (not one GEMV)")
     parser.add_argument("--no-gemv", action="store_true",
                         help="decode: every projection through cuBLAS (no lserve.ops.gemv)")
     parser.add_argument("--no-decode-pdl", action="store_true",

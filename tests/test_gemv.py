@@ -52,7 +52,7 @@ def test_linear_takes_the_gemv_only_where_it_should() -> None:
     K >= N/2 weight goes through the GEMV (the others, and autograd, through cuBLAS)."""
     from unittest import mock
 
-    from lserve.model.layers import Linear
+    from lserve.model.layers import GatedMLP, Linear
 
     dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(3)
@@ -63,8 +63,16 @@ def test_linear_takes_the_gemv_only_where_it_should() -> None:
             want = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double()
                                               if layer.bias is not None else None)
             torch.testing.assert_close(layer(x).double(), want, rtol=2e-3, atol=2e-3)
-    # only the narrow layer's single row on a GPU
-    assert spy.call_count == (1 if DEVICE.type == "cuda" else 0)
+        mlp = GatedMLP(16, 20).to(DEVICE, dtype)  # gate/up (40, 16): one gated GEMV for one row
+        x = torch.randn((1, 16), generator=g).to(DEVICE, dtype)
+        gate, up = torch.nn.functional.linear(x.double(), mlp.gate_up_proj.weight.double()).chunk(2, dim=-1)
+        want = torch.nn.functional.linear(gate * torch.sigmoid(gate) * up, mlp.down_proj.weight.double())
+        torch.testing.assert_close(mlp(x).double(), want, rtol=1e-2, atol=1e-2)
+    # on a GPU only: the narrow layer's single row, then the MLP's gated product and its down
+    # projection (K >= N/2)
+    assert spy.call_count == (3 if DEVICE.type == "cuda" else 0)
+    if DEVICE.type == "cuda":
+        assert spy.call_args_list[1].kwargs.get("gated") is True
 
 
 @pytest.mark.parametrize("rows,n,k,tiles", [(2, 130, 520, dict(block_n=32, block_k=128)),
@@ -76,3 +84,30 @@ def test_gemv_bfloat16_rounds_like_a_float32_sum(rows: int, n: int, k: int, tile
     got = gemv(x, w, **tiles)
     want = (x.float() @ w.float().T).to(torch.bfloat16)  # float32 sums, one rounding at the end
     assert float((got.float() - want.float()).abs().max()) <= float(want.float().abs().max()) * 2**-7
+
+
+@pytest.mark.parametrize("rows,i,k", [(1, 37, 300), (3, 20, 1100)])
+def test_gated_gemv_is_silu_of_gate_times_up(rows: int, i: int, k: int) -> None:
+    g = torch.Generator().manual_seed(rows + i + k)
+    x = torch.randn((rows, k), generator=g).to(DEVICE)
+    w = (torch.randn((2 * i, k), generator=g) / k**0.5).to(DEVICE)
+    got = gemv(x, w, gated=True)
+    prod = x.double() @ w.double().T
+    gate, up = prod[:, :i], prod[:, i:]
+    torch.testing.assert_close(got.double(), gate * torch.sigmoid(gate) * up, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="gated"):
+        gemv(x, w[:-1], gated=True)
+    with pytest.raises(ValueError, match="gated"):
+        gemv(x, w, torch.zeros(2 * i, device=DEVICE), gated=True)
+
+
+def test_gated_gemv_in_bfloat16_rounds_as_the_unfused_path() -> None:
+    """The unfused path stores gate/up in bf16, then SiLU(gate) in bf16, then the product."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn((1, 2500), generator=g).to(torch.bfloat16).to(DEVICE)
+    w = (torch.randn((74, 2500), generator=g) / 50).to(torch.bfloat16).to(DEVICE)
+    got = gemv(x, w, gated=True).float()
+    gate_up = (x.float() @ w.float().T).to(torch.bfloat16).float()
+    gate, up = gate_up[:, :37], gate_up[:, 37:]
+    want = ((gate * torch.sigmoid(gate)).to(torch.bfloat16).float() * up).to(torch.bfloat16).float()
+    assert float((got - want).abs().max()) <= float(want.abs().max()) * 2**-7

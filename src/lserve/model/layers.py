@@ -33,10 +33,14 @@ class Linear(nn.Linear):
     gemv_rows = 1
     gemv_kw: dict = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.use_gemv and use_fused_kernels(x) and x.dim() == 2 and 1 <= x.shape[0] <= self.gemv_rows
+    def serves_gemv(self, x: torch.Tensor) -> bool:
+        """Whether `lserve.ops.gemv` can take x times this weight (whatever the weight's shape)."""
+        return (self.use_gemv and use_fused_kernels(x) and x.dim() == 2 and 1 <= x.shape[0] <= self.gemv_rows
                 and x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == x.dtype
-                and 2 * self.in_features >= self.out_features and x.stride(1) == 1 and self.weight.stride(1) == 1):
+                and x.stride(1) == 1 and self.weight.stride(1) == 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if 2 * self.in_features >= self.out_features and self.serves_gemv(x):
             from lserve.ops.gemv import gemv
 
             return gemv(x, self.weight, self.bias, **self.gemv_kw)
@@ -148,7 +152,15 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
+    gated_gemv = True
+    """One decode row (where `Linear` would serve a GEMV) takes the gate/up product and SiLU-and-mul
+    in one kernel (`ops.gemv`, `gated`): a class setting, for A/B timing."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated_gemv and self.gate_up_proj.bias is None and self.gate_up_proj.serves_gemv(x):
+            from lserve.ops.gemv import gemv
+
+            return self.down_proj(gemv(x, self.gate_up_proj.weight, gated=True, **Linear.gemv_kw))
         gate_up = self.gate_up_proj(x)
         if use_fused_kernels(gate_up):
             from lserve.ops.fused_layers import silu_and_mul

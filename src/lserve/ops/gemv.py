@@ -30,7 +30,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K,
     stride_xm, stride_wn, stride_om,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     n0 = tl.program_id(0) * BLOCK_N
@@ -39,19 +39,27 @@ def _gemv_kernel(
     kk = tl.arange(0, BLOCK_K)[None, None, :]
     m_ok = m < M
     n_ok = n < N
+    w_rows = w_ptr + n.to(tl.int64) * stride_wn
     acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
+    acc_up = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)  # GATED: the up rows, N below
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + kk
         k_ok = k < K
-        x = tl.load(x_ptr + m * stride_xm + k, mask=m_ok & k_ok, other=0.0)  # (M_PAD, 1, BLOCK_K)
-        w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + k, mask=n_ok & k_ok, other=0.0)  # (1, BLOCK_N, BLOCK_K)
-        acc += x.to(tl.float32) * w.to(tl.float32)
+        x = tl.load(x_ptr + m * stride_xm + k, mask=m_ok & k_ok, other=0.0).to(tl.float32)  # (M_PAD, 1, BLOCK_K)
+        acc += x * tl.load(w_rows + k, mask=n_ok & k_ok, other=0.0).to(tl.float32)  # (1, BLOCK_N, BLOCK_K)
+        if GATED:
+            acc_up += x * tl.load(w_rows + N * stride_wn + k, mask=n_ok & k_ok, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
     n2 = n0 + tl.arange(0, BLOCK_N)
     m2 = tl.arange(0, M_PAD)
+    dt = out_ptr.dtype.element_ty
     if HAS_BIAS:
         y += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + m2[:, None] * stride_om + n2[None, :], y.to(out_ptr.dtype.element_ty),
+    if GATED:  # silu(gate) * up, rounded where the unfused path stores (ops.fused_layers.silu_and_mul)
+        g = y.to(dt).to(tl.float32)
+        u = tl.sum(acc_up, axis=2).to(dt).to(tl.float32)
+        y = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
+    tl.store(out_ptr + m2[:, None] * stride_om + n2[None, :], y.to(dt),
              mask=(m2 < M)[:, None] & (n2 < N)[None, :])
 
 
@@ -63,8 +71,12 @@ def gemv(
     block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    gated: bool = False,
 ) -> torch.Tensor:
     """x (M, K) with 1 <= M <= MAX_ROWS, weight (N, K) and bias (N,) of x's dtype -> (M, N).
+
+    `gated`: the weight is [gate | up] (2I, K), with no bias, and the result is silu(gate) * up
+    (M, I), rounded as `ops.fused_layers.silu_and_mul` rounds the unfused product.
 
     The default tiling (4 columns a program, 1024-wide K tiles for one row, 4 warps, 3 stages)
     was the fastest over Llama-3-8B's q/k/v, output and down shapes at one row on an H200."""
@@ -80,14 +92,20 @@ def gemv(
         raise ValueError("x and weight need a contiguous last dimension")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias {tuple(bias.shape)} does not match {n} outputs")
+    if gated:
+        if n % 2 or bias is not None:
+            raise ValueError(f"a gated product needs [gate | up] rows (an even count, got {n}) and no bias")
+        n //= 2
     m_pad = triton.next_power_of_2(rows)
     if block_k is None:  # about 64 float32 accumulators per thread
-        block_k = max(32, min(1024, triton.next_power_of_2(64 * 32 * num_warps // (m_pad * block_n))))
+        accumulators = m_pad * block_n * (2 if gated else 1)
+        block_k = max(32, min(1024, triton.next_power_of_2(64 * 32 * num_warps // accumulators)))
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, rows, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, HAS_BIAS=bias is not None,
+        GATED=gated,
         num_warps=num_warps, **pdl_args(x.device),
     )
     return out
