@@ -498,9 +498,6 @@ def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict
         GatedMLP.gated_gemv = not args.no_gated_gemv
         if args.gemv_kw:
             Linear.gemv_kw = json.loads(args.gemv_kw)
-        if args.no_decode_pdl:
-            import lserve.ops.sparse_decode as sd
-            sd.PDL_MAX_KEYS = -1
         graphs = core.runner.graphs
         if args.profile:
             profile_step(core, min(batches), min(lengths), name)
@@ -584,8 +581,6 @@ def main() -> None:
                         help="decode: the gate/up product through cuBLAS, then SiLU-and-mul (not one GEMV)")
     parser.add_argument("--no-gemv", action="store_true",
                         help="decode: every projection through cuBLAS (no lserve.ops.gemv)")
-    parser.add_argument("--no-decode-pdl", action="store_true",
-                        help="decode: no programmatic dependent launch for short decode launches")
     parser.add_argument("--dense-layers", type=int, default=None,
                         help="decode: num_dense_layers of static+dynamic (default: the engine's)")
     parser.add_argument("--tiny", action="store_true", help="a small model shape (a CPU smoke run)")

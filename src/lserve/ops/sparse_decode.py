@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lserve.ops.launch import pdl_args, pdl_enter
 from lserve.ops.merge_states import merge_states
 from lserve.ops.paged_inputs import (
     StoredSelection,
@@ -38,9 +37,8 @@ def _decode_kernel(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_db, stride_dh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LIST: tl.constexpr, HAS_STREAM: tl.constexpr,
-    HAS_MAP: tl.constexpr, STORED: tl.constexpr, PDL: tl.constexpr,
+    HAS_MAP: tl.constexpr, STORED: tl.constexpr,
 ):
-    pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)  # the cache's head
     split = tl.program_id(2)
@@ -136,10 +134,6 @@ def _decode_kernel(
         tl.store(lse_ptr + b * stride_lb + p_heads * stride_lh + split, lse, mask=gm)
 
 
-PDL_MAX_KEYS = 16384
-"""Decode launches whose longest key range is at most this use programmatic dependent launch."""
-
-
 def choose_num_splits(batch: int, num_kv_heads: int, max_virtual_len: int, num_sms: int = 132,
                       min_keys_per_split: int = 128) -> int:
     """Enough programs to fill the GPU twice over, without splits shorter than `min_keys_per_split`.
@@ -203,13 +197,9 @@ def sparse_decode(
         group = hq // hkv
     if out is not None and (out.shape != q.shape or out.stride(-1) != 1):
         raise ValueError(f"out {tuple(out.shape)} does not match q {tuple(q.shape)}")
-    longest_range = max_seq_len if max_seq_len is not None else None
     if num_splits is None:
         longest = max_seq_len if max_seq_len is not None else int(seq_lens.max().item())
-        longest_range = longest
         num_splits = choose_num_splits(bsz, hkv, longest, _num_sms(q.device))
-    if longest_range is None:  # splits given, range not: PDL only if the caller bounded it
-        longest_range = PDL_MAX_KEYS + 1
     dst = out if out is not None else torch.empty_like(q)
     heads = hkv * group  # query heads served by this cache
     if num_splits > 1:
@@ -235,9 +225,6 @@ def sparse_decode(
         BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_LIST=page_list is not None,
         HAS_STREAM=streaming_heads is not None, HAS_MAP=kv_head_map is not None, STORED=selection is not None,
         num_warps=num_warps, num_stages=num_stages,
-        # programmatic dependent launch for short key ranges only (a ring, a page list): on a
-        # long dense grid it made the step slower (ops/launch.py)
-        **(pdl_args(q.device) if longest_range <= PDL_MAX_KEYS else {"PDL": False}),
     )
     if num_splits > 1:
         merge_states(part, lse, q.dtype, out=dst, head_map=kv_head_map, group=group)
