@@ -23,11 +23,12 @@ def use_fused_kernels(x: torch.Tensor) -> bool:
 
 class Linear(nn.Linear):
     """`nn.Linear` whose one-row products (a decode step at batch 1: half precision, on a GPU,
-    outside autograd) run through `lserve.ops.gemv` for weights with K >= N / 2: q/k/v, output
-    and down. There it reads the weight at 3.2-3.9 TB/s where cuBLAS reaches 2.5-3.6 on an
-    H200; the wide gate/up weight (where cuBLAS reaches about 4.2) and the LM head stay on
-    cuBLAS. Class settings, for A/B timing: `use_gemv`, `gemv_rows` (the most rows it serves;
-    larger batches are not measured yet) and `gemv_kw` (keywords of `gemv`, its tiling)."""
+    outside autograd and autocast) run through `lserve.ops.gemv` for weights with K >= N / 2:
+    q/k/v, output and down. There it reads the weight at 3.3-3.9 TB/s where cuBLAS reaches
+    2.5-3.6 on an H200. The wide gate/up weight goes through `GatedMLP`'s fused form instead;
+    the LM head stays on cuBLAS. Class settings, for A/B timing: `use_gemv`, `gemv_rows` (the
+    most rows it serves; larger batches are not measured yet) and `gemv_kw` (keywords of
+    `gemv`, its tiling)."""
 
     use_gemv = True
     gemv_rows = 1
@@ -35,7 +36,8 @@ class Linear(nn.Linear):
 
     def serves_gemv(self, x: torch.Tensor) -> bool:
         """Whether `lserve.ops.gemv` can take x times this weight (whatever the weight's shape)."""
-        return (self.use_gemv and use_fused_kernels(x) and x.dim() == 2 and 1 <= x.shape[0] <= self.gemv_rows
+        return (self.use_gemv and use_fused_kernels(x) and not torch.is_autocast_enabled()
+                and x.dim() == 2 and 1 <= x.shape[0] <= self.gemv_rows
                 and x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == x.dtype
                 and x.stride(1) == 1 and self.weight.stride(1) == 1)
 
@@ -160,7 +162,7 @@ class GatedMLP(nn.Module):
         if self.gated_gemv and self.gate_up_proj.bias is None and self.gate_up_proj.serves_gemv(x):
             from lserve.ops.gemv import gemv
 
-            return self.down_proj(gemv(x, self.gate_up_proj.weight, gated=True, **Linear.gemv_kw))
+            return self.down_proj(gemv(x, self.gate_up_proj.weight, gated=True, **self.gate_up_proj.gemv_kw))
         gate_up = self.gate_up_proj(x)
         if use_fused_kernels(gate_up):
             from lserve.ops.fused_layers import silu_and_mul

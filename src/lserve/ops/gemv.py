@@ -48,7 +48,8 @@ def _gemv_kernel(
         x = tl.load(x_ptr + m * stride_xm + k, mask=m_ok & k_ok, other=0.0).to(tl.float32)  # (M_PAD, 1, BLOCK_K)
         acc += x * tl.load(w_rows + k, mask=n_ok & k_ok, other=0.0).to(tl.float32)  # (1, BLOCK_N, BLOCK_K)
         if GATED:
-            acc_up += x * tl.load(w_rows + N * stride_wn + k, mask=n_ok & k_ok, other=0.0).to(tl.float32)
+            up_rows = w_ptr + (n + N).to(tl.int64) * stride_wn
+            acc_up += x * tl.load(up_rows + k, mask=n_ok & k_ok, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
     n2 = n0 + tl.arange(0, BLOCK_N)
     m2 = tl.arange(0, M_PAD)
@@ -90,8 +91,11 @@ def gemv(
         raise ValueError(f"x ({x.dtype}), weight ({weight.dtype}) and bias need one dtype")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("x and weight need a contiguous last dimension")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias {tuple(bias.shape)} does not match {n} outputs")
+    if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1):
+        raise ValueError(f"bias {tuple(bias.shape)} does not match {n} outputs or is not contiguous")
+    for name, size in (("block_n", block_n), ("block_k", block_k)):
+        if size is not None and (size < 1 or size & (size - 1)):
+            raise ValueError(f"{name} must be a power of two, got {size}")
     if gated:
         if n % 2 or bias is not None:
             raise ValueError(f"a gated product needs [gate | up] rows (an even count, got {n}) and no bias")
