@@ -68,6 +68,7 @@ def main() -> None:
 
         def cublas(x: torch.Tensor, w: torch.Tensor, gated: bool = gated) -> torch.Tensor:
             return silu_and_mul(F.linear(x, w)) if gated else F.linear(x, w)
+
         for rows in (int(r) for r in args.rows.split(",")):
             h = torch.randn((rows, k), dtype=torch.bfloat16, device=dev)
             want = cublas(rms_norm(h, norm_w, 1e-5), ws[0]).float()

@@ -149,14 +149,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class GatedMLP(nn.Module):
     """SiLU-gated feed-forward with the gate and up projections fused into one matmul."""
 
+    gated_gemv = True
+    """One decode row (where `Linear` would serve a GEMV) takes the gate/up product and SiLU-and-mul
+    in one kernel (`ops.gemv`, `gated`): a class setting, for A/B timing."""
+
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
-
-    gated_gemv = True
-    """One decode row (where `Linear` would serve a GEMV) takes the gate/up product and SiLU-and-mul
-    in one kernel (`ops.gemv`, `gated`): a class setting, for A/B timing."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated_gemv and self.gate_up_proj.bias is None and self.gate_up_proj.serves_gemv(x):

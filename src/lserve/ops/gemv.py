@@ -9,6 +9,8 @@ it): its weight rows are one contiguous slab. The loop accumulates elementwise p
 reduces once after it (no shuffles or barriers per tile), with the loads software-pipelined
 (`num_stages`). It waits for the kernel before it (programmatic dependent launch,
 ops/launch.py) before reading anything. Accumulation is float32, per program in K order.
+The `gated` form takes a [gate | up] weight and writes silu(gate) * up: each program reads the
+matching gate and up rows, so the MLP's SiLU-and-mul needs no kernel of its own.
 
 Reference: `x.float() @ w.float().T`.
 """
@@ -40,6 +42,7 @@ def _gemv_kernel(
     m_ok = m < M
     n_ok = n < N
     w_rows = w_ptr + n.to(tl.int64) * stride_wn
+    up_rows = w_ptr + (n + N).to(tl.int64) * stride_wn  # GATED: rows N.. of [gate | up]
     acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
     acc_up = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)  # GATED: the up rows, N below
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
@@ -48,7 +51,6 @@ def _gemv_kernel(
         x = tl.load(x_ptr + m * stride_xm + k, mask=m_ok & k_ok, other=0.0).to(tl.float32)  # (M_PAD, 1, BLOCK_K)
         acc += x * tl.load(w_rows + k, mask=n_ok & k_ok, other=0.0).to(tl.float32)  # (1, BLOCK_N, BLOCK_K)
         if GATED:
-            up_rows = w_ptr + (n + N).to(tl.int64) * stride_wn
             acc_up += x * tl.load(up_rows + k, mask=n_ok & k_ok, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
     n2 = n0 + tl.arange(0, BLOCK_N)
