@@ -103,13 +103,14 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.json:
         totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
         for key, t in record.items():
             rows, tiling = key.split("/")[-2:]  # (names hold slashes: q/k/v)
             if rows == "1" and tiling != "cublas" and not key.startswith("gate/up"):
                 totals[tiling] = totals.get(tiling, 0.0) + t
+                counts[tiling] = counts.get(tiling, 0) + 1
         shapes = len([s for s in args.shapes.split(",") if s != "gate/up"])
-        whole = {t: v for t, v in totals.items()
-                 if sum(1 for k in record if k.endswith("/1/" + t) and not k.startswith("gate/up")) == shapes}
+        whole = {t: v for t, v in totals.items() if counts[t] == shapes}  # timed on every shape
         if whole:
             bn, bk, warps, stages = (int(v) for v in min(whole, key=whole.get).split(","))
             record["best_one_row"] = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
