@@ -16,6 +16,8 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 LoadFormat = Literal["auto", "hf", "gguf", "dummy"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
+PageScoreName = Literal["auto", "quest", "midrange", "rope_channels", "label_channels"]
+PAGE_SCORE_NAMES = ("auto", "quest", "midrange", "rope_channels", "label_channels")
 
 
 def _field(default: Any, help: str) -> Any:
@@ -113,6 +115,14 @@ class SparseConfig:
     logical_page_size: int = _field(16, "tokens per logical page for page statistics")
     selector_interval: int = _field(4, "decode steps between page re-selections")
     num_dense_layers: int = _field(0, "with token_budget: the first N layers read every page (Quest keeps 2)")
+    page_score: PageScoreName = _field(
+        "auto", "how pages are ranked: auto (the model pattern's calibrated choice, else rope_channels), quest, "
+        "midrange, rope_channels or label_channels (docs/sparsity.md)")
+    score_channels: int = _field(8, "key channels per KV head kept per token for the channel scores")
+    selection_top_p: float | None = _field(
+        None, "keep each head's best pages until their estimated share of attention reaches p (within "
+        "token_budget; off by default)")
+    selection_min_tokens: int = _field(256, "with selection_top_p: the fewest tokens of selected pages")
 
     def __post_init__(self) -> None:
         s = self.streaming_sparsity
@@ -128,6 +138,16 @@ class SparseConfig:
             raise ValueError(f"logical_page_size must be a power of two, got {lps!r}")
         if self.attn_pattern is not None and not isinstance(self.attn_pattern, str):
             raise ValueError("attn_pattern must be a path string or None")
+        _check_choice("page_score", self.page_score, PAGE_SCORE_NAMES)
+        r = self.score_channels
+        if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r & (r - 1):
+            raise ValueError(f"score_channels must be a power of two >= 2, got {r!r}")
+        p = self.selection_top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0):
+            raise ValueError(f"selection_top_p must be in (0, 1] or None, got {p!r}")
+        _check_int("selection_min_tokens", self.selection_min_tokens, 1)
+        if p is not None and not self.token_budget:
+            raise ValueError("selection_top_p needs token_budget > 0 (the most tokens a selection may read)")
 
     @property
     def uses_streaming_heads(self) -> bool:

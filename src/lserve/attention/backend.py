@@ -31,6 +31,7 @@ class PoolCall:
     v_cache: torch.Tensor
     k_min: torch.Tensor | None
     k_max: torch.Tensor | None
+    """Per-logical-page key statistics (statistics scores), or None."""
     page_table: torch.Tensor
     slot_mapping: torch.Tensor
     kv_heads: torch.Tensor | None
@@ -40,6 +41,15 @@ class PoolCall:
     """(pool heads,) bool: heads that apply the Λ windows (None: none)."""
     ring: bool = False
     """The ring pool (streaming heads only: no page lists, no statistics)."""
+    k_label: torch.Tensor | None = None
+    """Per-token key labels (channel scores), or None."""
+    label_channels: torch.Tensor | None = None
+    """(pool heads, r) int32: which key channels the labels are."""
+
+    @property
+    def scores_pages(self) -> bool:
+        """Whether this pool keeps what a page score reads (statistics or labels)."""
+        return (self.k_min is not None and self.k_max is not None) or self.k_label is not None
 
 
 @dataclass(frozen=True)
@@ -149,10 +159,12 @@ class AttentionBackend(ABC):
         paged = self.cache.paged
         k_min = paged.k_min[layer_idx] if paged.k_min is not None else None
         k_max = paged.k_max[layer_idx] if paged.k_max is not None else None
+        labels = dict(k_label=paged.k_label[layer_idx], label_channels=paged.label_channels[layer_idx]) \
+            if paged.k_label is not None and paged.label_channels is not None else {}
         dense_route, stream_route = self._routes[layer_idx]
         if self.cache.ring is None or stream_route is None:  # one pool holds every head of this layer
             call = PoolCall(paged.k[layer_idx], paged.v[layer_idx], k_min, k_max, md.page_table, md.slot_mapping,
-                            None, None, self._streaming[layer_idx])
+                            None, None, self._streaming[layer_idx], **labels)
             return self._attend(call, q, k, v, layer_idx, md)
         out = torch.empty_like(q)
         ring = self.cache.ring
@@ -162,7 +174,7 @@ class AttentionBackend(ABC):
                           ring=True)]
         if dense_route is not None:
             calls.append(PoolCall(paged.k[layer_idx], paged.v[layer_idx], k_min, k_max, md.page_table,
-                                  md.slot_mapping, dense_route[0], dense_route[1], None))
+                                  md.slot_mapping, dense_route[0], dense_route[1], None, **labels))
         self._attend_pools(calls, q, k, v, layer_idx, md, out)
         return out
 
@@ -213,14 +225,13 @@ class AttentionBackend(ABC):
             if call.kv_heads is None:
                 return md.decode_page_list, md.decode_page_list_len
             return md.decode_page_list[:, call.kv_heads].contiguous(), md.decode_page_list_len[:, call.kv_heads].contiguous()
-        if self.selector is None or call.k_min is None or call.k_max is None:
+        if self.selector is None or not call.scores_pages:
             return None
-        k_min, k_max = call.k_min, call.k_max
         nd = md.num_decodes
 
         def scores() -> torch.Tensor:
             heads = call.kv_heads if all_heads else None  # q holds every head: reach the pool's by map
-            return self._page_scores(q, k_min, k_max, md.page_table[:nd], md.seq_lens[:nd], md.page_size, heads)
+            return self._page_scores(call, q, md.page_table[:nd], md.seq_lens[:nd], md.page_size, heads)
 
         return self._selection(layer, nd, scores)
 
@@ -253,11 +264,12 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def _page_scores(
-        self, q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor, page_table: torch.Tensor,
-        seq_lens: torch.Tensor, page_size: int, kv_heads: torch.Tensor | None = None,
+        self, call: PoolCall, q: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+        kv_heads: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Quest page scores (nd, pool heads, P) of the decode queries. With `kv_heads` (the
-        pool's model KV heads), q holds every query head of the model."""
+        """Page scores (nd, pool heads, P) of the decode queries, by the selector's score over
+        the pool's statistics or labels. With `kv_heads` (the pool's model KV heads), q holds
+        every query head of the model."""
 
     def windows(self, call: PoolCall, decode: bool) -> tuple[int, int]:
         """(sink, local) for the streaming heads of `call`."""

@@ -1,7 +1,7 @@
 """Query-aware KV page selection for decode (dynamic sparsity), reused for several steps.
 
-Per layer and decoding sequence, each dense KV head reads only: the pages with the highest Quest
-scores among the older pages (`token_budget // page_size - 1` of them) plus the newest page.
+Per layer and decoding sequence, each dense KV head reads only: the pages with the highest
+scores (`score`: `lserve.sparse.selection`) among the older pages (`token_budget // page_size - 1` of them) plus the newest page.
 Selection is per KV head, shared by its GQA query heads (scores summed over the group: on the
 default model this keeps more true attention than max and as much as a selection per query head;
 docs/sparsity.md has the measurement). A sequence whose context fits the budget reads every page: no selection at all.
@@ -69,8 +69,12 @@ class PageSelector:
         device: torch.device,
         num_dense_layers: int = 0,
         aggregate: str = "sum",
+        score: str = "quest",
     ) -> None:
         self.page_size = page_size
+        self.score = score
+        """quest, midrange, rope_channels or label_channels (`lserve.sparse.selection`): the backend
+        scores pages by it."""
         self.budget_pages = max(1, token_budget // page_size)
         self.keep = self.budget_pages - 1
         """Older pages kept per head besides the newest page."""
@@ -184,7 +188,7 @@ class PageSelector:
         """This layer's stored selection, recomputed first for the rows that re-select this step;
         None when every page is read (no row selects, or a dense layer).
 
-        `scores_fn()` returns the Quest scores (nd, H, P) of the current queries; it is called only
+        `scores_fn()` returns the page scores (nd, H, P) of the current queries; it is called only
         in "select" mode. `store_fn(scores, plan, store, keep)` writes the re-selecting rows' top
         pages into the store (`ops.page_scores.store_top_pages` on a GPU, its PyTorch reference
         by default). Only device buffers and the host mode are read, so a CUDA graph captured

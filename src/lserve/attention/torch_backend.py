@@ -64,11 +64,39 @@ def update_key_stats(k_min: torch.Tensor, k_max: torch.Tensor, k: torch.Tensor, 
     k_max.scatter_reduce_(0, idx, k.to(k_max.dtype), "amax", include_self=True)
 
 
+def write_labels(k_label: torch.Tensor, channels: torch.Tensor, k: torch.Tensor, slots: torch.Tensor) -> None:
+    """Key labels of new keys k (T, H, D) at `slots` (T,): k_label (H, slots, r)[h, slot] = k[t, h, channels[h]]."""
+    idx = channels.long()[None].expand(k.shape[0], -1, -1)  # (T, H, r)
+    k_label.index_copy_(1, slots, torch.gather(k, 2, idx).transpose(0, 1).to(k_label.dtype))
+
+
+def channel_page_scores_torch(
+    q: torch.Tensor, k_label: torch.Tensor, channels: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
+    page_size: int, aggregate: str = "sum",
+) -> torch.Tensor:
+    """Channel scores as `ops.page_scores.channel_page_scores`: q (B, Hq, D) -> (B, Hkv, P) float32."""
+    bsz, hq, d = q.shape
+    hkv, _, r = k_label.shape
+    width = page_table.shape[1]
+    qc = torch.gather(q.view(bsz, hkv, hq // hkv, d).float(), 3,
+                      channels.long()[None, :, None, :].expand(bsz, -1, hq // hkv, -1))  # (B, H, G, r)
+    slots = page_table.long()[:, :, None] * page_size + torch.arange(page_size, device=q.device)  # (B, P, page)
+    labels = k_label[:, slots].float()  # (H, B, P, page, r)
+    if aggregate == "sum":
+        s = torch.einsum("hbptr,bhr->bhpt", labels, qc.sum(2))
+    else:
+        s = torch.einsum("hbptr,bhgr->bhgpt", labels, qc).amax(2)
+    pos = torch.arange(width * page_size, device=q.device).view(width, page_size)
+    valid = pos[None] < seq_lens.view(-1, 1, 1)  # (B, P, page)
+    return s.masked_fill(~valid[:, None], float("-inf")).amax(3)
+
+
 def page_scores_torch(
     q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
-    page_size: int, logical: int, aggregate: str = "max",
+    page_size: int, logical: int, aggregate: str = "max", midrange: bool = False,
 ) -> torch.Tensor:
-    """Quest scores as `ops.page_scores.page_scores`: q (B, Hq, D) -> (B, Hkv, P) float32, -inf past each sequence."""
+    """Quest (or midrange) scores as `ops.page_scores.page_scores`: q (B, Hq, D) -> (B, Hkv, P)
+    float32, -inf past each sequence."""
     bsz, hq, d = q.shape
     hkv = k_min.shape[1]
     sub = page_size // logical
@@ -77,8 +105,11 @@ def page_scores_torch(
     kmax = k_max[rows].float()  # (B, P, sub, H, D)
     kmin = k_min[rows].float()
     qg = q.view(bsz, hkv, hq // hkv, d).float()
-    s = (torch.einsum("bhgd,bpshd->bhgps", qg.clamp(min=0), kmax)
-         + torch.einsum("bhgd,bpshd->bhgps", qg.clamp(max=0), kmin))
+    if midrange:
+        s = torch.einsum("bhgd,bpshd->bhgps", qg * 0.5, kmax + kmin)
+    else:
+        s = (torch.einsum("bhgd,bpshd->bhgps", qg.clamp(min=0), kmax)
+             + torch.einsum("bhgd,bpshd->bhgps", qg.clamp(max=0), kmin))
     agg = s.amax(dim=2) if aggregate == "max" else s.sum(dim=2)  # (B, H, P, sub)
     start = (torch.arange(width, device=q.device)[:, None] * page_size
              + torch.arange(sub, device=q.device)[None, :] * logical)  # (P, sub)
@@ -91,20 +122,28 @@ class TorchAttentionBackend(AttentionBackend):
 
     def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> None:
         write_kv(call.k_cache, call.v_cache, k, v, call.slot_mapping)
-        if call.k_min is not None and call.k_max is not None:
+        if call.k_label is not None and call.label_channels is not None:
+            write_labels(call.k_label, call.label_channels, k, call.slot_mapping)
+        elif call.k_min is not None and call.k_max is not None:
             logical = self.cache.paged.logical_page_size
             assert logical is not None
             update_key_stats(call.k_min, call.k_max, k, call.slot_mapping, logical)
 
     def _page_scores(
-        self, q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor, page_table: torch.Tensor,
-        seq_lens: torch.Tensor, page_size: int, kv_heads: torch.Tensor | None = None,
+        self, call: PoolCall, q: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+        kv_heads: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        logical = self.cache.paged.logical_page_size
-        assert logical is not None and self.selector is not None
+        assert self.selector is not None
         # this backend gathers a pool's heads before attending (`_attend_heads`): q holds only them
         assert kv_heads is None, "the torch backend scores gathered heads"
-        return page_scores_torch(q, k_min, k_max, page_table, seq_lens, page_size, logical, self.selector.aggregate)
+        aggregate = self.selector.aggregate
+        if call.k_label is not None and call.label_channels is not None:
+            return channel_page_scores_torch(q, call.k_label, call.label_channels, page_table, seq_lens, page_size,
+                                             aggregate)
+        logical = self.cache.paged.logical_page_size
+        assert logical is not None and call.k_min is not None and call.k_max is not None
+        return page_scores_torch(q, call.k_min, call.k_max, page_table, seq_lens, page_size, logical, aggregate,
+                                 midrange=self.selector.score == "midrange")
 
     def _prefill(
         self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,

@@ -12,7 +12,7 @@ import torch
 from lserve.attention.backend import AttentionBackend, PoolCall
 from lserve.attention.metadata import AttentionMetadata
 from lserve.ops.kv_append import AppendSegments, kv_append, plan_segments
-from lserve.ops.page_scores import page_scores, store_top_pages
+from lserve.ops.page_scores import channel_page_scores, page_scores, store_top_pages
 from lserve.ops.paged_inputs import StoredSelection
 from lserve.ops.sparse_decode import sparse_decode
 from lserve.ops.sparse_prefill import PrefillTiles, plan_tiles, sparse_prefill
@@ -127,16 +127,22 @@ class TritonAttentionBackend(AttentionBackend):
                     self._segments = plan_segments(call.slot_mapping, logical)
                 segments = self._segments
         kv_append(k, v, call.slot_mapping, call.k_cache, call.v_cache, call.k_min, call.k_max,
-                  segments=segments, logical_page_size=logical, head_map=head_map)
+                  segments=segments, logical_page_size=logical, head_map=head_map, k_label=call.k_label,
+                  label_channels=call.label_channels)
 
     def _page_scores(
-        self, q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor, page_table: torch.Tensor,
-        seq_lens: torch.Tensor, page_size: int, kv_heads: torch.Tensor | None = None,
+        self, call: PoolCall, q: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+        kv_heads: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        assert self.selector is not None
+        aggregate, group = self.selector.aggregate, self._group if kv_heads is not None else None
+        if call.k_label is not None and call.label_channels is not None:
+            return channel_page_scores(q, call.k_label, call.label_channels, page_table, seq_lens, page_size,
+                                       aggregate, kv_head_map=kv_heads, group=group)
         logical = self.cache.paged.logical_page_size
-        assert logical is not None and self.selector is not None
-        return page_scores(q, k_min, k_max, page_table, seq_lens, page_size, logical, self.selector.aggregate,
-                           kv_head_map=kv_heads, group=self._group if kv_heads is not None else None)
+        assert logical is not None and call.k_min is not None and call.k_max is not None
+        return page_scores(q, call.k_min, call.k_max, page_table, seq_lens, page_size, logical, aggregate,
+                           kv_head_map=kv_heads, group=group, midrange=self.selector.score == "midrange")
 
     def _selection(self, layer: int, nd: int, scores_fn) -> StoredSelection | None:
         # one kernel selects into the selector's store, and the decode kernel reads the store and

@@ -43,7 +43,9 @@ from lserve.request import Request, RequestStatus
 from lserve.runner.cuda_graphs import DecodeGraphs
 from lserve.runner.model_runner import LaunchedStep, ModelRunner, StepInput
 from lserve.sampling_params import SamplingParams
-from lserve.sparse.patterns import binarize, load_pattern, shipped_pattern
+from lserve.model.layers import rope_inv_freq
+from lserve.sparse.patterns import HeadPattern, binarize, load_pattern, shipped_pattern
+from lserve.sparse.selection import ScoreSpec, resolve_page_score
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ class EngineCore:
         self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
         self.max_model_len = self._resolve_max_model_len()
         self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed)
+        self._rope_factors = rope_factors
+        self._pattern: HeadPattern | None = None
         self._init_kv_cache()
         sched = config.scheduler
         self.scheduler = Scheduler(self.kv_manager, self.num_seats, sched.max_num_batched_tokens)
@@ -127,7 +131,9 @@ class EngineCore:
         n_stream = tuple(int(f.sum()) for f in flags) if use_ring and flags is not None else None
         n_dense = tuple(arch.num_kv_heads - n for n in n_stream) if n_stream is not None else None
         shape = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype, n_dense)
-        logical = sparse.logical_page_size if sparse.uses_page_selection else None
+        self.page_score = self._page_score() if sparse.uses_page_selection else None
+        logical = sparse.logical_page_size if self.page_score is not None and not self.page_score.uses_labels else None
+        label_r = self.page_score.num_channels if self.page_score is not None else 0
         seats = sched.max_num_seqs
         ring_tensors = ring_geometry = None
         reserved = 0
@@ -157,10 +163,15 @@ class EngineCore:
             memory_fraction=cache.kv_cache_memory_fraction,
             max_useful_pages=seats * pages_per_seq,
             reserved_bytes=reserved,
-            extra_bytes_per_page=stats_bytes_per_page(shape, logical) if logical else 0,
+            extra_bytes_per_page=stats_bytes_per_page(shape, logical, label_r),
         )
+        label_channels = None
+        if self.page_score is not None and self.page_score.channels is not None:
+            dense_heads = [[h for h in range(arch.num_kv_heads) if flags is None or not use_ring or not bool(flags[i][h])]
+                           for i in range(arch.num_layers)]
+            label_channels = [self.page_score.channels[i, heads] for i, heads in enumerate(dense_heads)]
         # one page more than the manager hands out: the scratch page of padded graph rows
-        paged = KVCacheTensors(shape, num_pages + 1, self.device, logical)
+        paged = KVCacheTensors(shape, num_pages + 1, self.device, logical, label_channels)
         self.kv_cache = KVCache(paged, ring_tensors, flags if use_ring else None, ring_geometry)
         self.kv_tensors = paged
         self.num_seats = seats
@@ -170,6 +181,7 @@ class EngineCore:
             selector = PageSelector(
                 [shape.layer_heads(i) for i in range(arch.num_layers)], cache.page_size, sparse.token_budget,
                 sparse.selector_interval, seats, self.device, sparse.num_dense_layers,
+                score=self.page_score.kind if self.page_score is not None else "quest",
             )
         backend = create_backend(self.backend_name, self.kv_cache, arch.num_heads, arch.head_dim**-0.5,
                                  sparsity, selector)
@@ -191,26 +203,44 @@ class EngineCore:
         cache = self.kv_cache
         pages = -(-num_tokens // cache.shape.page_size)
         paged = pages * cache.shape.bytes_per_page
-        if cache.paged.logical_page_size:
-            paged += pages * stats_bytes_per_page(cache.shape, cache.paged.logical_page_size)
+        label_r = self.page_score.num_channels if self.page_score is not None else 0
+        paged += pages * stats_bytes_per_page(cache.shape, cache.paged.logical_page_size, label_r)
         if cache.ring is None or cache.ring_geometry is None:
             return paged
         return paged + cache.ring_geometry.pages_per_seq * cache.ring.shape.bytes_per_page
+
+    def _head_pattern(self) -> HeadPattern | None:
+        """The model's head pattern: `attn_pattern`, else the one shipped for the model, else None."""
+        if self._pattern is None:
+            path = self.config.sparse.attn_pattern or shipped_pattern(self.source.name)
+            if path is not None:
+                self._pattern = load_pattern(path)
+                self._pattern.check_model(self.arch.num_layers, self.arch.num_kv_heads)
+        return self._pattern
+
+    def _page_score(self) -> ScoreSpec:
+        """The page score of page selection: the setting, or for `auto` the pattern's calibrated choice."""
+        sparse, arch = self.config.sparse, self.arch
+        pattern = self._head_pattern() if sparse.page_score in ("auto", "label_channels") else None
+        inv_freq = rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling, self._rope_factors)
+        spec = resolve_page_score(sparse.page_score, sparse.score_channels, pattern.selection if pattern else None,
+                                  inv_freq, arch.num_layers, arch.num_kv_heads, pattern.source if pattern else "")
+        logger.info("page selection: %s scores%s (%s)", spec.kind,
+                    f" on {spec.num_channels} key channels" if spec.uses_labels else "", spec.source)
+        return spec
 
     def _head_sparsity(self) -> HeadSparsity | None:
         """Streaming-head flags per layer from the head pattern, binarised at `streaming_sparsity`."""
         sparse = self.config.sparse
         if not sparse.uses_streaming_heads:
             return None
-        path = sparse.attn_pattern or shipped_pattern(self.source.name)
-        if path is None:
+        pattern = self._head_pattern()
+        if pattern is None:
             raise LServeError(
                 f"streaming_sparsity={sparse.streaming_sparsity} needs a head pattern and none ships for "
                 f"{self.source.name}: pass attn_pattern (a DuoAttention full_attention_heads.tsv or an lserve "
                 "pattern .json)"
             )
-        pattern = load_pattern(path)
-        pattern.check_model(self.arch.num_layers, self.arch.num_kv_heads)
         flags = binarize(pattern.scores, sparse.streaming_sparsity).to(self.device)
         logger.info("streaming heads: %d of %d KV heads (%s)", int(flags.sum()), flags.numel(), pattern.source)
         return HeadSparsity(

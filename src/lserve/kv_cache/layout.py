@@ -48,30 +48,47 @@ class KVShape:
         return 2 * self.page_size * heads * self.head_dim * elem
 
 
-def stats_bytes_per_page(shape: KVShape, logical_page_size: int) -> int:
-    """Key min and max of one page's logical pages over every layer (for page selection)."""
+def stats_bytes_per_page(shape: KVShape, logical_page_size: int | None, label_channels: int = 0) -> int:
+    """What page selection keeps per page over every layer: key min and max of its logical pages
+    (`logical_page_size`), or `label_channels` key channels per token (channel scores)."""
     elem = torch.empty((), dtype=shape.dtype).element_size()
     heads = sum(shape.layer_heads(i) for i in range(shape.num_layers))
+    if label_channels:
+        return shape.page_size * heads * label_channels * elem
+    if logical_page_size is None:
+        return 0
     return 2 * (shape.page_size // logical_page_size) * heads * shape.head_dim * elem
 
 
 class KVCacheTensors:
-    """Per-layer K and V page tensors of one pool, and optionally per-logical-page key statistics."""
+    """Per-layer K and V page tensors of one pool, and optionally what page selection scores:
+    per-logical-page key statistics, or per-token key labels (a few channels of each key).
+
+    Labels are `(heads, num_pages * page_size, r)` per layer, head-major so that a score kernel
+    reads one head's labels contiguously; `label_channels[l]` (heads, r) int32 says which key
+    channels of each of the pool's heads they are."""
 
     def __init__(
-        self, shape: KVShape, num_pages: int, device: torch.device, logical_page_size: int | None = None
+        self, shape: KVShape, num_pages: int, device: torch.device, logical_page_size: int | None = None,
+        label_channels: list[torch.Tensor] | None = None,
     ) -> None:
         self.shape = shape
         self.num_pages = num_pages
         self.logical_page_size = logical_page_size
         self.k_min: list[torch.Tensor] | None = None
         self.k_max: list[torch.Tensor] | None = None
+        self.k_label: list[torch.Tensor] | None = None
+        self.label_channels: list[torch.Tensor] | None = None
         # torch.empty: pages are written before they are read; no need to touch the memory here.
         try:
             dims = [(num_pages, shape.page_size, shape.layer_heads(i), shape.head_dim) for i in range(shape.num_layers)]
             self.k = [torch.empty(d, dtype=shape.dtype, device=device) for d in dims]
             self.v = [torch.empty(d, dtype=shape.dtype, device=device) for d in dims]
-            if logical_page_size is not None:
+            if label_channels is not None:
+                self.label_channels = [c.to(device=device, dtype=torch.int32).contiguous() for c in label_channels]
+                self.k_label = [torch.zeros((c.shape[0], num_pages * shape.page_size, c.shape[1]), dtype=shape.dtype,
+                                            device=device) for c in self.label_channels]
+            elif logical_page_size is not None:
                 rows = num_pages * shape.page_size // logical_page_size
                 sdims = [(rows, shape.layer_heads(i), shape.head_dim) for i in range(shape.num_layers)]
                 self.k_min = [torch.zeros(d, dtype=shape.dtype, device=device) for d in sdims]

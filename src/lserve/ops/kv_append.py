@@ -1,6 +1,7 @@
-"""KV append: scatter the new tokens' K/V into their pages, and keep per-logical-page key min/max.
+"""KV append: scatter the new tokens' K/V into their pages, and keep what page selection scores:
+per-logical-page key min/max, or per-token key labels (r chosen channels of each key).
 
-Without statistics, programs take blocks of tokens. With statistics, a program takes one
+Without statistics, programs take blocks of tokens (and write the labels, if any). With statistics, a program takes one
 *segment*: the new tokens of one sequence that fall in one logical page (consecutive slots). It
 writes them, reduces their keys to channel-wise min/max, and either starts the logical page's
 statistics afresh (the segment holds the page's first token: whatever was there belonged to an
@@ -51,11 +52,11 @@ def plan_segments(slots: torch.Tensor, logical_page_size: int, all_single: bool 
 
 @triton.jit
 def _append_kernel(
-    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, map_ptr,
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, map_ptr, label_ptr, chan_ptr,
     num_tokens,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ct, stride_ch,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MAP: tl.constexpr,
+    stride_ct, stride_ch, stride_lh,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MAP: tl.constexpr, LABELS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -74,6 +75,12 @@ def _append_kernel(
     dst = slots[:, None] * stride_ct + head * stride_ch + cols[None, :]
     tl.store(kc_ptr + dst, k, mask=m)
     tl.store(vc_ptr + dst, v, mask=m)
+    if LABELS:
+        # the key's label channels (a second, cached read of the same rows): (heads, slots, R) store
+        c = tl.arange(0, LABELS)
+        chans = tl.load(chan_ptr + head * LABELS + c)
+        lab = tl.load(k_ptr + rows[:, None] * stride_kt + src * stride_kh + chans[None, :], mask=m)
+        tl.store(label_ptr + head * stride_lh + slots[:, None] * LABELS + c[None, :], lab, mask=m)
 
 
 @triton.jit
@@ -169,11 +176,15 @@ def kv_append(
     stats_heads: torch.Tensor | None = None,
     logical_page_size: int = 16,
     head_map: torch.Tensor | None = None,
+    k_label: torch.Tensor | None = None,
+    label_channels: torch.Tensor | None = None,
 ) -> None:
     """Write k, v (T, Hkv, D) into (num_pages, page_size, Hkv, D) caches at `slots` (T,) int64.
 
     With `k_min`/`k_max` ((num_pages * page_size // logical_page_size, Hkv, D)) also keep key
-    statistics for the heads flagged in `stats_heads` (Hkv,) (all heads when None).
+    statistics for the heads flagged in `stats_heads` (Hkv,) (all heads when None). With
+    `k_label` (Hkv, num_pages * page_size, r) and `label_channels` (Hkv, r) int32 instead, keep
+    each new key's channels `label_channels[h]` at its slot (the channel scores' labels).
     A cache that holds some of the model's KV heads takes `head_map` (cache heads,) int64: the
     head of k and v (which then hold all of the model's KV heads) each cache head stores.
     """
@@ -191,12 +202,26 @@ def kv_append(
     if t == 0:
         return
     cache_strides = (k_cache.stride(1), k_cache.stride(2))  # per token, per head
+    if (k_label is None) != (label_channels is None):
+        raise ValueError("k_label and label_channels go together")
+    if k_label is not None and label_channels is not None:
+        r = label_channels.shape[1]
+        if k_min is not None or k_max is not None:
+            raise ValueError("a pool keeps key statistics or key labels, not both")
+        if (label_channels.shape != (hkv, r) or label_channels.dtype != torch.int32 or r & (r - 1)
+                or k_label.shape != (hkv, k_cache.shape[0] * k_cache.shape[1], r) or not k_label.is_contiguous()
+                or not label_channels.is_contiguous()):
+            raise ValueError(f"labels {tuple(k_label.shape)} with channels {tuple(label_channels.shape)} "
+                             f"do not fit cache {tuple(k_cache.shape)}")
     if k_min is None or k_max is None:
         block_t = 16
         _append_kernel[(triton.cdiv(t, block_t), hkv)](
-            k, v, slots, k_cache, v_cache, head_map if head_map is not None else slots, t,
+            k, v, slots, k_cache, v_cache, head_map if head_map is not None else slots,
+            k_label if k_label is not None else slots, label_channels if label_channels is not None else slots, t,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides,
-            HEAD_DIM=d, BLOCK_T=block_t, HAS_MAP=head_map is not None, **pdl_args(k.device),
+            k_label.stride(0) if k_label is not None else 0,
+            HEAD_DIM=d, BLOCK_T=block_t, HAS_MAP=head_map is not None,
+            LABELS=label_channels.shape[1] if label_channels is not None else 0, **pdl_args(k.device),
         )
         return
     if k_min.shape != k_max.shape or k_min.shape[1:] != (hkv, d) or not k_min.is_contiguous():

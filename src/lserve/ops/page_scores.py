@@ -1,11 +1,17 @@
-"""Query-aware page scores for dynamic sparsity (Quest's bound with LServe's hierarchical paging).
+"""Query-aware page scores for dynamic sparsity (`lserve.sparse.selection` says which is used).
 
-For a decode query q and a logical page with channel-wise key bounds kmin, kmax, the largest
-possible q.k in the page is sum_c max(q_c kmax_c, q_c kmin_c) = max(q, 0).kmax + min(q, 0).kmin,
-two small matmuls with float32 accumulation. A physical page scores the max over its logical
-pages; logical pages that start past the sequence are ignored (their statistics belong to nobody
-yet). The query heads of a GQA group share one selection: their scores are aggregated by max
-(this function's default) or sum (the engine's). Reference: `ops.reference.page_scores_ref`.
+Statistics scores (`page_scores`): for a decode query q and a logical page with channel-wise key
+bounds kmin, kmax, Quest's bound, the largest possible q.k in the page, is
+sum_c max(q_c kmax_c, q_c kmin_c) = max(q, 0).kmax + min(q, 0).kmin, two small matmuls with
+float32 accumulation; the midrange score is q.(kmin + kmax)/2. A physical page scores the max
+over its logical pages; logical pages that start past the sequence are ignored (their statistics
+belong to nobody yet). The query heads of a GQA group share one selection: their scores are
+aggregated by max (this function's default) or sum (the engine's).
+Reference: `ops.reference.page_scores_ref`.
+
+Channel scores (`channel_page_scores`): the exact partial product q_C . k_C of each token on a
+few key channels C per head (labels kept per token by the KV append), max over the page's
+tokens. Reference: `ops.reference.channel_page_scores_ref`.
 
 `store_top_pages` then writes each re-selecting row's best pages into the page selector's store
 (reference: `ops.reference.store_top_pages_ref`).
@@ -26,7 +32,7 @@ def _page_scores_kernel(
     stride_qb, stride_qh, stride_sg, stride_sh, stride_pt_b, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     LOGICAL: tl.constexpr, BLOCK_P: tl.constexpr, USE_SUM: tl.constexpr, HAS_MAP: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, MIDRANGE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -53,8 +59,14 @@ def _page_scores_kernel(
     # sum_c max(q_c kmax_c, q_c kmin_c) = max(q, 0) . kmax + min(q, 0) . kmin: two small matmuls
     # over the GQA group's rows (padded to 16). Products of two bf16/fp16 values are exact in the
     # float32 accumulator; float32 inputs use IEEE products (TF32 could reorder close pages).
-    q_pos = tl.maximum(q, 0.0).to(kmax_ptr.dtype.element_ty)  # (the scalar 0.0 promotes to float32)
-    q_neg = tl.minimum(q, 0.0).to(kmax_ptr.dtype.element_ty)
+    # The midrange score q.(kmin + kmax)/2 takes the same two products with q/2 on both sides
+    # (halving is exact).
+    if MIDRANGE:
+        q_pos = (q * 0.5).to(kmax_ptr.dtype.element_ty)
+        q_neg = q_pos
+    else:
+        q_pos = tl.maximum(q, 0.0).to(kmax_ptr.dtype.element_ty)  # (the scalar 0.0 promotes to float32)
+        q_neg = tl.minimum(q, 0.0).to(kmax_ptr.dtype.element_ty)
     page = tl.load(page_table_ptr + b * stride_pt_b + p, mask=p_ok, other=0).to(tl.int64)
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for sub in tl.static_range(PAGE_SIZE // LOGICAL):
@@ -89,9 +101,11 @@ def page_scores(
     group: int | None = None,
     block_p: int = 64,
     num_warps: int = 4,
+    midrange: bool = False,
 ) -> torch.Tensor:
     """q (B, Hq, D); statistics (num_pages * page_size // logical, Hkv, D); page_table (B, P) int32;
     seq_lens (B,) int32 -> scores (B, Hkv, P) float32, -inf for pages past each sequence.
+    Quest's bound, or with `midrange` q.(kmin + kmax)/2.
 
     Statistics that hold some of the model's KV heads (one pool of several) take `kv_head_map`
     (Hkv,) int64, the model KV head of each statistics head, and `group` (query heads per KV
@@ -122,7 +136,101 @@ def page_scores(
         q.stride(0), q.stride(1), k_min.stride(0), k_min.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE_SIZE=page_size,
         LOGICAL=logical_page_size, BLOCK_P=block_p, USE_SUM=aggregate == "sum", HAS_MAP=kv_head_map is not None,
-        IEEE=k_min.dtype == torch.float32, num_warps=num_warps, **pdl_args(q.device),
+        IEEE=k_min.dtype == torch.float32, MIDRANGE=midrange, num_warps=num_warps, **pdl_args(q.device),
+    )
+    return out
+
+
+@triton.jit
+def _channel_scores_kernel(
+    q_ptr, label_ptr, chan_ptr, page_table_ptr, seq_lens_ptr, map_ptr, out_ptr, width,
+    stride_qb, stride_qh, stride_lh, stride_pt_b, stride_ob, stride_oh,
+    GROUP: tl.constexpr, R: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
+    USE_SUM: tl.constexpr, HAS_MAP: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl_enter(PDL)
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)  # the labels' head
+    pblock = tl.program_id(2)
+    src = kvh  # the model's KV head, whose query heads are rows of q
+    if HAS_MAP:
+        src = tl.load(map_ptr + kvh)
+    seq_len = tl.load(seq_lens_ptr + b)
+    num_pages = tl.cdiv(seq_len, PAGE_SIZE)
+    p = pblock * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < num_pages
+    out_row = out_ptr + b * stride_ob + kvh * stride_oh
+    if pblock * BLOCK_P >= num_pages:
+        tl.store(out_row + p, tl.full([BLOCK_P], float("-inf"), tl.float32), mask=p < width)
+        return
+    c = tl.arange(0, R)
+    chans = tl.load(chan_ptr + kvh * R + c)
+    q_row = q_ptr + b * stride_qb + (src * GROUP) * stride_qh + chans
+    t = tl.arange(0, PAGE_SIZE)
+    page = tl.load(page_table_ptr + b * stride_pt_b + p, mask=p_ok, other=0).to(tl.int64)
+    ok = p_ok[:, None] & (p[:, None] * PAGE_SIZE + t[None, :] < seq_len)  # (BLOCK_P, PAGE_SIZE)
+    slot = page[:, None] * PAGE_SIZE + t[None, :]
+    # one head's labels are contiguous (heads, slots, R): a page is PAGE_SIZE * R values in a row
+    lab = tl.load(label_ptr + kvh * stride_lh + slot[:, :, None] * R + c[None, None, :],
+                  mask=ok[:, :, None], other=0.0).to(tl.float32)
+    if USE_SUM:
+        # sum over the group of q_g . k_C = (sum_g q_g)_C . k_C: one product per key
+        qs = tl.zeros([R], tl.float32)
+        for g in tl.static_range(GROUP):
+            qs += tl.load(q_row + g * stride_qh).to(tl.float32)
+        s = tl.sum(lab * qs[None, None, :], axis=2)
+    else:
+        s = tl.full([BLOCK_P, PAGE_SIZE], float("-inf"), tl.float32)
+        for g in tl.static_range(GROUP):
+            qg = tl.load(q_row + g * stride_qh).to(tl.float32)
+            s = tl.maximum(s, tl.sum(lab * qg[None, None, :], axis=2))
+    best = tl.max(tl.where(ok, s, float("-inf")), axis=1)
+    tl.store(out_row + p, best, mask=p < width)
+
+
+def channel_page_scores(
+    q: torch.Tensor,
+    k_label: torch.Tensor,
+    label_channels: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    aggregate: str = "sum",
+    kv_head_map: torch.Tensor | None = None,
+    group: int | None = None,
+    block_tokens: int = 1024,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """q (B, Hq, D); labels (Hkv, num_pages * page_size, r) with their channels (Hkv, r) int32;
+    page_table (B, P) int32; seq_lens (B,) int32 -> scores (B, Hkv, P) float32: per page, the max
+    over its tokens of q_C . k_C (aggregated over the GQA group), -inf past each sequence.
+
+    `kv_head_map` and `group` as for `page_scores` (labels of one pool of several). A program
+    scores `block_tokens` tokens' worth of pages of one (sequence, head)."""
+    bsz, hq, _ = q.shape
+    hkv, slots, r = k_label.shape
+    if aggregate not in ("max", "sum"):
+        raise ValueError(f"aggregate must be 'max' or 'sum', got {aggregate!r}")
+    if kv_head_map is not None and (kv_head_map.shape != (hkv,) or group is None or hkv * group > hq):
+        raise ValueError("kv_head_map needs `group` and one entry per label head")
+    if (kv_head_map is None and hq % hkv) or label_channels.shape != (hkv, r) or r & (r - 1) \
+            or label_channels.dtype != torch.int32 or not k_label.is_contiguous() \
+            or not label_channels.is_contiguous() or slots % page_size:
+        raise ValueError(f"q {tuple(q.shape)} does not fit labels {tuple(k_label.shape)} "
+                         f"with channels {tuple(label_channels.shape)}")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if kv_head_map is None:
+        group = hq // hkv
+    max_pages = page_table.shape[1]
+    block_p = max(1, block_tokens // page_size)
+    out = torch.empty((bsz, hkv, max_pages), dtype=torch.float32, device=q.device)
+    _channel_scores_kernel[(bsz, hkv, triton.cdiv(max_pages, block_p))](
+        q, k_label, label_channels, page_table, seq_lens, kv_head_map if kv_head_map is not None else seq_lens,
+        out, max_pages, q.stride(0), q.stride(1), k_label.stride(0), page_table.stride(0), out.stride(0),
+        out.stride(1), GROUP=group, R=r, PAGE_SIZE=page_size, BLOCK_P=block_p, USE_SUM=aggregate == "sum",
+        HAS_MAP=kv_head_map is not None, num_warps=num_warps, **pdl_args(q.device),
     )
     return out
 

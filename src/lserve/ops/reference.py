@@ -25,8 +25,11 @@ def kv_append_ref(
     k_max: torch.Tensor | None = None,
     logical_page_size: int = 16,
     stats_heads: torch.Tensor | None = None,
+    k_label: torch.Tensor | None = None,
+    label_channels: torch.Tensor | None = None,
 ) -> None:
-    """Write k, v (T, Hkv, D) at `slots` (T,); update min/max of the touched logical pages.
+    """Write k, v (T, Hkv, D) at `slots` (T,); update min/max of the touched logical pages, or
+    write the new keys' labels: `k_label[h, slot, j] = k[t, h, label_channels[h, j]]`.
 
     A logical page whose offset-0 token is among the new tokens starts fresh (its old statistics
     are stale: they belong to whoever used the page before); otherwise the new keys are merged
@@ -35,6 +38,11 @@ def kv_append_ref(
     num_pages, page_size = k_cache.shape[:2]
     k_cache.view(num_pages * page_size, *k_cache.shape[2:])[slots] = k
     v_cache.view(num_pages * page_size, *v_cache.shape[2:])[slots] = v
+    if k_label is not None and label_channels is not None:
+        for t, slot in enumerate(slots.tolist()):
+            for h in range(k.shape[1]):
+                for j, c in enumerate(label_channels[h].tolist()):
+                    k_label[h, slot, j] = k[t, h, c]
     if k_min is None or k_max is None:
         return
     heads = torch.ones(k.shape[1], dtype=torch.bool, device=k.device) if stats_heads is None else stats_heads
@@ -186,9 +194,11 @@ def page_scores_ref(
     page_size: int,
     logical_page_size: int,
     aggregate: str = "max",
+    midrange: bool = False,
 ) -> torch.Tensor:
     """Quest bound per logical page, max over each physical page's logical pages, aggregated over
-    the GQA group's query heads: (B, Hkv, max_pages) float64, -inf past each sequence."""
+    the GQA group's query heads: (B, Hkv, max_pages) float64, -inf past each sequence.
+    `midrange`: q . (kmin + kmax) / 2 instead of the bound."""
     bsz, hq, _ = q.shape
     hkv = k_min.shape[1]
     group = hq // hkv
@@ -203,14 +213,48 @@ def page_scores_ref(
                     if p * page_size + s * logical_page_size >= n:
                         continue
                     row = table[p] * sub + s
+                    hi, lo = k_max[row, h].double(), k_min[row, h].double()
                     per_head = [
-                        float(torch.maximum(q[b, qh].double() * k_max[row, h].double(),
-                                            q[b, qh].double() * k_min[row, h].double()).sum())
+                        float((q[b, qh].double() * (hi + lo) / 2).sum()) if midrange
+                        else float(torch.maximum(q[b, qh].double() * hi, q[b, qh].double() * lo).sum())
                         for qh in range(h * group, (h + 1) * group)
                     ]
                     agg = max(per_head) if aggregate == "max" else sum(per_head)
                     best = max(best, agg)
                 out[b, h, p] = best
+    return out
+
+
+def channel_page_scores_ref(
+    q: torch.Tensor,
+    k_label: torch.Tensor,
+    label_channels: torch.Tensor,
+    page_tables: list[list[int]],
+    seq_lens: list[int],
+    page_size: int,
+    aggregate: str = "sum",
+) -> torch.Tensor:
+    """Channel score of each physical page: the max over its tokens of the partial dot product
+    on the label channels, q_C . k_C, aggregated over the GQA group (sum: of the group's queries,
+    before the product; max: of the per-head products). q (B, Hq, D), k_label (Hkv, slots, r),
+    label_channels (Hkv, r) -> (B, Hkv, max_pages) float64, -inf past each sequence."""
+    bsz, hq, _ = q.shape
+    hkv = k_label.shape[0]
+    group = hq // hkv
+    width = max(len(t) for t in page_tables)
+    out = torch.full((bsz, hkv, width), float("-inf"), dtype=torch.float64)
+    for b, (table, n) in enumerate(zip(page_tables, seq_lens)):
+        for h in range(hkv):
+            chans = label_channels[h].long()
+            qc = q[b, h * group : (h + 1) * group][:, chans].double()  # (group, r)
+            for p in range(-(-n // page_size)):
+                slots = [table[p] * page_size + t for t in range(page_size) if p * page_size + t < n]
+                labels = k_label[h, slots].double()  # (tokens, r)
+                if aggregate == "sum":
+                    per_token = labels @ qc.sum(0)
+                else:
+                    per_token = (labels @ qc.T).amax(1)
+                out[b, h, p] = float(per_token.max())
     return out
 
 

@@ -5,7 +5,8 @@ Two file formats load:
 - DuoAttention's `full_attention_heads.tsv`: tab-separated floats, rows = layers, columns = KV
   heads, raw gate values (clipped to [0, 1]); a folder holding it (and maybe its config.json) works too;
 - lserve's own JSON (`*.json`): the scores plus metadata (model, the sink/local used when the
-  scores were made, how they were made).
+  scores were made, how they were made) and, optionally, a `selection` object: the page score
+  that `lserve calibrate --selection` chose for the model (`lserve.sparse.selection`).
 `binarize` turns scores into streaming-head flags at a target sparsity by a global rank over all
 heads (DuoAttention's quantile rule, with ties broken by position so the result is deterministic).
 """
@@ -37,6 +38,8 @@ class HeadPattern:
     """(num_layers, num_kv_heads) float32 in [0, 1]."""
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    selection: dict[str, Any] | None = None
+    """The calibrated page-score choice (`lserve.sparse.selection.SelectionChoice.to_json`), if any."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -122,7 +125,10 @@ def _load_json(path: Path) -> HeadPattern:
     metadata = data.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise PatternError(f"{path}: metadata must be an object")
-    return HeadPattern(_as_scores(data.get("scores"), str(path)), metadata, str(path))
+    selection = data.get("selection")
+    if selection is not None and not isinstance(selection, dict):
+        raise PatternError(f"{path}: selection must be an object")
+    return HeadPattern(_as_scores(data.get("scores"), str(path)), metadata, str(path), selection)
 
 
 def save_pattern(pattern: HeadPattern, path: str | Path) -> Path:
@@ -131,6 +137,8 @@ def save_pattern(pattern: HeadPattern, path: str | Path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     body = {"format": FORMAT, "version": 1, "metadata": pattern.metadata,
             "scores": [[round(float(x), 6) for x in row] for row in pattern.scores.tolist()]}
+    if pattern.selection is not None:
+        body["selection"] = pattern.selection
     p.write_text(json.dumps(body, indent=1) + "\n")
     rows = ["\t".join(f"{float(x):.6f}" for x in row) for row in pattern.scores.tolist()]
     p.with_name(DUO_FILE).write_text("\n".join(rows) + "\n")

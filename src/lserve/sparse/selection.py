@@ -1,0 +1,109 @@
+"""Which page score ranks the KV pages of page selection, and on which key channels.
+
+Four scores (docs/sparsity.md has the measurements behind them):
+- `quest`: Quest's upper bound over per-logical-page key min/max, sum_c max(q_c kmax_c, q_c kmin_c);
+- `midrange`: q . (kmin + kmax) / 2 over the same statistics (the box's centre, no slack term);
+- `rope_channels`: exact partial dot products q_C . k_C on r channels C per KV head, kept per
+  token beside the pages; C = the r/2 slowest-rotating RoPE frequencies, both channels of each
+  rotation pair (no calibration);
+- `label_channels`: the same with channels chosen per (layer, KV head) by calibration
+  (DoubleSparsity's "label channels"), read from the model's pattern file.
+
+`auto` takes the choice that `lserve calibrate --selection` wrote into the model's pattern file
+(the shipped one for the default model), else `rope_channels`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lserve.errors import LServeError
+
+CHANNEL_SCORES = ("rope_channels", "label_channels")
+STATISTICS_SCORES = ("quest", "midrange")
+DEFAULT_PAGE_SCORE = "rope_channels"
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """The resolved page score of an engine."""
+
+    kind: str
+    """quest, midrange, rope_channels or label_channels."""
+    channels: torch.Tensor | None = None
+    """(layers, KV heads, r) int64 key channels of a channel score (model head numbering)."""
+    source: str = ""
+    """Where the choice came from (for the log)."""
+
+    @property
+    def uses_labels(self) -> bool:
+        """Channel scores keep r key channels per token; the others keep per-page min/max."""
+        return self.kind in CHANNEL_SCORES
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.channels.shape[2]) if self.channels is not None else 0
+
+
+def rope_slow_channels(inv_freq: torch.Tensor, r: int) -> list[int]:
+    """The r key channels of the r/2 slowest-rotating RoPE frequencies, ascending.
+
+    Rotate-half layout (lserve's and Hugging Face's): channel i and i + D/2 rotate together at
+    `inv_freq[i]`. Their partial products change least with the distance between query and key,
+    so they carry content rather than position."""
+    half = int(inv_freq.shape[0])
+    if r % 2 or not 2 <= r <= 2 * half:
+        raise LServeError(f"score_channels={r} must be even and at most the head dimension {2 * half}")
+    slowest = torch.argsort(inv_freq.double(), stable=True)[: r // 2].tolist()
+    return sorted(slowest + [i + half for i in slowest])
+
+
+def _channels_from_choice(choice: dict[str, Any], num_layers: int, num_kv_heads: int, head_dim: int,
+                          source: str) -> torch.Tensor:
+    try:
+        channels = torch.tensor(choice["channels"], dtype=torch.int64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LServeError(f"{source}: the selection's label channels are missing or not a table of integers") from exc
+    if channels.ndim != 3 or channels.shape[:2] != (num_layers, num_kv_heads):
+        raise LServeError(f"{source}: label channels have shape {tuple(channels.shape)}, the model needs "
+                          f"({num_layers}, {num_kv_heads}, r)")
+    if channels.numel() and (channels.min() < 0 or channels.max() >= head_dim):
+        raise LServeError(f"{source}: label channels must lie in [0, {head_dim})")
+    return channels
+
+
+def resolve_page_score(
+    requested: str,
+    num_channels: int,
+    selection: dict[str, Any] | None,
+    inv_freq: torch.Tensor,
+    num_layers: int,
+    num_kv_heads: int,
+    source: str = "",
+) -> ScoreSpec:
+    """The engine's page score: `requested` (a config value), the pattern's `selection` choice
+    for `auto` (and the channels of `label_channels`), `rope_channels` otherwise.
+
+    A pattern's choice also sets r (its `score_channels`) when `auto` takes it."""
+    head_dim = 2 * int(inv_freq.shape[0])
+    kind, origin = requested, "setting"
+    if requested == "auto":
+        if selection is not None and selection.get("page_score") in (*STATISTICS_SCORES, *CHANNEL_SCORES):
+            kind, origin = str(selection["page_score"]), f"calibrated ({source})"
+            num_channels = int(selection.get("score_channels", num_channels))
+        else:
+            kind, origin = DEFAULT_PAGE_SCORE, "default"
+    if kind in STATISTICS_SCORES:
+        return ScoreSpec(kind, None, origin)
+    if kind == "rope_channels":
+        chans = torch.tensor(rope_slow_channels(inv_freq, num_channels), dtype=torch.int64)
+        return ScoreSpec(kind, chans.expand(num_layers, num_kv_heads, -1).contiguous(), origin)
+    if selection is None or "channels" not in selection:
+        raise LServeError(
+            "page_score='label_channels' needs label channels calibrated for the model (`lserve calibrate "
+            "--selection` writes them into its pattern file; pass it as attn_pattern)"
+        )
+    return ScoreSpec(kind, _channels_from_choice(selection, num_layers, num_kv_heads, head_dim, source), origin)

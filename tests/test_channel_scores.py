@@ -1,0 +1,179 @@
+"""The page scores beside Quest's bound: midrange, and channel scores over per-token key labels
+(kernels and the torch backend's versions against `ops.reference`; the KV append's labels)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lserve.attention.torch_backend import channel_page_scores_torch, page_scores_torch, write_labels
+from lserve.errors import LServeError
+from lserve.ops import reference as ref
+from lserve.ops.kv_append import kv_append
+from lserve.ops.page_scores import channel_page_scores, page_scores
+from lserve.sparse.selection import resolve_page_score, rope_slow_channels
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _tables(seq_lens: list[int], page_size: int, rng: random.Random) -> tuple[list[list[int]], int, torch.Tensor]:
+    """Shuffled page tables (gaps, out of order), the pool's page count and the padded table."""
+    num_pages = sum(-(-n // page_size) for n in seq_lens) + 3
+    ids = list(range(num_pages))
+    rng.shuffle(ids)
+    tables = []
+    for n in seq_lens:
+        k = -(-n // page_size)
+        tables.append(ids[:k])
+        ids = ids[k:]
+    width = max(len(t) for t in tables)
+    table = torch.zeros((len(seq_lens), width), dtype=torch.int32)
+    for i, t in enumerate(tables):
+        table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    return tables, num_pages, table
+
+
+def _labels(num_pages: int, page_size: int, hkv: int, d: int, r: int, gen: torch.Generator,
+            tables: list[list[int]], seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random labels (stale ones past each sequence made huge: they must not count) and channels."""
+    labels = torch.randn((hkv, num_pages * page_size, r), generator=gen)
+    for n, t in zip(seq_lens, tables):
+        for pos in range(n, len(t) * page_size):
+            labels[:, t[pos // page_size] * page_size + pos % page_size] = 1e4
+    channels = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(hkv)]).to(torch.int32)
+    return labels, channels
+
+
+@pytest.mark.parametrize("page_size", [16, 32, 128])
+@pytest.mark.parametrize("hq,hkv", [(3, 3), (8, 2), (8, 1)])
+@pytest.mark.parametrize("aggregate", ["sum", "max"])
+@pytest.mark.parametrize("r", [2, 8])
+def test_channel_scores_match_the_reference(page_size: int, hq: int, hkv: int, aggregate: str, r: int) -> None:
+    d = 32
+    seed = page_size * 7 + hq + r
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    seq_lens = [rng.randint(1, 5 * page_size) for _ in range(3)] + [3 * page_size + 1]
+    tables, num_pages, table = _tables(seq_lens, page_size, rng)
+    labels, channels = _labels(num_pages, page_size, hkv, d, r, gen, tables, seq_lens)
+    q = torch.randn((len(seq_lens), hq, d), generator=gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    want = ref.channel_page_scores_ref(q, labels, channels, tables, seq_lens, page_size, aggregate)
+    got = channel_page_scores(q.to(DEVICE), labels.to(DEVICE), channels.to(DEVICE), table.to(DEVICE),
+                              lens.to(DEVICE), page_size, aggregate, block_tokens=64)
+    torch_got = channel_page_scores_torch(q, labels, channels, table, lens, page_size, aggregate)
+    finite = torch.isfinite(want)
+    for out in (got.cpu(), torch_got):
+        assert torch.equal(torch.isfinite(out), finite)
+        torch.testing.assert_close(out[finite].double(), want[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_channel_scores_through_a_head_map_equal_the_gathered_heads() -> None:
+    gen = torch.Generator().manual_seed(3)
+    group, d, page, r = 2, 32, 16, 4
+    seq_lens = [5 * page + 3, 2 * page]
+    labels = torch.randn((2, 8 * page, r), generator=gen)
+    channels = torch.tensor([[1, 5, 9, 30], [0, 2, 4, 6]], dtype=torch.int32)
+    qkv = torch.randn((2, 3 * group + 5, d), generator=gen)
+    q = qkv[:, : 3 * group]  # three model KV heads; the pool holds heads 2 and 0
+    table = torch.tensor([[0, 1, 2, 3, 4, 5], [6, 7, 0, 0, 0, 0]], dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    picked = torch.cat([q[:, 2 * group : 3 * group], q[:, :group]], dim=1)
+    args = (labels.to(DEVICE), channels.to(DEVICE), table.to(DEVICE), lens.to(DEVICE), page, "sum")
+    got = channel_page_scores(q.to(DEVICE), *args, kv_head_map=torch.tensor([2, 0], device=DEVICE), group=group)
+    assert torch.equal(got, channel_page_scores(picked.contiguous().to(DEVICE), *args))
+    assert torch.isinf(got[1, :, 2:]).all() and torch.isfinite(got[0]).all()
+
+
+@pytest.mark.parametrize("page_size,logical", [(16, 8), (64, 16), (128, 32)])
+@pytest.mark.parametrize("hq,hkv", [(3, 1), (8, 2)])
+def test_midrange_scores_match_the_reference(page_size: int, logical: int, hq: int, hkv: int) -> None:
+    d = 32
+    gen = torch.Generator().manual_seed(page_size + hq)
+    rng = random.Random(page_size)
+    seq_lens = [rng.randint(1, 4 * page_size) for _ in range(3)]
+    tables, num_pages, table = _tables(seq_lens, page_size, rng)
+    rows = num_pages * page_size // logical
+    k_min = torch.randn((rows, hkv, d), generator=gen)
+    k_max = k_min + torch.rand((rows, hkv, d), generator=gen)
+    q = torch.randn((len(seq_lens), hq, d), generator=gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    want = ref.page_scores_ref(q, k_min, k_max, tables, seq_lens, page_size, logical, "sum", midrange=True)
+    got = page_scores(q.to(DEVICE), k_min.to(DEVICE), k_max.to(DEVICE), table.to(DEVICE), lens.to(DEVICE),
+                      page_size, logical, "sum", midrange=True).cpu()
+    torch_got = page_scores_torch(q, k_min, k_max, table, lens, page_size, logical, "sum", midrange=True)
+    quest = ref.page_scores_ref(q, k_min, k_max, tables, seq_lens, page_size, logical, "sum")
+    finite = torch.isfinite(want)
+    for out in (got, torch_got):
+        torch.testing.assert_close(out[finite].double(), want[finite], rtol=1e-4, atol=1e-4)
+    assert (quest[finite] > want[finite]).all()  # the bound's slack is positive on random boxes
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_kv_append_writes_key_labels(mapped: bool) -> None:
+    """Labels of prefill runs and decode rows, through a head map or not, equal the reference's."""
+    gen = torch.Generator().manual_seed(11)
+    page_size, d, r = 16, 32, 4
+    hkv_model = 3
+    head_map = torch.tensor([2, 0]) if mapped else None
+    pool_heads = 2 if mapped else hkv_model
+    channels = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(pool_heads)]).to(torch.int32)
+    k_cache = torch.zeros((5, page_size, pool_heads, d))
+    labels = torch.full((pool_heads, 5 * page_size, r), float("nan"))
+    want_k, want_labels = k_cache.clone(), labels.clone()
+    dk, dv, dl = k_cache.to(DEVICE), k_cache.clone().to(DEVICE), labels.to(DEVICE)
+    for slots in ([17, 18, 19, 20, 21, 3, 4, 70], [22], [5, 71, 40]):
+        s = torch.tensor(slots)
+        k = torch.randn((len(slots), hkv_model, d), generator=gen)
+        pool_k = k[:, head_map] if head_map is not None else k
+        ref.kv_append_ref(pool_k, pool_k, s, want_k, want_k.clone(), k_label=want_labels, label_channels=channels)
+        kv_append(k.to(DEVICE), k.to(DEVICE), s.to(DEVICE), dk, dv, k_label=dl, label_channels=channels.to(DEVICE),
+                  head_map=head_map.to(DEVICE) if head_map is not None else None)
+    assert torch.equal(dk.cpu(), want_k)
+    assert torch.equal(dl.cpu().nan_to_num(-1), want_labels.nan_to_num(-1))
+    # the torch backend's writer, over the same tokens in one go
+    torch_labels = torch.full_like(labels, float("nan"))
+    written = torch.tensor([17, 18, 19, 20, 21, 3, 4, 70, 22, 5, 71, 40])
+    keys = want_k.view(-1, pool_heads, d)[written]
+    write_labels(torch_labels, channels, keys, written)
+    assert torch.equal(torch_labels.nan_to_num(-1), want_labels.nan_to_num(-1))
+
+
+def test_kv_append_rejects_labels_with_statistics() -> None:
+    k = torch.zeros((1, 1, 16), device=DEVICE)
+    cache = torch.zeros((1, 16, 1, 16), device=DEVICE)
+    stats = torch.zeros((1, 1, 16), device=DEVICE)
+    with pytest.raises(ValueError, match="not both"):
+        kv_append(k, k, torch.zeros(1, dtype=torch.long, device=DEVICE), cache, cache.clone(), stats, stats.clone(),
+                  k_label=torch.zeros((1, 16, 2), device=DEVICE),
+                  label_channels=torch.zeros((1, 2), dtype=torch.int32, device=DEVICE))
+
+
+def test_rope_channels_are_the_slowest_rotation_pairs() -> None:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))  # head dim 64
+    assert rope_slow_channels(inv_freq, 8) == [28, 29, 30, 31, 60, 61, 62, 63]
+    scaled = inv_freq.clone()
+    scaled[3] = 1e-9  # a rope scaling that slows frequency 3 the most
+    assert rope_slow_channels(scaled, 2) == [3, 35]
+    with pytest.raises(LServeError, match="even"):
+        rope_slow_channels(inv_freq, 3)
+
+
+def test_page_score_resolution() -> None:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))  # head dim 16
+    spec = resolve_page_score("auto", 4, None, inv_freq, 2, 3)
+    assert spec.kind == "rope_channels" and spec.channels.shape == (2, 3, 4)
+    assert spec.channels[1, 2].tolist() == [6, 7, 14, 15]
+    chosen = {"page_score": "label_channels", "score_channels": 2, "channels": [[[0, 1]] * 3, [[2, 3]] * 3]}
+    spec = resolve_page_score("auto", 8, chosen, inv_freq, 2, 3, "p.json")
+    assert spec.kind == "label_channels" and spec.channels[1, 0].tolist() == [2, 3] and "p.json" in spec.source
+    assert resolve_page_score("quest", 8, chosen, inv_freq, 2, 3).channels is None
+    assert resolve_page_score("auto", 8, {"page_score": "midrange"}, inv_freq, 2, 3).kind == "midrange"
+    with pytest.raises(LServeError, match="calibrate"):
+        resolve_page_score("label_channels", 8, None, inv_freq, 2, 3)
+    with pytest.raises(LServeError, match="shape"):
+        resolve_page_score("label_channels", 8, {"channels": [[[0, 1]]]}, inv_freq, 2, 3)
+    with pytest.raises(LServeError, match=r"\[0, 16\)"):
+        resolve_page_score("label_channels", 8, {"channels": [[[0, 99]] * 3] * 2}, inv_freq, 2, 3)
