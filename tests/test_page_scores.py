@@ -156,3 +156,43 @@ def test_page_scores_in_half_precision_equal_the_float64_bound(dtype: torch.dtyp
                       device=DEVICE), torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), page, logical, "sum")
     want = ref.page_scores_ref(q, k_min, k_max, table, seq_lens, page, logical, "sum")
     torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("width,keep,p", [(37, 9, 0.5), (130, 20, 0.9), (300, 40, 0.99), (20, 6, 1.0)])
+def test_store_top_pages_with_top_p_equals_the_reference(width: int, keep: int, p: float) -> None:
+    """Top-p: page 0 plus the fewest best older pages carrying p of the estimated mass (with the
+    tail's), within [min_keep, keep]; counts per (seat, head); reused rows untouched."""
+    from lserve.ops.page_scores import store_top_pages
+    from lserve.ops.paged_inputs import TopP
+
+    gen = torch.Generator().manual_seed(width + keep)
+    rows, heads, seats = 4, 3, 6
+    scores = torch.randn((rows, heads, width), generator=gen) * 3
+    scores[0, 0, 5] = 40.0  # one page carries nearly all the mass: the floor decides
+    scores[1, 1] = 0.0  # flat: the budget decides
+    scores[2, :, -4:] = float("-inf")  # past the sequence
+    anchor = [width - 1, width - 2, width - 6, width - 3]
+    redo = [1, 1, 1, 0]
+    seat_ids = [4, 0, 5, 2]
+    plan = _plan(redo, anchor, seat_ids)
+    plan[2, :4] = torch.tensor([width, width, width - 4, width])  # pages of each sequence
+    store = torch.randint(0, 1000, (seats + 1, heads, keep), generator=gen, dtype=torch.int32)
+    counts = torch.full((seats + 1, heads), -1, dtype=torch.int32)
+    want, want_counts = store.clone(), counts.clone()
+    ref.store_top_pages_ref(scores, plan, want, keep, top_p=TopP(p, 0.5, 3, want_counts))
+    got, got_counts = store.clone().to(DEVICE), counts.clone().to(DEVICE)
+    store_top_pages(scores.to(DEVICE), plan.to(DEVICE), got, keep, top_p=TopP(p, 0.5, 3, got_counts))
+    assert torch.equal(got_counts.cpu(), want_counts)
+    for b, seat in enumerate(seat_ids):
+        for h in range(heads):
+            n = int(want_counts[seat, h])
+            if not redo[b]:
+                assert n == -1 and torch.equal(got[seat, h].cpu(), store[seat, h])
+                continue
+            assert 3 <= n <= keep and got[seat, h, 0] == 0  # the sink page first
+            assert torch.equal(got[seat, h, :n].cpu(), want[seat, h, :n])
+    assert want_counts[0, 1] == keep  # flat scores: the budget
+    if p == 1.0:
+        assert (want_counts[[4, 0, 5]] == keep).all()
+    else:
+        assert want_counts[4, 0] == 3  # one page carries the mass: the floor

@@ -58,8 +58,12 @@ def brute_force_pages(q: torch.Tensor, keys: torch.Tensor, seq_len: int, keep: i
     return sorted(p for _, p in sorted(scores, reverse=True)[:keep])
 
 
+LABEL_CHANNELS = [[1, 7, 16, 30], [0, 2, 4, 6], [31, 9, 17, 3], [5, 8, 13, 21]]  # per model KV head
+
+
 class RingSim:
-    def __init__(self, backend_cls: type, token_budget: int, seed: int) -> None:
+    def __init__(self, backend_cls: type, token_budget: int, seed: int, score: str = "quest",
+                 top_p: float | None = None) -> None:
         self.gen = torch.Generator().manual_seed(seed)
         rng = random.Random(seed)
         flags = tuple(torch.tensor(f, device=DEVICE) for f in FLAGS)
@@ -67,8 +71,13 @@ class RingSim:
         self.geometry = RingGeometry.plan(PAGE, 5, 20, MAX_CHUNK, max_model_len=400)
         assert self.geometry.ring_pages and self.geometry.pages_per_seq * PAGE < 100  # it must wrap
         n_stream = tuple(sum(f) for f in FLAGS)
-        paged = KVCacheTensors(KVShape(3, HKV, D, PAGE, torch.float32, tuple(HKV - n for n in n_stream)), 30,
-                               DEVICE, LOGICAL)
+        shape = KVShape(3, HKV, D, PAGE, torch.float32, tuple(HKV - n for n in n_stream))
+        if score in ("quest", "midrange"):
+            paged = KVCacheTensors(shape, 30, DEVICE, LOGICAL)
+        else:  # a channel score: labels of each layer's dense heads
+            chans = [torch.tensor([LABEL_CHANNELS[h] for h, s in enumerate(f) if not s], dtype=torch.int32)
+                     .view(-1, 4) for f in FLAGS]
+            paged = KVCacheTensors(shape, 30, DEVICE, label_channels=chans)
         ring = KVCacheTensors(KVShape(3, HKV, D, PAGE, torch.float32, n_stream), 2 * self.geometry.pages_per_seq,
                               DEVICE)
         for t in (*paged.k, *paged.v, *ring.k, *ring.v):
@@ -77,7 +86,8 @@ class RingSim:
         self.selector = None
         if token_budget:
             self.selector = PageSelector([HKV - n for n in n_stream], PAGE, token_budget, INTERVAL, 2, DEVICE,
-                                         num_dense_layers=DENSE_LAYERS, aggregate="sum")
+                                         num_dense_layers=DENSE_LAYERS, aggregate="sum", score=score, top_p=top_p,
+                                         min_tokens=2 * PAGE, temperature=D**-0.5 / 2)
         self.backend = backend_cls(self.cache, HQ, D**-0.5, self.sparsity, self.selector)
         # the full history of every head, for the references
         self.full = KVCacheTensors(KVShape(3, HKV, D, PAGE, torch.float32), 30, DEVICE)
@@ -115,8 +125,8 @@ def _schedule() -> list[tuple[list[tuple[int, int, int]], int]]:
     return steps
 
 
-def _run(backend_cls: type, token_budget: int, seed: int = 0):
-    sim = RingSim(backend_cls, token_budget, seed)
+def _run(backend_cls: type, token_budget: int, seed: int = 0, **selection):
+    sim = RingSim(backend_cls, token_budget, seed, **selection)
     return sim, [sim.step(plan, nd) for plan, nd in _schedule()]
 
 
@@ -185,25 +195,59 @@ def test_torch_backend_ring_pool_and_selection_match_the_reference(token_budget:
         assert sim.selector.num_selections["r0"] == 5
 
 
-@pytest.mark.parametrize("token_budget", [0, 3 * PAGE], ids=["ring", "ring+selection"])
-def test_triton_backend_matches_the_torch_backend(token_budget: int) -> None:
-    _, a = _run(TorchAttentionBackend, token_budget)
-    _, b = _run(TritonAttentionBackend, token_budget)
+SELECTIONS = {
+    "ring": (0, {}),
+    "quest": (3 * PAGE, {}),
+    "midrange": (3 * PAGE, dict(score="midrange")),
+    "rope_channels": (3 * PAGE, dict(score="rope_channels")),
+    "top-p": (4 * PAGE, dict(score="rope_channels", top_p=0.3)),
+}
+
+
+@pytest.mark.parametrize("name", list(SELECTIONS))
+def test_triton_backend_matches_the_torch_backend(name: str) -> None:
+    budget, selection = SELECTIONS[name]
+    sim_a, a = _run(TorchAttentionBackend, budget, **selection)
+    sim_b, b = _run(TritonAttentionBackend, budget, **selection)
     for (_, _, _, la), (_, _, _, lb) in zip(a, b):
         for (_, out_a), (_, out_b) in zip(la, lb):
             assert _rel(out_b, out_a) < TOL
+    if selection.get("top_p"):
+        counts_a, counts_b = sim_a.selector._counts, sim_b.selector._counts
+        assert torch.equal(counts_a.cpu(), counts_b.cpu())
+        kept = counts_a[DENSE_LAYERS:, :2][counts_a[DENSE_LAYERS:, :2] > 0]
+        assert kept.numel() and int(kept.min()) < 3  # p = 0.3 keeps fewer pages than the budget's 3 somewhere
 
 
-def test_selection_changes_the_output_and_a_large_budget_does_not() -> None:
+@pytest.mark.parametrize("score", ["quest", "midrange", "rope_channels"])
+def test_selection_changes_the_output_and_a_large_budget_does_not(score: str) -> None:
     """Negative test: a small budget is not silently dense; a budget over the context is exact."""
     _, dense = _run(TorchAttentionBackend, 0)
-    _, small = _run(TorchAttentionBackend, 3 * PAGE)
-    _, large = _run(TorchAttentionBackend, 512)
+    _, small = _run(TorchAttentionBackend, 3 * PAGE, score=score)
+    _, large = _run(TorchAttentionBackend, 512, score=score)
     last = -1  # the final decode step: both sequences are far past 3 pages
     diffs = [_rel(s[1][:2], d[1][:2]) for s, d in zip(small[last][3], dense[last][3])]
     assert max(diffs) > 1e-2
     for s, d in zip(large[last][3], dense[last][3]):
         assert torch.equal(s[1], d[1])
+
+
+def test_top_p_of_one_keeps_the_budget_and_a_low_p_reads_less() -> None:
+    """p = 1 with a budget over the context is dense exactly; p = 1 under it stores the whole
+    budget, page 0 first; p = 0.05 keeps the floor and changes the output (not silently dense)."""
+    _, dense = _run(TorchAttentionBackend, 0)
+    _, over = _run(TorchAttentionBackend, 512, score="rope_channels", top_p=1.0)
+    for (_, _, _, ld), (_, _, _, lo) in zip(dense, over):
+        for (_, a), (_, b) in zip(ld, lo):
+            assert torch.equal(a, b)
+    keep = 3
+    full, _ = _run(TorchAttentionBackend, (keep + 1) * PAGE, score="rope_channels", top_p=1.0)
+    low, out = _run(TorchAttentionBackend, (keep + 1) * PAGE, score="rope_channels", top_p=0.05)
+    for sim, want in ((full, keep), (low, 1)):  # the floor: 2 pages of tokens, the newest one included
+        selecting = sim.selector._counts[2, 1, :3]  # seq 0 (seat 1) in the selecting layer with dense heads
+        assert selecting.unique().tolist() == [want]
+        assert (sim.selector._store[2][1, :3, 0] == 0).all()  # page 0 is always kept
+    assert max(_rel(s[1][:2], d[1][:2]) for s, d in zip(out[-1][3], dense[-1][3])) > 1e-2
 
 
 def test_ring_pool_memory_is_constant_in_context_length() -> None:

@@ -54,10 +54,26 @@ class PoolCall:
 
 @dataclass(frozen=True)
 class StepPageCounts:
-    """KV pages the step's decode rows read, and what dense attention would read (per row)."""
+    """KV pages the step's decode rows read, and what dense attention would read (per row).
+
+    With a top-p page budget the number of stored pages each selection reads is known on the
+    device only: `stored` holds it (copied to the host without waiting), and `resolved()` adds
+    it to `read` once the step has run."""
 
     read: tuple[int, ...]
     dense: tuple[int, ...]
+    stored: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+    """(per-row stored pages on the host, or still on the device; the event after its copy)."""
+
+    def resolved(self) -> StepPageCounts:
+        """These counts with the stored pages added (waits for the step's copy of them)."""
+        if self.stored is None:
+            return self
+        values, ready = self.stored
+        if ready is not None:
+            ready.synchronize()
+        extra = values.tolist()
+        return StepPageCounts(tuple(r + int(e) for r, e in zip(self.read, extra)), self.dense)
 
 
 class AttentionBackend(ABC):
@@ -118,6 +134,24 @@ class AttentionBackend(ABC):
         if self.selector is not None:
             self.selector.prepare(md)
         self.last_page_counts = self._count_pages(md)
+
+    def collect_stored_pages(self, md: AttentionMetadata) -> None:
+        """After the step's forward is queued: attach the pages a top-p selection stored (known
+        on the device only) to `last_page_counts`, copied to the host without waiting."""
+        if self.selector is None or not md.num_decodes:
+            return
+        stored = self.selector.stored_pages(md.num_decodes)
+        if stored is None:
+            return
+        ready = None
+        if stored.is_cuda:
+            host = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=True)
+            host.copy_(stored, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            stored = host
+        counts = self.last_page_counts
+        self.last_page_counts = StepPageCounts(counts.read, counts.dense, (stored, ready))
 
     def _count_pages(self, md: AttentionMetadata) -> StepPageCounts:
         nd = md.num_decodes

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from lserve.attention.metadata import AttentionMetadata
-from lserve.ops.paged_inputs import StoredSelection
+from lserve.ops.paged_inputs import StoredSelection, TopP
 from lserve.ops.reference import store_top_pages_ref
 
 
@@ -70,6 +70,9 @@ class PageSelector:
         num_dense_layers: int = 0,
         aggregate: str = "sum",
         score: str = "quest",
+        top_p: float | None = None,
+        min_tokens: int = 0,
+        temperature: float = 1.0,
     ) -> None:
         self.page_size = page_size
         self.score = score
@@ -93,6 +96,15 @@ class PageSelector:
         # per-row plan on the device, in fixed buffers so that a captured graph reads this step's
         # plan: rows past the step's decodes are inert (fit, one page, the spare seat)
         self._plan_dev = torch.zeros((5, num_seats + 1), dtype=torch.int64, device=device)
+        self.top_p = top_p
+        self._top_p: list[TopP] | None = None
+        if top_p is not None and self.keep:
+            # one tensor for every layer (a step's pages read are one reduction over it)
+            self._counts = torch.zeros((len(heads_per_layer), num_seats + 1, max(heads_per_layer)),
+                                       dtype=torch.int32, device=device)
+            min_keep = min(max(cdiv(min_tokens, page_size) - 1, 1), self.keep)
+            self._top_p = [TopP(top_p, temperature, min_keep, self._counts[i, :, :h])
+                           for i, h in enumerate(heads_per_layer)]
         self._state: dict[str, _RequestState] = {}
         self.plan: DecodePlan | None = None
         self.num_selections: dict[str, int] = {}
@@ -156,12 +168,24 @@ class PageSelector:
         self.num_selections.pop(request_id, None)
 
     def pages_read(self, row: int) -> int:
-        """Pages one dense head of decoding row `row` reads this step (in a selecting layer)."""
+        """Pages one dense head of decoding row `row` reads this step (in a selecting layer);
+        with a top-p budget, only the pages from the anchor on (the stored ones: `stored_pages`)."""
         plan = self.plan
         assert plan is not None
         if plan.fits[row]:
             return plan.num_pages[row]
-        return self.keep + plan.num_pages[row] - plan.anchor[row]
+        stored = 0 if self._top_p is not None else self.keep
+        return stored + plan.num_pages[row] - plan.anchor[row]
+
+    def stored_pages(self, nd: int) -> torch.Tensor | None:
+        """With a top-p budget: per decoding row, the stored pages its selection reads this step,
+        summed over the selecting layers and heads ((nd,) int64 on the device; 0 for rows that
+        fit); None without top-p. Queue it after the step's forward."""
+        if self._top_p is None or self.plan is None or self.mode == "none":
+            return None
+        recompute, fits, _, _, seats = self._plan_dev[:, :nd]
+        per_row = self._counts[self.num_dense_layers:, seats].sum(dim=(0, 2))
+        return torch.where(fits.bool(), 0, per_row)
 
     def begin_forward(self) -> None:
         """Forget the tensors shared by the layers of one forward (called before its first layer)."""
@@ -198,9 +222,14 @@ class PageSelector:
         if mode == "none" or not self.layer_selects(layer):
             return None
         store = self._store[layer]
+        top_p = self._top_p[layer] if self._top_p is not None else None
         if self.keep and mode == "select":
-            store_fn(scores_fn(), self._plan_dev[:, :nd], store, self.keep)
-        return StoredSelection(store, self._plan_dev, self.keep, self.keep + self.tail_width)
+            if top_p is not None:
+                store_fn(scores_fn(), self._plan_dev[:, :nd], store, self.keep, top_p=top_p)
+            else:
+                store_fn(scores_fn(), self._plan_dev[:, :nd], store, self.keep)
+        return StoredSelection(store, self._plan_dev, self.keep, self.keep + self.tail_width,
+                               top_p.counts if top_p is not None else None)
 
     def select(self, layer: int, nd: int, scores_fn) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Page lists (nd, H, W) int32 and counts (nd, H) int32 of this layer, or None to read every page
@@ -213,6 +242,16 @@ class PageSelector:
         heads = store.shape[1]
         seats = self._plan_dev[4, :nd]
         fit, every, tail, counts, _ = self._shared_tensors(nd)
-        selected = torch.cat([store[seats][:, :, : self.keep], tail.expand(nd, heads, -1)], dim=2)
+        if sel.counts is None:
+            selected = torch.cat([store[seats][:, :, : self.keep], tail.expand(nd, heads, -1)], dim=2)
+            lists = torch.where(fit, every.expand(nd, heads, -1), selected)
+            return lists, counts.expand(nd, heads).contiguous()
+        # a top-p selection: each head's stored pages, then the tail right after them
+        kept = sel.counts[seats].long()[:, :, None]  # (nd, H, 1)
+        j = torch.arange(self.keep + self.tail_width, device=self.device)[None, None, :]
+        from_store = torch.gather(store[seats].long(), 2, j.clamp(max=self.keep - 1).expand(nd, heads, -1))
+        from_tail = torch.gather(tail.long().expand(nd, heads, -1), 2, (j - kept).clamp(0, self.tail_width - 1))
+        selected = torch.where(j < kept, from_store, from_tail).to(torch.int32)
         lists = torch.where(fit, every.expand(nd, heads, -1), selected)
-        return lists, counts.expand(nd, heads).contiguous()
+        n = torch.where(fit[:, :, 0], counts, counts - self.keep + kept[:, :, 0].to(counts.dtype))
+        return lists, n.to(torch.int32).contiguous()

@@ -182,6 +182,9 @@ class EngineCore:
                 [shape.layer_heads(i) for i in range(arch.num_layers)], cache.page_size, sparse.token_budget,
                 sparse.selector_interval, seats, self.device, sparse.num_dense_layers,
                 score=self.page_score.kind if self.page_score is not None else "quest",
+                top_p=sparse.selection_top_p, min_tokens=sparse.selection_min_tokens,
+                # a score summed over a GQA group is about `group` logits: their mean's softmax scale
+                temperature=arch.head_dim**-0.5 / (arch.num_heads // arch.num_kv_heads),
             )
         backend = create_backend(self.backend_name, self.kv_cache, arch.num_heads, arch.head_dim**-0.5,
                                  sparsity, selector)
@@ -362,7 +365,8 @@ class EngineCore:
         the device reads them whatever becomes of the tokens)."""
         launched = self.runner.launch(self._step_inputs(out), out.num_decodes)
         counts = self.runner.backend.last_page_counts
-        self._count_decode_pages(counts)
+        if counts.stored is None:  # (a top-p selection's counts are added once the step has run)
+            self._count_decode_pages(counts)
         self.scheduler.advance(out)
         return launched, counts
 
@@ -387,6 +391,9 @@ class EngineCore:
         """Hand a launched step's sampled tokens to their requests. A request's own page counts
         grow only with the steps whose token it keeps (not the one launched after it stopped)."""
         changed = self.scheduler.resolve(out, sampled)
+        if counts.stored is not None:
+            counts = counts.resolved()
+            self._count_decode_pages(counts)
         kept = {id(r) for r in changed}
         for s, read, dense in zip(out.scheduled, counts.read, counts.dense):  # decode rows come first
             if id(s.request) in kept:

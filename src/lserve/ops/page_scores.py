@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from lserve.ops.launch import pdl_args, pdl_enter
+from lserve.ops.paged_inputs import TopP
 
 
 @triton.jit
@@ -236,10 +237,36 @@ def channel_page_scores(
 
 
 @triton.jit
+def _count_pages_kept(s, key, older, p, anchor, top_p, temp, min_keep, keep):
+    """Top-p: how many older pages to keep. Each page's estimated share of the softmax mass is
+    exp(temp * (score - best)); pages from the anchor on and page 0 (the sink) are kept anyway.
+    The fewest best other pages whose mass, with the kept pages', reaches `top_p` of the total,
+    plus page 0, between `min_keep` and `keep` (all `keep` for p = 1)."""
+    valid = s > float("-inf")
+    best = tl.max(tl.where(valid, s, float("-inf")), axis=0)
+    w = tl.where(valid, tl.exp2((s - best) * temp), 0.0)
+    forced = valid & ((p >= anchor) | (p == 0))
+    need = top_p * tl.sum(w, axis=0) - tl.sum(tl.where(forced, w, 0.0), axis=0)
+    cand = older & (p != 0)
+    # the largest threshold whose pages at or above it carry `need`: bisection on the key bits
+    lo = tl.min(tl.where(cand, key, 2147483647), axis=0).to(tl.int64)
+    hi = tl.max(tl.where(cand, key, -2147483648), axis=0).to(tl.int64)
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        mass = tl.sum(tl.where(cand & (key >= mid.to(tl.int32)), w, 0.0), axis=0)
+        lo = tl.where(mass >= need, mid, lo)
+        hi = tl.where(mass >= need, hi, mid - 1)
+    n = tl.sum((cand & (key >= lo.to(tl.int32))).to(tl.int32), axis=0)
+    n = tl.where(need > 0, n, 0) + 1  # + page 0
+    n = tl.where(top_p >= 1.0, keep, n)  # p = 1: the whole budget (not left to float rounding)
+    return tl.minimum(tl.maximum(n, min_keep), keep)
+
+
+@triton.jit
 def _store_top_pages_kernel(
-    scores_ptr, plan_ptr, store_ptr, keep,
-    stride_sb, stride_sh, stride_plan, stride_tb, stride_th,
-    BLOCK_P: tl.constexpr,
+    scores_ptr, plan_ptr, store_ptr, counts_ptr, keep, width, top_p, temp, min_keep,
+    stride_sb, stride_sh, stride_plan, stride_tb, stride_th, stride_cb,
+    BLOCK_P: tl.constexpr, TOP_P: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -251,11 +278,18 @@ def _store_top_pages_kernel(
     seat = tl.load(plan_ptr + 4 * stride_plan + b)
     p = tl.arange(0, BLOCK_P)
     older = p < anchor
-    s = tl.load(scores_ptr + b * stride_sb + h * stride_sh + p, mask=older, other=float("-inf"))
     # float32 -> int32 with the same order (negative floats: flip the magnitude bits); pages from
     # the anchor on rank below every older page
+    if TOP_P:
+        s = tl.load(scores_ptr + b * stride_sb + h * stride_sh + p, mask=p < width, other=float("-inf"))
+    else:
+        s = tl.load(scores_ptr + b * stride_sb + h * stride_sh + p, mask=older, other=float("-inf"))
     bits = s.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    if TOP_P:
+        keep = _count_pages_kept(s, key, older, p, anchor, top_p, temp, min_keep, keep)
+        tl.store(counts_ptr + seat * stride_cb + h, keep)
+        key = tl.where(p == 0, 2147483647, key)  # the sink page is always kept
     key = tl.where(older, key, -2147483648)
     # the keep-th largest key by bisection, count(key >= lo) >= keep > count(key > hi), between
     # the smallest and largest older key; it stops as soon as exactly `keep` keys are >= mid
@@ -278,29 +312,40 @@ def _store_top_pages_kernel(
 
 
 def store_top_pages(
-    scores: torch.Tensor, plan: torch.Tensor, store: torch.Tensor, keep: int, num_warps: int | None = None
+    scores: torch.Tensor, plan: torch.Tensor, store: torch.Tensor, keep: int, num_warps: int | None = None,
+    top_p: TopP | None = None,
 ) -> None:
     """Page selection into the selector's store, in one kernel (no sort).
 
     For each decoding row b that re-selects (`plan[0, b] != 0`) and each head h: the `keep`
     pages with the highest scores among those before the row's anchor (`plan[3, b]`), in
     ascending order, into `store[plan[4, b], h, :keep]`; ties go to the lower page. Rows that
-    reuse their selection are left alone. scores (B, H, P) float32; plan (5, >= B) int64 (the
-    selector's plan: recompute, fits, pages, anchor, seat); store (seats, H, >= keep) int32.
-    A re-selecting row has at least `keep` older pages (it does not fit the budget).
-    Reference: `ops.reference.store_top_pages_ref`.
+    reuse their selection are left alone. scores (B, H, P) float32 (-inf past each sequence);
+    plan (5, >= B) int64 (the selector's plan: recompute, fits, pages, anchor, seat); store
+    (seats, H, >= keep) int32. A re-selecting row has at least `keep` older pages (it does not
+    fit the budget).
+
+    With `top_p`, each (row, head) keeps page 0 and the fewest best older pages whose estimated
+    share of the softmax mass reaches p (`TopP`), at least `min_keep` and at most `keep` in all,
+    and writes how many into `top_p.counts[seat, h]`. Reference: `ops.reference.store_top_pages_ref`.
     """
     bsz, heads, width = scores.shape
     if store.shape[1] != heads or store.shape[2] < keep or plan.shape[0] != 5 or plan.shape[1] < bsz:
         raise ValueError(f"scores {tuple(scores.shape)}, plan {tuple(plan.shape)} and store "
                          f"{tuple(store.shape)} do not fit (keep {keep})")
+    if top_p is not None and top_p.counts.shape != store.shape[:2]:
+        raise ValueError(f"top-p counts {tuple(top_p.counts.shape)} do not fit store {tuple(store.shape)}")
     if keep == 0 or bsz == 0:
         return
     scores = scores if scores.stride(2) == 1 else scores.contiguous()
     block_p = triton.next_power_of_2(width)
+    counts = top_p.counts if top_p is not None else store
     _store_top_pages_kernel[(bsz, heads)](
-        scores, plan, store, keep,
-        scores.stride(0), scores.stride(1), plan.stride(0), store.stride(0), store.stride(1),
-        BLOCK_P=block_p, num_warps=num_warps or (4 if block_p <= 2048 else 8 if block_p <= 16384 else 16),
+        scores, plan, store, counts, keep, width,
+        top_p.p if top_p else 1.0, top_p.temperature * 1.4426950408889634 if top_p else 1.0,
+        top_p.min_keep if top_p else 0,
+        scores.stride(0), scores.stride(1), plan.stride(0), store.stride(0), store.stride(1), counts.stride(0),
+        BLOCK_P=block_p, TOP_P=top_p is not None,
+        num_warps=num_warps or (4 if block_p <= 2048 else 8 if block_p <= 16384 else 16),
         **pdl_args(scores.device),
     )

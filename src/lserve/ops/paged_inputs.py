@@ -9,6 +9,21 @@ import torch
 
 
 @dataclass(frozen=True)
+class TopP:
+    """A top-p page budget (`ops.page_scores.store_top_pages`): keep pages until their estimated
+    share of the softmax mass, exp(temperature * score) normalised over the sequence's pages,
+    reaches `p`; at least `min_keep` and at most the budget's stored pages."""
+
+    p: float
+    temperature: float
+    """What turns a page score into a logit: the softmax scale, over the group size for scores
+    summed over a GQA group."""
+    min_keep: int
+    counts: torch.Tensor
+    """(seats + 1, H) int32: how many stored pages each (seat, head) keeps, written by the selection."""
+
+
+@dataclass(frozen=True)
 class StoredSelection:
     """A layer's selection as the selector keeps it, for kernels that read it directly.
 
@@ -22,6 +37,9 @@ class StoredSelection:
     keep: int
     width: int
     """The most pages one row reads (keep + the longest tail): what splits are sized for."""
+    counts: torch.Tensor | None = None
+    """With a top-p budget: (seats + 1, H) int32, how many of `store[seat, h, :keep]` are read
+    (the tail pages then start at that entry); None: all `keep`."""
 
 
 def check_paged_attention(

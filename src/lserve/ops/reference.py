@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from lserve.ops.paged_inputs import TopP
+
 
 def kv_append_ref(
     k: torch.Tensor,
@@ -258,14 +260,56 @@ def channel_page_scores_ref(
     return out
 
 
-def store_top_pages_ref(scores: torch.Tensor, plan: torch.Tensor, store: torch.Tensor, keep: int) -> None:
+def store_top_pages_ref(
+    scores: torch.Tensor, plan: torch.Tensor, store: torch.Tensor, keep: int, top_p: TopP | None = None
+) -> None:
     """`ops.page_scores.store_top_pages` in PyTorch (also the torch backend's path): a stable
-    descending sort of the pages before each row's anchor, the first `keep`, ascending."""
-    nd, _, width = scores.shape
+    descending sort of the pages before each row's anchor, the first `keep`, ascending. With
+    `top_p`, page 0 and the fewest best other older pages whose estimated softmax mass, with the
+    pages from the anchor on, reaches p of the sequence's (between `min_keep` and `keep` pages)."""
+    nd, heads, width = scores.shape
     if keep == 0 or nd == 0:
         return
     redo, anchor, seats = plan[0, :nd].bool(), plan[3, :nd], plan[4, :nd]
     older = torch.arange(width, device=scores.device)[None, None, :] < anchor[:, None, None]
-    ranked = scores.masked_fill(~older, float("-inf")).sort(dim=2, descending=True, stable=True).indices
-    top = ranked[:, :, :keep].sort(dim=2).values.to(store.dtype)
-    store[seats, :, :keep] = torch.where(redo[:, None, None], top, store[seats, :, :keep])
+    ranked_scores = scores.masked_fill(~older, float("-inf"))
+    if top_p is None:
+        ranked = ranked_scores.sort(dim=2, descending=True, stable=True).indices
+        top = ranked[:, :, :keep].sort(dim=2).values.to(store.dtype)
+        store[seats, :, :keep] = torch.where(redo[:, None, None], top, store[seats, :, :keep])
+        return
+    for b in range(nd):
+        if not bool(redo[b]):
+            continue
+        for h in range(heads):
+            n = _pages_kept_ref(scores[b, h], int(anchor[b]), top_p, keep)
+            row = ranked_scores[b, h].clone()
+            row[0] = float("inf")  # the sink page first
+            chosen = row.sort(descending=True, stable=True).indices[:n].sort().values
+            store[seats[b], h, :n] = chosen.to(store.dtype)
+            top_p.counts[seats[b], h] = n
+
+
+def _pages_kept_ref(s: torch.Tensor, anchor: int, top_p: TopP, keep: int) -> int:
+    """How many older pages a top-p selection keeps for one (row, head) (page 0 included)."""
+    valid = torch.isfinite(s)
+    s64 = s.double()
+    w = torch.where(valid, torch.exp((s64 - s64[valid].max()) * top_p.temperature), torch.zeros_like(s64))
+    pages = torch.arange(s.shape[0], device=s.device)
+    forced = valid & ((pages >= anchor) | (pages == 0))
+    need = top_p.p * float(w.sum()) - float(w[forced].sum())
+    if top_p.p >= 1.0:
+        return keep
+    n = 0
+    if need > 0:
+        cand = sorted(range(1, anchor), key=lambda i: -float(s[i]))
+        mass = 0.0
+        for i in cand:
+            mass += float(w[i])
+            n += 1
+            if mass >= need:
+                break
+        # pages tied with the last one taken come along (the kernel's threshold takes ties)
+        last = float(s[cand[n - 1]]) if n else None
+        n += sum(1 for i in cand[n:] if float(s[i]) == last)
+    return min(max(n + 1, top_p.min_keep), keep)

@@ -29,15 +29,15 @@ from lserve.ops.paged_inputs import (
 @triton.jit
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, page_table_ptr, seq_lens_ptr, stream_ptr, list_ptr, list_len_ptr, map_ptr,
-    out_ptr, lse_ptr, dst_ptr,
-    sink, local, qk_scale, keep,
+    out_ptr, lse_ptr, dst_ptr, counts_ptr,
+    sink, local, qk_scale, keep, stride_cnt,
     stride_qb, stride_qh,
     stride_cp, stride_ct, stride_ch,
     stride_pt_b, stride_list_b, stride_list_h, stride_len_b,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_db, stride_dh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LIST: tl.constexpr, HAS_STREAM: tl.constexpr,
-    HAS_MAP: tl.constexpr, STORED: tl.constexpr,
+    HAS_MAP: tl.constexpr, STORED: tl.constexpr, VAR_KEEP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)  # the cache's head
@@ -63,8 +63,11 @@ def _decode_kernel(
         pages = tl.load(list_len_ptr + 2 * stride_len_b + b).to(tl.int32)
         anchor = tl.load(list_len_ptr + 3 * stride_len_b + b).to(tl.int32)
         seat = tl.load(list_len_ptr + 4 * stride_len_b + b)
-        n_list = tl.where(fits != 0, pages, keep + pages - anchor)
-        n_stored = tl.where(fits != 0, 0, keep)
+        n_keep = keep
+        if VAR_KEEP:  # a top-p selection: each (seat, head) keeps its own number of stored pages
+            n_keep = tl.load(counts_ptr + seat * stride_cnt + kvh)
+        n_list = tl.where(fits != 0, pages, n_keep + pages - anchor)
+        n_stored = tl.where(fits != 0, 0, n_keep)
         list_row = list_ptr + seat * stride_list_b + kvh * stride_list_h
     elif HAS_LIST:
         n_list = tl.load(list_len_ptr + b * stride_len_b + kvh)
@@ -97,7 +100,7 @@ def _decode_kernel(
             # a block compare only (a scalar flag in it breaks some Triton interpreters)
             from_store = idx < n_stored
             stored = tl.load(list_row + idx, mask=valid & from_store, other=0)
-            lp = tl.where(from_store, stored, tl.where(fits != 0, idx, anchor + idx - keep))
+            lp = tl.where(from_store, stored, tl.where(fits != 0, idx, anchor + idx - n_stored))
             pos = lp * PAGE_SIZE + vpos % PAGE_SIZE
             valid = valid & (pos < seq_len)
         elif HAS_LIST:
@@ -209,14 +212,17 @@ def sparse_decode(
         part, lse = dst.unsqueeze(2), dst
     stream, lst, lst_len = pack_sparse_args(q.device, streaming_heads, page_list, page_list_len)
     keep = 0
+    counts = lst_len
     if selection is not None:
         if selection.store.shape[1] != hkv:
             raise ValueError(f"selection store {tuple(selection.store.shape)} does not hold {hkv} heads")
         lst, lst_len, keep = selection.store, selection.plan, selection.keep
+        if selection.counts is not None:
+            counts = selection.counts
     _decode_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, stream, lst, lst_len,
-        kv_head_map if kv_head_map is not None else seq_lens, part, lse, dst,
-        sink, local, scale * 1.4426950408889634, keep,
+        kv_head_map if kv_head_map is not None else seq_lens, part, lse, dst, counts,
+        sink, local, scale * 1.4426950408889634, keep, counts.stride(0),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         page_table.stride(0), lst.stride(0), lst.stride(1), lst_len.stride(0),
@@ -224,6 +230,7 @@ def sparse_decode(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE_SIZE=page_size,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_LIST=page_list is not None,
         HAS_STREAM=streaming_heads is not None, HAS_MAP=kv_head_map is not None, STORED=selection is not None,
+        VAR_KEEP=selection is not None and selection.counts is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:

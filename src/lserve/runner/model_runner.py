@@ -125,11 +125,13 @@ class ModelRunner:
         if graphs is not None and num_decodes == len(inputs) and graphs.bucket(num_decodes) is not None:
             mode = backend.selector.mode if backend.selector is not None else "none"
             logits = graphs.run(md, ids, pos, mode)[rows]
+            backend.collect_stored_pages(md)
         else:
             def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
                 return backend.forward(q, k, v, layer_idx, md)
 
             hidden = self.model(ids, pos, attn)
+            backend.collect_stored_pages(md)
             if not sampling:
                 return LaunchedStep([], None)
             ends = md.query_start_loc[1:].long() - 1
