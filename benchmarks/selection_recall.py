@@ -149,12 +149,12 @@ def measure(model: Any, prompt: Prompt, scores: dict[str, tuple[str, Any]], args
             report.add_needle_rank(name, sr.needle_rank(caps, kind, prompt.needle, steps, channels=chans, **kw))
         pages = sr.needle_pages(prompt.needle, args.page_size)
         report.needle_mass.append(sr.attention_on_pages(caps, pages, steps, args.page_size).tolist())
-        report.settings.setdefault("page0_mass", []).append(
-            sr.attention_on_pages(caps, [0], steps, args.page_size).tolist())
+        report.page0_mass.append(sr.attention_on_pages(caps, [0], steps, args.page_size).tolist())
     finally:
         torch.set_num_threads(threads)
     report.prompts.append({**prompt.info, "needle_tokens": list(prompt.needle), "needle_pages": pages,
-                           "answer_tokens": len(prompt.answer), "query_positions": [caps[0].position(i) for i in steps]})
+                           "answer_tokens": len(prompt.answer),
+                           "rank_positions": [caps[0].position(i) for i in steps]})
 
 
 def print_recall(report: sr.SelectionReport) -> None:
@@ -178,10 +178,11 @@ def print_per_layer(report: sr.SelectionReport, budget: int) -> None:
 
 
 def worst_ranks(report: sr.SelectionReport, name: str, answer: bool) -> torch.Tensor:
-    """(layers, Hkv): the worst needle rank over the prompts at the last prompt position, or over
-    the prompts and answer steps (a prompt's answer steps all have the same count here or fewer)."""
-    per_prompt = [torch.tensor(r)[:, :, 1:] if answer else torch.tensor(r)[:, :, :1] for r in report.needle_rank[name]]
-    return torch.stack([r.amax(2) for r in per_prompt]).amax(0)
+    """(layers, Hkv): the worst needle rank over the prompts at the last prompt position (step 0),
+    or over the prompts and their answer steps (steps 1..; step 0 for a one-token answer)."""
+    tables = [torch.tensor(r) for r in report.needle_rank[name]]  # each (layers, Hkv, steps)
+    picked = [t[:, :, 1:] if answer and t.shape[2] > 1 else t[:, :, :1] for t in tables]
+    return torch.stack([t.amax(2) for t in picked]).amax(0)
 
 
 def print_ranks(report: sr.SelectionReport) -> None:
@@ -201,13 +202,14 @@ def print_ranks(report: sr.SelectionReport) -> None:
 def print_copy_heads(report: sr.SelectionReport, threshold: float) -> list[tuple[int, int]]:
     """The copy heads' attention and each score's worst needle rank over the answer steps."""
     mass = torch.stack([torch.tensor(m)[:, :, 1:].mean(2) for m in report.needle_mass]).mean(0)
-    page0 = torch.stack([torch.tensor(m)[:, :, 1:].mean(2) for m in report.settings["page0_mass"]]).mean(0)
+    page0 = torch.stack([torch.tensor(m)[:, :, 1:].mean(2) for m in report.page0_mass]).mean(0)
     heads = [(int(lay), int(h)) for lay, h in (mass >= threshold).nonzero().tolist()]
     names = list(report.needle_rank)
     ranks = {n: worst_ranks(report, n, answer=True) for n in names}
     keep = BUDGET_TABLE // report.page_size - 1
     print(f"\nCopy heads (true attention on the needle's page >= {threshold} at the answer steps, mean over "
-          f"prompts): worst rank of the needle's page over the answer steps and prompts (read at {BUDGET_TABLE} iff < {keep})")
+          f"prompts): worst rank of the needle's page over the answer steps and prompts "
+          f"(read at {BUDGET_TABLE} iff < {keep})")
     print(f"{'head':>8} | {'needle':>6} | {'page 0':>6} | " + " | ".join(f"{n:>8}" for n in names))
     for lay, h in heads:
         print(f"{f'L{lay} H{h}':>8} | {float(mass[lay, h]):6.3f} | {float(page0[lay, h]):6.3f} | "
@@ -242,7 +244,8 @@ def plot_ranks(report: sr.SelectionReport, path: Path) -> None:
             for (y, x), v in np.ndenumerate(ranks):
                 ax.text(x, y, str(v), ha="center", va="center", fontsize=5, color="k" if v < keep else "w")
         axes[row][0].set_ylabel("layer")
-    fig.colorbar(im, ax=axes, shrink=0.6, label=f"needle page rank (worst over prompts; < {keep}: read at {BUDGET_TABLE})")
+    fig.colorbar(im, ax=axes, shrink=0.6,
+                 label=f"needle page rank (worst over prompts; < {keep}: read at {BUDGET_TABLE})")
     fig.suptitle(f"{MODEL}: rank of the needle's page at the last prompt position (top) and the answer steps (bottom)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
@@ -272,10 +275,13 @@ def main() -> None:
     print(f"{MODEL}, pages of {args.page_size} tokens, logical pages of {args.logical}, scores summed over each "
           f"GQA group; {len(report.prompts)} passkey prompts; recall over the last {args.queries} prompt positions")
     for pr in report.prompts:
+        pages = ", ".join(map(str, pr["needle_pages"]))
+        first, end = pr["needle_tokens"]
         print(f"  {pr['tokens']} tokens, {pr['fillers']} fillers, depth {pr['depth']}: needle tokens "
-              f"{pr['needle_tokens'][0]}-{pr['needle_tokens'][1] - 1} (page {', '.join(map(str, pr['needle_pages']))}), "
-              f"{pr['answer_tokens'] - 1} answer steps")
-    print(f"label channels (r={args.label_r}) calibrated on {calib_info}")
+              f"{first}-{end - 1} (page {pages}), {pr['answer_tokens'] - 1} answer steps")
+    used = min(args.calib_queries, calib_info["tokens"])
+    print(f"label channels (r={args.label_r}) calibrated on the {calib_info['source']} prompt of "
+          f"{calib_info['tokens']} tokens (seed {calib_info['seed']}), its last {used} positions")
     print_recall(report)
     if BUDGET_TABLE in args.budgets:
         print_per_layer(report, BUDGET_TABLE)

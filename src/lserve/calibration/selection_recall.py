@@ -359,6 +359,8 @@ class SelectionReport:
     needle_rank: dict[str, list[list[list[list[int]]]]] = field(default_factory=dict)
     needle_mass: list[list[list[list[float]]]] = field(default_factory=list)
     """Per prompt, (layers, Hkv, steps): the true attention on the needle's pages (`attention_on_pages`)."""
+    page0_mass: list[list[list[list[float]]]] = field(default_factory=list)
+    """Per prompt, (layers, Hkv, steps): the true attention on page 0 (the sink)."""
     channels: dict[str, list[list[list[int]]]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
