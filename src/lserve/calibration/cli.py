@@ -63,10 +63,49 @@ def add_calibrate_parser(sub: Any) -> None:
     p.add_argument("--save-every", type=int, default=d.save_every, help=f"write gate checkpoints every N steps (default: {d.save_every})")
     p.add_argument("--checkpoint-layers", action="store_true",
                    help="recompute each layer in the backward pass (less memory for long contexts, ~30%% slower)")
+    sel = p.add_argument_group(
+        "page selection (--selection)",
+        "Instead of the head gates: measure each page score's recall and passkey answers against exact "
+        "attention and write the chosen score (and calibrated label channels) into the pattern's `selection`.")
+    sel.add_argument("--selection", action="store_true", help="calibrate the page score of page selection")
+    sel.add_argument("--pattern", default=None,
+                     help="head pattern to add the choice to (default: the one shipped for the model, else all dense)")
+    sel.add_argument("--token-budget", type=int, default=512, help="token budget the scores are measured at (default: 512)")
+    sel.add_argument("--score-channels", type=int, default=8, help="key channels of the channel scores (default: 8)")
+    sel.add_argument("--passkey-lengths", default="2048,4096,6144",
+                     help="lengths of the passkey prompts whose answers are compared (default: 2048,4096,6144)")
+    sel.add_argument("--passkey-samples", type=int, default=4, help="passkey prompts per length (default: 4)")
+    sel.add_argument("--streaming-sparsity", type=float, default=0.5,
+                     help="answers are also compared with this share of the pattern's heads streaming (0: not; default 0.5)")
     p.set_defaults(func=cmd_calibrate)
 
 
+def cmd_calibrate_selection(args: argparse.Namespace) -> int:
+    from lserve.calibration.selection import SelectionCalibrationConfig, calibrate_selection
+
+    cfg = SelectionCalibrationConfig(
+        output=args.output, model=args.model, load_format=args.load_format, pattern=args.pattern,
+        token_budget=args.token_budget, score_channels=args.score_channels,
+        lengths=parse_context_lengths(args.passkey_lengths, 1), num_samples=args.passkey_samples, seed=args.seed,
+        device=args.device, dtype=args.dtype, streaming_sparsity=args.streaming_sparsity,
+    )
+    result = calibrate_selection(cfg)
+    measured = result.selection["measured"]
+    print(f"wrote {result.pattern_path}: page_score={result.selection['page_score']} "
+          f"(token budget {measured['token_budget']})")
+    kept = measured["passkey_kept"]
+    n = measured["passkey_samples"]
+    for name in kept["alone"]:
+        recall = measured["recall"].get(name)
+        print(f"  {name:>15}: passkey " + ", ".join(f"{kept[s][name]}/{n} {s}" for s in kept)
+              + (f"; recall {recall:.3f}" if recall is not None else ""))
+    print(f"  {'oracle':>15}: recall {measured['recall']['oracle']:.3f}; wall time {result.wall_time_s / 60:.1f} min")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.selection:
+        return cmd_calibrate_selection(args)
     from lserve.calibration.train import calibrate
 
     cfg = CalibrationConfig(

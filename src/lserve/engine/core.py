@@ -43,7 +43,6 @@ from lserve.request import Request, RequestStatus
 from lserve.runner.cuda_graphs import DecodeGraphs
 from lserve.runner.model_runner import LaunchedStep, ModelRunner, StepInput
 from lserve.sampling_params import SamplingParams
-from lserve.model.layers import rope_inv_freq
 from lserve.sparse.patterns import HeadPattern, binarize, load_pattern, shipped_pattern
 from lserve.sparse.selection import ScoreSpec, resolve_page_score
 
@@ -85,7 +84,6 @@ class EngineCore:
         self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
         self.max_model_len = self._resolve_max_model_len()
         self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed)
-        self._rope_factors = rope_factors
         self._pattern: HeadPattern | None = None
         self._init_kv_cache()
         sched = config.scheduler
@@ -225,9 +223,9 @@ class EngineCore:
         """The page score of page selection: the setting, or for `auto` the pattern's calibrated choice."""
         sparse, arch = self.config.sparse, self.arch
         pattern = self._head_pattern() if sparse.page_score in ("auto", "label_channels") else None
-        inv_freq = rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling, self._rope_factors)
         spec = resolve_page_score(sparse.page_score, sparse.score_channels, pattern.selection if pattern else None,
-                                  inv_freq, arch.num_layers, arch.num_kv_heads, pattern.source if pattern else "")
+                                  self.model.rotary.inv_freq.cpu(), arch.num_layers, arch.num_kv_heads,
+                                  pattern.source if pattern else "")
         logger.info("page selection: %s scores%s (%s)", spec.kind,
                     f" on {spec.num_channels} key channels" if spec.uses_labels else "", spec.source)
         return spec

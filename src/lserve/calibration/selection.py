@@ -1,0 +1,200 @@
+"""`lserve calibrate --selection`: choose the page score of page selection for a model.
+
+Each candidate score (`lserve.sparse.selection`: quest, midrange, rope_channels,
+label_channels) is measured two ways against exact attention:
+- recall: the share of the true attention that falls on the pages it selects at the token
+  budget, on calibration text (`lserve.calibration.selection_recall`, the engine's own scores);
+- answers: passkey retrieval through the engine with page selection on, against dense, on
+  seeded prompts (not those of `lserve eval`, whose default seed is 0), alone and with the
+  pattern's streaming heads (at `streaming_sparsity`, with the windows the pattern was made for).
+
+The candidate that keeps the most answers (both settings together) wins; ties go to the earlier
+of `PREFERENCE` (the RoPE channels first: no calibration to go stale, and the best answers on
+the default model, docs/accuracy.md). Recall is recorded beside, not used: on the default model
+it ranks label channels and Quest's bound first while they lose answers, because averaged
+recall hides the few copy heads whose misses lose them (docs/sparsity.md). Label channels are
+calibrated on the same text first (DoubleSparsity's choice of channels,
+`calibrate_label_channels`). The choice, the channels and every measurement go into the pattern
+file's `selection` object; the engine's `page_score="auto"` takes it from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lserve.calibration import selection_recall as sr
+from lserve.calibration.data import make_dataset
+from lserve.errors import LServeError
+from lserve.sparse.patterns import HeadPattern, load_pattern, save_pattern, shipped_pattern
+from lserve.sparse.selection import CHANNEL_SCORES, STATISTICS_SCORES, rope_slow_channels
+
+logger = logging.getLogger(__name__)
+
+CANDIDATES = (*STATISTICS_SCORES, *CHANNEL_SCORES)
+PREFERENCE = ("rope_channels", "label_channels", "midrange", "quest")
+"""Ties between candidates that keep as many answers go to the earliest here."""
+
+
+@dataclass(frozen=True)
+class SelectionCalibrationConfig:
+    """What `calibrate_selection` measures and where it writes."""
+
+    output: str
+    """Folder for `<model>.json` (the pattern with its `selection` object)."""
+    model: str | None = None
+    load_format: str = "auto"
+    pattern: str | None = None
+    """The head pattern to add the choice to (default: the one shipped for the model, else all dense)."""
+    token_budget: int = 512
+    score_channels: int = 8
+    lengths: tuple[int, ...] = (2048, 4096, 6144)
+    num_samples: int = 4
+    """Passkey prompts per length."""
+    streaming_sparsity: float = 0.5
+    """Answers are also measured with this share of streaming heads (0: only without)."""
+    calib_tokens: int = 3000
+    calib_queries: int = 256
+    """Last positions of the calibration text whose queries are measured (and calibrate the labels)."""
+    seed: int = 1234
+    device: str = "auto"
+    dtype: str = "auto"
+    candidates: tuple[str, ...] = CANDIDATES
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.candidates if c not in CANDIDATES]
+        if bad or not self.candidates:
+            raise ValueError(f"candidates must be among {', '.join(CANDIDATES)}, got {list(self.candidates)}")
+        if not 0.0 <= self.streaming_sparsity < 1.0:
+            raise ValueError(f"streaming_sparsity must be in [0, 1), got {self.streaming_sparsity}")
+        for name in ("token_budget", "score_channels", "num_samples", "calib_tokens", "calib_queries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lengths or min(self.lengths) < 1:
+            raise ValueError(f"lengths must be positive token counts, got {list(self.lengths)}")
+
+
+@dataclass(frozen=True)
+class SelectionResult:
+    pattern_path: Path
+    selection: dict[str, Any]
+    wall_time_s: float
+
+
+def _engine_kwargs(cfg: SelectionCalibrationConfig) -> dict[str, Any]:
+    return dict(model=cfg.model, load_format=cfg.load_format, device=cfg.device, dtype=cfg.dtype,
+                max_model_len=max(cfg.lengths) + 64, max_num_seqs=16)
+
+
+def _base_pattern(cfg: SelectionCalibrationConfig, source_name: str, num_layers: int, num_kv_heads: int) -> HeadPattern:
+    path = cfg.pattern or shipped_pattern(source_name)
+    if path is None:
+        return HeadPattern(torch.ones(num_layers, num_kv_heads), {"model": source_name, "note": "all heads dense"})
+    pattern = load_pattern(path)
+    pattern.check_model(num_layers, num_kv_heads)
+    return pattern
+
+
+def measure_recall(llm: Any, cfg: SelectionCalibrationConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Label channels calibrated on the calibration text, and each candidate's (and the
+    oracle's) mean recall there at the token budget."""
+    core = llm.llm_engine.core
+    tok = llm.get_tokenizer()
+    sample = make_dataset(tok, [cfg.calib_tokens], num_passkeys=2, passkey_length=4, seed=cfg.seed)[0]
+    ids = torch.tensor(sample.input_ids)
+    captures = sr.capture(core.model, ids.to(core.device), min(cfg.calib_queries, len(ids)))
+    labels = sr.calibrate_label_channels(captures, cfg.score_channels)
+    rope = torch.tensor(rope_slow_channels(core.model.rotary.inv_freq.cpu(), cfg.score_channels))
+    rope = rope.expand(labels.shape[0], labels.shape[1], -1)
+    channels = {"rope_channels": rope, "label_channels": labels}
+    queries = list(range(0, captures[0].num_queries, max(1, captures[0].num_queries // 16)))
+    recalls = {}
+    for kind in (*cfg.candidates, "oracle"):
+        per_head = sr.recall(captures, kind, [cfg.token_budget], queries, page_size=core.config.cache.page_size,
+                             logical=core.config.sparse.logical_page_size, channels=channels.get(kind))
+        recalls[kind] = round(float(per_head[cfg.token_budget].mean()), 4)
+    return labels, recalls
+
+
+def streaming_settings(cfg: SelectionCalibrationConfig, pattern: HeadPattern, pattern_path: Path) -> dict[str, Any]:
+    """Engine settings of the pattern's streaming heads: `streaming_sparsity` and the windows the
+    pattern was calibrated with (its metadata's sink/local), in prefill and decode."""
+    sink = int(pattern.metadata.get("sink", pattern.metadata.get("sink_size", 64)))
+    local = int(pattern.metadata.get("local", pattern.metadata.get("recent_size", 512)))
+    return dict(streaming_sparsity=cfg.streaming_sparsity, attn_pattern=str(pattern_path),
+                prefill_sink_tokens=sink, decode_sink_tokens=sink, prefill_local_tokens=local,
+                decode_local_tokens=local)
+
+
+def measure_answers(cfg: SelectionCalibrationConfig, tok: Any, pattern: HeadPattern,
+                    pattern_path: Path) -> dict[str, dict[str, int]]:
+    """Passkeys kept, per setting ("alone", and "streaming" with the pattern's streaming heads),
+    by dense decode (named "dense") and by page selection with each candidate score."""
+    from lserve.engine.llm import LLM
+    from lserve.eval.passkey import make_passkey_samples
+    from lserve.eval.runner import free_memory, run_with_llm
+    from lserve.eval.sample import PromptFormat
+    from lserve.eval.scoring import score
+
+    samples = make_passkey_samples(PromptFormat(tok), list(cfg.lengths), cfg.num_samples, seed=cfg.seed)
+    settings: dict[str, dict[str, Any]] = {"alone": dict(attn_pattern=str(pattern_path))}
+    if cfg.streaming_sparsity > 0:
+        settings["streaming"] = streaming_settings(cfg, pattern, pattern_path)
+    answers: dict[str, dict[str, int]] = {}
+    for setting, base in settings.items():
+        answers[setting] = {}
+        for name in ("dense", *cfg.candidates):
+            extra = base if name == "dense" else dict(base, token_budget=cfg.token_budget, page_score=name,
+                                                      score_channels=cfg.score_channels)
+            llm = LLM(**_engine_kwargs(cfg), **extra)
+            outputs = run_with_llm(llm, samples, f"passkey {setting} {name}")
+            answers[setting][name] = int(sum(score(s.scorer, o, s.answers) for s, o in zip(samples, outputs)))
+            llm = None
+            free_memory()
+    return answers
+
+
+def choose(candidates: tuple[str, ...], answers: dict[str, dict[str, int]]) -> str:
+    """Most answers kept over every setting; ties to the earliest in `PREFERENCE`."""
+    return max(candidates, key=lambda c: (sum(a[c] for a in answers.values()), -PREFERENCE.index(c)))
+
+
+def calibrate_selection(cfg: SelectionCalibrationConfig) -> SelectionResult:
+    """Measure every candidate score, choose one, write the pattern with its `selection` object."""
+    from lserve.engine.llm import LLM
+
+    start = time.perf_counter()
+    out = Path(cfg.output).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LServeError(f"cannot create output folder {cfg.output!r}: {exc.strerror or exc}") from exc
+    llm = LLM(**_engine_kwargs(cfg))
+    core = llm.llm_engine.core
+    base = _base_pattern(cfg, core.source.name, core.arch.num_layers, core.arch.num_kv_heads)
+    with torch.inference_mode():
+        labels, recalls = measure_recall(llm, cfg)
+    tok = llm.get_tokenizer()
+    llm = None
+    entry: dict[str, Any] = {"score_channels": cfg.score_channels, "channels": labels.tolist()}
+    with tempfile.TemporaryDirectory() as tmp:  # the label channels, for the engines that measure them
+        probe = save_pattern(HeadPattern(base.scores, base.metadata, selection=entry), Path(tmp) / "probe.json")
+        answers = measure_answers(cfg, tok, base, probe)
+    chosen = choose(cfg.candidates, answers)
+    entry = {
+        "page_score": chosen, "score_channels": cfg.score_channels, "channels": labels.tolist(),
+        "measured": {
+            "token_budget": cfg.token_budget, "recall": recalls, "passkey_kept": answers,
+            "passkey_samples": cfg.num_samples * len(cfg.lengths), "passkey_lengths": list(cfg.lengths),
+            "calibration_tokens": cfg.calib_tokens, "seed": cfg.seed,
+            "device": str(core.device), "dtype": str(core.dtype).removeprefix("torch."),
+        },
+    }
+    path = save_pattern(HeadPattern(base.scores, base.metadata, selection=entry), out / f"{core.source.name}.json")
+    return SelectionResult(path, entry, time.perf_counter() - start)
