@@ -11,7 +11,9 @@ model's q/out through a head map, as in a CUDA-graph decode step. Parts:
 - ring decode and page-list decode, for several split counts (each split beyond one adds the
   merge kernel): the split count the engine chooses is marked;
 - page selection of one layer: Quest scores (through the head map) + `store_top_pages` (one
-  kernel) against the scores + `torch.topk`/sort/scatter path it replaced.
+  kernel) against the scores + `torch.topk`/sort/scatter path it replaced; the midrange and
+  channel scores (r = 8 and 16 RoPE channels, `page_score`) beside Quest's, and
+  `store_top_pages` with a top-p budget.
 
 Times are medians of a CUDA graph of 20 calls (no launch overhead), in microseconds. Checks
 first: `store_top_pages` equals its reference on the real-size scores, and every split count
@@ -30,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_kernels import bench_graph  # noqa: E402
 
 from lserve.ops import reference as ref  # noqa: E402
-from lserve.ops.page_scores import page_scores, store_top_pages  # noqa: E402
-from lserve.ops.paged_inputs import StoredSelection  # noqa: E402
+from lserve.ops.page_scores import channel_page_scores, page_scores, store_top_pages  # noqa: E402
+from lserve.ops.paged_inputs import StoredSelection, TopP  # noqa: E402
 from lserve.ops.sparse_decode import _num_sms, choose_num_splits, sparse_decode  # noqa: E402
 
 HQ, HKV, D, PAGE, LOGICAL = 32, 8, 128, 64, 16
@@ -138,7 +140,27 @@ def layer_parts(seq_len: int, batch: int, splits: list[int]) -> list[str]:
                         f"in L2 / from HBM | {t_hot:.1f} / {t_cold:.1f} |")
     rows_out.append(f"| {seq_len // 1024}K | {batch} | select: scores + topk/sort/scatter (before) | {t_old:.1f} |")
     t_new = bench_graph(lambda: store_top_pages(scores(), plan, store, keep)) * 1e3
-    rows_out.append(f"| {seq_len // 1024}K | {batch} | select: scores + store_top_pages (engine) | {t_new:.1f} |")
+    rows_out.append(f"| {seq_len // 1024}K | {batch} | select: Quest scores + store_top_pages | {t_new:.1f} |")
+    # the other page scores, in L2 / from HBM, and their whole selection
+    slots = k.view(-1, h, D)
+    others = {"midrange scores": lambda: page_scores(q, k_min, k_max, table, lens, PAGE, LOGICAL, "sum",
+                                                     kv_head_map=dense_heads, group=GROUP, midrange=True)}
+    for r in (8, 16):
+        chans = torch.arange(D // 2 - r // 2, D // 2, device=DEV)
+        chans = torch.cat([chans, chans + D // 2]).to(torch.int32)[None].expand(h, -1).contiguous()
+        labels = torch.gather(slots, 2, chans.long()[None].expand(slots.shape[0], -1, -1)).transpose(0, 1).contiguous()
+        others[f"RoPE channel scores, r = {r}"] = lambda lab=labels, ch=chans: channel_page_scores(
+            q, lab, ch, table, lens, PAGE, "sum", kv_head_map=dense_heads, group=GROUP)
+    for label, call in others.items():
+        t_hot = bench_graph(call) * 1e3
+        t_cold = bench_graph(lambda call=call: (flush.zero_(), call())) * 1e3 - t_flush
+        t_sel = bench_graph(lambda call=call: store_top_pages(call(), plan, store, keep)) * 1e3
+        rows_out.append(f"| {seq_len // 1024}K | {batch} | {label}, in L2 / from HBM; select with it | "
+                        f"{t_hot:.1f} / {t_cold:.1f}; {t_sel:.1f} |")
+    counts = torch.zeros((batch + 1, h), dtype=torch.int32, device=DEV)
+    top_p = TopP(0.9, scale / GROUP, 4, counts)
+    t_p = bench_graph(lambda: store_top_pages(s, plan, store, keep, top_p=top_p)) * 1e3
+    rows_out.append(f"| {seq_len // 1024}K | {batch} | store_top_pages alone with top-p 0.9, Quest scores | {t_p:.1f} |")
     # the bisection's rounds depend on the scores: the Quest scores above, and close scores
     s_close = 1.0 + torch.rand(s.shape, device=DEV, generator=gen) * 1e-3
     for label, data in (("Quest scores", s), ("close scores", s_close)):

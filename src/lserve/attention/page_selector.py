@@ -1,7 +1,8 @@
 """Query-aware KV page selection for decode (dynamic sparsity), reused for several steps.
 
 Per layer and decoding sequence, each dense KV head reads only: the pages with the highest
-scores (`score`: `lserve.sparse.selection`) among the older pages (`token_budget // page_size - 1` of them) plus the newest page.
+scores (`score`: `lserve.sparse.selection`) among the older pages (`token_budget // page_size - 1`
+of them, or with a top-p budget as many as carry p of the estimated attention) plus the newest page.
 Selection is per KV head, shared by its GQA query heads (scores summed over the group: on the
 default model this keeps more true attention than max and as much as a selection per query head;
 docs/sparsity.md has the measurement). A sequence whose context fits the budget reads every page: no selection at all.
@@ -183,7 +184,7 @@ class PageSelector:
         fit); None without top-p. Queue it after the step's forward."""
         if self._top_p is None or self.plan is None or self.mode == "none":
             return None
-        recompute, fits, _, _, seats = self._plan_dev[:, :nd]
+        _, fits, _, _, seats = self._plan_dev[:, :nd]
         per_row = self._counts[self.num_dense_layers:, seats].sum(dim=(0, 2))
         return torch.where(fits.bool(), 0, per_row)
 

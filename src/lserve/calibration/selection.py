@@ -106,7 +106,8 @@ def measure_recall(llm: Any, cfg: SelectionCalibrationConfig) -> tuple[torch.Ten
     oracle's) mean recall there at the token budget."""
     core = llm.llm_engine.core
     tok = llm.get_tokenizer()
-    sample = make_dataset(tok, [cfg.calib_tokens], num_passkeys=2, passkey_length=4, seed=cfg.seed)[0]
+    tokens = min(cfg.calib_tokens, core.arch.max_position_embeddings)
+    sample = make_dataset(tok, [tokens], num_passkeys=2, passkey_length=4, seed=cfg.seed)[0]
     ids = torch.tensor(sample.input_ids)
     captures = sr.capture(core.model, ids.to(core.device), min(cfg.calib_queries, len(ids)))
     labels = sr.calibrate_label_channels(captures, cfg.score_channels)
@@ -192,7 +193,7 @@ def calibrate_selection(cfg: SelectionCalibrationConfig) -> SelectionResult:
         "measured": {
             "token_budget": cfg.token_budget, "recall": recalls, "passkey_kept": answers,
             "passkey_samples": cfg.num_samples * len(cfg.lengths), "passkey_lengths": list(cfg.lengths),
-            "calibration_tokens": cfg.calib_tokens, "seed": cfg.seed,
+            "calibration_tokens": min(cfg.calib_tokens, core.arch.max_position_embeddings), "seed": cfg.seed,
             "device": str(core.device), "dtype": str(core.dtype).removeprefix("torch."),
         },
     }

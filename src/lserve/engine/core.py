@@ -165,9 +165,13 @@ class EngineCore:
         )
         label_channels = None
         if self.page_score is not None and self.page_score.channels is not None:
-            dense_heads = [[h for h in range(arch.num_kv_heads) if flags is None or not use_ring or not bool(flags[i][h])]
-                           for i in range(arch.num_layers)]
-            label_channels = [self.page_score.channels[i, heads] for i, heads in enumerate(dense_heads)]
+            # the channels of the heads the paged pool holds (a layer's dense heads, with a ring pool)
+            streaming = flags if use_ring and flags is not None else None
+            label_channels = [
+                self.page_score.channels[i, [h for h in range(arch.num_kv_heads)
+                                             if streaming is None or not bool(streaming[i][h])]]
+                for i in range(arch.num_layers)
+            ]
         # one page more than the manager hands out: the scratch page of padded graph rows
         paged = KVCacheTensors(shape, num_pages + 1, self.device, logical, label_channels)
         self.kv_cache = KVCache(paged, ring_tensors, flags if use_ring else None, ring_geometry)

@@ -1,0 +1,141 @@
+"""Choosing the page score: settings, the pattern file's `selection`, the engine's resolution of
+`auto`, and `lserve calibrate --selection` end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lserve.calibration.selection import PREFERENCE, SelectionCalibrationConfig, choose
+from lserve.cli import main
+from lserve.config import EngineConfig
+from lserve.errors import LServeError
+from lserve.sparse.patterns import HeadPattern, PatternError, load_pattern, save_pattern, shipped_pattern
+from tests.helpers_models import hf_config, hf_model, save_hf
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(page_score="exact"), "page_score"),
+    (dict(token_budget=512, score_channels=6), "score_channels must be a power of two"),
+    (dict(token_budget=512, score_channels=1), "score_channels must be a power of two"),
+    (dict(selection_top_p=0.9), "needs token_budget"),
+    (dict(token_budget=512, selection_top_p=1.5), "selection_top_p must be in"),
+    (dict(token_budget=512, selection_top_p=0.0), "selection_top_p must be in"),
+    (dict(token_budget=512, selection_min_tokens=0), "selection_min_tokens"),
+])
+def test_bad_selection_settings_name_the_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EngineConfig.from_kwargs(**kwargs)
+
+
+def test_pattern_selection_round_trips_and_is_checked(tmp_path: Path) -> None:
+    entry = {"page_score": "label_channels", "score_channels": 2, "channels": [[[0, 1], [2, 3]]]}
+    path = save_pattern(HeadPattern(torch.ones(1, 2), {"model": "m"}, selection=entry), tmp_path / "p.json")
+    assert load_pattern(path).selection == entry
+    assert load_pattern(save_pattern(HeadPattern(torch.ones(1, 2)), tmp_path / "q.json")).selection is None
+    body = json.loads(path.read_text())
+    body["selection"] = [1, 2]
+    path.write_text(json.dumps(body))
+    with pytest.raises(PatternError, match="selection must be an object"):
+        load_pattern(path)
+
+
+def test_the_shipped_pattern_chooses_the_rope_channels() -> None:
+    path = shipped_pattern("SmolLM2-135M-Instruct")
+    assert path is not None
+    selection = load_pattern(path).selection
+    assert selection is not None and selection["page_score"] == "rope_channels"
+    assert torch.tensor(selection["channels"]).shape == (30, 3, selection["score_channels"])
+    kept = selection["measured"]["passkey_kept"]
+    assert kept["alone"]["rope_channels"] >= kept["alone"]["quest"]
+
+
+def test_choice_takes_the_most_answers_then_the_preference() -> None:
+    answers = {"alone": {"quest": 3, "midrange": 17, "rope_channels": 20, "label_channels": 18},
+               "streaming": {"quest": 3, "midrange": 14, "rope_channels": 10, "label_channels": 11}}
+    assert choose(("quest", "midrange", "rope_channels", "label_channels"), answers) == "midrange"  # 31 answers
+    tied = {"alone": {"quest": 5, "midrange": 5, "rope_channels": 5, "label_channels": 5}}
+    assert choose(("quest", "midrange", "label_channels", "rope_channels"), tied) == PREFERENCE[0]
+    assert choose(("quest", "label_channels"), tied) == "label_channels"
+    with pytest.raises(ValueError, match="candidates"):
+        SelectionCalibrationConfig(output="x", candidates=("oracle",))
+
+
+def test_engine_resolves_auto_from_the_shipped_pattern_and_sizes_the_labels(tmp_path: Path) -> None:
+    from lserve import LLM
+
+    auto = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40)
+    core = auto.llm_engine.core
+    assert core.page_score.kind == "rope_channels" and "calibrated" in core.page_score.source
+    paged = core.kv_cache.paged
+    assert paged.k_min is None and paged.k_label is not None and paged.k_label[0].shape == (3, 41 * 64, 8)
+    assert paged.label_channels[0].tolist() == [[28, 29, 30, 31, 60, 61, 62, 63]] * 3
+    quest = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, page_score="quest")
+    qcore = quest.llm_engine.core
+    assert qcore.kv_cache.paged.k_label is None and qcore.kv_cache.paged.k_min is not None
+    pages = 2  # 100 tokens: KV, plus 64 tokens' labels of 8 channels or 4 logical pages' min and max of 64
+    kv = pages * 64 * 30 * 3 * 64 * 2 * 4
+    assert core.kv_bytes_per_sequence(100) == kv + pages * 64 * 30 * 3 * 8 * 4
+    assert qcore.kv_bytes_per_sequence(100) == kv + pages * 4 * 30 * 3 * 64 * 2 * 4
+    # with streaming heads the paged pool holds each layer's dense heads: their label channels
+    label = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, page_score="label_channels",
+                streaming_sparsity=0.5, max_num_seqs=2)
+    lcore = label.llm_engine.core
+    chosen = torch.tensor(load_pattern(shipped_pattern("SmolLM2-135M-Instruct")).selection["channels"])
+    for layer, heads in enumerate(lcore.kv_cache.dense_heads):
+        assert lcore.kv_cache.paged.label_channels[layer].tolist() == chosen[layer, heads].tolist()
+    assert any(len(h) < 3 for h in lcore.kv_cache.dense_heads)
+    plain = save_pattern(HeadPattern(torch.ones(30, 3)), tmp_path / "plain.json")  # no selection in it
+    with pytest.raises(LServeError, match="calibrate --selection"):
+        LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, page_score="label_channels",
+            attn_pattern=str(plain))
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with the default model's tokenizer (chat template included)."""
+    from lserve.engine.tokenizer import load_tokenizer
+    from lserve.model.loader import resolve_source
+
+    tok = load_tokenizer(resolve_source(None, "auto"))
+    folder = tmp_path_factory.mktemp("tiny_sel")
+    save_hf(hf_model(hf_config(vocab_size=len(tok), max_position_embeddings=1024)), folder)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def test_cli_selection_step_writes_the_choice(tiny_chat_model: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sel"
+    rc = main(["calibrate", "--selection", "--model", str(tiny_chat_model), "--output", str(out), "--device", "cpu",
+               "--dtype", "float32", "--token-budget", "128", "--score-channels", "4", "--passkey-lengths", "500",
+               "--passkey-samples", "1"])
+    assert rc == 0, capsys.readouterr().err
+    pattern = load_pattern(out / f"{tiny_chat_model.name}.json")
+    sel = pattern.selection
+    assert sel is not None and sel["page_score"] in ("quest", "midrange", "rope_channels", "label_channels")
+    assert torch.tensor(sel["channels"]).shape == (2, 2, 4)
+    measured = sel["measured"]
+    assert set(measured["passkey_kept"]) == {"alone", "streaming"}
+    assert set(measured["recall"]) == {"quest", "midrange", "rope_channels", "label_channels", "oracle"}
+    assert measured["calibration_tokens"] == 1024  # clamped to the model's window
+    assert pattern.scores.shape == (2, 2) and bool((pattern.scores == 1).all())  # no pattern: all dense
+    printed = capsys.readouterr().out
+    assert "page_score=" in printed and "oracle" in printed
+    # the engine takes the choice from the file (`auto`)
+    from lserve import LLM
+
+    llm = LLM(model=str(tiny_chat_model), dtype="float32", device="cpu", token_budget=128,
+              attn_pattern=str(out / f"{tiny_chat_model.name}.json"), num_kv_pages=16)
+    assert llm.llm_engine.core.page_score.kind == sel["page_score"]
+
+
+def test_cli_selection_bad_input_is_one_line(tiny_chat_model: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["calibrate", "--selection", "--model", str(tiny_chat_model), "--output", str(tmp_path / "o"),
+               "--device", "cpu", "--passkey-lengths", "5000"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "limit" in err, err
