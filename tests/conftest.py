@@ -62,3 +62,24 @@ def lserve_server():
     server = RemoteServer(*DEFAULT_ARGS)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The default model's tokenizer (chat template included)."""
+    from lserve.engine.tokenizer import load_tokenizer
+    from lserve.model.loader import resolve_source
+
+    return load_tokenizer(resolve_source(None, "auto"))
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory: pytest.TempPathFactory, tokenizer):
+    """A tiny random Llama (HF folder, 1,024-token window) with the default model's vocabulary and
+    tokenizer, so that commands can build real prompts for it."""
+    from tests.helpers_models import hf_config, hf_model, save_hf
+
+    folder = tmp_path_factory.mktemp("tiny_tok")
+    save_hf(hf_model(hf_config(vocab_size=len(tokenizer), max_position_embeddings=1024)), folder)
+    tokenizer.save_pretrained(str(folder))
+    return folder

@@ -203,14 +203,6 @@ def test_spread_context_lengths() -> None:
 # --- data --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from lserve.engine.tokenizer import load_tokenizer
-    from lserve.model.loader import resolve_source
-
-    return load_tokenizer(resolve_source(None, "auto"))
-
-
 def test_samples_have_the_requested_length_needles_and_labels(tokenizer) -> None:
     lengths = (700, 1500, 3000)
     samples = make_dataset(tokenizer, lengths, num_passkeys=4, passkey_length=6, seed=7)
@@ -243,15 +235,6 @@ def test_samples_are_deterministic_and_use_a_haystack_file(tokenizer, tmp_path: 
 
 
 # --- CLI ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
-    """A tiny random Llama with the default model's vocabulary and tokenizer (so the CLI can make samples)."""
-    folder = tmp_path_factory.mktemp("tiny_tok")
-    save_hf(hf_model(hf_config(vocab_size=len(tokenizer), max_position_embeddings=1024)), folder)
-    tokenizer.save_pretrained(str(folder))
-    return folder
 
 
 def test_cli_writes_a_loadable_pattern(tiny_with_tokenizer: Path, tmp_path: Path,

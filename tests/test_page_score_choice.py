@@ -14,7 +14,6 @@ from lserve.cli import main
 from lserve.config import EngineConfig
 from lserve.errors import LServeError
 from lserve.sparse.patterns import HeadPattern, PatternError, load_pattern, save_pattern, shipped_pattern
-from tests.helpers_models import hf_config, hf_model, save_hf
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -94,27 +93,14 @@ def test_engine_resolves_auto_from_the_shipped_pattern_and_sizes_the_labels(tmp_
             attn_pattern=str(plain))
 
 
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama with the default model's tokenizer (chat template included)."""
-    from lserve.engine.tokenizer import load_tokenizer
-    from lserve.model.loader import resolve_source
-
-    tok = load_tokenizer(resolve_source(None, "auto"))
-    folder = tmp_path_factory.mktemp("tiny_sel")
-    save_hf(hf_model(hf_config(vocab_size=len(tok), max_position_embeddings=1024)), folder)
-    tok.save_pretrained(str(folder))
-    return folder
-
-
-def test_cli_selection_step_writes_the_choice(tiny_chat_model: Path, tmp_path: Path,
+def test_cli_selection_step_writes_the_choice(tiny_with_tokenizer: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sel"
-    rc = main(["calibrate", "--selection", "--model", str(tiny_chat_model), "--output", str(out), "--device", "cpu",
+    rc = main(["calibrate", "--selection", "--model", str(tiny_with_tokenizer), "--output", str(out), "--device", "cpu",
                "--dtype", "float32", "--token-budget", "128", "--score-channels", "4", "--passkey-lengths", "500",
                "--passkey-samples", "1"])
     assert rc == 0, capsys.readouterr().err
-    pattern = load_pattern(out / f"{tiny_chat_model.name}.json")
+    pattern = load_pattern(out / f"{tiny_with_tokenizer.name}.json")
     sel = pattern.selection
     assert sel is not None and sel["page_score"] in ("quest", "midrange", "rope_channels", "label_channels")
     assert torch.tensor(sel["channels"]).shape == (2, 2, 4)
@@ -128,14 +114,14 @@ def test_cli_selection_step_writes_the_choice(tiny_chat_model: Path, tmp_path: P
     # the engine takes the choice from the file (`auto`)
     from lserve import LLM
 
-    llm = LLM(model=str(tiny_chat_model), dtype="float32", device="cpu", token_budget=128,
-              attn_pattern=str(out / f"{tiny_chat_model.name}.json"), num_kv_pages=16)
+    llm = LLM(model=str(tiny_with_tokenizer), dtype="float32", device="cpu", token_budget=128,
+              attn_pattern=str(out / f"{tiny_with_tokenizer.name}.json"), num_kv_pages=16)
     assert llm.llm_engine.core.page_score.kind == sel["page_score"]
 
 
-def test_cli_selection_bad_input_is_one_line(tiny_chat_model: Path, tmp_path: Path,
+def test_cli_selection_bad_input_is_one_line(tiny_with_tokenizer: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["calibrate", "--selection", "--model", str(tiny_chat_model), "--output", str(tmp_path / "o"),
+    rc = main(["calibrate", "--selection", "--model", str(tiny_with_tokenizer), "--output", str(tmp_path / "o"),
                "--device", "cpu", "--passkey-lengths", "5000"])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "limit" in err, err
