@@ -10,7 +10,8 @@ appended after the prompt (teacher forcing, so the queries of the answer steps e
 captures every layer's keys and the last queries (`lserve.calibration.selection_recall`).
 
 For each page score the engine has (quest, midrange, rope_channels with r = `--rope-r`,
-label_channels with r = `--label-r` calibrated on a different prompt) and the oracle (pages by
+label_channels with r = `--label-r` calibrated on a different prompt, rope_mass with its default
+16 channels) and the oracle (pages by
 true attention mass), with the engine's own score functions, 64-token pages, logical pages of 16,
 scores summed over each GQA group, it prints:
 
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lserve import LLM  # noqa: E402
 from lserve.calibration import selection_recall as sr  # noqa: E402
 from lserve.calibration.data import make_dataset  # noqa: E402
-from lserve.sparse.selection import rope_slow_channels  # noqa: E402
+from lserve.sparse.selection import DEFAULT_CHANNELS, rope_slow_channels  # noqa: E402
 from tests.passkey import passkey_messages  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -128,6 +129,8 @@ def score_table(args: argparse.Namespace, inv_freq: torch.Tensor, labels: torch.
         chans = torch.tensor(rope_slow_channels(inv_freq, r), dtype=torch.int64)
         scores[f"rope{r}"] = ("rope_channels", chans.expand(layers, hkv, -1).contiguous())
     scores[f"label{labels.shape[2]}"] = ("label_channels", labels)
+    mass = torch.tensor(rope_slow_channels(inv_freq, DEFAULT_CHANNELS["rope_mass"]), dtype=torch.int64)
+    scores[f"mass{mass.shape[0]}"] = ("rope_mass", mass.expand(layers, hkv, -1).contiguous())
     scores["oracle"] = ("oracle", None)
     return scores
 

@@ -48,9 +48,10 @@ def _labels(num_pages: int, page_size: int, hkv: int, d: int, r: int, gen: torch
 
 @pytest.mark.parametrize("page_size", [16, 32, 128])
 @pytest.mark.parametrize("hq,hkv", [(3, 3), (8, 2), (8, 1)])
-@pytest.mark.parametrize("aggregate", ["sum", "max"])
+@pytest.mark.parametrize("aggregate", ["sum", "max", "mass"])
 @pytest.mark.parametrize("r", [2, 8])
 def test_channel_scores_match_the_reference(page_size: int, hq: int, hkv: int, aggregate: str, r: int) -> None:
+    """`aggregate="mass"` stands for the rope_mass score (log-sum-exp over heads and tokens)."""
     d = 32
     seed = page_size * 7 + hq + r
     gen = torch.Generator().manual_seed(seed)
@@ -60,10 +61,14 @@ def test_channel_scores_match_the_reference(page_size: int, hq: int, hkv: int, a
     labels, channels = _labels(num_pages, page_size, hkv, d, r, gen, tables, seq_lens)
     q = torch.randn((len(seq_lens), hq, d), generator=gen)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    want = ref.channel_page_scores_ref(q, labels, channels, tables, seq_lens, page_size, aggregate)
+    mass = aggregate == "mass"
+    agg = "sum" if mass else aggregate
+    if mass:  # labels past each sequence must not count: huge ones would dominate the sum of exps
+        labels = labels.clamp(max=50.0)
+    want = ref.channel_page_scores_ref(q, labels, channels, tables, seq_lens, page_size, agg, mass=mass)
     got = channel_page_scores(q.to(DEVICE), labels.to(DEVICE), channels.to(DEVICE), table.to(DEVICE),
-                              lens.to(DEVICE), page_size, aggregate, block_tokens=64)
-    torch_got = channel_page_scores_torch(q, labels, channels, table, lens, page_size, aggregate)
+                              lens.to(DEVICE), page_size, agg, block_tokens=64, mass=mass)
+    torch_got = channel_page_scores_torch(q, labels, channels, table, lens, page_size, agg, mass=mass)
     finite = torch.isfinite(want)
     for out in (got.cpu(), torch_got):
         assert torch.equal(torch.isfinite(out), finite)
@@ -166,6 +171,10 @@ def test_page_score_resolution() -> None:
     spec = resolve_page_score("auto", 4, None, inv_freq, 2, 3)
     assert spec.kind == "rope_channels" and spec.channels.shape == (2, 3, 4)
     assert spec.channels[1, 2].tolist() == [6, 7, 14, 15]
+    assert resolve_page_score("auto", None, None, inv_freq, 2, 3).num_channels == 8  # the score's default
+    assert resolve_page_score("rope_mass", None, None, inv_freq, 2, 3).num_channels == 16
+    assert resolve_page_score("auto", None, {"page_score": "rope_mass", "score_channels": 4}, inv_freq, 2,
+                              3).num_channels == 4  # the pattern's r
     chosen = {"page_score": "label_channels", "score_channels": 2, "channels": [[[0, 1]] * 3, [[2, 3]] * 3]}
     spec = resolve_page_score("auto", 8, chosen, inv_freq, 2, 3, "p.json")
     assert spec.kind == "label_channels" and spec.channels[1, 0].tolist() == [2, 3] and "p.json" in spec.source

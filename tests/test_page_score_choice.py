@@ -102,11 +102,11 @@ def test_cli_selection_step_writes_the_choice(tiny_with_tokenizer: Path, tmp_pat
     assert rc == 0, capsys.readouterr().err
     pattern = load_pattern(out / f"{tiny_with_tokenizer.name}.json")
     sel = pattern.selection
-    assert sel is not None and sel["page_score"] in ("quest", "midrange", "rope_channels", "label_channels")
+    assert sel is not None and sel["page_score"] in ("quest", "midrange", "rope_channels", "label_channels", "rope_mass")
     assert torch.tensor(sel["channels"]).shape == (2, 2, 4)
     measured = sel["measured"]
     assert set(measured["passkey_kept"]) == {"alone", "streaming"}
-    assert set(measured["recall"]) == {"quest", "midrange", "rope_channels", "label_channels", "oracle"}
+    assert set(measured["recall"]) == {"quest", "midrange", "rope_channels", "label_channels", "rope_mass", "oracle"}
     assert measured["calibration_tokens"] == 1024  # clamped to the model's window
     assert pattern.scores.shape == (2, 2) and bool((pattern.scores == 1).all())  # no pattern: all dense
     printed = capsys.readouterr().out

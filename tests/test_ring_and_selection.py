@@ -200,6 +200,7 @@ SELECTIONS = {
     "quest": (3 * PAGE, {}),
     "midrange": (3 * PAGE, dict(score="midrange")),
     "rope_channels": (3 * PAGE, dict(score="rope_channels")),
+    "rope_mass": (3 * PAGE, dict(score="rope_mass")),
     "top-p": (4 * PAGE, dict(score="rope_channels", top_p=0.3)),
 }
 
@@ -219,7 +220,7 @@ def test_triton_backend_matches_the_torch_backend(name: str) -> None:
         assert kept.numel() and int(kept.min()) < 3  # p = 0.3 keeps fewer pages than the budget's 3 somewhere
 
 
-@pytest.mark.parametrize("score", ["quest", "midrange", "rope_channels"])
+@pytest.mark.parametrize("score", ["quest", "midrange", "rope_channels", "rope_mass"])
 def test_selection_changes_the_output_and_a_large_budget_does_not(score: str) -> None:
     """Negative test: a small budget is not silently dense; a budget over the context is exact."""
     _, dense = _run(TorchAttentionBackend, 0)

@@ -16,8 +16,8 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 LoadFormat = Literal["auto", "hf", "gguf", "dummy"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
-PageScoreName = Literal["auto", "quest", "midrange", "rope_channels", "label_channels"]
-PAGE_SCORE_NAMES = ("auto", "quest", "midrange", "rope_channels", "label_channels")
+PageScoreName = Literal["auto", "quest", "midrange", "rope_channels", "label_channels", "rope_mass"]
+PAGE_SCORE_NAMES = ("auto", "quest", "midrange", "rope_channels", "label_channels", "rope_mass")
 
 
 def _field(default: Any, help: str) -> Any:
@@ -117,8 +117,9 @@ class SparseConfig:
     num_dense_layers: int = _field(0, "with token_budget: the first N layers read every page (Quest keeps 2)")
     page_score: PageScoreName = _field(
         "auto", "how pages are ranked: auto (the model pattern's calibrated choice, else rope_channels), quest, "
-        "midrange, rope_channels or label_channels (docs/sparsity.md)")
-    score_channels: int = _field(8, "key channels per KV head kept per token for the channel scores")
+        "midrange, rope_channels, label_channels or rope_mass (docs/sparsity.md)")
+    score_channels: int | None = _field(
+        None, "key channels per KV head kept per token for the channel scores (default: 16 for rope_mass, else 8)")
     selection_top_p: float | None = _field(
         None, "keep each head's best pages until their estimated share of attention reaches p (within "
         "token_budget; off by default)")
@@ -140,7 +141,7 @@ class SparseConfig:
             raise ValueError("attn_pattern must be a path string or None")
         _check_choice("page_score", self.page_score, PAGE_SCORE_NAMES)
         r = self.score_channels
-        if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r & (r - 1):
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 2 or r & (r - 1)):
             raise ValueError(f"score_channels must be a power of two >= 2, got {r!r}")
         p = self.selection_top_p
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0):

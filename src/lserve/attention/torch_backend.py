@@ -72,9 +72,10 @@ def write_labels(k_label: torch.Tensor, channels: torch.Tensor, k: torch.Tensor,
 
 def channel_page_scores_torch(
     q: torch.Tensor, k_label: torch.Tensor, channels: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
-    page_size: int, aggregate: str = "sum",
+    page_size: int, aggregate: str = "sum", mass: bool = False,
 ) -> torch.Tensor:
-    """Channel scores as `ops.page_scores.channel_page_scores`: q (B, Hq, D) -> (B, Hkv, P) float32."""
+    """Channel scores as `ops.page_scores.channel_page_scores` (`mass`: the rope_mass estimate):
+    q (B, Hq, D) -> (B, Hkv, P) float32."""
     bsz, hq, d = q.shape
     hkv, _, r = k_label.shape
     width = page_table.shape[1]
@@ -82,12 +83,18 @@ def channel_page_scores_torch(
                       channels.long()[None, :, None, :].expand(bsz, -1, hq // hkv, -1))  # (B, H, G, r)
     slots = page_table.long()[:, :, None] * page_size + torch.arange(page_size, device=q.device)  # (B, P, page)
     labels = k_label[:, slots].float()  # (H, B, P, page, r)
+    pos = torch.arange(width * page_size, device=q.device).view(width, page_size)
+    valid = pos[None] < seq_lens.view(-1, 1, 1)  # (B, P, page)
+    if mass:
+        qg = q.view(bsz, hkv, hq // hkv, d).float()
+        tau = (d * qc.abs().sum(3) / qg.abs().sum(3).clamp_min(1e-30)).sqrt().clamp_min(1e-20)  # (B, H, G)
+        s = torch.einsum("hbptr,bhgr->bhgpt", labels, qc) / tau[..., None, None]
+        s = s.masked_fill(~valid[:, None, None], float("-inf"))
+        return torch.logsumexp(s.transpose(2, 3).flatten(3), dim=3)  # over the group and the page's tokens
     if aggregate == "sum":
         s = torch.einsum("hbptr,bhr->bhpt", labels, qc.sum(2))
     else:
         s = torch.einsum("hbptr,bhgr->bhgpt", labels, qc).amax(2)
-    pos = torch.arange(width * page_size, device=q.device).view(width, page_size)
-    valid = pos[None] < seq_lens.view(-1, 1, 1)  # (B, P, page)
     return s.masked_fill(~valid[:, None], float("-inf")).amax(3)
 
 
@@ -139,7 +146,7 @@ class TorchAttentionBackend(AttentionBackend):
         aggregate = self.selector.aggregate
         if call.k_label is not None and call.label_channels is not None:
             return channel_page_scores_torch(q, call.k_label, call.label_channels, page_table, seq_lens, page_size,
-                                             aggregate)
+                                             aggregate, mass=self.selector.score == "rope_mass")
         logical = self.cache.paged.logical_page_size
         assert logical is not None and call.k_min is not None and call.k_max is not None
         return page_scores_torch(q, call.k_min, call.k_max, page_table, seq_lens, page_size, logical, aggregate,

@@ -138,7 +138,8 @@ class TritonAttentionBackend(AttentionBackend):
         aggregate, group = self.selector.aggregate, self._group if kv_heads is not None else None
         if call.k_label is not None and call.label_channels is not None:
             return channel_page_scores(q, call.k_label, call.label_channels, page_table, seq_lens, page_size,
-                                       aggregate, kv_head_map=kv_heads, group=group)
+                                       aggregate, kv_head_map=kv_heads, group=group,
+                                       mass=self.selector.score == "rope_mass")
         logical = self.cache.paged.logical_page_size
         assert logical is not None and call.k_min is not None and call.k_max is not None
         return page_scores(q, call.k_min, call.k_max, page_table, seq_lens, page_size, logical, aggregate,

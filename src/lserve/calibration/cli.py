@@ -71,7 +71,8 @@ def add_calibrate_parser(sub: Any) -> None:
     sel.add_argument("--pattern", default=None,
                      help="head pattern to add the choice to (default: the one shipped for the model, else all dense)")
     sel.add_argument("--token-budget", type=int, default=512, help="token budget the scores are measured at (default: 512)")
-    sel.add_argument("--score-channels", type=int, default=8, help="key channels of the channel scores (default: 8)")
+    sel.add_argument("--score-channels", type=int, default=None,
+                     help="key channels of the channel scores (default: 16 for rope_mass, else 8)")
     sel.add_argument("--passkey-lengths", default="2048,4096,6144",
                      help="lengths of the passkey prompts whose answers are compared (default: 2048,4096,6144)")
     sel.add_argument("--passkey-samples", type=int, default=4, help="passkey prompts per length (default: 4)")

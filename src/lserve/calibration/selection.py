@@ -33,12 +33,12 @@ from lserve.calibration import selection_recall as sr
 from lserve.calibration.data import make_dataset
 from lserve.errors import LServeError
 from lserve.sparse.patterns import HeadPattern, load_pattern, save_pattern, shipped_pattern
-from lserve.sparse.selection import CHANNEL_SCORES, STATISTICS_SCORES, rope_slow_channels
+from lserve.sparse.selection import CHANNEL_SCORES, DEFAULT_CHANNELS, STATISTICS_SCORES, rope_slow_channels
 
 logger = logging.getLogger(__name__)
 
 CANDIDATES = (*STATISTICS_SCORES, *CHANNEL_SCORES)
-PREFERENCE = ("rope_channels", "label_channels", "midrange", "quest")
+PREFERENCE = ("rope_channels", "rope_mass", "label_channels", "midrange", "quest")
 """Ties between candidates that keep as many answers go to the earliest here."""
 
 
@@ -53,7 +53,8 @@ class SelectionCalibrationConfig:
     pattern: str | None = None
     """The head pattern to add the choice to (default: the one shipped for the model, else all dense)."""
     token_budget: int = 512
-    score_channels: int = 8
+    score_channels: int | None = None
+    """r of the channel scores (default: each score's own, `DEFAULT_CHANNELS`)."""
     lengths: tuple[int, ...] = (2048, 4096, 6144)
     num_samples: int = 4
     """Passkey prompts per length."""
@@ -73,7 +74,7 @@ class SelectionCalibrationConfig:
             raise ValueError(f"candidates must be among {', '.join(CANDIDATES)}, got {list(self.candidates)}")
         if not 0.0 <= self.streaming_sparsity < 1.0:
             raise ValueError(f"streaming_sparsity must be in [0, 1), got {self.streaming_sparsity}")
-        for name in ("token_budget", "score_channels", "num_samples", "calib_tokens", "calib_queries"):
+        for name in ("token_budget", "num_samples", "calib_tokens", "calib_queries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lengths or min(self.lengths) < 1:
@@ -110,10 +111,12 @@ def measure_recall(llm: Any, cfg: SelectionCalibrationConfig) -> tuple[torch.Ten
     sample = make_dataset(tok, [tokens], num_passkeys=2, passkey_length=4, seed=cfg.seed)[0]
     ids = torch.tensor(sample.input_ids)
     captures = sr.capture(core.model, ids.to(core.device), min(cfg.calib_queries, len(ids)))
-    labels = sr.calibrate_label_channels(captures, cfg.score_channels)
-    rope = torch.tensor(rope_slow_channels(core.model.rotary.inv_freq.cpu(), cfg.score_channels))
-    rope = rope.expand(labels.shape[0], labels.shape[1], -1)
-    channels = {"rope_channels": rope, "label_channels": labels}
+    labels = sr.calibrate_label_channels(captures, cfg.score_channels or DEFAULT_CHANNELS["label_channels"])
+    channels = {"label_channels": labels}
+    for kind in ("rope_channels", "rope_mass"):
+        rope = torch.tensor(rope_slow_channels(core.model.rotary.inv_freq.cpu(),
+                                               cfg.score_channels or DEFAULT_CHANNELS[kind]))
+        channels[kind] = rope.expand(labels.shape[0], labels.shape[1], -1)
     queries = list(range(0, captures[0].num_queries, max(1, captures[0].num_queries // 16)))
     recalls = {}
     for kind in (*cfg.candidates, "oracle"):
@@ -183,13 +186,14 @@ def calibrate_selection(cfg: SelectionCalibrationConfig) -> SelectionResult:
         labels, recalls = measure_recall(llm, cfg)
     tok = llm.get_tokenizer()
     llm = None
-    entry: dict[str, Any] = {"score_channels": cfg.score_channels, "channels": labels.tolist()}
+    entry: dict[str, Any] = {"channels": labels.tolist()}
     with tempfile.TemporaryDirectory() as tmp:  # the label channels, for the engines that measure them
         probe = save_pattern(HeadPattern(base.scores, base.metadata, selection=entry), Path(tmp) / "probe.json")
         answers = measure_answers(cfg, tok, base, probe)
     chosen = choose(cfg.candidates, answers)
     entry = {
-        "page_score": chosen, "score_channels": cfg.score_channels, "channels": labels.tolist(),
+        "page_score": chosen, "channels": labels.tolist(),
+        "score_channels": cfg.score_channels or DEFAULT_CHANNELS.get(chosen, DEFAULT_CHANNELS["label_channels"]),
         "measured": {
             "token_budget": cfg.token_budget, "recall": recalls, "passkey_kept": answers,
             "passkey_samples": cfg.num_samples * len(cfg.lengths), "passkey_lengths": list(cfg.lengths),

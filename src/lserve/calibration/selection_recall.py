@@ -144,8 +144,8 @@ def page_scores(
     """(Hkv, pages): the engine's score of every page for captured query `query_index`.
 
     kind: quest, midrange (`page_scores_torch` over per-`logical`-token key min/max),
-    rope_channels / label_channels (`channel_page_scores_torch` over key labels on `channels`,
-    (Hkv, r) int), or oracle (true attention mass per page, summed over the GQA group)."""
+    rope_channels / label_channels / rope_mass (`channel_page_scores_torch` over key labels on
+    `channels`, (Hkv, r) int), or oracle (true attention mass per page, summed over the GQA group)."""
     if kind not in SCORE_KINDS:
         raise LServeError(f"unknown page score {kind!r}; expected one of {', '.join(SCORE_KINDS)}")
     p = capture.position(query_index)
@@ -162,7 +162,8 @@ def page_scores(
             raise LServeError(f"{kind} needs channels of shape ({hkv}, r)")
         k_label = torch.zeros((hkv, pages * page_size, int(channels.shape[1])), dtype=torch.float32)
         write_labels(k_label, channels.long(), capture.keys[:n], torch.arange(n))
-        return channel_page_scores_torch(q, k_label, channels.long(), table, seq_lens, page_size, aggregate)[0]
+        return channel_page_scores_torch(q, k_label, channels.long(), table, seq_lens, page_size, aggregate,
+                                         mass=kind == "rope_mass")[0]
     if page_size % logical:
         raise LServeError(f"page_size={page_size} must be a multiple of logical={logical}")
     k_min, k_max = key_statistics(capture, n, page_size, logical)

@@ -185,8 +185,10 @@ class EngineCore:
                 sparse.selector_interval, seats, self.device, sparse.num_dense_layers,
                 score=self.page_score.kind if self.page_score is not None else "quest",
                 top_p=sparse.selection_top_p, min_tokens=sparse.selection_min_tokens,
-                # a score summed over a GQA group is about `group` logits: their mean's softmax scale
-                temperature=arch.head_dim**-0.5 / (arch.num_heads // arch.num_kv_heads),
+                # a score summed over a GQA group is about `group` logits: their mean's softmax scale;
+                # rope_mass is a log-mass already
+                temperature=1.0 if self.page_score is not None and self.page_score.kind == "rope_mass"
+                else arch.head_dim**-0.5 / (arch.num_heads // arch.num_kv_heads),
             )
         backend = create_backend(self.backend_name, self.kv_cache, arch.num_heads, arch.head_dim**-0.5,
                                  sparsity, selector)

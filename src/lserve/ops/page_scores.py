@@ -147,7 +147,7 @@ def _channel_scores_kernel(
     q_ptr, label_ptr, chan_ptr, page_table_ptr, seq_lens_ptr, map_ptr, out_ptr, width,
     stride_qb, stride_qh, stride_lh, stride_pt_b, stride_ob, stride_oh,
     GROUP: tl.constexpr, R: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
-    USE_SUM: tl.constexpr, HAS_MAP: tl.constexpr,
+    USE_SUM: tl.constexpr, HAS_MAP: tl.constexpr, MASS: tl.constexpr, HEAD_DIM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -175,6 +175,25 @@ def _channel_scores_kernel(
     # one head's labels are contiguous (heads, slots, R): a page is PAGE_SIZE * R values in a row
     lab = tl.load(label_ptr + kvh * stride_lh + slot[:, :, None] * R + c[None, None, :],
                   mask=ok[:, :, None], other=0.0).to(tl.float32)
+    if MASS:
+        # log sum over the group's heads and the page's tokens of exp(q_gC . k_C / tau_g), an
+        # online log-sum-exp over the heads (SparQ's temperature tau_g from the head's full query)
+        d = tl.arange(0, HEAD_DIM)
+        m = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        acc = tl.zeros([BLOCK_P], tl.float32)
+        for g in tl.static_range(GROUP):
+            qg = tl.load(q_row + g * stride_qh).to(tl.float32)
+            l1 = tl.sum(tl.abs(tl.load(q_ptr + b * stride_qb + (src * GROUP + g) * stride_qh + d).to(tl.float32)),
+                        axis=0)
+            tau = tl.maximum(tl.sqrt(HEAD_DIM * tl.sum(tl.abs(qg), axis=0) / tl.maximum(l1, 1e-30)), 1e-20)
+            s = tl.where(ok, tl.sum(lab * qg[None, None, :], axis=2) / tau, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+            m = m_new
+        best = tl.where(acc > 0, m + tl.log(tl.where(acc > 0, acc, 1.0)), float("-inf"))
+        tl.store(out_row + p, best, mask=p < width)
+        return
     if USE_SUM:
         # sum over the group of q_g . k_C = (sum_g q_g)_C . k_C: one product per key
         qs = tl.zeros([R], tl.float32)
@@ -202,10 +221,13 @@ def channel_page_scores(
     group: int | None = None,
     block_tokens: int = 1024,
     num_warps: int = 4,
+    mass: bool = False,
 ) -> torch.Tensor:
     """q (B, Hq, D); labels (Hkv, num_pages * page_size, r) with their channels (Hkv, r) int32;
     page_table (B, P) int32; seq_lens (B,) int32 -> scores (B, Hkv, P) float32: per page, the max
     over its tokens of q_C . k_C (aggregated over the GQA group), -inf past each sequence.
+    `mass`: the rope_mass estimate instead, log sum_{g, t} exp(q_gC . k_tC / tau_g) with
+    tau_g = sqrt(D |q_gC|_1 / |q_g|_1) (`aggregate` does not apply).
 
     `kv_head_map` and `group` as for `page_scores` (labels of one pool of several). A program
     scores `block_tokens` tokens' worth of pages of one (sequence, head)."""
@@ -231,7 +253,8 @@ def channel_page_scores(
         q, k_label, label_channels, page_table, seq_lens, kv_head_map if kv_head_map is not None else seq_lens,
         out, max_pages, q.stride(0), q.stride(1), k_label.stride(0), page_table.stride(0), out.stride(0),
         out.stride(1), GROUP=group, R=r, PAGE_SIZE=page_size, BLOCK_P=block_p, USE_SUM=aggregate == "sum",
-        HAS_MAP=kv_head_map is not None, num_warps=num_warps, **pdl_args(q.device),
+        HAS_MAP=kv_head_map is not None, MASS=mass, HEAD_DIM=q.shape[2], num_warps=num_warps,
+        **pdl_args(q.device),
     )
     return out
 

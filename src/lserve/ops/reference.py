@@ -235,11 +235,15 @@ def channel_page_scores_ref(
     seq_lens: list[int],
     page_size: int,
     aggregate: str = "sum",
+    mass: bool = False,
 ) -> torch.Tensor:
     """Channel score of each physical page: the max over its tokens of the partial dot product
     on the label channels, q_C . k_C, aggregated over the GQA group (sum: of the group's queries,
     before the product; max: of the per-head products). q (B, Hq, D), k_label (Hkv, slots, r),
-    label_channels (Hkv, r) -> (B, Hkv, max_pages) float64, -inf past each sequence."""
+    label_channels (Hkv, r) -> (B, Hkv, max_pages) float64, -inf past each sequence.
+
+    `mass`: instead, log sum over the group's heads g and the page's tokens t of
+    exp(q_gC . k_tC / tau_g), tau_g = sqrt(D |q_gC|_1 / |q_g|_1) (the `rope_mass` score)."""
     bsz, hq, _ = q.shape
     hkv = k_label.shape[0]
     group = hq // hkv
@@ -252,6 +256,11 @@ def channel_page_scores_ref(
             for p in range(-(-n // page_size)):
                 slots = [table[p] * page_size + t for t in range(page_size) if p * page_size + t < n]
                 labels = k_label[h, slots].double()  # (tokens, r)
+                if mass:
+                    qg = q[b, h * group : (h + 1) * group].double()
+                    tau = (q.shape[2] * qc.abs().sum(1) / qg.abs().sum(1).clamp_min(1e-30)).sqrt().clamp_min(1e-20)
+                    out[b, h, p] = float(torch.logsumexp((labels @ qc.T) / tau, dim=(0, 1)))
+                    continue
                 if aggregate == "sum":
                     per_token = labels @ qc.sum(0)
                 else:

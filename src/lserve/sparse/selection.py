@@ -7,7 +7,12 @@ Four scores (docs/sparsity.md has the measurements behind them):
   token beside the pages; C = the r/2 slowest-rotating RoPE frequencies, both channels of each
   rotation pair (no calibration);
 - `label_channels`: the same with channels chosen per (layer, KV head) by calibration
-  (DoubleSparsity's "label channels"), read from the model's pattern file.
+  (DoubleSparsity's "label channels"), read from the model's pattern file;
+- `rope_mass`: on the same RoPE channels (16 by default), an estimate of the attention mass of
+  the page: log sum over the group's query heads g and the page's tokens t of
+  exp(q_gC . k_tC / tau_g), with SparQ's temperature tau_g = sqrt(D |q_gC|_1 / |q_g|_1). Each
+  query head counts through its own softmax-like term, so one head that retrieves is not
+  drowned by the group's others, as it is when their queries are summed first.
 
 `auto` takes the choice that `lserve calibrate --selection` wrote into the model's pattern file
 (the shipped one for the default model), else `rope_channels`.
@@ -22,9 +27,11 @@ import torch
 
 from lserve.errors import LServeError
 
-CHANNEL_SCORES = ("rope_channels", "label_channels")
+CHANNEL_SCORES = ("rope_channels", "label_channels", "rope_mass")
 STATISTICS_SCORES = ("quest", "midrange")
 DEFAULT_PAGE_SCORE = "rope_channels"
+DEFAULT_CHANNELS = {"rope_channels": 8, "label_channels": 8, "rope_mass": 16}
+"""r of each channel score when `score_channels` is not set."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,7 @@ class ScoreSpec:
     """The resolved page score of an engine."""
 
     kind: str
-    """quest, midrange, rope_channels or label_channels."""
+    """quest, midrange, rope_channels, label_channels or rope_mass."""
     channels: torch.Tensor | None = None
     """(layers, KV heads, r) int64 key channels of a channel score (model head numbering)."""
     source: str = ""
@@ -77,7 +84,7 @@ def _channels_from_choice(choice: dict[str, Any], num_layers: int, num_kv_heads:
 
 def resolve_page_score(
     requested: str,
-    num_channels: int,
+    num_channels: int | None,
     selection: dict[str, Any] | None,
     inv_freq: torch.Tensor,
     num_layers: int,
@@ -87,18 +94,22 @@ def resolve_page_score(
     """The engine's page score: `requested` (a config value), the pattern's `selection` choice
     for `auto` (and the channels of `label_channels`), `rope_channels` otherwise.
 
-    A pattern's choice also sets r (its `score_channels`) when `auto` takes it."""
+    r is `num_channels` if given, else the pattern's `score_channels` when `auto` takes its
+    choice, else the score's default (`DEFAULT_CHANNELS`)."""
     head_dim = 2 * int(inv_freq.shape[0])
     kind, origin = requested, "setting"
     if requested == "auto":
         if selection is not None and selection.get("page_score") in (*STATISTICS_SCORES, *CHANNEL_SCORES):
             kind, origin = str(selection["page_score"]), f"calibrated ({source})"
-            num_channels = int(selection.get("score_channels", num_channels))
+            if num_channels is None and "score_channels" in selection:
+                num_channels = int(selection["score_channels"])
         else:
             kind, origin = DEFAULT_PAGE_SCORE, "default"
     if kind in STATISTICS_SCORES:
         return ScoreSpec(kind, None, origin)
-    if kind == "rope_channels":
+    if num_channels is None:
+        num_channels = DEFAULT_CHANNELS[kind]
+    if kind in ("rope_channels", "rope_mass"):
         chans = torch.tensor(rope_slow_channels(inv_freq, num_channels), dtype=torch.int64)
         return ScoreSpec(kind, chans.expand(num_layers, num_kv_heads, -1).contiguous(), origin)
     if selection is None or "channels" not in selection:
