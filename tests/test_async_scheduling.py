@@ -144,15 +144,17 @@ def test_an_interrupted_read_loses_no_token(default_llm, sync_llm, monkeypatch, 
     assert all(not r.num_inflight_tokens for r in engine.core.scheduler.running)
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_request_page_counts_add_up_under_preemption_and_abort(async_scheduling: bool) -> None:
+@pytest.mark.parametrize("async_scheduling,top_p", [(False, None), (True, None), (False, 0.5), (True, 0.5)])
+def test_request_page_counts_add_up_under_preemption_and_abort(async_scheduling: bool, top_p: float | None) -> None:
     """Per-request decode page counts (RequestOutput.metrics) against the engine's totals, with
     page selection on, a pool small enough to preempt and one request aborted midway. The
     synchronous engine keeps every decode row it runs, so the requests' counts sum to the
     totals exactly; launched ahead, rows whose token is dropped (after a stop, an abort or a
-    preemption) count only in the totals, the device having read their pages."""
+    preemption) count only in the totals, the device having read their pages. With a top-p
+    budget the stored pages are counted on the device and added once each step has run."""
     llm = LLM(dtype="float32", device="cpu", page_size=16, num_kv_pages=12, max_num_batched_tokens=64,
-              token_budget=32, selector_interval=2, async_scheduling=async_scheduling)
+              token_budget=48, selector_interval=2, async_scheduling=async_scheduling, selection_top_p=top_p,
+              selection_min_tokens=16)
     engine = llm.engine
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ids = [engine.add_request(p * 3, greedy) for p in PROMPTS]

@@ -11,6 +11,7 @@ Reference: `ops.reference.page_scores_ref`.
 
 Channel scores (`channel_page_scores`): the exact partial product q_C . k_C of each token on a
 few key channels C per head (labels kept per token by the KV append), max over the page's
+tokens; or (rope_mass) a log-sum-exp of the group's heads' partial logits over the page's
 tokens. Reference: `ops.reference.channel_page_scores_ref`.
 
 `store_top_pages` then writes each re-selecting row's best pages into the page selector's store
@@ -143,6 +144,27 @@ def page_scores(
 
 
 @triton.jit
+def _mass_scores(lab, ok, q_label_row, q_full_row, stride_qh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_P: tl.constexpr):
+    """rope_mass of a block of pages: log sum over the group's heads g and the pages' tokens of
+    exp(q_gC . k_C / tau_g), an online log-sum-exp over the heads; tau_g = sqrt(D |q_gC|_1 / |q_g|_1)
+    (SparQ's temperature, from the head's full query row). lab (BLOCK_P, PAGE, R) float32."""
+    d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    acc = tl.zeros([BLOCK_P], tl.float32)
+    for g in tl.static_range(GROUP):
+        qg = tl.load(q_label_row + g * stride_qh).to(tl.float32)
+        l1 = tl.sum(tl.abs(tl.load(q_full_row + g * stride_qh + d).to(tl.float32)), axis=0)
+        tau = tl.maximum(tl.sqrt(HEAD_DIM * tl.sum(tl.abs(qg), axis=0) / tl.maximum(l1, 1e-30)), 1e-20)
+        s = tl.where(ok, tl.sum(lab * qg[None, None, :], axis=2) / tau, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+        m = m_new
+    return tl.where(acc > 0, m + tl.log(tl.where(acc > 0, acc, 1.0)), float("-inf"))
+
+
+@triton.jit
 def _channel_scores_kernel(
     q_ptr, label_ptr, chan_ptr, page_table_ptr, seq_lens_ptr, map_ptr, out_ptr, width,
     stride_qb, stride_qh, stride_lh, stride_pt_b, stride_ob, stride_oh,
@@ -162,7 +184,7 @@ def _channel_scores_kernel(
     p = pblock * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < num_pages
     out_row = out_ptr + b * stride_ob + kvh * stride_oh
-    if pblock * BLOCK_P >= num_pages:
+    if pblock * BLOCK_P >= num_pages:  # past the sequence: as in `_page_scores_kernel`
         tl.store(out_row + p, tl.full([BLOCK_P], float("-inf"), tl.float32), mask=p < width)
         return
     c = tl.arange(0, R)
@@ -176,22 +198,8 @@ def _channel_scores_kernel(
     lab = tl.load(label_ptr + kvh * stride_lh + slot[:, :, None] * R + c[None, None, :],
                   mask=ok[:, :, None], other=0.0).to(tl.float32)
     if MASS:
-        # log sum over the group's heads and the page's tokens of exp(q_gC . k_C / tau_g), an
-        # online log-sum-exp over the heads (SparQ's temperature tau_g from the head's full query)
-        d = tl.arange(0, HEAD_DIM)
-        m = tl.full([BLOCK_P], float("-inf"), tl.float32)
-        acc = tl.zeros([BLOCK_P], tl.float32)
-        for g in tl.static_range(GROUP):
-            qg = tl.load(q_row + g * stride_qh).to(tl.float32)
-            l1 = tl.sum(tl.abs(tl.load(q_ptr + b * stride_qb + (src * GROUP + g) * stride_qh + d).to(tl.float32)),
-                        axis=0)
-            tau = tl.maximum(tl.sqrt(HEAD_DIM * tl.sum(tl.abs(qg), axis=0) / tl.maximum(l1, 1e-30)), 1e-20)
-            s = tl.where(ok, tl.sum(lab * qg[None, None, :], axis=2) / tau, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
-            m = m_new
-        best = tl.where(acc > 0, m + tl.log(tl.where(acc > 0, acc, 1.0)), float("-inf"))
+        best = _mass_scores(lab, ok, q_row, q_ptr + b * stride_qb + (src * GROUP) * stride_qh, stride_qh,
+                            GROUP, HEAD_DIM, BLOCK_P)
         tl.store(out_row + p, best, mask=p < width)
         return
     if USE_SUM:
