@@ -42,14 +42,14 @@ def test_pattern_selection_round_trips_and_is_checked(tmp_path: Path) -> None:
         load_pattern(path)
 
 
-def test_the_shipped_pattern_chooses_the_rope_channels() -> None:
+def test_the_shipped_pattern_chooses_rope_mass() -> None:
     path = shipped_pattern("SmolLM2-135M-Instruct")
     assert path is not None
     selection = load_pattern(path).selection
-    assert selection is not None and selection["page_score"] == "rope_channels"
-    assert torch.tensor(selection["channels"]).shape == (30, 3, selection["score_channels"])
-    kept = selection["measured"]["passkey_kept"]
-    assert kept["alone"]["rope_channels"] >= kept["alone"]["quest"]
+    assert selection is not None and selection["page_score"] == "rope_mass" and selection["score_channels"] == 16
+    assert torch.tensor(selection["channels"]).shape == (30, 3, 8)  # the calibrated label channels
+    kept = selection["measured"]["answers_kept"]
+    assert kept["alone"][selection["page_score"]] >= kept["alone"]["quest"]
 
 
 def test_choice_takes_the_most_answers_then_the_preference() -> None:
@@ -57,7 +57,9 @@ def test_choice_takes_the_most_answers_then_the_preference() -> None:
                "streaming": {"quest": 3, "midrange": 14, "rope_channels": 10, "label_channels": 11}}
     assert choose(("quest", "midrange", "rope_channels", "label_channels"), answers) == "midrange"  # 31 answers
     tied = {"alone": {"quest": 5, "midrange": 5, "rope_channels": 5, "label_channels": 5}}
-    assert choose(("quest", "midrange", "label_channels", "rope_channels"), tied) == PREFERENCE[0]
+    assert choose(("quest", "midrange", "label_channels", "rope_channels"), tied) == "rope_channels"
+    assert choose(("quest", "rope_channels", "rope_mass"), {"a": {"quest": 5, "rope_channels": 5, "rope_mass": 5}}) \
+        == PREFERENCE[0]
     assert choose(("quest", "label_channels"), tied) == "label_channels"
     with pytest.raises(ValueError, match="candidates"):
         SelectionCalibrationConfig(output="x", candidates=("oracle",))
@@ -68,16 +70,17 @@ def test_engine_resolves_auto_from_the_shipped_pattern_and_sizes_the_labels(tmp_
 
     auto = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40)
     core = auto.llm_engine.core
-    assert core.page_score.kind == "rope_channels" and "calibrated" in core.page_score.source
+    assert core.page_score.kind == "rope_mass" and "calibrated" in core.page_score.source
     paged = core.kv_cache.paged
-    assert paged.k_min is None and paged.k_label is not None and paged.k_label[0].shape == (3, 41 * 64, 8)
-    assert paged.label_channels[0].tolist() == [[28, 29, 30, 31, 60, 61, 62, 63]] * 3
+    assert paged.k_min is None and paged.k_label is not None and paged.k_label[0].shape == (3, 41 * 64, 16)
+    assert paged.label_channels[0].tolist() == [list(range(24, 32)) + list(range(56, 64))] * 3
+    assert core.runner.backend.selector.score == "rope_mass"
     quest = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, page_score="quest")
     qcore = quest.llm_engine.core
     assert qcore.kv_cache.paged.k_label is None and qcore.kv_cache.paged.k_min is not None
-    pages = 2  # 100 tokens: KV, plus 64 tokens' labels of 8 channels or 4 logical pages' min and max of 64
+    pages = 2  # 100 tokens: KV, plus 64 tokens' labels of 16 channels or 4 logical pages' min and max of 64
     kv = pages * 64 * 30 * 3 * 64 * 2 * 4
-    assert core.kv_bytes_per_sequence(100) == kv + pages * 64 * 30 * 3 * 8 * 4
+    assert core.kv_bytes_per_sequence(100) == kv + pages * 64 * 30 * 3 * 16 * 4
     assert qcore.kv_bytes_per_sequence(100) == kv + pages * 4 * 30 * 3 * 64 * 2 * 4
     # with streaming heads the paged pool holds each layer's dense heads: their label channels
     label = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, page_score="label_channels",
@@ -105,7 +108,7 @@ def test_cli_selection_step_writes_the_choice(tiny_with_tokenizer: Path, tmp_pat
     assert sel is not None and sel["page_score"] in ("quest", "midrange", "rope_channels", "label_channels", "rope_mass")
     assert torch.tensor(sel["channels"]).shape == (2, 2, 4)
     measured = sel["measured"]
-    assert set(measured["passkey_kept"]) == {"alone", "streaming"}
+    assert set(measured["answers_kept"]) == {"alone", "streaming"} and measured["samples"] == 4
     assert set(measured["recall"]) == {"quest", "midrange", "rope_channels", "label_channels", "rope_mass", "oracle"}
     assert measured["calibration_tokens"] == 1024  # clamped to the model's window
     assert pattern.scores.shape == (2, 2) and bool((pattern.scores == 1).all())  # no pattern: all dense

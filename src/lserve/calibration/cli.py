@@ -65,8 +65,9 @@ def add_calibrate_parser(sub: Any) -> None:
                    help="recompute each layer in the backward pass (less memory for long contexts, ~30%% slower)")
     sel = p.add_argument_group(
         "page selection (--selection)",
-        "Instead of the head gates: measure each page score's recall and passkey answers against exact "
-        "attention and write the chosen score (and calibrated label channels) into the pattern's `selection`.")
+        "Instead of the head gates: measure each page score's recall and its passkey and needle-in-a-haystack "
+        "answers against exact attention and write the chosen score (and calibrated label channels) into the "
+        "pattern's `selection`.")
     sel.add_argument("--selection", action="store_true", help="calibrate the page score of page selection")
     sel.add_argument("--pattern", default=None,
                      help="head pattern to add the choice to (default: the one shipped for the model, else all dense)")
@@ -74,8 +75,10 @@ def add_calibrate_parser(sub: Any) -> None:
     sel.add_argument("--score-channels", type=int, default=None,
                      help="key channels of the channel scores (default: 16 for rope_mass, else 8)")
     sel.add_argument("--passkey-lengths", default="2048,4096,6144",
-                     help="lengths of the passkey prompts whose answers are compared (default: 2048,4096,6144)")
-    sel.add_argument("--passkey-samples", type=int, default=4, help="passkey prompts per length (default: 4)")
+                     help="lengths of the passkey and haystack prompts whose answers are compared "
+                     "(default: 2048,4096,6144)")
+    sel.add_argument("--passkey-samples", type=int, default=4,
+                     help="passkey prompts per length, and haystack prompts per length and depth (default: 4)")
     sel.add_argument("--streaming-sparsity", type=float, default=0.5,
                      help="answers are also compared with this share of the pattern's heads streaming (0: not; default 0.5)")
     p.set_defaults(func=cmd_calibrate)
@@ -94,11 +97,11 @@ def cmd_calibrate_selection(args: argparse.Namespace) -> int:
     measured = result.selection["measured"]
     print(f"wrote {result.pattern_path}: page_score={result.selection['page_score']} "
           f"(token budget {measured['token_budget']})")
-    kept = measured["passkey_kept"]
-    n = measured["passkey_samples"]
+    kept = measured["answers_kept"]
+    n = measured["samples"]
     for name in kept["alone"]:
         recall = measured["recall"].get(name)
-        print(f"  {name:>15}: passkey " + ", ".join(f"{kept[s][name]}/{n} {s}" for s in kept)
+        print(f"  {name:>15}: answers " + ", ".join(f"{kept[s][name]}/{n} {s}" for s in kept)
               + (f"; recall {recall:.3f}" if recall is not None else ""))
     print(f"  {'oracle':>15}: recall {measured['recall']['oracle']:.3f}; wall time {result.wall_time_s / 60:.1f} min")
     return 0

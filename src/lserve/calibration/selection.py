@@ -4,13 +4,14 @@ Each candidate score (`lserve.sparse.selection`: quest, midrange, rope_channels,
 label_channels) is measured two ways against exact attention:
 - recall: the share of the true attention that falls on the pages it selects at the token
   budget, on calibration text (`lserve.calibration.selection_recall`, the engine's own scores);
-- answers: passkey retrieval through the engine with page selection on, against dense, on
-  seeded prompts (not those of `lserve eval`, whose default seed is 0), alone and with the
-  pattern's streaming heads (at `streaming_sparsity`, with the windows the pattern was made for).
+- answers: passkey retrieval and needle-in-a-haystack (`lserve eval`'s tasks) through the
+  engine with page selection on, against dense, on seeded prompts (not those of `lserve eval`,
+  whose default seed is 0), alone and with the pattern's streaming heads (at
+  `streaming_sparsity`, with the windows the pattern was made for).
 
-The candidate that keeps the most answers (both settings together) wins; ties go to the earlier
-of `PREFERENCE` (the RoPE channels first: no calibration to go stale, and the best answers on
-the default model, docs/accuracy.md). Recall is recorded beside, not used: on the default model
+The candidate that keeps the most answers (both tasks and settings together) wins; ties go to
+the earlier of `PREFERENCE` (no calibration to go stale first; `rope_mass` before the plain RoPE
+channels, for its needle-in-a-haystack answers on the default model, docs/accuracy.md). Recall is recorded beside, not used: on the default model
 it ranks label channels and Quest's bound first while they lose answers, because averaged
 recall hides the few copy heads whose misses lose them (docs/sparsity.md). Label channels are
 calibrated on the same text first (DoubleSparsity's choice of channels,
@@ -38,7 +39,7 @@ from lserve.sparse.selection import CHANNEL_SCORES, DEFAULT_CHANNELS, STATISTICS
 logger = logging.getLogger(__name__)
 
 CANDIDATES = (*STATISTICS_SCORES, *CHANNEL_SCORES)
-PREFERENCE = ("rope_channels", "rope_mass", "label_channels", "midrange", "quest")
+PREFERENCE = ("rope_mass", "rope_channels", "label_channels", "midrange", "quest")
 """Ties between candidates that keep as many answers go to the earliest here."""
 
 
@@ -57,7 +58,9 @@ class SelectionCalibrationConfig:
     """r of the channel scores (default: each score's own, `DEFAULT_CHANNELS`)."""
     lengths: tuple[int, ...] = (2048, 4096, 6144)
     num_samples: int = 4
-    """Passkey prompts per length."""
+    """Passkey prompts per length, and needle-in-a-haystack prompts per (length, depth)."""
+    niah_depths: tuple[float, ...] = (0.25, 0.5, 0.75)
+    """Needle depths of the haystack prompts (none: passkey only)."""
     streaming_sparsity: float = 0.5
     """Answers are also measured with this share of streaming heads (0: only without)."""
     calib_tokens: int = 3000
@@ -138,15 +141,20 @@ def streaming_settings(cfg: SelectionCalibrationConfig, pattern: HeadPattern, pa
 
 def measure_answers(cfg: SelectionCalibrationConfig, tok: Any, pattern: HeadPattern,
                     pattern_path: Path) -> dict[str, dict[str, int]]:
-    """Passkeys kept, per setting ("alone", and "streaming" with the pattern's streaming heads),
-    by dense decode (named "dense") and by page selection with each candidate score."""
+    """Answers kept (passkey and needle-in-a-haystack together), per setting ("alone", and
+    "streaming" with the pattern's streaming heads), by dense decode (named "dense") and by page
+    selection with each candidate score."""
     from lserve.engine.llm import LLM
+    from lserve.eval.niah import make_niah_samples
     from lserve.eval.passkey import make_passkey_samples
     from lserve.eval.runner import free_memory, run_with_llm
     from lserve.eval.sample import PromptFormat
     from lserve.eval.scoring import score
 
-    samples = make_passkey_samples(PromptFormat(tok), list(cfg.lengths), cfg.num_samples, seed=cfg.seed)
+    fmt = PromptFormat(tok)
+    samples = make_passkey_samples(fmt, list(cfg.lengths), cfg.num_samples, seed=cfg.seed)
+    if cfg.niah_depths:
+        samples += make_niah_samples(fmt, list(cfg.lengths), list(cfg.niah_depths), cfg.num_samples, seed=cfg.seed)
     settings: dict[str, dict[str, Any]] = {"alone": dict(attn_pattern=str(pattern_path))}
     if cfg.streaming_sparsity > 0:
         settings["streaming"] = streaming_settings(cfg, pattern, pattern_path)
@@ -157,7 +165,7 @@ def measure_answers(cfg: SelectionCalibrationConfig, tok: Any, pattern: HeadPatt
             extra = base if name == "dense" else dict(base, token_budget=cfg.token_budget, page_score=name,
                                                       score_channels=cfg.score_channels)
             llm = LLM(**_engine_kwargs(cfg), **extra)
-            outputs = run_with_llm(llm, samples, f"passkey {setting} {name}")
+            outputs = run_with_llm(llm, samples, f"answers {setting} {name}")
             answers[setting][name] = int(sum(score(s.scorer, o, s.answers) for s, o in zip(samples, outputs)))
             llm = None
             free_memory()
@@ -195,8 +203,9 @@ def calibrate_selection(cfg: SelectionCalibrationConfig) -> SelectionResult:
         "page_score": chosen, "channels": labels.tolist(),
         "score_channels": cfg.score_channels or DEFAULT_CHANNELS.get(chosen, DEFAULT_CHANNELS["label_channels"]),
         "measured": {
-            "token_budget": cfg.token_budget, "recall": recalls, "passkey_kept": answers,
-            "passkey_samples": cfg.num_samples * len(cfg.lengths), "passkey_lengths": list(cfg.lengths),
+            "token_budget": cfg.token_budget, "recall": recalls, "answers_kept": answers,
+            "samples": cfg.num_samples * len(cfg.lengths) * (1 + len(cfg.niah_depths)),
+            "lengths": list(cfg.lengths), "niah_depths": list(cfg.niah_depths),
             "calibration_tokens": min(cfg.calib_tokens, core.arch.max_position_embeddings), "seed": cfg.seed,
             "device": str(core.device), "dtype": str(core.dtype).removeprefix("torch."),
         },
