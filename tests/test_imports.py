@@ -21,8 +21,9 @@ ALLOWED: dict[str, set[str]] = {
     "entrypoints": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine"},
     "eval": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine"},
     "bench": {"ops", "kv_cache", "sparse", "attention", "model", "runner", "engine", "eval"},
-    # offline tool beside the engine: runs the bare model with its own attention callables
-    "calibration": {"model", "sparse", "engine"},
+    # offline tool beside the engine: runs the bare model with its own attention callables; the
+    # page-score step scores with the attention backends' own functions and answers eval's tasks
+    "calibration": {"model", "sparse", "engine", "attention", "eval"},
 }
 
 

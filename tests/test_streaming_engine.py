@@ -105,8 +105,11 @@ def test_preemption_with_ring_pool_and_selection_matches_one_at_a_time(pattern_p
 
     Interval 1: a preempted request restarts its selection count when it decodes again, so with
     a longer interval it would legitimately re-select on other steps than when run alone."""
+    # Quest's bound: a page score whose ranking is not flipped by the last-bit differences between
+    # keys computed in decode and recomputed in prefill (the channel scores' near-ties can be:
+    # the next test checks their per-token store under preemption exactly instead)
     tiny = _streaming_llm(pattern_path, page_size=16, num_kv_pages=48, max_num_batched_tokens=64,
-                          token_budget=64, selector_interval=1, num_dense_layers=1)
+                          token_budget=64, selector_interval=1, num_dense_layers=1, page_score="quest")
     prompts = [LONG[:700], "Tell me about " + FILLER * 12, "Describe this: " + FILLER * 10, SHORT]
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     expected = [tiny.generate(p, greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
@@ -117,3 +120,34 @@ def test_preemption_with_ring_pool_and_selection_matches_one_at_a_time(pattern_p
     core.scheduler.check_invariants()
     assert core.kv_manager.num_free_pages == core.kv_manager.num_pages and not core.kv_manager.seats
     assert core.runner.backend.selector.num_selections == {}
+
+
+def test_key_labels_match_the_cached_keys_through_preemption_and_chunked_prefill(pattern_path: Path) -> None:
+    """The channel scores' per-token labels stay the cached keys' channels for every computed
+    token of every running request, step after step, while requests are chunk-prefilled,
+    preempted and recomputed into other pages (and seats)."""
+    llm = _streaming_llm(pattern_path, page_size=16, num_kv_pages=48, max_num_batched_tokens=64,
+                         token_budget=64, selector_interval=2, page_score="rope_mass")
+    engine = llm.engine
+    core = engine.core
+    paged = core.kv_cache.paged
+    assert paged.k_label is not None and paged.label_channels is not None
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    for p in (LONG[:700], "Tell me about " + FILLER * 12, "Describe this: " + FILLER * 10, SHORT):
+        engine.add_request(p, greedy)
+    checked = 0
+    for _ in range(300):  # bounded: a lost token fails instead of hanging
+        if not engine.has_unfinished_requests():
+            break
+        engine.step()
+        for req in core.scheduler.running:
+            table = core.kv_manager.page_tables[req.request_id]
+            n = req.num_computed_tokens
+            slots = torch.tensor([table[t // 16] * 16 + t % 16 for t in range(n)])
+            for layer in (0, 17, 29):
+                keys = paged.k[layer].view(-1, *paged.k[layer].shape[2:])[slots]  # (n, heads, D)
+                want = torch.gather(keys, 2, paged.label_channels[layer].long()[None].expand(n, -1, -1))
+                assert torch.equal(paged.k_label[layer][:, slots].transpose(0, 1), want), (req.request_id, layer)
+            checked += 1
+    assert core.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    assert checked > 50 and not engine.has_unfinished_requests()
