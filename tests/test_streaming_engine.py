@@ -105,9 +105,9 @@ def test_preemption_with_ring_pool_and_selection_matches_one_at_a_time(pattern_p
 
     Interval 1: a preempted request restarts its selection count when it decodes again, so with
     a longer interval it would legitimately re-select on other steps than when run alone."""
-    # Quest's bound: a page score whose ranking is not flipped by the last-bit differences between
-    # keys computed in decode and recomputed in prefill (the channel scores' near-ties can be:
-    # the next test checks their per-token store under preemption exactly instead)
+    # Quest's bound: here its ranking is not flipped by the last-bit differences between keys and
+    # queries computed in decode and recomputed in prefill; the channel scores' near-ties were
+    # (one token of 96 differs), so the next test checks their per-token store exactly instead
     tiny = _streaming_llm(pattern_path, page_size=16, num_kv_pages=48, max_num_batched_tokens=64,
                           token_budget=64, selector_interval=1, num_dense_layers=1, page_score="quest")
     prompts = [LONG[:700], "Tell me about " + FILLER * 12, "Describe this: " + FILLER * 10, SHORT]
