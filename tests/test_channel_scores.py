@@ -14,25 +14,9 @@ from lserve.ops import reference as ref
 from lserve.ops.kv_append import kv_append
 from lserve.ops.page_scores import channel_page_scores, page_scores
 from lserve.sparse.selection import resolve_page_score, rope_slow_channels
+from tests.helpers_paging import shuffled_tables
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _tables(seq_lens: list[int], page_size: int, rng: random.Random) -> tuple[list[list[int]], int, torch.Tensor]:
-    """Shuffled page tables (gaps, out of order), the pool's page count and the padded table."""
-    num_pages = sum(-(-n // page_size) for n in seq_lens) + 3
-    ids = list(range(num_pages))
-    rng.shuffle(ids)
-    tables = []
-    for n in seq_lens:
-        k = -(-n // page_size)
-        tables.append(ids[:k])
-        ids = ids[k:]
-    width = max(len(t) for t in tables)
-    table = torch.zeros((len(seq_lens), width), dtype=torch.int32)
-    for i, t in enumerate(tables):
-        table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    return tables, num_pages, table
 
 
 def _labels(num_pages: int, page_size: int, hkv: int, d: int, r: int, gen: torch.Generator,
@@ -57,7 +41,7 @@ def test_channel_scores_match_the_reference(page_size: int, hq: int, hkv: int, a
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     seq_lens = [rng.randint(1, 5 * page_size) for _ in range(3)] + [3 * page_size + 1]
-    tables, num_pages, table = _tables(seq_lens, page_size, rng)
+    tables, num_pages, table = shuffled_tables(seq_lens, page_size, rng)
     labels, channels = _labels(num_pages, page_size, hkv, d, r, gen, tables, seq_lens)
     q = torch.randn((len(seq_lens), hq, d), generator=gen)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
@@ -99,7 +83,7 @@ def test_midrange_scores_match_the_reference(page_size: int, logical: int, hq: i
     gen = torch.Generator().manual_seed(page_size + hq)
     rng = random.Random(page_size)
     seq_lens = [rng.randint(1, 4 * page_size) for _ in range(3)]
-    tables, num_pages, table = _tables(seq_lens, page_size, rng)
+    tables, num_pages, table = shuffled_tables(seq_lens, page_size, rng)
     rows = num_pages * page_size // logical
     k_min = torch.randn((rows, hkv, d), generator=gen)
     k_max = k_min + torch.rand((rows, hkv, d), generator=gen)

@@ -9,6 +9,7 @@ import torch
 
 from lserve.ops import reference as ref
 from lserve.ops.page_scores import page_scores
+from tests.helpers_paging import shuffled_tables
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -21,27 +22,16 @@ def test_page_scores_match_reference(page_size: int, logical: int, hq: int, hkv:
     gen = torch.Generator().manual_seed(page_size + hq)
     rng = random.Random(page_size * hq)
     seq_lens = [rng.randint(1, 7 * page_size) for _ in range(3)] + [page_size * 3]
-    num_pages = sum(-(-n // page_size) for n in seq_lens) + 4
-    ids = list(range(num_pages))
-    rng.shuffle(ids)
-    tables = []
-    for n in seq_lens:
-        k = -(-n // page_size)
-        tables.append(ids[:k])
-        ids = ids[k:]
+    tables, num_pages, table = shuffled_tables(seq_lens, page_size, rng, spare=4)
     rows = num_pages * page_size // logical
     k_min = torch.randn((rows, hkv, d), generator=gen)
     k_max = k_min + torch.rand((rows, hkv, d), generator=gen)
     # stale statistics past each sequence's end must not count: make them huge
-    for n, table in zip(seq_lens, tables):
+    for n, pages in zip(seq_lens, tables):
         first_unused = -(-n // logical) * logical
-        for pos in range(first_unused, len(table) * page_size, logical):
-            k_max[table[pos // page_size] * (page_size // logical) + (pos % page_size) // logical] = 1e4
+        for pos in range(first_unused, len(pages) * page_size, logical):
+            k_max[pages[pos // page_size] * (page_size // logical) + (pos % page_size) // logical] = 1e4
     q = torch.randn((len(seq_lens), hq, d), generator=gen)
-    width = max(len(t) for t in tables)
-    table = torch.zeros((len(seq_lens), width), dtype=torch.int32)
-    for i, t in enumerate(tables):
-        table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
     got = page_scores(q.to(DEVICE), k_min.to(DEVICE), k_max.to(DEVICE), table.to(DEVICE),
                       torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), page_size, logical, aggregate)
     expected = ref.page_scores_ref(q, k_min, k_max, tables, seq_lens, page_size, logical, aggregate)
