@@ -77,8 +77,8 @@ class PageSelector:
     ) -> None:
         self.page_size = page_size
         self.score = score
-        """quest, midrange, rope_channels or label_channels (`lserve.sparse.selection`): the backend
-        scores pages by it."""
+        """quest, midrange, rope_channels, label_channels or rope_mass (`lserve.sparse.selection`):
+        the backend scores pages by it."""
         self.budget_pages = max(1, token_budget // page_size)
         self.keep = self.budget_pages - 1
         """Older pages kept per head besides the newest page."""
@@ -97,7 +97,6 @@ class PageSelector:
         # per-row plan on the device, in fixed buffers so that a captured graph reads this step's
         # plan: rows past the step's decodes are inert (fit, one page, the spare seat)
         self._plan_dev = torch.zeros((5, num_seats + 1), dtype=torch.int64, device=device)
-        self.top_p = top_p
         self._top_p: list[TopP] | None = None
         if top_p is not None and self.keep:
             # one tensor for every layer (a step's pages read are one reduction over it)
@@ -214,9 +213,9 @@ class PageSelector:
         None when every page is read (no row selects, or a dense layer).
 
         `scores_fn()` returns the page scores (nd, H, P) of the current queries; it is called only
-        in "select" mode. `store_fn(scores, plan, store, keep)` writes the re-selecting rows' top
-        pages into the store (`ops.page_scores.store_top_pages` on a GPU, its PyTorch reference
-        by default). Only device buffers and the host mode are read, so a CUDA graph captured
+        in "select" mode. `store_fn(scores, plan, store, keep, top_p=...)` writes the re-selecting
+        rows' top pages into the store (`ops.page_scores.store_top_pages` on a GPU, its PyTorch
+        reference by default). Only device buffers and the host mode are read, so a CUDA graph captured
         for a mode replays correctly for any later step of the same mode.
         """
         mode = self.mode
@@ -225,10 +224,7 @@ class PageSelector:
         store = self._store[layer]
         top_p = self._top_p[layer] if self._top_p is not None else None
         if self.keep and mode == "select":
-            if top_p is not None:
-                store_fn(scores_fn(), self._plan_dev[:, :nd], store, self.keep, top_p=top_p)
-            else:
-                store_fn(scores_fn(), self._plan_dev[:, :nd], store, self.keep)
+            store_fn(scores_fn(), self._plan_dev[:, :nd], store, self.keep, top_p=top_p)
         return StoredSelection(store, self._plan_dev, self.keep, self.keep + self.tail_width,
                                top_p.counts if top_p is not None else None)
 

@@ -27,6 +27,7 @@ from lserve.kv_cache.layout import (
     KVCacheTensors,
     KVShape,
     RingGeometry,
+    dense_head_ids,
     memory_budget_bytes,
     plan_num_pages,
     stats_bytes_per_page,
@@ -166,12 +167,9 @@ class EngineCore:
         label_channels = None
         if self.page_score is not None and self.page_score.channels is not None:
             # the channels of the heads the paged pool holds (a layer's dense heads, with a ring pool)
-            streaming = flags if use_ring and flags is not None else None
-            label_channels = [
-                self.page_score.channels[i, [h for h in range(arch.num_kv_heads)
-                                             if streaming is None or not bool(streaming[i][h])]]
-                for i in range(arch.num_layers)
-            ]
+            pool_heads = dense_head_ids(flags) if use_ring and flags is not None \
+                else [list(range(arch.num_kv_heads))] * arch.num_layers
+            label_channels = [self.page_score.channels[i, heads] for i, heads in enumerate(pool_heads)]
         # one page more than the manager hands out: the scratch page of padded graph rows
         paged = KVCacheTensors(shape, num_pages + 1, self.device, logical, label_channels)
         self.kv_cache = KVCache(paged, ring_tensors, flags if use_ring else None, ring_geometry)

@@ -138,6 +138,11 @@ def _ring_index(sink_pages: int, ring_pages: int, n: int) -> np.ndarray:
     return np.where(idx < sink_pages, idx, sink_pages + (idx - sink_pages) % ring_pages).astype(np.int32)
 
 
+def dense_head_ids(streaming_flags: tuple[torch.Tensor, ...]) -> list[list[int]]:
+    """Per layer, the KV heads that do not stream, in order: the heads of the paged pool."""
+    return [[h for h, s in enumerate(f.tolist()) if not s] for f in streaming_flags]
+
+
 class KVCache:
     """The engine's KV memory: the paged pool and, with streaming heads, the ring pool.
 
@@ -164,7 +169,7 @@ class KVCache:
         else:
             assert streaming_flags is not None and ring_geometry is not None
             flags = [f.tolist() for f in streaming_flags]
-            self.dense_heads = [[h for h, s in enumerate(f) if not s] for f in flags]
+            self.dense_heads = dense_head_ids(streaming_flags)
             self.streaming_heads = [[h for h, s in enumerate(f) if s] for f in flags]
 
     @property

@@ -1,11 +1,11 @@
 """KV append: scatter the new tokens' K/V into their pages, and keep what page selection scores:
 per-logical-page key min/max, or per-token key labels (r chosen channels of each key).
 
-Without statistics, programs take blocks of tokens (and write the labels, if any). With statistics, a program takes one
-*segment*: the new tokens of one sequence that fall in one logical page (consecutive slots). It
-writes them, reduces their keys to channel-wise min/max, and either starts the logical page's
-statistics afresh (the segment holds the page's first token: whatever was there belonged to an
-earlier owner) or merges into them. Segments are planned once per step (`plan_segments`).
+Without statistics, programs take blocks of tokens (and write the labels, if any). With
+statistics, a program takes one *segment*: the new tokens of one sequence that fall in one
+logical page (consecutive slots). It writes them, reduces their keys to channel-wise min/max,
+and either starts the logical page's statistics afresh (the segment holds the page's first
+token: whatever was there belonged to an earlier owner) or merges into them. Segments are planned once per step (`plan_segments`).
 Reference: `ops.reference.kv_append_ref`.
 """
 

@@ -39,7 +39,8 @@ class HeadPattern:
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     selection: dict[str, Any] | None = None
-    """The calibrated page-score choice (`lserve.sparse.selection.SelectionChoice.to_json`), if any."""
+    """The page-score choice `lserve calibrate --selection` wrote, if any (read by
+    `lserve.sparse.selection.resolve_page_score`)."""
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Which page score ranks the KV pages of page selection, and on which key channels.
 
-Four scores (docs/sparsity.md has the measurements behind them):
+Five scores (docs/sparsity.md has the measurements behind them):
 - `quest`: Quest's upper bound over per-logical-page key min/max, sum_c max(q_c kmax_c, q_c kmin_c);
 - `midrange`: q . (kmin + kmax) / 2 over the same statistics (the box's centre, no slack term);
 - `rope_channels`: exact partial dot products q_C . k_C on r channels C per KV head, kept per
