@@ -12,7 +12,7 @@ model's q/out through a head map, as in a CUDA-graph decode step. Parts:
   merge kernel): the split count the engine chooses is marked;
 - page selection of one layer: Quest scores (through the head map) + `store_top_pages` (one
   kernel) against the scores + `torch.topk`/sort/scatter path it replaced; the midrange and
-  channel scores (r = 8 and 16 RoPE channels, `page_score`) beside Quest's, and
+  channel scores (r = 8 and 16 RoPE channels) and rope_mass (r = 16) beside Quest's, and
   `store_top_pages` with a top-p budget.
 
 Times are medians of a CUDA graph of 20 calls (no launch overhead), in microseconds. Checks
@@ -151,12 +151,27 @@ def layer_parts(seq_len: int, batch: int, splits: list[int]) -> list[str]:
         labels = torch.gather(slots, 2, chans.long()[None].expand(slots.shape[0], -1, -1)).transpose(0, 1).contiguous()
         others[f"RoPE channel scores, r = {r}"] = lambda lab=labels, ch=chans: channel_page_scores(
             q, lab, ch, table, lens, PAGE, "sum", kv_head_map=dense_heads, group=GROUP)
+        if r == 16:
+            others["rope_mass scores, r = 16"] = lambda lab=labels, ch=chans: channel_page_scores(
+                q, lab, ch, table, lens, PAGE, "sum", kv_head_map=dense_heads, group=GROUP, mass=True)
     for label, call in others.items():
         t_hot = bench_graph(call) * 1e3
         t_cold = bench_graph(lambda call=call: (flush.zero_(), call())) * 1e3 - t_flush
         t_sel = bench_graph(lambda call=call: store_top_pages(call(), plan, store, keep)) * 1e3
         rows_out.append(f"| {seq_len // 1024}K | {batch} | {label}, in L2 / from HBM; select with it | "
                         f"{t_hot:.1f} / {t_cold:.1f}; {t_sel:.1f} |")
+    # rope_mass's tiling: tokens per program x warps
+    mass_labels, mass_chans = labels, chans  # the r = 16 labels of the loop above
+    for block_tokens, warps in ((256, 4), (512, 4), (1024, 4), (2048, 4), (512, 8), (1024, 8), (2048, 8)):
+        def call(bt=block_tokens, w=warps) -> torch.Tensor:
+            return channel_page_scores(q, mass_labels, mass_chans, table, lens, PAGE, "sum", kv_head_map=dense_heads,
+                                       group=GROUP, mass=True, block_tokens=bt, num_warps=w)
+
+        t_hot = bench_graph(call) * 1e3
+        t_cold = bench_graph(lambda call=call: (flush.zero_(), call())) * 1e3 - t_flush
+        label = " (engine)" if (block_tokens, warps) == (1024, 4) else ""
+        rows_out.append(f"| {seq_len // 1024}K | {batch} | rope_mass scores, {block_tokens} tokens x {warps} warps{label}, "
+                        f"in L2 / from HBM | {t_hot:.1f} / {t_cold:.1f} |")
     counts = torch.zeros((batch + 1, h), dtype=torch.int32, device=DEV)
     top_p = TopP(0.9, scale / GROUP, 4, counts)
     t_p = bench_graph(lambda: store_top_pages(s, plan, store, keep, top_p=top_p)) * 1e3
