@@ -13,7 +13,7 @@ from lserve.errors import LServeError
 from lserve.ops import reference as ref
 from lserve.ops.kv_append import kv_append
 from lserve.ops.page_scores import channel_page_scores, page_scores
-from lserve.sparse.selection import resolve_page_score, rope_slow_channels
+from lserve.sparse.selection import DEFAULT_SELECTOR_INTERVAL, resolve_page_score, rope_slow_channels
 from tests.helpers_paging import shuffled_tables
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,3 +170,42 @@ def test_page_score_resolution() -> None:
         resolve_page_score("label_channels", 8, {"channels": [[[0, 1]]]}, inv_freq, 2, 3)
     with pytest.raises(LServeError, match=r"\[0, 16\)"):
         resolve_page_score("label_channels", 8, {"channels": [[[0, 99]] * 3] * 2}, inv_freq, 2, 3)
+
+
+def test_reselection_interval_resolution() -> None:
+    """The pattern's calibrated interval goes with its calibrated score; a setting overrides it."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    chosen = {"page_score": "rope_mass", "selector_interval": 1}
+    assert resolve_page_score("auto", None, chosen, inv_freq, 2, 3).interval == 1
+    assert resolve_page_score("auto", None, chosen, inv_freq, 2, 3, interval=3).interval == 3
+    assert resolve_page_score("rope_mass", None, chosen, inv_freq, 2, 3).interval == DEFAULT_SELECTOR_INTERVAL
+    assert resolve_page_score("auto", None, None, inv_freq, 2, 3).interval == DEFAULT_SELECTOR_INTERVAL
+    assert resolve_page_score("auto", None, {"page_score": "quest", "selector_interval": 2}, inv_freq, 2,
+                              3).interval == 2
+    for bad in (0, "2", 1.5, True):
+        with pytest.raises(LServeError, match="selector_interval must be an integer >= 1"):
+            resolve_page_score("auto", None, {"page_score": "rope_mass", "selector_interval": bad}, inv_freq, 2, 3,
+                               "p.json")
+
+
+def test_calibration_takes_the_interval_that_keeps_most_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lserve.calibration import selection as cs
+
+    cfg = cs.SelectionCalibrationConfig(output="x", intervals=(4, 2, 1))
+    first = {"alone": {"dense": 9, "rope_mass": 6}, "streaming": {"dense": 9, "rope_mass": 5}}
+    kept = {2: (8, 7), 1: (8, 7)}  # 2 and 1 tie above 4: the longer interval is cheaper
+
+    def fake(cfg, tok, pattern, path, runs):  # noqa: ANN001, ANN202
+        assert {r["selector_interval"] for r in runs.values()} == {2, 1}
+        assert all(r["page_score"] == "rope_mass" for r in runs.values())
+        return {s: {f"every {i}": kept[i][k] for i in (2, 1)} for k, s in enumerate(("alone", "streaming"))}
+
+    monkeypatch.setattr(cs, "measure_answers", fake)
+    best, by_interval = cs.choose_interval(cfg, "rope_mass", first, None, None, None)
+    assert best == 2 and by_interval["alone"] == {"every 4": 6, "every 2": 8, "every 1": 8}
+    kept[1] = (9, 7)
+    assert cs.choose_interval(cfg, "rope_mass", first, None, None, None)[0] == 1
+    kept.update({2: (6, 5), 1: (6, 5)})  # no gain: keep the engine's default
+    assert cs.choose_interval(cfg, "rope_mass", first, None, None, None)[0] == 4
+    with pytest.raises(ValueError, match="intervals"):
+        cs.SelectionCalibrationConfig(output="x", intervals=(0,))

@@ -14,6 +14,7 @@ from lserve.cli import main
 from lserve.config import EngineConfig
 from lserve.errors import LServeError
 from lserve.sparse.patterns import HeadPattern, PatternError, load_pattern, save_pattern, shipped_pattern
+from lserve.sparse.selection import DEFAULT_SELECTOR_INTERVAL
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -47,6 +48,7 @@ def test_the_shipped_pattern_chooses_rope_mass() -> None:
     assert path is not None
     selection = load_pattern(path).selection
     assert selection is not None and selection["page_score"] == "rope_mass" and selection["score_channels"] == 16
+    assert selection["selector_interval"] == 1  # re-selecting every step keeps NIAH answers (docs/accuracy.md)
     assert torch.tensor(selection["channels"]).shape == (30, 3, 8)  # the calibrated label channels
     kept = selection["measured"]["answers_kept"]
     assert kept["alone"][selection["page_score"]] >= kept["alone"]["quest"]
@@ -75,9 +77,13 @@ def test_engine_resolves_auto_from_the_shipped_pattern_and_sizes_the_labels(tmp_
     assert paged.k_min is None and paged.k_label is not None and paged.k_label[0].shape == (3, 41 * 64, 16)
     assert paged.label_channels[0].tolist() == [list(range(24, 32)) + list(range(56, 64))] * 3
     assert core.runner.backend.selector.score == "rope_mass"
+    assert core.page_score.interval == core.runner.backend.selector.interval == 1  # the pattern's
+    every3 = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, selector_interval=3)
+    assert every3.llm_engine.core.runner.backend.selector.interval == 3  # the setting wins
     quest = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, page_score="quest")
     qcore = quest.llm_engine.core
     assert qcore.kv_cache.paged.k_label is None and qcore.kv_cache.paged.k_min is not None
+    assert qcore.runner.backend.selector.interval == DEFAULT_SELECTOR_INTERVAL  # not calibrated for quest
     pages = 2  # 100 tokens: KV, plus 64 tokens' labels of 16 channels or 4 logical pages' min and max of 64
     kv = pages * 64 * 30 * 3 * 64 * 2 * 4
     assert core.kv_bytes_per_sequence(100) == kv + pages * 64 * 30 * 3 * 16 * 4
@@ -109,11 +115,14 @@ def test_cli_selection_step_writes_the_choice(tiny_with_tokenizer: Path, tmp_pat
     assert torch.tensor(sel["channels"]).shape == (2, 2, 4)
     measured = sel["measured"]
     assert set(measured["answers_kept"]) == {"alone", "streaming"} and measured["samples"] == 4
+    by_interval = measured["answers_kept_by_interval"]
+    assert sel["selector_interval"] in (4, 1) and set(by_interval["alone"]) == {"every 4", "every 1"}
+    assert by_interval["alone"]["every 4"] == measured["answers_kept"]["alone"][sel["page_score"]]
     assert set(measured["recall"]) == {"quest", "midrange", "rope_channels", "label_channels", "rope_mass", "oracle"}
     assert measured["calibration_tokens"] == 1024  # clamped to the model's window
     assert pattern.scores.shape == (2, 2) and bool((pattern.scores == 1).all())  # no pattern: all dense
     printed = capsys.readouterr().out
-    assert "page_score=" in printed and "oracle" in printed
+    assert "page_score=" in printed and "oracle" in printed and "re-selected every 1 steps" in printed
     # the engine takes the choice from the file (`auto`)
     from lserve import LLM
 

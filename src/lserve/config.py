@@ -113,7 +113,9 @@ class SparseConfig:
     decode_local_tokens: int = _field(256, "streaming heads: local window in decode")
     token_budget: int = _field(0, "dense heads in decode: tokens of selected KV pages (0 = off)")
     logical_page_size: int = _field(16, "tokens per logical page for page statistics")
-    selector_interval: int = _field(4, "decode steps between page re-selections")
+    selector_interval: int | None = _field(
+        None, "decode steps between page re-selections (default: the model pattern's calibrated value with "
+        "page_score=auto, else 4)")
     num_dense_layers: int = _field(0, "with token_budget: the first N layers read every page (Quest keeps 2)")
     page_score: PageScoreName = _field(
         "auto", "how pages are ranked: auto (the model pattern's calibrated choice, else rope_channels), quest, "
@@ -132,7 +134,7 @@ class SparseConfig:
         for name in ("prefill_sink_tokens", "prefill_local_tokens", "decode_sink_tokens", "decode_local_tokens"):
             _check_int(name, getattr(self, name), 1)
         _check_int("token_budget", self.token_budget, 0)
-        _check_int("selector_interval", self.selector_interval, 1)
+        _check_int("selector_interval", self.selector_interval, 1, allow_none=True)
         _check_int("num_dense_layers", self.num_dense_layers, 0)
         lps = self.logical_page_size
         if isinstance(lps, bool) or not isinstance(lps, int) or lps < 1 or lps & (lps - 1):

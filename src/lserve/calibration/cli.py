@@ -31,6 +31,14 @@ def parse_context_lengths(text: str, num_samples: int) -> tuple[int, ...]:
     return values
 
 
+def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
+    """'4,1' -> (4, 1)."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} must be a comma list of integers, got {text!r}") from None
+
+
 def add_calibrate_parser(sub: Any) -> None:
     """Register `lserve calibrate` on the CLI's subparsers."""
     d = DEFAULTS
@@ -79,6 +87,9 @@ def add_calibrate_parser(sub: Any) -> None:
                      "(default: 2048,4096,6144)")
     sel.add_argument("--passkey-samples", type=int, default=4,
                      help="passkey prompts per length, and haystack prompts per length and depth (default: 4)")
+    sel.add_argument("--selector-intervals", default="4,1",
+                     help="re-selection intervals: every score is measured at the first, the chosen one at each, "
+                     "and the one keeping the most answers is written (default: 4,1)")
     sel.add_argument("--streaming-sparsity", type=float, default=0.5,
                      help="answers are also compared with this share of the pattern's heads streaming (0: not; default 0.5)")
     p.set_defaults(func=cmd_calibrate)
@@ -92,18 +103,24 @@ def cmd_calibrate_selection(args: argparse.Namespace) -> int:
         token_budget=args.token_budget, score_channels=args.score_channels,
         lengths=parse_context_lengths(args.passkey_lengths, 1), num_samples=args.passkey_samples, seed=args.seed,
         device=args.device, dtype=args.dtype, streaming_sparsity=args.streaming_sparsity,
+        intervals=parse_int_list(args.selector_intervals, "--selector-intervals"),
     )
     result = calibrate_selection(cfg)
     measured = result.selection["measured"]
-    print(f"wrote {result.pattern_path}: page_score={result.selection['page_score']} "
-          f"(token budget {measured['token_budget']})")
+    print(f"wrote {result.pattern_path}: page_score={result.selection['page_score']}, "
+          f"selector_interval={result.selection['selector_interval']} (token budget {measured['token_budget']})")
     kept = measured["answers_kept"]
     n = measured["samples"]
     for name in kept["alone"]:
         recall = measured["recall"].get(name)
         print(f"  {name:>15}: answers " + ", ".join(f"{kept[s][name]}/{n} {s}" for s in kept)
               + (f"; recall {recall:.3f}" if recall is not None else ""))
-    print(f"  {'oracle':>15}: recall {measured['recall']['oracle']:.3f}; wall time {result.wall_time_s / 60:.1f} min")
+    print(f"  {'oracle':>15}: recall {measured['recall']['oracle']:.3f}")
+    by_interval = measured["answers_kept_by_interval"]
+    for name in by_interval["alone"]:
+        print(f"  {result.selection['page_score']}, re-selected {name} steps: answers "
+              + ", ".join(f"{by_interval[s][name]}/{n} {s}" for s in by_interval))
+    print(f"  wall time {result.wall_time_s / 60:.1f} min")
     return 0
 
 

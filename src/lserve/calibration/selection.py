@@ -15,8 +15,13 @@ channels, for its needle-in-a-haystack answers on the default model, docs/accura
 it ranks label channels and Quest's bound first while they lose answers, because averaged
 recall hides the few copy heads whose misses lose them (docs/sparsity.md). Label channels are
 calibrated on the same text first (DoubleSparsity's choice of channels,
-`calibrate_label_channels`). The choice, the channels and every measurement go into the pattern
-file's `selection` object; the engine's `page_score="auto"` takes it from there.
+`calibrate_label_channels`). The candidates are measured at the engine's default re-selection
+interval (LServe's 4 decode steps); the chosen score is then measured at the other `intervals`
+too, and the interval that keeps the most answers (ties: the longest, the cheapest) is written as
+the pattern's `selector_interval`: on the default model, reusing a selection for 4 steps loses
+needle-in-a-haystack answers that re-selecting every step keeps (docs/accuracy.md). The choice,
+the channels and every measurement go into the pattern file's `selection` object; the engine's
+`page_score="auto"` takes them from there.
 """
 
 from __future__ import annotations
@@ -34,7 +39,13 @@ from lserve.calibration import selection_recall as sr
 from lserve.calibration.data import make_dataset
 from lserve.errors import LServeError
 from lserve.sparse.patterns import HeadPattern, load_pattern, save_pattern, shipped_pattern
-from lserve.sparse.selection import CHANNEL_SCORES, DEFAULT_CHANNELS, STATISTICS_SCORES, rope_slow_channels
+from lserve.sparse.selection import (
+    CHANNEL_SCORES,
+    DEFAULT_CHANNELS,
+    DEFAULT_SELECTOR_INTERVAL,
+    STATISTICS_SCORES,
+    rope_slow_channels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +81,8 @@ class SelectionCalibrationConfig:
     device: str = "auto"
     dtype: str = "auto"
     candidates: tuple[str, ...] = CANDIDATES
+    intervals: tuple[int, ...] = (DEFAULT_SELECTOR_INTERVAL, 1)
+    """Re-selection intervals: the candidates are measured at the first, the chosen score at every one."""
 
     def __post_init__(self) -> None:
         bad = [c for c in self.candidates if c not in CANDIDATES]
@@ -80,6 +93,8 @@ class SelectionCalibrationConfig:
         for name in ("token_budget", "num_samples", "calib_tokens", "calib_queries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.intervals or min(self.intervals) < 1 or len(set(self.intervals)) != len(self.intervals):
+            raise ValueError(f"intervals must be distinct step counts >= 1, got {list(self.intervals)}")
         if not self.lengths or min(self.lengths) < 1:
             raise ValueError(f"lengths must be positive token counts, got {list(self.lengths)}")
 
@@ -139,11 +154,12 @@ def streaming_settings(cfg: SelectionCalibrationConfig, pattern: HeadPattern, pa
                 decode_local_tokens=local)
 
 
-def measure_answers(cfg: SelectionCalibrationConfig, tok: Any, pattern: HeadPattern,
-                    pattern_path: Path) -> dict[str, dict[str, int]]:
+def measure_answers(cfg: SelectionCalibrationConfig, tok: Any, pattern: HeadPattern, pattern_path: Path,
+                    runs: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, int]]:
     """Answers kept (passkey and needle-in-a-haystack together), per setting ("alone", and
-    "streaming" with the pattern's streaming heads), by dense decode (named "dense") and by page
-    selection with each candidate score."""
+    "streaming" with the pattern's streaming heads), by each of `runs` (name -> engine settings;
+    default: dense decode, named "dense", and page selection with each candidate score at the
+    first of `intervals`)."""
     from lserve.engine.llm import LLM
     from lserve.eval.niah import make_niah_samples
     from lserve.eval.passkey import make_passkey_samples
@@ -158,18 +174,37 @@ def measure_answers(cfg: SelectionCalibrationConfig, tok: Any, pattern: HeadPatt
     settings: dict[str, dict[str, Any]] = {"alone": dict(attn_pattern=str(pattern_path))}
     if cfg.streaming_sparsity > 0:
         settings["streaming"] = streaming_settings(cfg, pattern, pattern_path)
+    if runs is None:
+        runs = {"dense": {}, **{name: selection_settings(cfg, name, cfg.intervals[0]) for name in cfg.candidates}}
     answers: dict[str, dict[str, int]] = {}
     for setting, base in settings.items():
         answers[setting] = {}
-        for name in ("dense", *cfg.candidates):
-            extra = base if name == "dense" else dict(base, token_budget=cfg.token_budget, page_score=name,
-                                                      score_channels=cfg.score_channels)
-            llm = LLM(**_engine_kwargs(cfg), **extra)
+        for name, extra in runs.items():
+            llm = LLM(**_engine_kwargs(cfg), **base, **extra)
             outputs = run_with_llm(llm, samples, f"answers {setting} {name}")
             answers[setting][name] = int(sum(score(s.scorer, o, s.answers) for s, o in zip(samples, outputs)))
             llm = None
             free_memory()
     return answers
+
+
+def selection_settings(cfg: SelectionCalibrationConfig, score: str, interval: int) -> dict[str, Any]:
+    """Engine settings of page selection with `score`, re-selected every `interval` steps."""
+    return dict(token_budget=cfg.token_budget, page_score=score, score_channels=cfg.score_channels,
+                selector_interval=interval)
+
+
+def choose_interval(cfg: SelectionCalibrationConfig, chosen: str, answers: dict[str, dict[str, int]],
+                    tok: Any, pattern: HeadPattern, pattern_path: Path) -> tuple[int, dict[str, dict[str, int]]]:
+    """The chosen score's answers at each of `intervals` (the first's from `answers`), and the
+    interval that keeps the most (ties: the longest)."""
+    first = cfg.intervals[0]
+    runs = {f"every {i}": selection_settings(cfg, chosen, i) for i in cfg.intervals[1:]}
+    by_interval = measure_answers(cfg, tok, pattern, pattern_path, runs) if runs else {s: {} for s in answers}
+    for setting, kept in answers.items():
+        by_interval[setting] = {f"every {first}": kept[chosen], **by_interval[setting]}
+    best = max(cfg.intervals, key=lambda i: (sum(a[f"every {i}"] for a in by_interval.values()), i))
+    return best, by_interval
 
 
 def choose(candidates: tuple[str, ...], answers: dict[str, dict[str, int]]) -> str:
@@ -198,12 +233,15 @@ def calibrate_selection(cfg: SelectionCalibrationConfig) -> SelectionResult:
     with tempfile.TemporaryDirectory() as tmp:  # the label channels, for the engines that measure them
         probe = save_pattern(HeadPattern(base.scores, base.metadata, selection=entry), Path(tmp) / "probe.json")
         answers = measure_answers(cfg, tok, base, probe)
-    chosen = choose(cfg.candidates, answers)
+        chosen = choose(cfg.candidates, answers)
+        interval, by_interval = choose_interval(cfg, chosen, answers, tok, base, probe)
     entry = {
         "page_score": chosen, "channels": labels.tolist(),
         "score_channels": cfg.score_channels or DEFAULT_CHANNELS.get(chosen, DEFAULT_CHANNELS["label_channels"]),
+        "selector_interval": interval,
         "measured": {
             "token_budget": cfg.token_budget, "recall": recalls, "answers_kept": answers,
+            "answers_kept_by_interval": by_interval,
             "samples": cfg.num_samples * len(cfg.lengths) * (1 + len(cfg.niah_depths)),
             "lengths": list(cfg.lengths), "niah_depths": list(cfg.niah_depths),
             "calibration_tokens": min(cfg.calib_tokens, core.arch.max_position_embeddings), "seed": cfg.seed,

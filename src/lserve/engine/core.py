@@ -178,14 +178,15 @@ class EngineCore:
         self.kv_manager = KVCacheManager(num_pages, cache.page_size, seats)
         selector = None
         if sparse.uses_page_selection:
+            assert self.page_score is not None
             selector = PageSelector(
                 [shape.layer_heads(i) for i in range(arch.num_layers)], cache.page_size, sparse.token_budget,
-                sparse.selector_interval, seats, self.device, sparse.num_dense_layers,
-                score=self.page_score.kind if self.page_score is not None else "quest",
+                self.page_score.interval, seats, self.device, sparse.num_dense_layers,
+                score=self.page_score.kind,
                 top_p=sparse.selection_top_p, min_tokens=sparse.selection_min_tokens,
                 # a score summed over a GQA group is about `group` logits: their mean's softmax scale;
                 # rope_mass is a log-mass already
-                temperature=1.0 if self.page_score is not None and self.page_score.kind == "rope_mass"
+                temperature=1.0 if self.page_score.kind == "rope_mass"
                 else arch.head_dim**-0.5 / (arch.num_heads // arch.num_kv_heads),
             )
         backend = create_backend(self.backend_name, self.kv_cache, arch.num_heads, arch.head_dim**-0.5,
@@ -229,9 +230,9 @@ class EngineCore:
         pattern = self._head_pattern() if sparse.page_score in ("auto", "label_channels") else None
         spec = resolve_page_score(sparse.page_score, sparse.score_channels, pattern.selection if pattern else None,
                                   self.model.rotary.inv_freq.cpu(), arch.num_layers, arch.num_kv_heads,
-                                  pattern.source if pattern else "")
-        logger.info("page selection: %s scores%s (%s)", spec.kind,
-                    f" on {spec.num_channels} key channels" if spec.uses_labels else "", spec.source)
+                                  pattern.source if pattern else "", sparse.selector_interval)
+        logger.info("page selection: %s scores%s, re-selected every %d decode steps (%s)", spec.kind,
+                    f" on {spec.num_channels} key channels" if spec.uses_labels else "", spec.interval, spec.source)
         return spec
 
     def _head_sparsity(self) -> HeadSparsity | None:

@@ -52,7 +52,7 @@ class LLM:
         decode_local_tokens: int = 256,
         token_budget: int = 0,
         logical_page_size: int = 16,
-        selector_interval: int = 4,
+        selector_interval: int | None = None,
         num_dense_layers: int = 0,
         **kwargs: Any,
     ) -> None:

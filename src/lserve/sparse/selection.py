@@ -15,7 +15,8 @@ Five scores (docs/sparsity.md has the measurements behind them):
   drowned by the group's others, as it is when their queries are summed first.
 
 `auto` takes the choice that `lserve calibrate --selection` wrote into the model's pattern file
-(the shipped one for the default model), else `rope_channels`.
+(the shipped one for the default model), else `rope_channels`; with it, the pattern's calibrated
+re-selection interval (`selector_interval`) when the setting is left unset.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ STATISTICS_SCORES = ("quest", "midrange")
 DEFAULT_PAGE_SCORE = "rope_channels"
 DEFAULT_CHANNELS = {"rope_channels": 8, "label_channels": 8, "rope_mass": 16}
 """r of each channel score when `score_channels` is not set."""
+DEFAULT_SELECTOR_INTERVAL = 4
+"""Decode steps between re-selections when neither the setting nor the pattern gives one (LServe's)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class ScoreSpec:
     """(layers, KV heads, r) int64 key channels of a channel score (model head numbering)."""
     source: str = ""
     """Where the choice came from (for the log)."""
+    interval: int = DEFAULT_SELECTOR_INTERVAL
+    """Decode steps between re-selections of a request's pages."""
 
     @property
     def uses_labels(self) -> bool:
@@ -90,12 +95,15 @@ def resolve_page_score(
     num_layers: int,
     num_kv_heads: int,
     source: str = "",
+    interval: int | None = None,
 ) -> ScoreSpec:
     """The engine's page score: `requested` (a config value), the pattern's `selection` choice
     for `auto` (and the channels of `label_channels`), `rope_channels` otherwise.
 
     r is `num_channels` if given, else the pattern's `score_channels` when `auto` takes its
-    choice, else the score's default (`DEFAULT_CHANNELS`)."""
+    choice, else the score's default (`DEFAULT_CHANNELS`). Likewise the re-selection interval:
+    `interval` if given, else the pattern's `selector_interval` when `auto` takes its choice (it
+    was measured with that score), else `DEFAULT_SELECTOR_INTERVAL`."""
     head_dim = 2 * int(inv_freq.shape[0])
     kind, origin = requested, "setting"
     if requested == "auto":
@@ -103,18 +111,29 @@ def resolve_page_score(
             kind, origin = str(selection["page_score"]), f"calibrated ({source})"
             if num_channels is None and "score_channels" in selection:
                 num_channels = int(selection["score_channels"])
+            if interval is None and "selector_interval" in selection:
+                interval = _pattern_interval(selection["selector_interval"], source)
         else:
             kind, origin = DEFAULT_PAGE_SCORE, "default"
+    if interval is None:
+        interval = DEFAULT_SELECTOR_INTERVAL
     if kind in STATISTICS_SCORES:
-        return ScoreSpec(kind, None, origin)
+        return ScoreSpec(kind, None, origin, interval)
     if num_channels is None:
         num_channels = DEFAULT_CHANNELS[kind]
     if kind in ("rope_channels", "rope_mass"):
         chans = torch.tensor(rope_slow_channels(inv_freq, num_channels), dtype=torch.int64)
-        return ScoreSpec(kind, chans.expand(num_layers, num_kv_heads, -1).contiguous(), origin)
+        return ScoreSpec(kind, chans.expand(num_layers, num_kv_heads, -1).contiguous(), origin, interval)
     if selection is None or "channels" not in selection:
         raise LServeError(
             "page_score='label_channels' needs label channels calibrated for the model (`lserve calibrate "
             "--selection` writes them into its pattern file; pass it as attn_pattern)"
         )
-    return ScoreSpec(kind, _channels_from_choice(selection, num_layers, num_kv_heads, head_dim, source), origin)
+    return ScoreSpec(kind, _channels_from_choice(selection, num_layers, num_kv_heads, head_dim, source), origin,
+                     interval)
+
+
+def _pattern_interval(value: Any, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LServeError(f"{source}: the selection's selector_interval must be an integer >= 1, got {value!r}")
+    return value
