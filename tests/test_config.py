@@ -194,3 +194,27 @@ def test_bad_flags_are_rejected_by_argparse(argv: list[str], capsys: pytest.Capt
     with pytest.raises(SystemExit):
         parser.parse_args(argv)
     assert "invalid" in capsys.readouterr().err
+
+
+def test_kv_cache_size_on_the_cpu_is_fixed_by_default_and_settable() -> None:
+    import torch
+
+    from lserve.kv_cache import layout
+
+    cpu = torch.device("cpu")
+    assert layout.memory_budget_bytes(cpu, None) <= layout.DEFAULT_CPU_KV_BYTES
+    assert layout.memory_budget_bytes(cpu, None, 12345) == 12345
+    share = layout.memory_budget_bytes(cpu, 0.01)
+    assert 0 < share < layout.available_memory_bytes(cpu)  # a fraction set by hand is a share, uncapped
+    with pytest.raises(ValueError, match="not both"):
+        EngineConfig.from_kwargs(kv_cache_memory_bytes=2**30, kv_cache_memory_fraction=0.5)
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes"):
+        EngineConfig.from_kwargs(kv_cache_memory_bytes=0)
+
+
+def test_kv_cache_memory_bytes_sizes_the_pool() -> None:
+    from lserve import LLM
+
+    llm = LLM(dtype="float32", device="cpu", kv_cache_memory_bytes=2**28)
+    per_page = 64 * 30 * 3 * 64 * 2 * 4  # tokens x layers x KV heads x head dim x (K, V) x float32
+    assert llm.llm_engine.core.kv_manager.pool.num_pages == 2**28 // per_page

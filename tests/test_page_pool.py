@@ -176,3 +176,17 @@ def test_manager_invariants_detect_shared_page():
     kv.page_tables["b"] = list(kv.page_tables["a"])
     with pytest.raises(AssertionError):
         kv.check_invariants()
+
+
+def test_pool_hands_out_the_pages_freed_last_first():
+    """A stack, so that a CPU pool's resident memory stays at the working set (never-used pages
+    are untouched memory): after a request ends, the next one reuses its pages."""
+    pool = PagePool(10)
+    a = pool.allocate(3)
+    assert a == [0, 1, 2]  # fresh pages in ascending order
+    b = pool.allocate(2)
+    pool.free(a)
+    assert pool.allocate(3) == a  # the freed pages, in their order, before pages 5..9
+    pool.free(b)
+    assert pool.allocate(4) == [*b, 5, 6]
+    pool.check_invariants()

@@ -253,6 +253,13 @@ ERROR_CASES = [
     ("/v1/chat/completions", {"messages": CHAT, "model": "gpt-4"}, 404, "model", "does not exist"),
     ("/tokenize", {"prompt": "hi", "messages": CHAT}, 400, "prompt", "exactly one"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens", "out of the vocabulary"),
+    ("/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 4}', 400, "prompt", "lone surrogate (U+D800)"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\udc00"}]}', 400, "messages",
+     "the rendered conversation is not valid Unicode text"),
+    ("/tokenize", b'{"prompt": "\\ud800"}', 400, "prompt", "lone surrogate"),
+    ("/v1/completions", {"prompt": ["hi"] * 129, "max_tokens": 1}, 400, "prompt", "at most 128 prompts"),
+    ("/v1/completions", {"prompt": "hi " * 400_000, "max_tokens": 1}, 400, "prompt",
+     "more than that many tokens can hold"),
     ("/v1/nothing-here", {}, 404, None, "Not Found"),
 ]
 
@@ -355,7 +362,10 @@ def test_disconnect_before_first_token_aborts(lserve_server: RemoteServer, http:
 
 def test_non_streaming_client_that_gives_up_aborts(lserve_server: RemoteServer, http: httpx.Client) -> None:
     before = _aborts(lserve_server)
+    log_start = len(lserve_server.log())
     with pytest.raises(httpx.ReadTimeout):
         http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 1000, "ignore_eos": True},
                   timeout=1.5)
     _assert_idle_and_alive(lserve_server, http, before)
+    log = lserve_server.log()[log_start:]
+    assert "Traceback" not in log and "InvalidStateError" not in log, log  # a client leaving is no error

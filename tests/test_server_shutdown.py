@@ -73,3 +73,58 @@ def test_sigterm_finishes_or_aborts_open_requests_and_exits(server: RemoteServer
     assert "engine stopped" in server.log()
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health", timeout=5)
+
+
+def _complete(url: str, body: dict[str, Any], out: dict[str, Any]) -> None:
+    try:
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        out["status"], out["body"] = r.status_code, r.json()
+    except httpx.HTTPError as exc:
+        out["error"] = repr(exc)
+
+
+def test_sigterm_with_48_open_streams_ends_every_response_within_the_timeout() -> None:
+    grace = 2.0
+    server = RemoteServer("--dtype", "float32", "--device", "cpu", "--max-model-len", "4096",
+                          "--num-kv-pages", "160", "--max-num-seqs", "64", "--shutdown-timeout", str(grace))
+    try:
+        streams = [{} for _ in range(48)]
+        plain = [{} for _ in range(4)]
+        started = [threading.Event() for _ in streams]
+        threads = [threading.Thread(target=_stream, args=(server.url, {
+            "prompt": f"Story number {i}:", "max_tokens": 3000, "ignore_eos": True, "temperature": 0},
+            started[i], streams[i])) for i in range(48)]
+        threads += [threading.Thread(target=_complete, args=(server.url, {
+            "prompt": f"Essay number {i}:", "max_tokens": 3000, "ignore_eos": True}, plain[i])) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # every request is in the engine, and streams are generating
+            m = server.metrics()
+            if m["vllm:num_requests_running"] + m["vllm:num_requests_waiting"] == 52 \
+                    and sum(e.is_set() for e in started) >= 8:
+                break
+            time.sleep(0.2)
+        assert sum(e.is_set() for e in started) >= 8
+
+        sent = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        returncode = server.proc.wait(grace + 60)
+        took = time.monotonic() - sent
+        for t in threads:
+            t.join(30)
+        log = server.log()
+        assert returncode in (0, -signal.SIGTERM), log
+        # the grace period, one engine step of 48 sequences, and the process's own exit
+        assert took < grace + 10, f"exit took {took:.1f} s"
+        for out in streams:
+            assert out.get("status") == 200 and "error" not in out, out
+            assert out["events"][-1] == "[DONE]", out["events"][-3:]
+            assert json.loads(out["events"][-2])["choices"][0]["finish_reason"] == "abort"
+        for out in plain:
+            assert out.get("status") == 503, out
+            assert out["body"]["error"]["type"] == "ServiceUnavailableError", out
+        for bad in ("Traceback", "KeyError", "Application shutdown failed", "InvalidStateError"):
+            assert bad not in log, log
+    finally:
+        server.stop(signal.SIGKILL)

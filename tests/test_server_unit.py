@@ -22,7 +22,7 @@ from lserve.engine.stats import EngineStats
 from lserve.entrypoints.openai.api_server import ServerState, build_app
 from lserve.entrypoints.openai.async_engine import AsyncEngine
 from lserve.entrypoints.openai.metrics import ServerMetrics
-from lserve.entrypoints.openai.serving import OpenAIServing
+from lserve.entrypoints.openai.serving import OpenAIServing, run_until_disconnect
 from lserve.request import CompletionOutput, RequestOutput
 from lserve.sampling_params import SamplingParams
 
@@ -79,13 +79,17 @@ class FakeEngine:
         return EngineStats(len(self.requests), 0, 8, 0, 0.0, 1.0, 0, 0, 0, 0, 0, 0)
 
 
-async def _with_app(test: Any) -> None:
+async def _with_app(test: Any, max_request_bytes: int = 2**20, tokenizer: Any = None,
+                    max_model_len: int = 64) -> None:
     fake = FakeEngine()
+    fake.max_model_len = max_model_len
     holder: dict[str, AsyncEngine] = {}
     metrics = ServerMetrics("fake", lambda: holder["engine"].stats)
     engine = holder["engine"] = AsyncEngine(fake, metrics)  # type: ignore[arg-type]
-    serving = OpenAIServing(engine, ["fake"], "fake")
-    app = build_app(ServerState(engine, serving, metrics, api_key=None))
+    serving = OpenAIServing(engine, ["fake"], "fake", max_prompts_per_request=4)
+    if tokenizer is not None:
+        serving.tokenizer, serving.max_prompt_chars = tokenizer, 1000
+    app = build_app(ServerState(engine, serving, metrics, api_key=None, max_request_bytes=max_request_bytes))
     engine.start()  # the ASGI transport does not run the app's lifespan
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
@@ -166,3 +170,148 @@ def test_serve_cli_errors_are_one_line_and_quick(capsys: pytest.CaptureFixture[s
     assert "--port" in _serve_error(capsys, "--port", "70000")
     assert "--shutdown-timeout" in _serve_error(capsys, "--shutdown-timeout", "-1")
     assert "two models" in _serve_error(capsys, "a.gguf", "--model", "b.gguf")
+    assert "--max-request-bytes" in _serve_error(capsys, "--max-request-bytes", "0")
+    assert "--max-prompts-per-request" in _serve_error(capsys, "--max-prompts-per-request", "0")
+
+
+# ---- limits, the tokenizer thread, disconnects and shutdown -----------------------------------------
+
+
+class SlowTokenizer:
+    """Takes `delay` seconds per text, off the GIL (as the real one does); counts its calls."""
+
+    chat_template = None
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.calls = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.calls += 1
+        time.sleep(self.delay)
+        return [ord(c) % 100 for c in text]
+
+
+def _error(r: httpx.Response, status: int, param: str | None, needle: str) -> None:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == status and error["param"] == param and needle in error["message"], error
+
+
+def test_body_size_and_prompt_count_limits() -> None:
+    async def test(c: httpx.AsyncClient, fake: FakeEngine, engine: AsyncEngine) -> None:
+        big = json.dumps({"prompt": [1] * 600}).encode()  # 1.8 KB
+        _error(await c.post("/v1/completions", content=big, headers={"Content-Type": "application/json"}),
+               413, None, "larger than 1000 bytes")
+
+        async def chunks():  # no Content-Length: counted as it arrives
+            for _ in range(4):
+                yield big[:500]
+
+        _error(await c.post("/tokenize", content=chunks(), headers={"Content-Type": "application/json"}),
+               413, None, "larger than 1000 bytes")
+        _error(await c.post("/v1/completions", json={"prompt": [[1]] * 5, "max_tokens": 1}), 400, "prompt",
+               "at most 4 prompts")
+        ok = await c.post("/v1/completions", json={"prompt": [[1]] * 4, "max_tokens": 1})
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
+        assert engine.num_open_requests == 0 and not fake.requests
+
+    asyncio.run(_with_app(test, max_request_bytes=1000))
+
+
+def test_a_long_prompt_is_refused_before_tokenizing_and_tokenizing_does_not_stall_steps() -> None:
+    slow = SlowTokenizer(0.4)
+
+    async def test(c: httpx.AsyncClient, fake: FakeEngine, engine: AsyncEngine) -> None:
+        _error(await c.post("/tokenize", json={"prompt": "a" * 1001}), 400, "prompt", "1001 characters")
+        assert slow.calls == 0  # the character bound alone refused it
+        steps = 0
+        real_step = fake.step
+
+        def counting_step() -> list[RequestOutput]:
+            nonlocal steps
+            steps += 1
+            return real_step()
+
+        fake.step = counting_step  # type: ignore[method-assign]
+        stream = asyncio.ensure_future(c.post("/v1/completions", json={"prompt": [1], "max_tokens": 60,
+                                                                       "stream": True}))
+        while not fake.requests:
+            await asyncio.sleep(0.01)
+        before = steps
+        r = await c.post("/tokenize", json={"prompt": "hello"})  # 0.4 s on the tokenizer thread
+        assert r.status_code == 200 and r.json()["count"] == 5 and slow.calls == 1
+        assert steps - before >= 10, f"only {steps - before} engine steps ran while a prompt was tokenized"
+        assert (await stream).text.endswith("data: [DONE]\n\n")
+
+    asyncio.run(_with_app(test, tokenizer=slow))
+
+
+def test_lone_surrogate_is_400_everywhere() -> None:
+    async def test(c: httpx.AsyncClient, fake: FakeEngine, engine: AsyncEngine) -> None:
+        for path, body, param in (("/v1/completions", b'{"prompt": "a\\ud800", "max_tokens": 4}', "prompt"),
+                                  ("/v1/completions", b'{"prompt": ["ok", "\\udfff"], "max_tokens": 4}', "prompt.1"),
+                                  ("/tokenize", b'{"prompt": "\\ud800"}', "prompt")):
+            r = await c.post(path, content=body, headers={"Content-Type": "application/json"})
+            _error(r, 400, param, "lone surrogate (U+D")
+        assert not fake.requests
+
+    asyncio.run(_with_app(test, tokenizer=SlowTokenizer(0.0)))
+
+
+def test_disconnect_before_the_response_is_499_without_an_error() -> None:
+    aborted = asyncio.Event()
+
+    async def work() -> Any:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            aborted.set()  # a handler's `finally` aborts its engine requests
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def main() -> None:
+        request = SimpleNamespace(receive=receive)
+        response = await asyncio.wait_for(run_until_disconnect(request, work), 5)  # type: ignore[arg-type]
+        assert response.status_code == 499 and aborted.is_set()
+
+    asyncio.run(main())
+
+
+def test_drain_aborts_every_open_request_in_one_job_and_ends_each_response() -> None:
+    async def test(c: httpx.AsyncClient, fake: FakeEngine, engine: AsyncEngine) -> None:
+        steps_at_abort: list[int] = []
+        steps = 0
+        real_step, real_abort = fake.step, fake.abort_request
+
+        def counting_step() -> list[RequestOutput]:
+            nonlocal steps
+            steps += 1
+            return real_step()
+
+        def recording_abort(request_id: str) -> RequestOutput | None:
+            steps_at_abort.append(steps)
+            return real_abort(request_id)
+
+        fake.step, fake.abort_request = counting_step, recording_abort  # type: ignore[method-assign]
+        streams = [asyncio.ensure_future(c.post("/v1/completions", json={
+            "prompt": [1, i], "max_tokens": 10_000, "stream": True})) for i in range(48)]
+        plain = [asyncio.ensure_future(c.post("/v1/completions", json={"prompt": [2, i], "max_tokens": 10_000}))
+                 for i in range(4)]
+        while len(fake.requests) < 52:
+            await asyncio.sleep(0.01)
+        # a second drain while the first waits (the lifespan's close() during uvicorn's shutdown)
+        await asyncio.gather(engine.drain(0.3), engine.drain(0.5), engine.drain(10.0))
+        assert len(steps_at_abort) == 52 and len(set(steps_at_abort)) == 1  # one job, between two steps
+        for r in await asyncio.gather(*streams):
+            events = [block[len("data: "):] for block in r.text.split("\n\n") if block]
+            assert r.status_code == 200 and events[-1] == "[DONE]"
+            assert json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+        for r in await asyncio.gather(*plain):
+            _error(r, 503, None, "shut down before the request finished")
+        assert engine.num_open_requests == 0 and not fake.requests
+        refused = await c.post("/v1/completions", json={"prompt": [1], "max_tokens": 1})
+        _error(refused, 503, None, "shutting down")
+
+    asyncio.run(_with_app(test, max_model_len=20_000))

@@ -71,7 +71,12 @@ class CacheConfig:
     page_size: int = _field(64, "tokens per KV page (a power of two, 16..128)")
     num_kv_pages: int | None = _field(None, "number of KV pages (default: sized from free memory)")
     kv_cache_memory_fraction: float | None = _field(
-        None, "share of free memory after loading weights for the KV cache (default 0.9 GPU, 0.5 CPU)"
+        None, "share of free memory after loading weights for the KV cache (default: 0.9 on a GPU; on a CPU "
+        "0.5, at most 4 GiB)"
+    )
+    kv_cache_memory_bytes: int | None = _field(
+        None, "bytes for the KV cache, ring pool and page-selection labels included (instead of a share of "
+        "free memory)"
     )
 
     def __post_init__(self) -> None:
@@ -82,6 +87,9 @@ class CacheConfig:
         frac = self.kv_cache_memory_fraction
         if frac is not None and not (isinstance(frac, (int, float)) and 0.0 < frac <= 1.0):
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {frac!r}")
+        _check_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1, allow_none=True)
+        if frac is not None and self.kv_cache_memory_bytes is not None:
+            raise ValueError("give kv_cache_memory_bytes or kv_cache_memory_fraction, not both")
 
 
 @dataclass(frozen=True)

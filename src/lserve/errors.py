@@ -15,5 +15,9 @@ class RequestRejected(LServeError):
     """A request that can never be served (too long, cannot fit in the KV cache, ...)."""
 
 
+class InvalidPromptError(RequestRejected, ValueError):
+    """A prompt that cannot be tokenized (text that is not valid Unicode, ...)."""
+
+
 class NotSupportedError(LServeError, NotImplementedError):
     """A configuration value that is valid but not implemented by this version."""

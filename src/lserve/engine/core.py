@@ -146,7 +146,8 @@ class EngineCore:
                                  n_stream)
             per_seat = ring_geometry.pages_per_seq * ring_shape.bytes_per_page
             if cache.num_kv_pages is None:
-                half = memory_budget_bytes(self.device, cache.kv_cache_memory_fraction) // 2
+                half = memory_budget_bytes(self.device, cache.kv_cache_memory_fraction,
+                                           cache.kv_cache_memory_bytes) // 2
                 seats = max(1, min(seats, half // max(per_seat, 1)))
                 if seats < sched.max_num_seqs:
                     logger.warning("the ring KV pool fits %d running requests (max_num_seqs=%d)", seats,
@@ -160,6 +161,7 @@ class EngineCore:
             self.device,
             num_kv_pages=cache.num_kv_pages,
             memory_fraction=cache.kv_cache_memory_fraction,
+            memory_bytes=cache.kv_cache_memory_bytes,
             max_useful_pages=seats * pages_per_seq,
             reserved_bytes=reserved,
             extra_bytes_per_page=stats_bytes_per_page(shape, logical, label_r),

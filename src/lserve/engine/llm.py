@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from lserve.config import EngineConfig
 from lserve.engine.llm_engine import LLMEngine, Prompt
+from lserve.errors import InvalidPromptError
 from lserve.request import RequestOutput
 from lserve.sampling_params import SamplingParams
 
@@ -106,8 +107,15 @@ class LLM:
         engine = self.engine
         ids: list[str] = []
         try:
-            for prompt, p in zip(prompts, params):
-                ids.append(engine.add_request(prompt, p, add_special_tokens=add_special_tokens))
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                try:
+                    ids.append(engine.add_request(prompt, p, add_special_tokens=add_special_tokens))
+                except InvalidPromptError as exc:
+                    if len(prompts) == 1:
+                        raise
+                    message = str(exc)
+                    named = message.replace("the prompt", f"prompt {i}", 1)
+                    raise InvalidPromptError(named if named != message else f"prompt {i}: {message}") from None
         except BaseException:
             for rid in ids:
                 engine.abort_request(rid)

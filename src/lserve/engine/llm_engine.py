@@ -14,12 +14,12 @@ from typing import Any
 from lserve.config import EngineConfig
 from lserve.engine.core import EngineCore
 from lserve.engine.stats import EngineStats
-from lserve.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from lserve.engine.tokenizer import IncrementalDetokenizer, Prompt, encode_prompt, load_tokenizer, render_chat
 from lserve.errors import RequestRejected
 from lserve.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from lserve.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+__all__ = ["LLMEngine", "Prompt"]
 
 
 @dataclass
@@ -48,18 +48,10 @@ class LLMEngine:
         return self.core.max_model_len
 
     def encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestRejected("this model has no tokenizer; pass prompts as lists of token ids")
-            return list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
-        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise RequestRejected("a prompt must be a string or a list of integer token ids")
-        return list(prompt)
+        return encode_prompt(self.tokenizer, prompt, add_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise RequestRejected("this model's tokenizer has no chat template")
-        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
+        return render_chat(self.tokenizer, messages, add_generation_prompt)
 
     def add_request(
         self,

@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from lserve.errors import ModelLoadError
+from lserve.errors import InvalidPromptError, ModelLoadError, RequestRejected
 from lserve.model.loader import ModelSource, cache_home, tokenizer_dir_for
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,44 @@ def _gguf_tokenizer(source: ModelSource, auto: Any) -> Any:
     except OSError as exc:
         logger.warning("could not cache the tokenizer in %s: %s", cached, exc)
     return tok
+
+
+Prompt = str | list[int]
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str) -> None:
+    """InvalidPromptError if `text` cannot be encoded as UTF-8: a lone surrogate, which JSON's
+    `\\ud800` escapes and Python strings allow, makes the tokenizer fail with a TypeError."""
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        raise InvalidPromptError(f"the prompt is not valid Unicode text: a lone surrogate "
+                                 f"(U+{ord(bad.group()):04X}) at character {bad.start()}")
+
+
+def encode_prompt(tokenizer: Any | None, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
+    """A prompt's token ids: text through `tokenizer`, a list of ids as it is (checked to be ints)."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise RequestRejected("this model has no tokenizer; pass prompts as lists of token ids")
+        check_text(prompt)
+        return list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+    if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise RequestRejected("a prompt must be a string or a list of integer token ids")
+    return list(prompt)
+
+
+def render_chat(tokenizer: Any | None, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    """Messages rendered as text by the tokenizer's chat template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise RequestRejected("this model's tokenizer has no chat template")
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of the vocabulary decodes to (special tokens included)."""
+    vocab = tokenizer.get_vocab()
+    return max((len(tokenizer.convert_tokens_to_string([t])) for t in vocab), default=1)
 
 
 @dataclass

@@ -23,6 +23,9 @@ from lserve.errors import LServeError
 
 DEFAULT_GPU_FRACTION = 0.9
 DEFAULT_CPU_FRACTION = 0.5
+DEFAULT_CPU_KV_BYTES = 4 * 2**30
+"""On a CPU the KV cache takes at most this by default (as vLLM's CPU backend's 4 GiB), not a
+share of the machine's memory: a server keeps its footprint whatever the machine has free."""
 
 
 @dataclass(frozen=True)
@@ -196,11 +199,16 @@ def available_memory_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def memory_budget_bytes(device: torch.device, memory_fraction: float | None) -> int:
-    """The share of free memory the KV cache may take."""
-    if memory_fraction is None:
-        memory_fraction = DEFAULT_GPU_FRACTION if device.type == "cuda" else DEFAULT_CPU_FRACTION
-    return int(available_memory_bytes(device) * memory_fraction)
+def memory_budget_bytes(device: torch.device, memory_fraction: float | None, memory_bytes: int | None = None) -> int:
+    """What the KV cache may take: `memory_bytes` if set, else a share of free memory (on a CPU
+    by default no more than `DEFAULT_CPU_KV_BYTES`)."""
+    if memory_bytes is not None:
+        return memory_bytes
+    if memory_fraction is not None:
+        return int(available_memory_bytes(device) * memory_fraction)
+    if device.type == "cuda":
+        return int(available_memory_bytes(device) * DEFAULT_GPU_FRACTION)
+    return min(DEFAULT_CPU_KV_BYTES, int(available_memory_bytes(device) * DEFAULT_CPU_FRACTION))
 
 
 def plan_num_pages(
@@ -210,6 +218,7 @@ def plan_num_pages(
     num_kv_pages: int | None,
     memory_fraction: float | None,
     max_useful_pages: int,
+    memory_bytes: int | None = None,
     reserved_bytes: int = 0,
     extra_bytes_per_page: int = 0,
 ) -> int:
@@ -222,7 +231,7 @@ def plan_num_pages(
     """
     if num_kv_pages is not None:
         return num_kv_pages
-    budget = memory_budget_bytes(device, memory_fraction) - reserved_bytes
+    budget = memory_budget_bytes(device, memory_fraction, memory_bytes) - reserved_bytes
     per_page = shape.bytes_per_page + extra_bytes_per_page
     if per_page == 0:  # every head streams: pages only carry the page tables' bookkeeping
         return max_useful_pages

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 
 class PagePool:
-    """Hands out page ids 0..num_pages-1; each page is owned by at most one request."""
+    """Hands out page ids 0..num_pages-1; each page is owned by at most one request.
+
+    The free list is a stack: the pages freed last are handed out first, and never-used pages
+    (in ascending order) only when no freed page is left. Pages of a CPU pool become resident
+    memory when first written, so a server whose load never fills the pool keeps only its
+    working set resident, not the whole pool.
+    """
 
     def __init__(self, num_pages: int) -> None:
         if num_pages < 1:
             raise ValueError(f"a page pool needs at least one page, got {num_pages}")
         self.num_pages = num_pages
-        self._free: deque[int] = deque(range(num_pages))
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))  # the top of the stack is the end
         self._is_free = [True] * num_pages
 
     @property
@@ -27,7 +31,7 @@ class PagePool:
         """Take `n` pages; the caller checks `num_free_pages` first (raises if there are too few)."""
         if n > len(self._free):
             raise RuntimeError(f"asked for {n} pages with {len(self._free)} free")
-        pages = [self._free.popleft() for _ in range(n)]
+        pages = [self._free.pop() for _ in range(n)]
         for p in pages:
             self._is_free[p] = False
         return pages
@@ -39,7 +43,7 @@ class PagePool:
             if self._is_free[p]:
                 raise RuntimeError(f"page {p} freed twice")
             self._is_free[p] = True
-            self._free.append(p)
+        self._free.extend(reversed(pages))  # the next allocation takes them back in the same order
 
     def check_invariants(self) -> None:
         assert len(set(self._free)) == len(self._free), "duplicate page in the free list"

@@ -6,8 +6,11 @@ validation failures are 400 (not FastAPI's 422), an unknown model 404, a missing
 401, a dead engine or a server shutting down 503. Only a real fault is a 500.
 
 Shutdown (SIGTERM or Ctrl-C): uvicorn stops accepting connections; open requests may finish for
-`--shutdown-timeout` seconds, then the rest are aborted (clients get finish_reason "abort" and
-`[DONE]`), the engine thread stops and the process exits.
+`--shutdown-timeout` seconds, then the rest are aborted in one engine job (streams get a chunk
+with finish_reason "abort" and `[DONE]`, non-streaming requests a 503 error body), the engine
+thread stops and the process exits.
+
+A request body over `--max-request-bytes` is refused with 413 before it is read in full.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lserve import __version__
 from lserve.entrypoints.openai.async_engine import (
@@ -124,6 +128,41 @@ class ServerState:
     serving: OpenAIServing
     metrics: ServerMetrics
     api_key: str | None
+    max_request_bytes: int = 32 * 2**20
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 with OpenAI's error body for a request body over `limit` bytes, from its
+    Content-Length at once, or as soon as a body sent without one (chunked) passes the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _too_large(self) -> StarletteHTTPException:
+        return StarletteHTTPException(413, f"the request body is larger than {self.limit} bytes (--max-request-bytes)")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            exc = self._too_large()
+            await JSONResponse(error_body(413, str(exc.detail)), status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise self._too_large()  # FastAPI passes HTTP exceptions from reading the body through
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -142,6 +181,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="lserve", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API of lserve, a long-context LLM serving engine")
+    app.add_middleware(BodySizeLimit, limit=state.max_request_bytes)
     app.state.lserve = state
     serving = state.serving
 
@@ -354,6 +394,8 @@ def serve(
     api_key: str | None,
     shutdown_timeout: float,
     log_level: str = "info",
+    max_request_bytes: int = 32 * 2**20,
+    max_prompts_per_request: int = 128,
 ) -> int:
     """Load the model, then serve until SIGTERM/SIGINT; returns the exit status."""
     from lserve.engine.llm import LLM
@@ -373,8 +415,9 @@ def serve(
     metrics = ServerMetrics(names[0], lambda: holder["engine"].stats)
     engine = AsyncEngine(llm_engine, metrics)
     holder["engine"] = engine
-    serving = OpenAIServing(engine, names, model_root=str(model_arg or source.path))
-    app = build_app(ServerState(engine, serving, metrics, api_key))
+    serving = OpenAIServing(engine, names, model_root=str(model_arg or source.path),
+                            max_prompts_per_request=max_prompts_per_request)
+    app = build_app(ServerState(engine, serving, metrics, api_key, max_request_bytes))
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, lifespan="on",
         # uvicorn cuts open connections only after this; the drain ends them before that

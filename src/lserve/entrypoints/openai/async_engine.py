@@ -6,6 +6,9 @@ order. One asyncio task, the engine loop, submits `step()` jobs back to back whi
 unfinished, so all concurrent HTTP requests share each step (continuous batching); jobs that
 handlers submit meanwhile (admitting or aborting requests) run between two steps. Each step's
 outputs go to per-request asyncio queues. The event loop itself never blocks on the engine.
+Tokenizing and rendering chat templates run on a second thread (`run_tokenizer`), so a long
+prompt being tokenized never holds up the steps of the requests already running (the
+tokenizer releases the GIL while it works).
 
 A request's stream is registered before the request reaches the engine, so no output can be
 missed, and removed when its final output is delivered or when it is aborted. Aborting is a
@@ -55,6 +58,8 @@ class RequestStream:
     last_token_time: float | None = None
     num_tokens: int = 0
     finished: bool = False
+    aborted_for_shutdown: bool = False
+    """The server's shutdown aborted it (its final output has finish_reason "abort")."""
 
     async def next(self) -> RequestOutput:
         """The newest output; outputs already queued behind the first one are skipped over.
@@ -77,12 +82,15 @@ class AsyncEngine:
         self.engine = engine
         self.metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lserve-engine")
+        self._tokenizer_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lserve-tokenizer")
         self._streams: dict[str, RequestStream] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.dead_reason: str | None = None
         self.accepting = True
+        self._drain_task: asyncio.Future[None] | None = None
+        self._drain_deadline = float("inf")
         # Refreshed by the engine thread after every job that changes engine state; read by /metrics
         # without waiting for a running step.
         self.stats: EngineStats = engine.get_stats()
@@ -107,22 +115,33 @@ class AsyncEngine:
         """Stop taking requests, let open ones finish for up to `grace_s`, then abort the rest.
 
         Aborted requests still get a final output (finish_reason "abort"), so their clients see
-        a complete response rather than a cut connection.
+        a complete response rather than a cut connection. Every request left is aborted in one
+        engine job, after the step that is running. Calls while a drain runs join it; a shorter
+        grace period moves its deadline forward.
         """
         self.accepting = False
-        deadline = time.monotonic() + grace_s
-        while self._streams and time.monotonic() < deadline and not self.is_dead:
+        self._drain_deadline = min(self._drain_deadline, time.monotonic() + grace_s)
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain())
+        # shielded: a caller that is cancelled (uvicorn's shutdown) must not stop the drain halfway
+        await asyncio.shield(self._drain_task)
+
+    async def _drain(self) -> None:
+        while self._streams and time.monotonic() < self._drain_deadline and not self.is_dead:
             await asyncio.sleep(0.05)
-        if self._streams:
-            logger.info("aborting %d unfinished request(s) for shutdown", len(self._streams))
-        for request_id in list(self._streams):
-            stream = self._streams.pop(request_id)
-            final: RequestOutput | None = None
-            try:
-                final = await self.run(self.engine.abort_request, request_id)
-            except EngineDeadError:
-                pass
+        if not self._streams:
+            return
+        logger.info("aborting %d unfinished request(s) for shutdown", len(self._streams))
+        streams, self._streams = self._streams, {}
+        finals: dict[str, RequestOutput | None] = {}
+        try:
+            finals = await self.run(self._abort_all, list(streams))
+        except EngineDeadError:
+            pass
+        for request_id, stream in streams.items():
+            final = finals.get(request_id)
             if final is not None:
+                stream.aborted_for_shutdown = True
                 self._count_finish(stream, final)
                 stream.queue.put_nowait(final)
             else:
@@ -137,6 +156,7 @@ class AsyncEngine:
                 await self._loop_task
             except asyncio.CancelledError:
                 pass
+        self._tokenizer_executor.shutdown(wait=False, cancel_futures=True)
         await asyncio.get_running_loop().run_in_executor(None, functools.partial(self._executor.shutdown, wait=True))
 
     # ---- running jobs on the engine thread -----------------------------------------------------
@@ -154,6 +174,12 @@ class AsyncEngine:
             raise EngineDeadError(self.dead_reason)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._job, fn, args, refresh_stats)
+
+    async def run_tokenizer(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` (tokenizer work) on the tokenizer thread, after the jobs queued there."""
+        if self.is_dead:  # as `run`: a request to a dead engine is answered 503 before any work
+            raise EngineDeadError(self.dead_reason)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_executor, fn, *args)
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -205,14 +231,13 @@ class AsyncEngine:
         if not open_ids or self.is_dead:
             return
         try:
-            future: Future[None] = self._executor.submit(self._job, self._abort_all, (open_ids,), True)
+            future: Future[dict[str, RequestOutput | None]] = self._executor.submit(self._job, self._abort_all, (open_ids,), True)
         except RuntimeError:  # the executor is already shut down: nothing is running any more
             return
         future.add_done_callback(_log_job_failure)
 
-    def _abort_all(self, request_ids: list[str]) -> None:
-        for rid in request_ids:
-            self.engine.abort_request(rid)
+    def _abort_all(self, request_ids: list[str]) -> dict[str, RequestOutput | None]:
+        return {rid: self.engine.abort_request(rid) for rid in request_ids}
 
     # ---- the engine loop -----------------------------------------------------------------------
 

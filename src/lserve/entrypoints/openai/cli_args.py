@@ -44,6 +44,10 @@ def add_serve_parser(
                    help=f"require `Authorization: Bearer KEY` on /v1 endpoints (default: ${API_KEY_ENV}, else none)")
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="on SIGTERM, seconds open requests may still run before they are aborted (default: 5)")
+    p.add_argument("--max-request-bytes", type=int, default=32 * 2**20,
+                   help="largest request body accepted; larger ones get 413 (default: 32 MiB)")
+    p.add_argument("--max-prompts-per-request", type=int, default=128,
+                   help="most prompts in one /v1/completions request; more get 400 (default: 128)")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level; 'warning' hides the access log (default: info)")
@@ -63,6 +67,9 @@ def cmd_serve(args: argparse.Namespace, engine_kwargs: Callable[[argparse.Namesp
         raise LServeError(f"--port must be in 1..65535, got {args.port}")
     if args.shutdown_timeout < 0:
         raise LServeError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    for flag in ("max_request_bytes", "max_prompts_per_request"):
+        if getattr(args, flag) < 1:
+            raise LServeError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     # the server's progress lines (model, KV cache, URL, periodic stats) show without -v
     logging.getLogger("lserve").setLevel(logging.INFO)
@@ -71,4 +78,5 @@ def cmd_serve(args: argparse.Namespace, engine_kwargs: Callable[[argparse.Namesp
     except ImportError as exc:
         raise LServeError(f"the server needs fastapi, uvicorn and prometheus-client: {exc}") from exc
     return serve(kwargs, args.host, args.port, args.served_model_name, api_key, args.shutdown_timeout,
-                 args.uvicorn_log_level)
+                 args.uvicorn_log_level, max_request_bytes=args.max_request_bytes,
+                 max_prompts_per_request=args.max_prompts_per_request)

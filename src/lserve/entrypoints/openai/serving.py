@@ -5,11 +5,17 @@ unsupported fields, empty prompts, prompt + max_tokens over the context, samplin
 becomes an `APIError` (400/404 with OpenAI's error body), so bad input never reaches a step that
 other requests share. Streams hold back the last few characters while a stop string could still
 be completing, so no text that a stop string later removes is ever sent.
+
+Tokenizing, chat templates and detokenizing for requests run on the tokenizer thread
+(`AsyncEngine.run_tokenizer`) with the server's own copy of the tokenizer, never on the engine
+thread, which detokenizes outputs with the engine's copy meanwhile. A text prompt with more
+characters than `max_model_len` tokens could ever hold is refused before it is tokenized.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -21,10 +27,12 @@ from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from lserve.engine.tokenizer import encode_prompt, max_token_chars, render_chat
 from lserve.entrypoints.openai.async_engine import (
     AsyncEngine,
     EngineDeadError,
     RequestStream,
+    ShuttingDownError,
 )
 from lserve.entrypoints.openai.protocol import (
     AssistantMessage,
@@ -100,6 +108,9 @@ async def run_until_disconnect(request: Request, work: Callable[[], Any]) -> Res
         watcher.cancel()
         if not task.done():
             task.cancel()
+            # the handler ends at its next await (its `finally` aborts its requests); wait for
+            # that before reading its outcome, which is not set until then
+            await asyncio.wait({task})
     if task.cancelled():
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     return task.result()
@@ -208,10 +219,16 @@ def _message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+PROMPT_CHARS_MARGIN = 4
+"""A text prompt is refused untokenized above this many times `max_model_len` x the longest
+token's characters: normalisation may drop characters before tokenizing, so the bound is loose."""
+
+
 class OpenAIServing:
     """Handlers of every endpoint; the FastAPI routes in `api_server` only call these."""
 
-    def __init__(self, engine: AsyncEngine, served_model_names: Sequence[str], model_root: str) -> None:
+    def __init__(self, engine: AsyncEngine, served_model_names: Sequence[str], model_root: str,
+                 max_prompts_per_request: int = 128) -> None:
         if not served_model_names:
             raise ValueError("at least one served model name is needed")
         self.engine = engine
@@ -221,7 +238,12 @@ class OpenAIServing:
         self.model_root = model_root
         self.max_model_len = self.llm_engine.max_model_len
         self.vocab_size = self.llm_engine.core.arch.vocab_size
+        self.max_prompts_per_request = max_prompts_per_request
         self.created = int(time.time())
+        # the tokenizer thread's own copy: fast tokenizers must not be used from two threads at once
+        self.tokenizer = copy.deepcopy(self.llm_engine.tokenizer)
+        self.max_prompt_chars = None if self.tokenizer is None \
+            else PROMPT_CHARS_MARGIN * self.max_model_len * max_token_chars(self.tokenizer)
 
     # ---- checks ------------------------------------------------------------------------------
 
@@ -274,16 +296,23 @@ class OpenAIServing:
         except ValueError as exc:  # SamplingParams names the field first in its message
             raise APIError(400, str(exc), str(exc).split(" ", 1)[0]) from exc
 
-    # ---- engine-thread jobs (the tokenizer is not thread-safe) ------------------------------
+    # ---- tokenizer-thread jobs ---------------------------------------------------------------
+
+    def _encode(self, prompt: str | list[int], add_special_tokens: bool, param: str) -> list[int]:
+        if isinstance(prompt, str) and self.max_prompt_chars is not None and len(prompt) > self.max_prompt_chars:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                           f"the prompt has {len(prompt)} characters, more than that many tokens can hold. "
+                           "Please reduce the length of the prompt.", param)
+        try:
+            return encode_prompt(self.tokenizer, prompt, add_special_tokens)
+        except RequestRejected as exc:
+            raise APIError(400, str(exc), param) from exc
 
     def _encode_prompts(self, prompts: list[str | list[int]], add_special_tokens: bool, echo: bool) -> list[_Prompt]:
         out = []
         for i, p in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
-            try:
-                ids = self.llm_engine.encode(p, add_special_tokens=add_special_tokens)
-            except RequestRejected as exc:
-                raise APIError(400, str(exc), param) from exc
+            ids = self._encode(p, add_special_tokens, param)
             if not ids:
                 raise APIError(400, "the prompt has no tokens", param)
             self._check_token_ids(ids, param)
@@ -299,7 +328,7 @@ class OpenAIServing:
             raise APIError(400, f"token id {bad} is out of the vocabulary range [0, {self.vocab_size})", param)
 
     def _decode(self, ids: list[int]) -> str:
-        tok = self.llm_engine.tokenizer
+        tok = self.tokenizer
         if tok is None:
             raise APIError(400, "this model has no tokenizer")
         try:
@@ -311,12 +340,15 @@ class OpenAIServing:
         self, messages: list[dict[str, Any]], add_generation_prompt: bool, add_special_tokens: bool
     ) -> list[int]:
         try:
-            text = self.llm_engine.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            text = render_chat(self.tokenizer, messages, add_generation_prompt)
         except RequestRejected as exc:
             raise APIError(400, str(exc), "messages") from exc
         except Exception as exc:  # a template may raise anything (jinja errors, its own checks) on odd input
             raise APIError(400, f"the chat template cannot render these messages: {exc}", "messages") from exc
-        ids = self.llm_engine.encode(text, add_special_tokens=add_special_tokens)
+        try:
+            ids = self._encode(text, add_special_tokens, "messages")
+        except APIError as exc:
+            raise APIError(400, exc.message.replace("the prompt", "the rendered conversation", 1), "messages") from exc
         if not ids:
             raise APIError(400, "the rendered conversation has no tokens", "messages")
         return ids
@@ -332,11 +364,13 @@ class OpenAIServing:
             prompts = list(req.prompt)  # type: ignore[arg-type]
         if not prompts:
             raise APIError(400, "the prompt must not be empty", "prompt")
+        if len(prompts) > self.max_prompts_per_request:
+            raise APIError(400, f"a request may hold at most {self.max_prompts_per_request} prompts, got "
+                           f"{len(prompts)}", "prompt")
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise APIError(400, "the prompt must not be empty", "prompt" if len(prompts) == 1 else f"prompt.{i}")
-        encoded = await self.engine.run(self._encode_prompts, prompts, req.add_special_tokens, req.echo,
-                                        refresh_stats=False)
+        encoded = await self.engine.run_tokenizer(self._encode_prompts, prompts, req.add_special_tokens, req.echo)
         params = [self._sampling_params(req, len(p.token_ids), req.max_tokens, "prompt") for p in encoded]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         model = req.model or self.model_name  # the name the client used, as vLLM answers
@@ -404,8 +438,8 @@ class OpenAIServing:
     async def create_chat_completion(self, req: ChatCompletionRequest, arrival: float) -> Response:
         self._check_request(req)
         messages = _message_dicts(req.messages)
-        ids = await self.engine.run(self._render_chat, messages, req.add_generation_prompt, req.add_special_tokens,
-                                    refresh_stats=False)
+        ids = await self.engine.run_tokenizer(self._render_chat, messages, req.add_generation_prompt,
+                                              req.add_special_tokens)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._sampling_params(req, len(ids), max_tokens, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -492,6 +526,8 @@ class OpenAIServing:
                 finals.append(out)
         finally:
             self.engine.abort([s.request_id for s in streams])  # a no-op for finished requests
+        if any(s.aborted_for_shutdown for s in streams):  # a whole body cannot say "abort" midway
+            raise ShuttingDownError("the server shut down before the request finished")
         return finals
 
     # ---- small endpoints ---------------------------------------------------------------------
@@ -506,22 +542,21 @@ class OpenAIServing:
         self.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt")
-        if self.llm_engine.tokenizer is None:
+        if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer")
         if req.messages is not None:
             messages = _message_dicts(req.messages)
             add_special = bool(req.add_special_tokens)
-            ids = await self.engine.run(self._render_chat, messages, req.add_generation_prompt, add_special,
-                                        refresh_stats=False)
+            ids = await self.engine.run_tokenizer(self._render_chat, messages, req.add_generation_prompt, add_special)
         else:
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
-            ids = await self.engine.run(self.llm_engine.encode, req.prompt, add_special, refresh_stats=False)
+            ids = await self.engine.run_tokenizer(self._encode, req.prompt, add_special, "prompt")
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
 
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(req.model)
         self._check_token_ids(req.tokens, "tokens")
-        text = await self.engine.run(self._decode, req.tokens, refresh_stats=False)
+        text = await self.engine.run_tokenizer(self._decode, req.tokens)
         return DetokenizeResponse(prompt=text)
 
     def tokenizer_info(self) -> TokenizerInfoResponse:
