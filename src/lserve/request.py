@@ -48,6 +48,10 @@ class Request:
     """KV pages (over layers and KV heads) its decode steps read; see `decode_pages_dense`."""
     decode_pages_dense: int = 0
     """The pages the same decode steps would read with dense attention."""
+    output_logprobs: list[tuple[float, int, list[tuple[int, float]]]] = field(default_factory=list)
+    """With `logprobs`: per output token, its log-probability, its rank and the top-k (id, logprob)."""
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]]] = field(default_factory=list)
+    """With `prompt_logprobs`: the same for prompt tokens 1.. (filled as prefill chunks run)."""
     num_inflight_tokens: int = 0
     """Tokens sampled by a step that is still running on the device (async scheduling): they count
     in `num_tokens`, so the next step can be scheduled before their values are known; the model
@@ -108,6 +112,20 @@ class Request:
 
 
 @dataclass
+class Logprob:
+    """A token's log-probability under the model's raw distribution (vLLM's `Logprob`)."""
+
+    logprob: float
+    rank: int | None = None
+    """1 for the most likely token."""
+    decoded_token: str | None = None
+
+
+TokenLogprobs = dict[int, Logprob]
+"""One position: the chosen token's entry first, then the top-k tokens' (vLLM's order)."""
+
+
+@dataclass
 class CompletionOutput:
     """One generated sequence of a request."""
 
@@ -116,6 +134,9 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    """With `SamplingParams.logprobs`: one entry per token of `token_ids`."""
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -132,3 +153,5 @@ class RequestOutput:
     `decode_pages_read` and `decode_pages_dense` (KV pages over layers and KV heads that its
     decode steps read, and would read with dense attention) and their ratio
     `decode_pages_read_fraction`."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """With `SamplingParams.prompt_logprobs`: one entry per prompt token, None for the first."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20
+"""The most top log-probabilities a request may ask for, per token (vLLM's default `max_logprobs`)."""
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -19,7 +22,11 @@ class SamplingParams:
 
     temperature 0 is greedy decoding. `stop` strings end generation and are not included in the
     returned text; `stop_token_ids` end it and are included in `token_ids` (the EOS token too).
-    Invalid values raise ValueError naming the field and its allowed range.
+    `logprobs` = k returns, per generated token, its log-probability and the k most likely
+    tokens' (0: the token's alone); `prompt_logprobs` = k the same for every prompt token after
+    the first. Log-probabilities are those of the model's raw distribution (log_softmax of the
+    logits, before temperature, penalties and filtering: vLLM's default). Invalid values raise
+    ValueError naming the field and its allowed range.
     """
 
     temperature: float = 1.0
@@ -33,6 +40,8 @@ class SamplingParams:
     seed: int | None = None
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -56,6 +65,10 @@ class SamplingParams:
         if not all(_is_int(t) and t >= 0 for t in ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = ids
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {k!r}")
 
     @staticmethod
     def _check_range(

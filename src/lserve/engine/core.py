@@ -385,7 +385,26 @@ class EngineCore:
         out, launched, counts = self._pending[0]
         sampled = launched.tokens()  # may raise (an interrupt while waiting): the step stays pending
         self._pending.pop(0)
-        return self._resolve(out, sampled, counts)
+        result = self._resolve(out, sampled, counts)
+        self._attach_logprobs(out, result.changed, *launched.logprobs())
+        return result
+
+    @staticmethod
+    def _attach_logprobs(out: SchedulerOutput, changed: list[Request], sample: dict, prompt: dict) -> None:
+        """Give requests the log-probabilities of the tokens they kept and of the prompt tokens their
+        prefill chunks scored (a chunk recomputed after preemption adds nothing twice)."""
+        for req in changed:
+            entry = sample.get(req.request_id)
+            if entry is not None:
+                req.output_logprobs.append(entry)
+        for s in out.scheduled:
+            run = prompt.get(s.request.request_id)
+            if run is None:
+                continue
+            first, entries = run
+            need = len(s.request.prompt_logprobs) + 1  # the next prompt token without its entry
+            if first <= need < first + len(entries):
+                s.request.prompt_logprobs.extend(entries[need - first:])
 
     def _needs_tokens_first(self) -> bool:
         """A repetition penalty reads the tokens seen so far: with one in flight, read it first."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lserve.config import EngineConfig
@@ -16,7 +16,7 @@ from lserve.engine.core import EngineCore
 from lserve.engine.stats import EngineStats
 from lserve.engine.tokenizer import IncrementalDetokenizer, Prompt, encode_prompt, load_tokenizer, render_chat
 from lserve.errors import RequestRejected
-from lserve.request import CompletionOutput, Request, RequestOutput, RequestStatus
+from lserve.request import CompletionOutput, Logprob, Request, RequestOutput, RequestStatus, TokenLogprobs
 from lserve.sampling_params import SamplingParams
 
 __all__ = ["LLMEngine", "Prompt"]
@@ -28,6 +28,10 @@ class _Tracked:
     prompt: str | None
     detok: IncrementalDetokenizer | None
     first_token_time: float | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """The request's output log-probabilities as returned, built once per token."""
+    cumulative_logprob: float = 0.0
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -130,6 +134,13 @@ class LLMEngine:
             stop_reason = None if last in self.eos_token_ids else last
         text = tracked.detok.text if tracked.detok is not None else ""
         completion = CompletionOutput(0, text, list(req.output_token_ids), reason, stop_reason)
+        params = req.sampling_params
+        if params.logprobs is not None:
+            for token, entry in zip(req.output_token_ids[len(tracked.logprobs):], req.output_logprobs[len(tracked.logprobs):]):
+                tracked.logprobs.append(self._token_logprobs(token, entry))
+                tracked.cumulative_logprob += entry[0]
+            completion.logprobs = list(tracked.logprobs)
+            completion.cumulative_logprob = tracked.cumulative_logprob
         metrics = {"arrival_time": req.arrival_time}
         if tracked.first_token_time is not None:
             metrics["first_token_time"] = tracked.first_token_time
@@ -137,4 +148,24 @@ class LLMEngine:
             metrics["decode_pages_read"] = req.decode_pages_read
             metrics["decode_pages_dense"] = req.decode_pages_dense
             metrics["decode_pages_read_fraction"] = req.decode_pages_read / req.decode_pages_dense
-        return RequestOutput(req.request_id, tracked.prompt, req.prompt_token_ids, [completion], finished, metrics)
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None and len(req.prompt_logprobs) == req.num_prompt_tokens - 1:
+            if not tracked.prompt_logprobs:
+                tracked.prompt_logprobs = [None] + [
+                    self._token_logprobs(token, entry)
+                    for token, entry in zip(req.prompt_token_ids[1:], req.prompt_logprobs)]
+            prompt_logprobs = tracked.prompt_logprobs
+        return RequestOutput(req.request_id, tracked.prompt, req.prompt_token_ids, [completion], finished, metrics,
+                             prompt_logprobs)
+
+    def _token_logprobs(self, token: int, entry: tuple[float, int, list[tuple[int, float]]]) -> TokenLogprobs:
+        """vLLM's per-position dict: the chosen token first, then the top k by rank."""
+        logprob, rank, top = entry
+        out = {token: Logprob(logprob, rank, self._decode_one(token))}
+        for i, (tid, value) in enumerate(top):
+            if tid not in out:
+                out[tid] = Logprob(value, i + 1, self._decode_one(tid))
+        return out
+
+    def _decode_one(self, token: int) -> str | None:
+        return None if self.tokenizer is None else str(self.tokenizer.decode([token]))

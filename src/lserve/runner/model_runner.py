@@ -7,7 +7,7 @@ queues or HTTP.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,44 +19,103 @@ from lserve.kv_cache.manager import SeatPageRows
 from lserve.model.llama import LlamaForCausalLM
 from lserve.request import INFLIGHT_TOKEN, Request
 from lserve.runner.cuda_graphs import DecodeGraphs
-from lserve.runner.sampler import Sampler
+from lserve.runner.sampler import Sampler, token_logprobs
+
+PROMPT_LOGPROB_ROWS = 1024
+"""Prompt positions whose full-vocabulary logits are computed at once (a chunk of 8K prompt tokens
+would otherwise need 8K x vocabulary floats)."""
+
+TokenLogprobEntry = tuple[float, int, list[tuple[int, float]]]
+"""A position's log-probability of its token, the token's rank and the top-k (id, logprob)."""
+
+
+@dataclass
+class StepLogprobs:
+    """Log-probabilities a step computed, on the device until the step is read: per sampled row
+    that asked (`sample_ids`, each with its k) and per run of prompt positions (`prompt_runs`:
+    request id, index of the first prompt token scored, count, k)."""
+
+    sample_ids: list[str] = field(default_factory=list)
+    sample_k: list[int] = field(default_factory=list)
+    sample: list[torch.Tensor] = field(default_factory=list)
+    prompt_runs: list[tuple[str, int, int, int]] = field(default_factory=list)
+    prompt: list[list[torch.Tensor]] = field(default_factory=list)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.sample, *(t for part in self.prompt for t in part)]
+
+    @staticmethod
+    def _entries(values: list[list], k: int, row: int) -> TokenLogprobEntry:
+        lp, rank, top_v, top_i = values
+        return (lp[row], rank[row], list(zip(top_i[row][:k], top_v[row][:k])))
+
+    def read(self, host: list[torch.Tensor]) -> tuple[dict[str, TokenLogprobEntry], dict[str, tuple[int, list]]]:
+        """(sampled row logprobs by request, prompt logprobs by request: first index and entries)
+        from the host copies of `tensors()`."""
+        values = [t.tolist() for t in host]
+        sample: dict[str, TokenLogprobEntry] = {}
+        if self.sample_ids:
+            part = values[:4]
+            sample = {rid: self._entries(part, k, i) for i, (rid, k) in enumerate(zip(self.sample_ids, self.sample_k))}
+        prompt: dict[str, tuple[int, list[TokenLogprobEntry]]] = {}
+        at = 4 if self.sample_ids else 0
+        for (rid, first, count, k), _ in zip(self.prompt_runs, self.prompt):
+            part = values[at:at + 4]
+            at += 4
+            prompt[rid] = (first, [self._entries(part, k, j) for j in range(count)])
+        return sample, prompt
 
 
 @dataclass
 class LaunchedStep:
     """A step queued on the device; `tokens()` waits for it (and nothing launched after it) and
-    reads its sampled tokens."""
+    reads its sampled tokens, `logprobs()` the log-probabilities it computed."""
 
     request_ids: list[str]
     device_tokens: torch.Tensor | None
     """(len(request_ids),) int64 on the device; None when no request samples."""
-    host_tokens: torch.Tensor | None = None
-    """On a GPU: a pinned copy of `device_tokens`, filled by a copy queued right after sampling."""
+    step_logprobs: StepLogprobs | None = None
+    host: list[torch.Tensor] | None = None
+    """On a GPU: pinned copies of the tokens and log-probabilities, filled by copies queued right
+    after sampling."""
     ready: torch.cuda.Event | None = None
-    """Recorded after that copy: waiting on it does not wait for steps launched later."""
+    """Recorded after those copies: waiting on it does not wait for steps launched later."""
     _tokens: dict[str, int] | None = None
 
     @classmethod
-    def of(cls, request_ids: list[str], device_tokens: torch.Tensor) -> LaunchedStep:
-        if not device_tokens.is_cuda:
-            return cls(request_ids, device_tokens)
-        # `.tolist()` on the device tensor would wait for the whole stream, including the step
-        # launched after this one: copy now, and wait later for this copy only
-        host = torch.empty(device_tokens.shape, dtype=device_tokens.dtype, pin_memory=True)
-        host.copy_(device_tokens, non_blocking=True)
+    def of(cls, request_ids: list[str], device_tokens: torch.Tensor | None,
+           step_logprobs: StepLogprobs | None = None) -> LaunchedStep:
+        tensors = ([device_tokens] if device_tokens is not None else []) \
+            + (step_logprobs.tensors() if step_logprobs is not None else [])
+        if not tensors or not tensors[0].is_cuda:
+            return cls(request_ids, device_tokens, step_logprobs, tensors)
+        # `.tolist()` on a device tensor would wait for the whole stream, including the step
+        # launched after this one: copy now, and wait later for these copies only
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for h, t in zip(host, tensors):
+            h.copy_(t, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return cls(request_ids, device_tokens, host, ready)
+        return cls(request_ids, device_tokens, step_logprobs, host, ready)
+
+    def _host(self) -> list[torch.Tensor]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host or []
 
     def tokens(self) -> dict[str, int]:
         if self._tokens is None:
-            if self.ready is not None and self.host_tokens is not None:
-                self.ready.synchronize()
-                values = self.host_tokens.tolist()
-            else:
-                values = self.device_tokens.tolist() if self.device_tokens is not None else []
+            host = self._host()
+            values = host[0].tolist() if self.device_tokens is not None else []
             self._tokens = dict(zip(self.request_ids, values))
         return self._tokens
+
+    def logprobs(self) -> tuple[dict[str, TokenLogprobEntry], dict[str, tuple[int, list[TokenLogprobEntry]]]]:
+        """Sampled tokens' log-probabilities by request, and prompt runs' (first prompt index, entries)."""
+        if self.step_logprobs is None:
+            return {}, {}
+        host = self._host()
+        return self.step_logprobs.read(host[1:] if self.device_tokens is not None else host)
 
 
 @dataclass(frozen=True)
@@ -122,6 +181,7 @@ class ModelRunner:
         if len(sampling) != len(inputs):
             rows = to_device([np.asarray(sampling, dtype=np.int64)], self.device)[0]
         graphs = self.graphs
+        step_logprobs: StepLogprobs | None = None
         if graphs is not None and num_decodes == len(inputs) and graphs.bucket(num_decodes) is not None:
             mode = backend.selector.mode if backend.selector is not None else "none"
             logits = graphs.run(md, ids, pos, mode)[rows]
@@ -132,22 +192,55 @@ class ModelRunner:
 
             hidden = self.model(ids, pos, attn)
             backend.collect_stored_pages(md)
+            step_logprobs = self._prompt_logprobs(hidden, inputs)
             if not sampling:
-                return LaunchedStep([], None)
+                return LaunchedStep.of([], None, step_logprobs)
             ends = md.query_start_loc[1:].long() - 1
             logits = self.model.compute_logits(hidden[ends[rows]])
         if not sampling:
             return LaunchedStep([], None)
         reqs = [inputs[i].request for i in sampling]
+        wants = [i for i, r in enumerate(reqs) if r.sampling_params.logprobs is not None]
+        raw = logits[wants].clone() if wants else None  # the sampler may apply penalties in place
         tokens = self.sampler.sample(
             logits,
             [r.request_id for r in reqs],
             [r.sampling_params for r in reqs],
             [r.all_token_ids if r.sampling_params.repetition_penalty != 1.0 else () for r in reqs],
         )
-        step = LaunchedStep.of([r.request_id for r in reqs], tokens)
+        if raw is not None:
+            if step_logprobs is None:
+                step_logprobs = StepLogprobs()
+            ks = [reqs[i].sampling_params.logprobs or 0 for i in wants]
+            step_logprobs.sample_ids = [reqs[i].request_id for i in wants]
+            step_logprobs.sample_k = ks
+            step_logprobs.sample = token_logprobs(raw, tokens[wants], max(ks))
+        step = LaunchedStep.of([r.request_id for r in reqs], tokens, step_logprobs)
         self._last = step
         return step
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: Sequence[StepInput]) -> StepLogprobs | None:
+        """Log-probabilities of the prompt tokens that this step's prefill chunks predict, for the
+        requests that ask for them: the hidden state at position p scores prompt token p + 1."""
+        out: StepLogprobs | None = None
+        offset = 0
+        for s in inputs:
+            req, n = s.request, s.num_new_tokens
+            k = req.sampling_params.prompt_logprobs
+            start = req.num_computed_tokens
+            stop = min(start + n, req.num_prompt_tokens - 1)
+            if k is not None and stop > start and len(req.prompt_logprobs) < req.num_prompt_tokens - 1:
+                out = out or StepLogprobs()
+                targets = torch.tensor(req.prompt_token_ids[start + 1 : stop + 1], device=hidden.device)
+                parts = []
+                for a in range(0, stop - start, PROMPT_LOGPROB_ROWS):
+                    b = min(a + PROMPT_LOGPROB_ROWS, stop - start)
+                    logits = self.model.compute_logits(hidden[offset + a : offset + b])
+                    parts.append(token_logprobs(logits, targets[a:b], k))
+                out.prompt_runs.append((req.request_id, start + 1, stop - start, k))
+                out.prompt.append([torch.cat(col) for col in zip(*parts)])
+            offset += n
+        return out
 
     def _fill_inflight(self, ids: torch.Tensor, token_ids: list[int], inputs: Sequence[StepInput]) -> None:
         """Write the ids of in-flight tokens from the last launch's tokens, on the device. Only a

@@ -76,3 +76,14 @@ def filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs / probs.sum()
 
 
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Raw log-probabilities of rows of logits (N, V): the given tokens' (N,), their ranks (N,)
+    (1 = most likely) and the top k (N, k) values and ids, all on the logits' device."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, tokens[:, None].long())[:, 0]
+    rank = (lp > chosen[:, None]).sum(dim=-1) + 1
+    top = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], torch.zeros((lp.shape[0], 0), dtype=torch.long,
+                                                                        device=lp.device))
+    return [chosen, rank, top[0], top[1]]
