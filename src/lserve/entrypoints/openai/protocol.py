@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from lserve.sampling_params import MAX_LOGPROBS
+
 # Upper bound of `repetition_penalty` and lower bound of its inverse: beyond these the float32
 # logits overflow to infinity and sampling would fail for the whole batch.
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
@@ -85,8 +87,12 @@ class CompletionRequest(_SamplingRequest):
     )
     max_tokens: JsonInt | None = Field(16, ge=1, description="null: the rest of the context")
     echo: bool = Field(False, description="prepend the prompt to the output text")
-    logprobs: JsonInt | None = Field(None, description="not supported (must be null)",
-                                     json_schema_extra=_only(type="null"))
+    logprobs: JsonInt | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="the log-probability of each token and of the N most likely "
+        "ones at each position (with echo, the prompt's tokens too)")
+    prompt_logprobs: JsonInt | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="the prompt tokens' log-probabilities and the N most likely at "
+        "each position, as vLLM's `prompt_logprobs` (vLLM)")
     best_of: JsonInt | None = Field(None, description="only 1 is supported",
                                     json_schema_extra=_only(minimum=1, maximum=1))
     suffix: str | None = Field(None, description="not supported (must be null or empty)",
@@ -112,10 +118,9 @@ class ChatCompletionRequest(_SamplingRequest):
                                         json_schema_extra=_only(minItems=1))
     max_completion_tokens: JsonInt | None = Field(None, ge=1, description="default: the rest of the context")
     max_tokens: JsonInt | None = Field(None, ge=1, description="deprecated name of max_completion_tokens")
-    logprobs: bool | None = Field(None, description="not supported (must be false)",
-                                  json_schema_extra=_only(enum=[False, None]))
-    top_logprobs: JsonInt | None = Field(None, description="not supported (must be null or 0)",
-                                         json_schema_extra=_only(minimum=0, maximum=0))
+    logprobs: bool | None = Field(None, description="return the log-probability of each output token")
+    top_logprobs: JsonInt | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                         description="with logprobs: also the N most likely tokens at each position")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported (must be empty)",
                                                json_schema_extra=_only(maxItems=0))
     tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none' or 'auto' (no tools)",
@@ -170,12 +175,29 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions format: one entry per token (the prompt's first, with echo)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None
     stop_reason: int | str | None = Field(None, description="the stop string or token id that ended the output")
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
+        None, description="with `prompt_logprobs`: per prompt token (None for the first), by token id (vLLM)")
 
 
 class CompletionResponse(BaseModel):
@@ -192,10 +214,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobToken(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobToken] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None
     stop_reason: int | str | None = None
 
@@ -254,7 +290,7 @@ class VersionResponse(BaseModel):
 # vLLM extras that would change the output; lserve does not implement them. Anything else that
 # is unknown is ignored, as vLLM ignores it.
 _UNSUPPORTED_EXTRAS = (
-    "min_tokens", "include_stop_str_in_output", "prompt_logprobs", "truncate_prompt_tokens",
+    "min_tokens", "include_stop_str_in_output", "truncate_prompt_tokens",
     "allowed_token_ids", "bad_words", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
     "structured_outputs", "logits_processors", "return_token_ids", "chat_template", "chat_template_kwargs",
     "functions", "function_call", "prompt_embeds", "mm_processor_kwargs",
@@ -278,15 +314,16 @@ def unsupported_fields(req: CompletionRequest | ChatCompletionRequest) -> tuple[
     ]
     if isinstance(req, CompletionRequest):
         checks += [
-            ("logprobs", req.logprobs is not None, "logprobs is not supported"),
             ("best_of", req.best_of not in (None, 1), "only best_of=1 is supported"),
             ("suffix", _is_set(req.suffix), "suffix is not supported"),
         ]
     else:
         fmt = req.response_format or {}
         checks += [
-            ("logprobs", bool(req.logprobs), "logprobs is not supported"),
-            ("top_logprobs", _is_set(req.top_logprobs), "top_logprobs is not supported"),
+            ("top_logprobs", req.top_logprobs is not None and not req.logprobs,
+             "top_logprobs needs logprobs set to true"),
+            ("prompt_logprobs", (req.model_extra or {}).get("prompt_logprobs") is not None,
+             "prompt_logprobs is only supported by /v1/completions"),
             ("tools", _is_set(req.tools), "tools are not supported"),
             ("tool_choice", req.tool_choice not in (None, "none", "auto"), "tool_choice is not supported"),
             ("response_format", fmt not in ({}, {"type": "text"}), "only response_format {'type': 'text'} is supported"),

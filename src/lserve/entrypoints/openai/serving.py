@@ -34,13 +34,21 @@ from lserve.entrypoints.openai.async_engine import (
     RequestStream,
     ShuttingDownError,
 )
+from lserve.entrypoints.openai.logprobs import (
+    chat_logprobs,
+    completion_logprobs,
+    merge_completion_logprobs,
+    prompt_logprobs_by_id,
+)
 from lserve.entrypoints.openai.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
+    ChatLogprobs,
     ChatCompletionResponse,
     ChatMessage,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -160,6 +168,7 @@ def sse(data: dict[str, Any] | str) -> str:
 class _Prompt:
     token_ids: list[int]
     text: str  # for echo; "" when not needed
+    first_text: str = ""  # the first token's text, for echo with logprobs (it has no log-probability)
 
 
 def _text_delta(text: str, sent: int, finished: bool, holdback: int) -> tuple[str, int]:
@@ -257,6 +266,17 @@ class OpenAIServing:
         if problem is not None:
             raise APIError(400, problem[1], problem[0])
 
+    @staticmethod
+    def _logprob_counts(req: CompletionRequest | ChatCompletionRequest) -> tuple[int | None, int | None]:
+        """(logprobs, prompt_logprobs) of the engine request: completions' `logprobs` (also for the
+        prompt with `echo`) and vLLM's `prompt_logprobs`; chat's `logprobs` with `top_logprobs`."""
+        if isinstance(req, ChatCompletionRequest):
+            return (req.top_logprobs or 0) if req.logprobs else None, None
+        prompt = req.prompt_logprobs
+        if req.echo and req.logprobs is not None:
+            prompt = max(prompt or 0, req.logprobs)
+        return req.logprobs, prompt
+
     def _sampling_params(
         self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_tokens: int | None, prompt_param: str
     ) -> SamplingParams:
@@ -279,8 +299,11 @@ class OpenAIServing:
                 "Please reduce the length of the messages or completion.",
                 "max_tokens" if prompt_len < limit else prompt_param,
             )
+        logprobs, prompt_logprobs = self._logprob_counts(req)
         try:
             return SamplingParams(
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=0 if req.top_k is None else req.top_k,
@@ -308,7 +331,8 @@ class OpenAIServing:
         except RequestRejected as exc:
             raise APIError(400, str(exc), param) from exc
 
-    def _encode_prompts(self, prompts: list[str | list[int]], add_special_tokens: bool, echo: bool) -> list[_Prompt]:
+    def _encode_prompts(self, prompts: list[str | list[int]], add_special_tokens: bool, echo: bool,
+                        echo_logprobs: bool = False) -> list[_Prompt]:
         out = []
         for i, p in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
@@ -319,7 +343,7 @@ class OpenAIServing:
             text = ""
             if echo:
                 text = p if isinstance(p, str) else self._decode(ids)
-            out.append(_Prompt(ids, text))
+            out.append(_Prompt(ids, text, self._decode(ids[:1]) if echo_logprobs else ""))
         return out
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
@@ -370,7 +394,8 @@ class OpenAIServing:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise APIError(400, "the prompt must not be empty", "prompt" if len(prompts) == 1 else f"prompt.{i}")
-        encoded = await self.engine.run_tokenizer(self._encode_prompts, prompts, req.add_special_tokens, req.echo)
+        encoded = await self.engine.run_tokenizer(self._encode_prompts, prompts, req.add_special_tokens, req.echo,
+                                                  req.echo and req.logprobs is not None)
         params = [self._sampling_params(req, len(p.token_ids), req.max_tokens, "prompt") for p in encoded]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         model = req.model or self.model_name  # the name the client used, as vLLM answers
@@ -379,7 +404,7 @@ class OpenAIServing:
         if req.stream:
             opts = req.stream_options
             body = self._completion_stream(
-                request_id, model, streams, [p.text for p in encoded], params, prompt_tokens,
+                request_id, model, streams, encoded, params, prompt_tokens, req,
                 include_usage=bool(opts and opts.include_usage), continuous=bool(opts and opts.continuous_usage_stats),
             )
             return EventStreamResponse(body, self._closer(streams))
@@ -387,7 +412,10 @@ class OpenAIServing:
         choices = [
             CompletionChoice(index=i, text=encoded[i].text + out.outputs[0].text,
                              finish_reason=out.outputs[0].finish_reason,  # type: ignore[arg-type]
-                             stop_reason=out.outputs[0].stop_reason)
+                             stop_reason=out.outputs[0].stop_reason,
+                             logprobs=self._completion_logprobs(req, encoded[i], out, 0, with_prompt=req.echo),
+                             prompt_logprobs=prompt_logprobs_by_id(out.prompt_logprobs)  # type: ignore[arg-type]
+                             if req.prompt_logprobs is not None and out.prompt_logprobs is not None else None)
             for i, out in enumerate(finals)
         ]
         completion_tokens = sum(len(out.outputs[0].token_ids) for out in finals)
@@ -395,37 +423,64 @@ class OpenAIServing:
                                   usage=UsageInfo(**_usage(prompt_tokens, completion_tokens)))
         return Response(resp.model_dump_json(), media_type="application/json")
 
+    def _completion_logprobs(self, req: CompletionRequest, prompt: _Prompt, out: RequestOutput, start: int,
+                             with_prompt: bool) -> CompletionLogprobs | None:
+        """The legacy logprobs block of output tokens `start`.. (after the prompt's, `with_prompt`)."""
+        if req.logprobs is None:
+            return None
+        comp = out.outputs[0]
+        parts = []
+        if with_prompt:
+            parts.append(completion_logprobs(out.prompt_token_ids, out.prompt_logprobs or [], req.logprobs, 0,
+                                             prompt.first_text))
+        # offsets count from the choice's text: the echoed prompt, then the output so far
+        offset = len(prompt.text) + sum(len((e[t].decoded_token or "")) for t, e in
+                                        zip(comp.token_ids[:start], (comp.logprobs or [])[:start]))
+        parts.append(completion_logprobs(comp.token_ids[start:], (comp.logprobs or [])[start:], req.logprobs, offset))
+        return CompletionLogprobs(**merge_completion_logprobs(parts))
+
     async def _completion_stream(
-        self, request_id: str, model: str, streams: list[RequestStream], echoes: list[str],
-        params: list[SamplingParams],
-        prompt_tokens: int, include_usage: bool, continuous: bool,
+        self, request_id: str, model: str, streams: list[RequestStream], prompts: list[_Prompt],
+        params: list[SamplingParams], prompt_tokens: int, req: CompletionRequest,
+        include_usage: bool, continuous: bool,
     ) -> AsyncIterator[str]:
         created = int(time.time())
         sent = [0] * len(streams)
         tokens = [0] * len(streams)
         holdback = [_holdback(p) for p in params]
+        with_logprobs = req.logprobs is not None
+        # with logprobs the echo waits for the first output, which brings the prompt's logprobs
+        echo_pending = [bool(p.text) and with_logprobs for p in prompts]
 
-        def chunk(index: int, text: str, finish: str | None, stop_reason: int | str | None) -> str:
+        def chunk(index: int, text: str, finish: str | None, stop_reason: int | str | None,
+                  logprobs: CompletionLogprobs | None = None) -> str:
             data: dict[str, Any] = {
                 "id": request_id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish,
-                             "stop_reason": stop_reason}],
+                "choices": [{"index": index, "text": text,
+                             "logprobs": logprobs.model_dump() if logprobs is not None else None,
+                             "finish_reason": finish, "stop_reason": stop_reason}],
             }
             if include_usage:
                 data["usage"] = _usage(prompt_tokens, sum(tokens)) if continuous else None
             return sse(data)
 
         try:
-            for i, echo in enumerate(echoes):
-                if echo:
-                    yield chunk(i, echo, None, None)
+            for i, p in enumerate(prompts):
+                if p.text and not echo_pending[i]:
+                    yield chunk(i, p.text, None, None)
             async for i, out in _merged(streams):
                 comp = out.outputs[0]
+                first = tokens[i]
                 tokens[i] = len(comp.token_ids)
                 delta, sent[i] = _text_delta(comp.text, sent[i], out.finished, holdback[i])
-                if delta or out.finished:
+                logprobs = None
+                if with_logprobs and (tokens[i] > first or echo_pending[i]):
+                    logprobs = self._completion_logprobs(req, prompts[i], out, first, with_prompt=echo_pending[i])
+                if echo_pending[i]:
+                    delta, echo_pending[i] = prompts[i].text + delta, False
+                if delta or out.finished or logprobs is not None:
                     yield chunk(i, delta, comp.finish_reason if out.finished else None,
-                                comp.stop_reason if out.finished else None)
+                                comp.stop_reason if out.finished else None, logprobs)
             if include_usage:
                 yield sse({"id": request_id, "object": "text_completion", "created": created,
                            "model": model, "choices": [], "usage": _usage(prompt_tokens, sum(tokens))})
@@ -453,9 +508,13 @@ class OpenAIServing:
             return EventStreamResponse(body, self._closer(streams))
         out = (await self._collect(streams))[0]
         comp = out.outputs[0]
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = ChatLogprobs(content=chat_logprobs(comp.token_ids, comp.logprobs or [],  # type: ignore[arg-type]
+                                                          params.logprobs))
         resp = ChatCompletionResponse(
             id=request_id, created=int(time.time()), model=model,
-            choices=[ChatChoice(index=0, message=AssistantMessage(content=comp.text),
+            choices=[ChatChoice(index=0, message=AssistantMessage(content=comp.text), logprobs=logprobs,
                                 finish_reason=comp.finish_reason,  # type: ignore[arg-type]
                                 stop_reason=comp.stop_reason)],
             usage=UsageInfo(**_usage(len(ids), len(comp.token_ids))),
@@ -469,11 +528,13 @@ class OpenAIServing:
         created = int(time.time())
         tokens = 0
 
-        def chunk(delta: dict[str, str], finish: str | None = None, stop_reason: int | str | None = None) -> str:
+        def chunk(delta: dict[str, str], finish: str | None = None, stop_reason: int | str | None = None,
+                  logprobs: list[dict[str, Any]] | None = None) -> str:
             data: dict[str, Any] = {
                 "id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish,
-                             "stop_reason": stop_reason}],
+                "choices": [{"index": 0, "delta": delta,
+                             "logprobs": {"content": logprobs} if logprobs is not None else None,
+                             "finish_reason": finish, "stop_reason": stop_reason}],
             }
             if include_usage:
                 data["usage"] = _usage(prompt_tokens, tokens) if continuous else None
@@ -486,13 +547,16 @@ class OpenAIServing:
             while True:
                 out = await stream.next()
                 comp = out.outputs[0]
-                tokens = len(comp.token_ids)
+                first, tokens = tokens, len(comp.token_ids)
                 delta, sent = _text_delta(comp.text, sent, out.finished, holdback)
+                logprobs = None
+                if params.logprobs is not None and tokens > first:
+                    logprobs = chat_logprobs(comp.token_ids[first:], (comp.logprobs or [])[first:], params.logprobs)
                 if out.finished:
-                    yield chunk({"content": delta} if delta else {}, comp.finish_reason, comp.stop_reason)
+                    yield chunk({"content": delta} if delta else {}, comp.finish_reason, comp.stop_reason, logprobs)
                     break
-                if delta:
-                    yield chunk({"content": delta})
+                if delta or logprobs:
+                    yield chunk({"content": delta}, logprobs=logprobs)
             if include_usage:
                 yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
                            "model": model, "choices": [], "usage": _usage(prompt_tokens, tokens)})
