@@ -187,7 +187,11 @@ def test_metrics_names(lserve_server: RemoteServer, http: httpx.Client) -> None:
                  "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
                  "vllm:e2e_request_latency_seconds_bucket", "vllm:request_success_total",
                  "lserve:streaming_heads_fraction", "lserve:decode_pages_read_fraction",
-                 "lserve:kv_cache_pages_total", "lserve:kv_cache_pages_used"):
+                 "lserve:kv_cache_pages_total", "lserve:kv_cache_pages_used",
+                 "vllm:request_queue_time_seconds_bucket", "vllm:request_prefill_time_seconds_bucket",
+                 "vllm:request_decode_time_seconds_bucket", "vllm:request_inference_time_seconds_bucket",
+                 "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_bucket",
+                 "vllm:iteration_tokens_total_bucket"):
         assert any(line.startswith(name + "{") and label in line for line in r.text.splitlines()), name
     before = lserve_server.metrics()
     r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5, "temperature": 0})
@@ -200,6 +204,14 @@ def test_metrics_names(lserve_server: RemoteServer, http: httpx.Client) -> None:
     assert after["vllm:e2e_request_latency_seconds_count"] == before["vllm:e2e_request_latency_seconds_count"] + 1
     assert after["vllm:inter_token_latency_seconds_count"] - before["vllm:inter_token_latency_seconds_count"] == 4
     assert after["lserve:kv_cache_pages_total"] == 64 and after["lserve:streaming_heads_fraction"] == 0
+    for phase in ("queue", "prefill", "decode", "inference"):
+        name = f"vllm:request_{phase}_time_seconds_count"
+        assert after[name] == before[name] + 1, name
+    assert after["vllm:request_generation_tokens_sum"] - before["vllm:request_generation_tokens_sum"] == 5
+    assert after["vllm:request_prompt_tokens_sum"] - before["vllm:request_prompt_tokens_sum"] == usage["prompt_tokens"]
+    # every token of the request went through some step: its prompt and its 5 decode steps (at least)
+    assert after["vllm:iteration_tokens_total_sum"] - before["vllm:iteration_tokens_total_sum"] >= \
+        usage["prompt_tokens"] + 4
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
@@ -236,8 +248,13 @@ ERROR_CASES = [
     ("/v1/completions", {"prompt": "hi", "prompt_logprobs": -1}, 400, "prompt_logprobs", "greater than or equal to 0"),
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of", "best_of=1"),
     ("/v1/completions", {"prompt": "hi", "suffix": "x"}, 400, "suffix", "not supported"),
-    ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
-    ("/v1/completions", {"prompt": "hi", "min_tokens": 3}, 400, "min_tokens", "not supported"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal to 2"),
+    ("/v1/completions", {"prompt": "hi", "frequency_penalty": -3}, 400, "frequency_penalty", "greater than or equal"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 3, "max_tokens": 2}, 400, "min_tokens", "[0, max_tokens]"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias", "must be token ids"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias", "less than or equal to 100"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "logit_bias", "out of the vocabulary"),
+    ("/v1/completions", {"prompt": "hi", "allowed_token_ids": []}, 400, "allowed_token_ids", "non-empty"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options",
      "only be defined when `stream=True`"),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs"),

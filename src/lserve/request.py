@@ -44,6 +44,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     error: str | None = None
+    first_scheduled_time: float | None = None
+    """When it first left the waiting queue (monotonic seconds; for the queue-time metric)."""
     decode_pages_read: int = 0
     """KV pages (over layers and KV heads) its decode steps read; see `decode_pages_dense`."""
     decode_pages_dense: int = 0
@@ -149,7 +151,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
-    """`arrival_time`, `first_token_time` (monotonic seconds); once the request has decoded,
+    """`arrival_time`, `first_scheduled_time`, `first_token_time`, `last_token_time` (monotonic
+    seconds, once they happened); once the request has decoded,
     `decode_pages_read` and `decode_pages_dense` (KV pages over layers and KV heads that its
     decode steps read, and would read with dense attention) and their ratio
     `decode_pages_read_fraction`."""

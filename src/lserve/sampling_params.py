@@ -25,8 +25,14 @@ class SamplingParams:
     `logprobs` = k returns, per generated token, its log-probability and the k most likely
     tokens' (0: the token's alone); `prompt_logprobs` = k the same for every prompt token after
     the first. Log-probabilities are those of the model's raw distribution (log_softmax of the
-    logits, before temperature, penalties and filtering: vLLM's default). Invalid values raise
-    ValueError naming the field and its allowed range.
+    logits, before temperature, penalties and filtering: vLLM's default).
+
+    `presence_penalty` and `frequency_penalty` (OpenAI's) lower the logits of tokens already
+    generated, once and per occurrence; `repetition_penalty` (CTRL's) divides those of every
+    token seen, prompt included. `logit_bias` adds to chosen tokens' logits, `allowed_token_ids`
+    keeps only those tokens, `min_tokens` keeps EOS, `stop_token_ids` and stop strings from ending
+    the output before that many tokens, `include_stop_str_in_output` keeps the stop string in the
+    text. Invalid values raise ValueError naming the field and its allowed range.
     """
 
     temperature: float = 1.0
@@ -42,6 +48,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -65,6 +77,21 @@ class SamplingParams:
         if not all(_is_int(t) and t >= 0 for t in ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = ids
+        self._check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        self._check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    _is_int(t) and t >= 0 and _is_number(b) and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()):
+                raise ValueError(f"logit_bias must map token ids >= 0 to biases in [-100, 100], got {self.logit_bias!r}")
+        if self.allowed_token_ids is not None and (
+                not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
+                or not all(_is_int(t) and t >= 0 for t in self.allowed_token_ids)):
+            raise ValueError(f"allowed_token_ids must be a non-empty list of token ids >= 0, got {self.allowed_token_ids!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0 or (
+                self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
@@ -82,6 +109,17 @@ class SamplingParams:
             bracket = "(" if low_open else "["
             upper = f"{high}]" if high is not None else "inf)"
             raise ValueError(f"{name} must be in {bracket}{low}, {upper}, got {value!r}")
+
+    @property
+    def penalizes_output(self) -> bool:
+        """Whether sampling reads the values of the tokens generated so far (penalties)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def needs_row_context(self) -> bool:
+        """Whether the sampler needs more than the logits for this request."""
+        return self.penalizes_output or bool(self.logit_bias) or self.allowed_token_ids is not None \
+            or self.min_tokens > 0
 
     @property
     def is_greedy(self) -> bool:

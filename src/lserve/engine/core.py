@@ -94,6 +94,8 @@ class EngineCore:
         """Launched steps whose tokens have not been read yet, oldest first (async scheduling keeps
         one between calls, synchronous steps none; a step whose reading was interrupted stays
         until it is read)."""
+        self.last_step_num_tokens = 0
+        """Tokens (prompt and decode) of the batch the last `step()` call launched (0: none)."""
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_decode_steps = 0
@@ -274,6 +276,11 @@ class EngineCore:
                 f"the prompt ({n} tokens) leaves no room to generate: the maximum model length is "
                 f"{self.max_model_len} tokens"
             )
+        vocab = self.arch.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise RequestRejected(f"{name}: token id {bad[0]} is out of the vocabulary range [0, {vocab})")
         max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - n)
         need = self.kv_manager.pages_for(n + max_tokens)
         if need > self.kv_manager.num_pages:
@@ -341,6 +348,7 @@ class EngineCore:
         (scheduling, metadata, copies, the launch itself, detokenizing) overlaps the device's.
         Each call still returns one token per running request; the first call returns none.
         """
+        self.last_step_num_tokens = 0
         if not self.async_scheduling:
             # through the pending list too: a read interrupted while waiting leaves its step
             # pending, and the next call reads it instead of launching another
@@ -369,6 +377,7 @@ class EngineCore:
         Returns the launch and the KV pages its decode rows read (engine totals count them now:
         the device reads them whatever becomes of the tokens)."""
         launched = self.runner.launch(self._step_inputs(out), out.num_decodes)
+        self.last_step_num_tokens = out.num_tokens
         counts = self.runner.backend.last_page_counts
         if counts.stored is None:  # (a top-p selection's counts are added once the step has run)
             self._count_decode_pages(counts)
@@ -407,9 +416,8 @@ class EngineCore:
                 s.request.prompt_logprobs.extend(entries[need - first:])
 
     def _needs_tokens_first(self) -> bool:
-        """A repetition penalty reads the tokens seen so far: with one in flight, read it first."""
-        return any(r.num_inflight_tokens and r.sampling_params.repetition_penalty != 1.0
-                   for r in self.scheduler.running)
+        """Penalties read the tokens generated so far: with one in flight, read it first."""
+        return any(r.num_inflight_tokens and r.sampling_params.penalizes_output for r in self.scheduler.running)
 
     def _resolve(self, out: SchedulerOutput, sampled: dict[str, int], counts: StepPageCounts) -> StepResult:
         """Hand a launched step's sampled tokens to their requests. A request's own page counts

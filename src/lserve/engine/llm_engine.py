@@ -28,6 +28,7 @@ class _Tracked:
     prompt: str | None
     detok: IncrementalDetokenizer | None
     first_token_time: float | None = None
+    last_token_time: float | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     """The request's output log-probabilities as returned, built once per token."""
     cumulative_logprob: float = 0.0
@@ -50,6 +51,11 @@ class LLMEngine:
     @property
     def max_model_len(self) -> int:
         return self.core.max_model_len
+
+    @property
+    def last_step_num_tokens(self) -> int:
+        """Tokens (prompt and decode) of the batch the last `step()` launched."""
+        return self.core.last_step_num_tokens
 
     def encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, add_special_tokens)
@@ -77,7 +83,8 @@ class LLMEngine:
         request = self.core.make_request(request_id, ids, params, self.eos_token_ids)
         detok = None
         if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens,
+                                           params.include_stop_str_in_output)
         self.core.add_request(request)
         self._tracked[request_id] = _Tracked(request, prompt if isinstance(prompt, str) else None, detok)
         return request_id
@@ -109,8 +116,10 @@ class LLMEngine:
                 continue
             if tracked.first_token_time is None:
                 tracked.first_token_time = now
+            tracked.last_token_time = now
             if tracked.detok is not None:
-                hit_stop = tracked.detok.add(req.output_token_ids[-1:], final=req.is_finished)
+                hit_stop = tracked.detok.add(req.output_token_ids[-1:], final=req.is_finished,
+                                             check_stops=len(req.output_token_ids) >= req.sampling_params.min_tokens)
                 if hit_stop and not req.is_finished:
                     self.core.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
                 elif hit_stop:  # the stop string came with the last allowed token: still a stop
@@ -142,8 +151,11 @@ class LLMEngine:
             completion.logprobs = list(tracked.logprobs)
             completion.cumulative_logprob = tracked.cumulative_logprob
         metrics = {"arrival_time": req.arrival_time}
-        if tracked.first_token_time is not None:
+        if req.first_scheduled_time is not None:
+            metrics["first_scheduled_time"] = req.first_scheduled_time
+        if tracked.first_token_time is not None and tracked.last_token_time is not None:
             metrics["first_token_time"] = tracked.first_token_time
+            metrics["last_token_time"] = tracked.last_token_time
         if req.decode_pages_dense:  # the KV pages its decode steps read, against dense attention
             metrics["decode_pages_read"] = req.decode_pages_read
             metrics["decode_pages_dense"] = req.decode_pages_dense

@@ -12,6 +12,7 @@ pool alone (checked on admission by the engine) always finishes.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -89,6 +90,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
             self.running.append(req)
             prefills.append(ScheduledRequest(req, n))
             budget -= n

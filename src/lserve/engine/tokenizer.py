@@ -107,6 +107,8 @@ class IncrementalDetokenizer:
     context_ids: list[int]
     stop_strings: tuple[str, ...] = ()
     skip_special_tokens: bool = True
+    include_stop_str: bool = False
+    """Keep a stop string that ends the text in it."""
     text: str = ""
     stop_reason: str | None = None
     _ids: list[int] = field(default_factory=list)
@@ -120,25 +122,26 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def add(self, token_ids: list[int], final: bool = False) -> bool:
-        """Append new output ids; returns True when a stop string ended the text."""
+    def add(self, token_ids: list[int], final: bool = False, check_stops: bool = True) -> bool:
+        """Append new output ids; returns True when a stop string ended the text (looked for only
+        with `check_stops`: a request below its `min_tokens` is not stopped by one)."""
         self._ids.extend(token_ids)
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._ids[self._prefix_offset :])
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
-            self._append(full[len(prefix) :])
+            self._append(full[len(prefix) :], check_stops)
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return self.stop_reason is not None
 
-    def _append(self, delta: str) -> None:
+    def _append(self, delta: str, check_stops: bool = True) -> None:
         old_len = len(self.text)
         self.text += delta
-        if not self.stop_strings:
+        if not self.stop_strings or not check_stops:
             return
         window_start = max(0, old_len - max(len(s) for s in self.stop_strings) + 1)
         hits = [(self.text.find(s, window_start), s) for s in self.stop_strings]
         hits = [(i, s) for i, s in hits if i >= 0]
         if hits:
             idx, stop = min(hits)
-            self.text = self.text[:idx]
+            self.text = self.text[: idx + (len(stop) if self.include_stop_str else 0)]
             self.stop_reason = stop

@@ -19,7 +19,7 @@ from lserve.kv_cache.manager import SeatPageRows
 from lserve.model.llama import LlamaForCausalLM
 from lserve.request import INFLIGHT_TOKEN, Request
 from lserve.runner.cuda_graphs import DecodeGraphs
-from lserve.runner.sampler import Sampler, token_logprobs
+from lserve.runner.sampler import RowContext, Sampler, token_logprobs
 
 PROMPT_LOGPROB_ROWS = 1024
 """Prompt positions whose full-vocabulary logits are computed at once (a chunk of 8K prompt tokens
@@ -118,6 +118,22 @@ class LaunchedStep:
         return self.step_logprobs.read(host[1:] if self.device_tokens is not None else host)
 
 
+def row_context(req: Request) -> RowContext | None:
+    """What the sampler needs of a request beyond its logits (None: nothing). Penalties read the
+    output's values, so a request with one never has a token in flight here (the engine reads it
+    first); the length counts tokens in flight."""
+    p = req.sampling_params
+    if not p.needs_row_context:
+        return None
+    stops = frozenset(p.stop_token_ids or ()) | (frozenset() if p.ignore_eos else req.eos_token_ids)
+    return RowContext(
+        seen_token_ids=req.all_token_ids if p.repetition_penalty != 1.0 else (),
+        output_token_ids=req.output_token_ids if p.presence_penalty or p.frequency_penalty else (),
+        num_generated=len(req.output_token_ids) + req.num_inflight_tokens,
+        stop_token_ids=stops if p.min_tokens else frozenset(),
+    )
+
+
 @dataclass(frozen=True)
 class StepInput:
     """One scheduled request as the runner sees it."""
@@ -202,12 +218,8 @@ class ModelRunner:
         reqs = [inputs[i].request for i in sampling]
         wants = [i for i, r in enumerate(reqs) if r.sampling_params.logprobs is not None]
         raw = logits[wants].clone() if wants else None  # the sampler may apply penalties in place
-        tokens = self.sampler.sample(
-            logits,
-            [r.request_id for r in reqs],
-            [r.sampling_params for r in reqs],
-            [r.all_token_ids if r.sampling_params.repetition_penalty != 1.0 else () for r in reqs],
-        )
+        tokens = self.sampler.sample(logits, [r.request_id for r in reqs], [r.sampling_params for r in reqs],
+                                     [row_context(r) for r in reqs])
         if raw is not None:
             if step_logprobs is None:
                 step_logprobs = StepLogprobs()

@@ -1,12 +1,28 @@
-"""Token sampling: greedy, temperature, top-k, top-p, min-p and repetition penalty, seedable per request."""
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, penalties (repetition, presence,
+frequency), logit bias, allowed tokens and a minimum length, seedable per request."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from lserve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What a row's logits processing needs beyond its logits (`SamplingParams.needs_row_context`)."""
+
+    seen_token_ids: Sequence[int] = ()
+    """Prompt and output tokens (repetition penalty)."""
+    output_token_ids: Sequence[int] = ()
+    """Output tokens (presence and frequency penalties)."""
+    num_generated: int = 0
+    """Tokens generated before the one being sampled (min_tokens)."""
+    stop_token_ids: frozenset[int] = frozenset()
+    """EOS and the request's stop tokens, kept from being sampled before min_tokens."""
 
 
 class Sampler:
@@ -34,19 +50,40 @@ class Sampler:
         logits: torch.Tensor,
         request_ids: Sequence[str],
         params: Sequence[SamplingParams],
-        seen_token_ids: Sequence[Sequence[int]],
+        contexts: Sequence[RowContext | None],
     ) -> torch.Tensor:
         """logits (N, V) float32 -> (N,) int64 token ids on the logits' device, without waiting for
-        the device (a step can be launched before the previous one's tokens are read)."""
-        for i, p in enumerate(params):
-            if p.repetition_penalty != 1.0:
-                apply_repetition_penalty(logits[i], seen_token_ids[i], p.repetition_penalty)
+        the device (a step can be launched before the previous one's tokens are read). The logits
+        of rows with a context are processed in place."""
+        for i, (p, ctx) in enumerate(zip(params, contexts)):
+            if ctx is not None:
+                process_logits(logits[i], p, ctx)
         tokens = logits.argmax(dim=-1)
         for i, p in enumerate(params):
             if not p.is_greedy:
                 probs = filtered_probs(logits[i], p)
                 tokens[i] = torch.multinomial(probs, 1, generator=self._generator_for(request_ids[i], p))[0]
         return tokens
+
+
+def process_logits(row: torch.Tensor, p: SamplingParams, ctx: RowContext) -> None:
+    """One row's penalties, bias, allowed tokens and minimum length, in place (vLLM's order)."""
+    if ctx.num_generated < p.min_tokens and ctx.stop_token_ids:
+        row[torch.tensor(sorted(ctx.stop_token_ids), device=row.device, dtype=torch.long)] = float("-inf")
+    if p.repetition_penalty != 1.0:
+        apply_repetition_penalty(row, ctx.seen_token_ids, p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and ctx.output_token_ids:
+        ids, counts = torch.tensor(list(ctx.output_token_ids), device=row.device, dtype=torch.long).unique(
+            return_counts=True)
+        row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=row.device, dtype=torch.long)
+        row[ids] += torch.tensor(list(p.logit_bias.values()), device=row.device, dtype=row.dtype)
+    if p.allowed_token_ids is not None:
+        keep = torch.tensor(p.allowed_token_ids, device=row.device, dtype=torch.long)
+        masked = torch.full_like(row, float("-inf"))
+        masked[keep] = row[keep]
+        row.copy_(masked)
 
 
 def apply_repetition_penalty(row: torch.Tensor, seen: Sequence[int], penalty: float) -> None:

@@ -412,7 +412,7 @@ def serve(
     model_arg = engine_kwargs.get("model")
     names = list(served_model_names or [model_arg or source.name])
     holder: dict[str, AsyncEngine] = {}
-    metrics = ServerMetrics(names[0], lambda: holder["engine"].stats)
+    metrics = ServerMetrics(names[0], lambda: holder["engine"].stats, llm_engine.max_model_len)
     engine = AsyncEngine(llm_engine, metrics)
     holder["engine"] = engine
     serving = OpenAIServing(engine, names, model_root=str(model_arg or source.path),

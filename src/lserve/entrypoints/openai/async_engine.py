@@ -245,7 +245,10 @@ class AsyncEngine:
         """One engine step, or None when there is nothing to do (runs on the engine thread)."""
         if not self.engine.has_unfinished_requests():
             return None
-        return self.engine.step()
+        outputs = self.engine.step()
+        if self.metrics is not None:  # the registry is thread-safe
+            self.metrics.step_done(self.engine.last_step_num_tokens)
+        return outputs
 
     async def _run_loop(self) -> None:
         assert self._wake is not None
@@ -284,7 +287,7 @@ class AsyncEngine:
     def _count_finish(self, stream: RequestStream, out: RequestOutput) -> None:
         stream.finished = True
         if self.metrics is not None:
-            self.metrics.request_finished(out.outputs[0].finish_reason or "abort", stream, time.monotonic())
+            self.metrics.request_finished(out.outputs[0].finish_reason or "abort", stream, time.monotonic(), out)
 
     def _die(self, exc: BaseException) -> None:
         logger.error("the engine failed; every open request is ended and /health reports 503",

@@ -60,10 +60,10 @@ class _SamplingRequest(_Request):
     repetition_penalty: float | None = Field(
         None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1], description="1 = off (vLLM)"
     )
-    presence_penalty: float | None = Field(None, description="only 0 is supported",
-                                           json_schema_extra=_only(minimum=0, maximum=0))
-    frequency_penalty: float | None = Field(None, description="only 0 is supported",
-                                            json_schema_extra=_only(minimum=0, maximum=0))
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0,
+                                           description="subtracted once from the logit of every token generated so far")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0,
+                                            description="subtracted per occurrence from the logits of generated tokens")
     seed: JsonInt | None = Field(None, ge=0, lt=2**63)
     stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, description="strings that end the output (not included in it)")
@@ -72,8 +72,12 @@ class _SamplingRequest(_Request):
     ignore_eos: bool = Field(False, description="keep generating after EOS (vLLM)")
     skip_special_tokens: bool = Field(True, description="(vLLM)")
     n: JsonInt = Field(1, description="only 1 is supported", json_schema_extra=_only(minimum=1, maximum=1))
-    logit_bias: dict[str, float] | None = Field(None, description="not supported (must be empty)",
-                                                json_schema_extra=_only(maxProperties=0))
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit")
+    min_tokens: JsonInt = Field(0, ge=0, description="EOS, stop tokens and stop strings end no output shorter (vLLM)")
+    include_stop_str_in_output: bool = Field(False, description="keep the stop string in the text (vLLM)")
+    allowed_token_ids: list[Annotated[JsonInt, Field(ge=0)]] | None = Field(
+        None, description="sample only these tokens (vLLM)", json_schema_extra=_only(minItems=1))
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="ignored")
@@ -290,8 +294,7 @@ class VersionResponse(BaseModel):
 # vLLM extras that would change the output; lserve does not implement them. Anything else that
 # is unknown is ignored, as vLLM ignores it.
 _UNSUPPORTED_EXTRAS = (
-    "min_tokens", "include_stop_str_in_output", "truncate_prompt_tokens",
-    "allowed_token_ids", "bad_words", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "truncate_prompt_tokens", "bad_words", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
     "structured_outputs", "logits_processors", "return_token_ids", "chat_template", "chat_template_kwargs",
     "functions", "function_call", "prompt_embeds", "mm_processor_kwargs",
 )
@@ -306,9 +309,6 @@ def unsupported_fields(req: CompletionRequest | ChatCompletionRequest) -> tuple[
     """(param, message) for the first field whose value lserve cannot honour, or None."""
     checks: list[tuple[str, bool, str]] = [
         ("n", req.n != 1, "only n=1 is supported"),
-        ("presence_penalty", _is_set(req.presence_penalty), "presence_penalty is not supported (only 0)"),
-        ("frequency_penalty", _is_set(req.frequency_penalty), "frequency_penalty is not supported (only 0)"),
-        ("logit_bias", _is_set(req.logit_bias), "logit_bias is not supported"),
         ("stream_options", req.stream_options is not None and not req.stream,
          "Stream options can only be defined when `stream=True`."),
     ]

@@ -300,10 +300,24 @@ class OpenAIServing:
                 "max_tokens" if prompt_len < limit else prompt_param,
             )
         logprobs, prompt_logprobs = self._logprob_counts(req)
+        bias = None
+        if req.logit_bias:
+            try:
+                bias = {int(token): value for token, value in req.logit_bias.items()}
+            except ValueError:
+                raise APIError(400, "logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
+        for param, ids in (("logit_bias", bias or ()), ("allowed_token_ids", req.allowed_token_ids or ())):
+            self._check_token_ids(list(ids), param)
         try:
             return SamplingParams(
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                logit_bias=bias,
+                allowed_token_ids=req.allowed_token_ids,
+                min_tokens=req.min_tokens,
+                include_stop_str_in_output=req.include_stop_str_in_output,
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=0 if req.top_k is None else req.top_k,
