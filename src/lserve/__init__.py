@@ -4,7 +4,7 @@ from lserve.config import EngineConfig
 from lserve.engine.llm import LLM
 from lserve.errors import LServeError, NotSupportedError, RequestRejected
 from lserve.request import CompletionOutput, RequestOutput
-from lserve.sampling_params import SamplingParams
+from lserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -17,5 +17,6 @@ __all__ = [
     "RequestOutput",
     "RequestRejected",
     "SamplingParams",
+    "StructuredOutputsParams",
     "__version__",
 ]

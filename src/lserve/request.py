@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from lserve.sampling_params import SamplingParams
 
@@ -44,6 +45,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     error: str | None = None
+    structured: Any = None
+    """With `structured_outputs`: the grammar matcher that masks its tokens and consumes each one
+    (`lserve.runner.structured`); the request stops once the grammar is complete."""
     first_scheduled_time: float | None = None
     """When it first left the waiting queue (monotonic seconds; for the queue-time metric)."""
     decode_pages_read: int = 0

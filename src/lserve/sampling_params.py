@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_LOGPROBS = 20
 """The most top log-probabilities a request may ask for, per token (vLLM's default `max_logprobs`)."""
@@ -14,6 +15,35 @@ def _is_number(value: object) -> bool:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain the output to a language (vLLM's `StructuredOutputsParams`); exactly one of:
+    `json` (a JSON schema, as a dict or its text), `json_object` (any JSON object), `regex`,
+    `choice` (one of these strings) or `grammar` (Lark or GBNF)."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, json_object, regex, choice, grammar; "
+                             f"got {given or 'none'}")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"structured_outputs.choice must be a non-empty list of strings, got {self.choice!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError("structured_outputs.json must be a JSON schema (a dict or its text)")
 
 
 @dataclass
@@ -32,7 +62,9 @@ class SamplingParams:
     token seen, prompt included. `logit_bias` adds to chosen tokens' logits, `allowed_token_ids`
     keeps only those tokens, `min_tokens` keeps EOS, `stop_token_ids` and stop strings from ending
     the output before that many tokens, `include_stop_str_in_output` keeps the stop string in the
-    text. Invalid values raise ValueError naming the field and its allowed range.
+    text. `structured_outputs` constrains the output to a JSON schema, a regular expression, a
+    choice of strings or a grammar. Invalid values raise ValueError naming the field and its
+    allowed range.
     """
 
     temperature: float = 1.0
@@ -54,6 +86,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -92,6 +125,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
         if not isinstance(self.include_stop_str_in_output, bool):
             raise ValueError(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):

@@ -416,8 +416,9 @@ class EngineCore:
                 s.request.prompt_logprobs.extend(entries[need - first:])
 
     def _needs_tokens_first(self) -> bool:
-        """Penalties read the tokens generated so far: with one in flight, read it first."""
-        return any(r.num_inflight_tokens and r.sampling_params.penalizes_output for r in self.scheduler.running)
+        """Penalties and grammars read the tokens generated so far: with one in flight, read it first."""
+        return any(r.num_inflight_tokens and (r.sampling_params.penalizes_output or r.structured is not None)
+                   for r in self.scheduler.running)
 
     def _resolve(self, out: SchedulerOutput, sampled: dict[str, int], counts: StepPageCounts) -> StepResult:
         """Hand a launched step's sampled tokens to their requests. A request's own page counts

@@ -16,6 +16,7 @@ from lserve.engine.core import EngineCore
 from lserve.engine.stats import EngineStats
 from lserve.engine.tokenizer import IncrementalDetokenizer, Prompt, encode_prompt, load_tokenizer, render_chat
 from lserve.errors import RequestRejected
+from lserve.runner.structured import GrammarCompiler
 from lserve.request import CompletionOutput, Logprob, Request, RequestOutput, RequestStatus, TokenLogprobs
 from lserve.sampling_params import SamplingParams
 
@@ -43,6 +44,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.core.arch.eos_token_ids) | self._tokenizer_eos()
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
+        self._grammars: GrammarCompiler | None = None
+        """Built on the first request with structured outputs."""
 
     def _tokenizer_eos(self) -> frozenset[int]:
         eos = getattr(self.tokenizer, "eos_token_id", None)
@@ -81,6 +84,8 @@ class LLMEngine:
         if request_id in self._tracked:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         request = self.core.make_request(request_id, ids, params, self.eos_token_ids)
+        if params.structured_outputs is not None:
+            request.structured = self._grammar_compiler().matcher(params.structured_outputs)
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens,
@@ -88,6 +93,13 @@ class LLMEngine:
         self.core.add_request(request)
         self._tracked[request_id] = _Tracked(request, prompt if isinstance(prompt, str) else None, detok)
         return request_id
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self.tokenizer is None:
+            raise RequestRejected("structured outputs need the model's tokenizer; this model has none")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.core.arch.vocab_size, sorted(self.eos_token_ids))
+        return self._grammars
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Abort a request (its pages are freed at once); returns its final output, if it was known."""

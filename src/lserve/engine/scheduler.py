@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from lserve.kv_cache.manager import KVCacheManager
+from lserve.runner.structured import consume
 from lserve.request import Request, RequestStatus
 
 
@@ -154,6 +155,8 @@ class Scheduler:
             req.append_token(token)
             changed.append(req)
             stop = req.check_stop()
+            if req.structured is not None and consume(req.structured, token) and stop is None:
+                stop = RequestStatus.FINISHED_STOPPED  # the grammar is complete
             if stop is not None:
                 self.finish(req, stop)
         return changed

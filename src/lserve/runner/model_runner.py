@@ -20,6 +20,7 @@ from lserve.model.llama import LlamaForCausalLM
 from lserve.request import INFLIGHT_TOKEN, Request
 from lserve.runner.cuda_graphs import DecodeGraphs
 from lserve.runner.sampler import RowContext, Sampler, token_logprobs
+from lserve.runner.structured import apply_grammar_masks
 
 PROMPT_LOGPROB_ROWS = 1024
 """Prompt positions whose full-vocabulary logits are computed at once (a chunk of 8K prompt tokens
@@ -218,6 +219,8 @@ class ModelRunner:
         reqs = [inputs[i].request for i in sampling]
         wants = [i for i, r in enumerate(reqs) if r.sampling_params.logprobs is not None]
         raw = logits[wants].clone() if wants else None  # the sampler may apply penalties in place
+        if any(r.structured is not None for r in reqs):
+            apply_grammar_masks(logits, [r.structured for r in reqs])
         tokens = self.sampler.sample(logits, [r.request_id for r in reqs], [r.sampling_params for r in reqs],
                                      [row_context(r) for r in reqs])
         if raw is not None:

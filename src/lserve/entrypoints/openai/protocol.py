@@ -49,6 +49,26 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = Field(False, description="include the running usage in every chunk (vLLM)")
 
 
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(..., alias="schema", description="the JSON schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _SamplingRequest(_Request):
     """Fields shared by completions and chat completions."""
 
@@ -78,6 +98,14 @@ class _SamplingRequest(_Request):
     include_stop_str_in_output: bool = Field(False, description="keep the stop string in the text (vLLM)")
     allowed_token_ids: list[Annotated[JsonInt, Field(ge=0)]] | None = Field(
         None, description="sample only these tokens (vLLM)", json_schema_extra=_only(minItems=1))
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object (any JSON object) or json_schema (output valid against the schema)")
+    guided_json: dict[str, Any] | str | None = Field(None, description="a JSON schema the output follows (vLLM)")
+    guided_regex: str | None = Field(None, description="a regular expression the output matches (vLLM)")
+    guided_choice: list[str] | None = Field(None, description="the output is one of these strings (vLLM)")
+    guided_grammar: str | None = Field(None, description="a Lark or GBNF grammar the output follows (vLLM)")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="one of json, json_object, regex, choice, grammar (vLLM)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="ignored")
@@ -130,9 +158,6 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none' or 'auto' (no tools)",
                                                      json_schema_extra=_only(enum=["none", "auto", None]))
     parallel_tool_calls: bool | None = Field(None, description="ignored (no tools)")
-    response_format: dict[str, Any] | None = Field(
-        None, description="only {'type': 'text'} is supported",
-        json_schema_extra=_only(properties={"type": {"const": "text"}}, additionalProperties=False))
     echo: bool = Field(False, description="not supported (must be false)", json_schema_extra=_only(enum=[False]))
     add_generation_prompt: bool = Field(True, description="end the rendered prompt with the assistant header (vLLM)")
     continue_final_message: bool = Field(False, description="not supported (must be false)",
@@ -294,8 +319,7 @@ class VersionResponse(BaseModel):
 # vLLM extras that would change the output; lserve does not implement them. Anything else that
 # is unknown is ignored, as vLLM ignores it.
 _UNSUPPORTED_EXTRAS = (
-    "truncate_prompt_tokens", "bad_words", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-    "structured_outputs", "logits_processors", "return_token_ids", "chat_template", "chat_template_kwargs",
+    "truncate_prompt_tokens", "bad_words", "logits_processors", "return_token_ids", "chat_template", "chat_template_kwargs",
     "functions", "function_call", "prompt_embeds", "mm_processor_kwargs",
 )
 
@@ -318,7 +342,6 @@ def unsupported_fields(req: CompletionRequest | ChatCompletionRequest) -> tuple[
             ("suffix", _is_set(req.suffix), "suffix is not supported"),
         ]
     else:
-        fmt = req.response_format or {}
         checks += [
             ("top_logprobs", req.top_logprobs is not None and not req.logprobs,
              "top_logprobs needs logprobs set to true"),
@@ -326,7 +349,6 @@ def unsupported_fields(req: CompletionRequest | ChatCompletionRequest) -> tuple[
              "prompt_logprobs is only supported by /v1/completions"),
             ("tools", _is_set(req.tools), "tools are not supported"),
             ("tool_choice", req.tool_choice not in (None, "none", "auto"), "tool_choice is not supported"),
-            ("response_format", fmt not in ({}, {"type": "text"}), "only response_format {'type': 'text'} is supported"),
             ("echo", req.echo, "echo is not supported for chat completions"),
             ("continue_final_message", req.continue_final_message, "continue_final_message is not supported"),
         ]

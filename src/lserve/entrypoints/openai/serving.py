@@ -63,7 +63,8 @@ from lserve.entrypoints.openai.protocol import (
 )
 from lserve.errors import RequestRejected
 from lserve.request import RequestOutput
-from lserve.sampling_params import SamplingParams
+from lserve.runner.structured import InvalidGrammarError
+from lserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 ERROR_TYPES = {
     400: "BadRequestError",
@@ -267,6 +268,37 @@ class OpenAIServing:
             raise APIError(400, problem[1], problem[0])
 
     @staticmethod
+    def _structured(req: CompletionRequest | ChatCompletionRequest) -> tuple[StructuredOutputsParams | None, str]:
+        """The output constraint a request asks for (OpenAI's response_format or one of vLLM's
+        guided_* / structured_outputs fields), and the field that asked."""
+        asks: list[tuple[str, dict[str, Any]]] = []
+        fmt = req.response_format
+        if fmt is not None and fmt.type == "json_object":
+            asks.append(("response_format", {"json_object": True}))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise APIError(400, "response_format of type json_schema needs its json_schema", "response_format")
+            asks.append(("response_format", {"json": fmt.json_schema.schema_}))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            if getattr(req, name) is not None:
+                asks.append((name, {key: getattr(req, name)}))
+        if req.structured_outputs is not None:
+            so = req.structured_outputs
+            fields = {"json": so.json_, "regex": so.regex, "choice": so.choice, "grammar": so.grammar,
+                      "json_object": so.json_object or None}
+            asks.append(("structured_outputs", {k: v for k, v in fields.items() if v is not None}))
+        if not asks:
+            return None, ""
+        if len(asks) > 1:
+            raise APIError(400, f"give one output constraint, got {', '.join(name for name, _ in asks)}", asks[1][0])
+        param, kwargs = asks[0]
+        try:
+            return StructuredOutputsParams(**kwargs), param
+        except ValueError as exc:
+            raise APIError(400, str(exc), param) from exc
+
+    @staticmethod
     def _logprob_counts(req: CompletionRequest | ChatCompletionRequest) -> tuple[int | None, int | None]:
         """(logprobs, prompt_logprobs) of the engine request: completions' `logprobs` (also for the
         prompt with `echo`) and vLLM's `prompt_logprobs`; chat's `logprobs` with `top_logprobs`."""
@@ -318,6 +350,7 @@ class OpenAIServing:
                 allowed_token_ids=req.allowed_token_ids,
                 min_tokens=req.min_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
+                structured_outputs=self._structured(req)[0],
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=0 if req.top_k is None else req.top_k,
@@ -413,7 +446,7 @@ class OpenAIServing:
         params = [self._sampling_params(req, len(p.token_ids), req.max_tokens, "prompt") for p in encoded]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         model = req.model or self.model_name  # the name the client used, as vLLM answers
-        streams = await self._add(request_id, [p.token_ids for p in encoded], params, arrival)
+        streams = await self._add(request_id, [p.token_ids for p in encoded], params, arrival, self._structured(req)[1])
         prompt_tokens = sum(len(p.token_ids) for p in encoded)
         if req.stream:
             opts = req.stream_options
@@ -513,7 +546,7 @@ class OpenAIServing:
         params = self._sampling_params(req, len(ids), max_tokens, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         model = req.model or self.model_name
-        streams = await self._add(request_id, [ids], [params], arrival)
+        streams = await self._add(request_id, [ids], [params], arrival, self._structured(req)[1])
         if req.stream:
             opts = req.stream_options
             body = self._chat_stream(request_id, model, streams[0], params, len(ids),
@@ -581,11 +614,14 @@ class OpenAIServing:
     # ---- shared request plumbing -------------------------------------------------------------
 
     async def _add(
-        self, request_id: str, prompts: list[list[int]], params: list[SamplingParams], arrival: float
+        self, request_id: str, prompts: list[list[int]], params: list[SamplingParams], arrival: float,
+        grammar_param: str = "",
     ) -> list[RequestStream]:
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         try:
             return await self.engine.add_requests(list(zip(ids, prompts, params)), arrival)
+        except InvalidGrammarError as exc:  # compiled with the request, on the engine thread
+            raise APIError(400, str(exc), grammar_param or None) from exc
         except RequestRejected as exc:
             raise APIError(400, str(exc), "prompt") from exc
 

@@ -1,0 +1,95 @@
+"""Structured outputs through llguidance: a grammar matcher per request, and one batched token
+mask per step.
+
+Each request with `structured_outputs` gets an `LLMatcher` over the model's vocabulary (JSON
+schemas, any JSON object, regular expressions, choices and Lark/GBNF grammars are compiled by
+llguidance). Before sampling, the matchers of a step's constrained rows fill one host bitmask (a
+few microseconds each); it is copied to the device once and applied to the logits in place, so
+there is no host sync per row. After a token arrives, its matcher consumes it; the engine stops
+the request once the grammar is complete.
+
+llguidance rather than xgrammar: it has no dependencies (one abi3 wheel), while xgrammar needs
+apache-tvm-ffi and pins torch and triton. JSON is generated with fixed separators (", " and ": ")
+and no free whitespace, as OpenAI's models write it: with flexible whitespace a sampled output can
+fill its token budget with blanks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lserve.errors import RequestRejected
+from lserve.sampling_params import StructuredOutputsParams
+
+
+class InvalidGrammarError(RequestRejected, ValueError):
+    """A schema, regular expression or grammar that cannot be compiled."""
+
+
+class GrammarCompiler:
+    """Builds a request's matcher; made once per engine from its tokenizer (a fraction of a second)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+        import llguidance
+        import llguidance.hf
+
+        self._llguidance = llguidance
+        self.vocab_size = vocab_size
+        eos = sorted(eos_token_ids)
+        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
+                                                       eos_token=eos if len(eos) > 1 else eos[0])
+        self._json = llguidance.JsonCompiler(separators=(", ", ": "), whitespace_flexible=False)
+
+    def _grammar(self, p: StructuredOutputsParams) -> str:
+        ll = self._llguidance
+        if p.json_object or p.json is not None:
+            schema = {"type": "object"} if p.json_object else p.json
+            text = schema if isinstance(schema, str) else json.dumps(schema)
+            try:
+                return str(self._json.compile(text))
+            except (ValueError, TypeError) as exc:
+                raise InvalidGrammarError(f"structured_outputs.json is not a usable JSON schema: {exc}") from None
+        if p.regex is not None:
+            return str(ll.grammar_from("regex", p.regex))
+        if p.choice is not None:
+            return str(ll.grammar_from("choice", json.dumps(p.choice)))
+        assert p.grammar is not None
+        return str(ll.grammar_from("grammar", p.grammar))
+
+    def matcher(self, p: StructuredOutputsParams) -> Any:
+        """A fresh matcher for one request; InvalidGrammarError naming the problem otherwise."""
+        grammar = self._grammar(p)
+        is_error, messages = self._llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+        if is_error:
+            raise InvalidGrammarError(f"structured_outputs cannot be compiled: {' '.join(messages)[:500]}")
+        m = self._llguidance.LLMatcher(self._tokenizer, grammar)
+        if m.is_error():
+            raise InvalidGrammarError(f"structured_outputs cannot be compiled: {m.get_error()[:500]}")
+        return m
+
+
+def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[Any | None]) -> None:
+    """Mask each row of logits (N, V) to the tokens its matcher allows (None: unconstrained), in
+    place: one host bitmask for the batch, one copy, one masking call."""
+    import llguidance.torch as lt
+
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return
+    mask = torch.full((len(matchers), (logits.shape[1] + 31) // 32), -1, dtype=torch.int32)
+    for i in rows:
+        lt.fill_next_token_bitmask(matchers[i], mask, i)
+    if logits.is_cuda:
+        mask = mask.pin_memory().to(logits.device, non_blocking=True)
+    lt.apply_token_bitmask_inplace(logits, mask)
+
+
+def consume(matcher: Any, token: int) -> bool:
+    """Advance a matcher by the sampled token; True when the grammar is complete (or broken)."""
+    if not matcher.consume_token(token):
+        return True
+    return bool(matcher.is_stopped())
