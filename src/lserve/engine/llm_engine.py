@@ -151,8 +151,8 @@ class LLMEngine:
         if tracked.detok is not None and tracked.detok.stop_reason is not None:
             stop_reason = tracked.detok.stop_reason
         elif finished and req.status is RequestStatus.FINISHED_STOPPED and req.output_token_ids:
-            last = req.output_token_ids[-1]
-            stop_reason = None if last in self.eos_token_ids else last
+            last = req.output_token_ids[-1]  # vLLM's stop_reason: the stop token id (EOS or a grammar: None)
+            stop_reason = last if last in (req.sampling_params.stop_token_ids or ()) else None
         text = tracked.detok.text if tracked.detok is not None else ""
         completion = CompletionOutput(0, text, list(req.output_token_ids), reason, stop_reason)
         params = req.sampling_params

@@ -82,11 +82,13 @@ def encode_prompt(tokenizer: Any | None, prompt: Prompt, add_special_tokens: boo
     return list(prompt)
 
 
-def render_chat(tokenizer: Any | None, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-    """Messages rendered as text by the tokenizer's chat template."""
+def render_chat(tokenizer: Any | None, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                tools: list[dict[str, Any]] | None = None) -> str:
+    """Messages (and tools, for a template that renders them) as text by the chat template."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise RequestRejected("this model's tokenizer has no chat template")
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             tools=tools))
 
 
 def max_token_chars(tokenizer: Any) -> int:

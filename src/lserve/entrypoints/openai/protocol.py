@@ -137,10 +137,44 @@ class ContentPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str = Field(..., description="the arguments as a JSON text")
+
+
+class ToolCall(_Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = Field(None, description="may be null for an assistant's tool calls")
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's earlier tool calls")
+    tool_call_id: str | None = Field(None, description="for a tool message: the call it answers")
+
+
+class FunctionDefinition(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments")
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -153,11 +187,10 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = Field(None, description="return the log-probability of each output token")
     top_logprobs: JsonInt | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                          description="with logprobs: also the N most likely tokens at each position")
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported (must be empty)",
-                                               json_schema_extra=_only(maxItems=0))
-    tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none' or 'auto' (no tools)",
-                                                     json_schema_extra=_only(enum=["none", "auto", None]))
-    parallel_tool_calls: bool | None = Field(None, description="ignored (no tools)")
+    tools: list[Tool] | None = Field(None, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required (one call, constrained), or a named function")
+    parallel_tool_calls: bool | None = Field(None, description="ignored: every parsed call is returned")
     echo: bool = Field(False, description="not supported (must be false)", json_schema_extra=_only(enum=[False]))
     add_generation_prompt: bool = Field(True, description="end the rendered prompt with the assistant header (vLLM)")
     continue_final_message: bool = Field(False, description="not supported (must be false)",
@@ -238,9 +271,21 @@ class CompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class OutputFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class OutputToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: OutputFunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[OutputToolCall] = Field(default_factory=list)
 
 
 class TopLogprob(BaseModel):
@@ -261,7 +306,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None
     stop_reason: int | str | None = None
 
 
@@ -347,8 +392,8 @@ def unsupported_fields(req: CompletionRequest | ChatCompletionRequest) -> tuple[
              "top_logprobs needs logprobs set to true"),
             ("prompt_logprobs", (req.model_extra or {}).get("prompt_logprobs") is not None,
              "prompt_logprobs is only supported by /v1/completions"),
-            ("tools", _is_set(req.tools), "tools are not supported"),
-            ("tool_choice", req.tool_choice not in (None, "none", "auto"), "tool_choice is not supported"),
+            ("tool_choice", req.tool_choice not in (None, "none", "auto") and not req.tools,
+             "tool_choice needs tools"),
             ("echo", req.echo, "echo is not supported for chat completions"),
             ("continue_final_message", req.continue_final_message, "continue_final_message is not supported"),
         ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -55,11 +56,21 @@ from lserve.entrypoints.openai.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    NamedToolChoice,
+    OutputFunctionCall,
+    OutputToolCall,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfoResponse,
     UsageInfo,
     unsupported_fields,
+)
+from lserve.entrypoints.openai.tools import (
+    call_id,
+    forced_call_grammar,
+    hermes_messages,
+    parse_tool_calls,
+    template_knows_tools,
 )
 from lserve.errors import RequestRejected
 from lserve.request import RequestOutput
@@ -210,9 +221,13 @@ def _message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         raise APIError(400, "messages must not be empty", "messages")
     out = []
     for i, m in enumerate(messages):
-        if (m.model_extra or {}).get("tool_calls"):
-            raise APIError(400, "tool calls are not supported", f"messages.{i}.tool_calls")
-        if isinstance(m.content, str):
+        if m.tool_calls and m.role != "assistant":
+            raise APIError(400, "only assistant messages carry tool_calls", f"messages.{i}.tool_calls")
+        if m.content is None:
+            if not m.tool_calls:
+                raise APIError(400, "content may be null only for an assistant's tool calls", f"messages.{i}.content")
+            content = ""
+        elif isinstance(m.content, str):
             content = m.content
         else:
             texts = []
@@ -225,8 +240,37 @@ def _message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         d: dict[str, Any] = {"role": m.role, "content": content}
         if m.name is not None:
             d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [{"type": "function", "function": {"name": c.function.name,
+                                                                 "arguments": _arguments(c.function.arguments)}}
+                               for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
         out.append(d)
     return out
+
+
+def _forced_functions(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The functions a `required` or named tool_choice allows."""
+    functions = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
+    if isinstance(req.tool_choice, NamedToolChoice):
+        name = req.tool_choice.function.name
+        functions = [f for f in functions if f["name"] == name]
+        if not functions:
+            raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+    return functions
+
+
+def _tools_active(req: ChatCompletionRequest) -> bool:
+    return bool(req.tools) and req.tool_choice != "none"
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as the templates take them: the parsed JSON object (the text if it is not one)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 PROMPT_CHARS_MARGIN = 4
@@ -279,6 +323,8 @@ class OpenAIServing:
             if fmt.json_schema is None:
                 raise APIError(400, "response_format of type json_schema needs its json_schema", "response_format")
             asks.append(("response_format", {"json": fmt.json_schema.schema_}))
+        if isinstance(req, ChatCompletionRequest) and req.tools and req.tool_choice not in (None, "none", "auto"):
+            asks.append(("tool_choice", {"grammar": forced_call_grammar(_forced_functions(req))}))
         for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
                           ("guided_grammar", "grammar")):
             if getattr(req, name) is not None:
@@ -408,10 +454,17 @@ class OpenAIServing:
             raise APIError(400, f"cannot decode these token ids: {exc}", "tokens") from exc
 
     def _render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool, add_special_tokens: bool
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, add_special_tokens: bool,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
+        """Token ids of the rendered conversation; tools and tool messages go through the template
+        if it knows them, else through the Hermes convention (`tools.hermes_messages`)."""
+        uses_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        native = template_knows_tools(getattr(self.tokenizer, "chat_template", None))
+        if uses_tools and not native:
+            messages, tools = hermes_messages(messages, tools or []), None
         try:
-            text = render_chat(self.tokenizer, messages, add_generation_prompt)
+            text = render_chat(self.tokenizer, messages, add_generation_prompt, tools or None)
         except RequestRejected as exc:
             raise APIError(400, str(exc), "messages") from exc
         except Exception as exc:  # a template may raise anything (jinja errors, its own checks) on odd input
@@ -540,18 +593,20 @@ class OpenAIServing:
     async def create_chat_completion(self, req: ChatCompletionRequest, arrival: float) -> Response:
         self._check_request(req)
         messages = _message_dicts(req.messages)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if _tools_active(req) and req.tools else None
         ids = await self.engine.run_tokenizer(self._render_chat, messages, req.add_generation_prompt,
-                                              req.add_special_tokens)
+                                              req.add_special_tokens, tools)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._sampling_params(req, len(ids), max_tokens, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         model = req.model or self.model_name
         streams = await self._add(request_id, [ids], [params], arrival, self._structured(req)[1])
+        tool_names = {t.function.name for t in req.tools or []} if _tools_active(req) else set()
         if req.stream:
             opts = req.stream_options
             body = self._chat_stream(request_id, model, streams[0], params, len(ids),
                                      include_usage=bool(opts and opts.include_usage),
-                                     continuous=bool(opts and opts.continuous_usage_stats))
+                                     continuous=bool(opts and opts.continuous_usage_stats), tool_names=tool_names)
             return EventStreamResponse(body, self._closer(streams))
         out = (await self._collect(streams))[0]
         comp = out.outputs[0]
@@ -559,10 +614,15 @@ class OpenAIServing:
         if params.logprobs is not None:
             logprobs = ChatLogprobs(content=chat_logprobs(comp.token_ids, comp.logprobs or [],  # type: ignore[arg-type]
                                                           params.logprobs))
+        content, calls = parse_tool_calls(comp.text, tool_names) if tool_names else (comp.text, [])
+        message = AssistantMessage(content=content, tool_calls=[
+            OutputToolCall(id=call_id(), function=OutputFunctionCall(name=c.name, arguments=c.arguments))
+            for c in calls])
         resp = ChatCompletionResponse(
             id=request_id, created=int(time.time()), model=model,
-            choices=[ChatChoice(index=0, message=AssistantMessage(content=comp.text), logprobs=logprobs,
-                                finish_reason=comp.finish_reason,  # type: ignore[arg-type]
+            choices=[ChatChoice(index=0, message=message, logprobs=logprobs,
+                                finish_reason="tool_calls" if calls and comp.finish_reason == "stop"
+                                else comp.finish_reason,  # type: ignore[arg-type]
                                 stop_reason=comp.stop_reason)],
             usage=UsageInfo(**_usage(len(ids), len(comp.token_ids))),
         )
@@ -570,12 +630,15 @@ class OpenAIServing:
 
     async def _chat_stream(
         self, request_id: str, model: str, stream: RequestStream, params: SamplingParams, prompt_tokens: int,
-        include_usage: bool, continuous: bool,
+        include_usage: bool, continuous: bool, tool_names: set[str] | None = None,
     ) -> AsyncIterator[str]:
+        """Chat chunks. With tools, the text is held until the end, when the calls in it are parsed:
+        then one chunk carries the content left and the calls (whole arguments), the next the
+        finish reason."""
         created = int(time.time())
         tokens = 0
 
-        def chunk(delta: dict[str, str], finish: str | None = None, stop_reason: int | str | None = None,
+        def chunk(delta: dict[str, Any], finish: str | None = None, stop_reason: int | str | None = None,
                   logprobs: list[dict[str, Any]] | None = None) -> str:
             data: dict[str, Any] = {
                 "id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -594,6 +657,19 @@ class OpenAIServing:
             while True:
                 out = await stream.next()
                 comp = out.outputs[0]
+                if tool_names and not out.finished:  # held: calls are parsed from the whole text
+                    continue
+                if tool_names:
+                    content, calls = parse_tool_calls(comp.text, tool_names)
+                    tokens = len(comp.token_ids)
+                    delta_calls = [{"index": i, "id": call_id(), "type": "function",
+                                    "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
+                    lps = chat_logprobs(comp.token_ids, comp.logprobs or [], params.logprobs) \
+                        if params.logprobs is not None else None
+                    yield chunk({"content": content, **({"tool_calls": delta_calls} if calls else {})}, logprobs=lps)
+                    reason = "tool_calls" if calls and comp.finish_reason == "stop" else comp.finish_reason
+                    yield chunk({}, reason, comp.stop_reason)
+                    break
                 first, tokens = tokens, len(comp.token_ids)
                 delta, sent = _text_delta(comp.text, sent, out.finished, holdback)
                 logprobs = None
