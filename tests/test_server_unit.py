@@ -34,6 +34,7 @@ class FakeEngine:
 
     max_model_len = 64
     tokenizer = None
+    last_step_num_tokens = 1
 
     def __init__(self) -> None:
         self.core = SimpleNamespace(arch=SimpleNamespace(vocab_size=100), device="cpu",
