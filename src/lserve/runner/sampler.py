@@ -59,11 +59,67 @@ class Sampler:
             if ctx is not None:
                 process_logits(logits[i], p, ctx)
         tokens = logits.argmax(dim=-1)
-        for i, p in enumerate(params):
-            if not p.is_greedy:
-                probs = filtered_probs(logits[i], p)
-                tokens[i] = torch.multinomial(probs, 1, generator=self._generator_for(request_ids[i], p))[0]
+        rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if rows:
+            sampled = [params[i] for i in rows]
+            vocab = logits.shape[1]
+            width = max(_candidates(p, vocab) for p in sampled)
+            noise = self._exponential_noise(width, vocab, [request_ids[i] for i in rows], sampled)
+            tokens[rows] = sample_rows(logits[rows], sampled, noise)
         return tokens
+
+    def _exponential_noise(self, width: int, vocab: int, request_ids: Sequence[str],
+                           params: Sequence[SamplingParams]) -> torch.Tensor:
+        """Exp(1) noise (rows, width), one value per candidate token: a seeded request's row from
+        its own generator and as wide as its own candidates (the same draws whatever else is in
+        the batch), the other rows from the engine's generator in one call."""
+        noise = torch.ones((len(params), width), device=self.device)
+        free = [i for i, p in enumerate(params) if p.seed is None]
+        if free:
+            noise[free] = torch.empty((len(free), width), device=self.device).exponential_(generator=self.generator)
+        for i, p in enumerate(params):
+            if p.seed is not None:
+                noise[i, : _candidates(p, vocab)].exponential_(generator=self._generator_for(request_ids[i], p))
+        return noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # p / 0 would pick a filtered token
+
+
+def _candidates(p: SamplingParams, vocab: int) -> int:
+    """Tokens a row can draw from before top-p and min-p: its top-k, else the vocabulary."""
+    return p.top_k if 0 < p.top_k < vocab else vocab
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], noise: torch.Tensor) -> torch.Tensor:
+    """One token per row of logits (N, V), all rows at once: temperature; the rows' candidates in
+    descending order (`topk` when every row has a top-k, else one sort); top-k, top-p and min-p
+    masks; then the exponential race (argmax of p / E with E ~ Exp(1) draws token i with
+    probability p_i, as a multinomial draw does). `noise` (N, candidates) is Exp(1)."""
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)
+    x = logits / temps[:, None]
+    vocab = x.shape[1]
+    width = noise.shape[1]
+    needs_order = width < vocab or any(p.top_p < 1.0 for p in params)
+    if not needs_order:
+        probs = torch.softmax(x, dim=-1)
+        min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=probs.dtype)
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+        return (probs / noise).argmax(dim=-1)
+    if width < vocab:  # every row has a top-k: the tokens past it are masked anyway
+        values, order = x.topk(width, dim=-1)
+    else:
+        values, order = x.sort(dim=-1, descending=True)
+    ks = torch.tensor([_candidates(p, vocab) for p in params], device=dev)
+    kth = values.gather(1, (ks - 1)[:, None])
+    values = values.masked_fill(values < kth, float("-inf"))  # ties with the k-th value stay, as a threshold
+    probs = torch.softmax(values, dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=probs.dtype)
+    drop = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]  # keep the smallest prefix reaching top_p
+    min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=probs.dtype)
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    probs = probs.masked_fill(drop, 0.0)
+    picked = (probs / noise).argmax(dim=-1, keepdim=True)
+    return order.gather(1, picked)[:, 0]
 
 
 def process_logits(row: torch.Tensor, p: SamplingParams, ctx: RowContext) -> None:
@@ -96,7 +152,8 @@ def apply_repetition_penalty(row: torch.Tensor, seen: Sequence[int], penalty: fl
 
 
 def filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Probabilities (V,) after temperature, top-k, top-p and min-p filtering."""
+    """Probabilities (V,) after temperature, top-k, top-p and min-p filtering: one row at a time,
+    the reference of `sample_rows` (tests and benchmarks/sampler.py)."""
     logits = row / p.temperature
     if p.top_k > 0 and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
