@@ -70,3 +70,34 @@ def test_top_k_never_leaves_the_k_best(top_k: int) -> None:
     for _ in range(50):
         tokens = sampler.sample(logits.clone(), [str(i) for i in range(8)], params, [None] * 8)
         assert bool((best == tokens[:, None]).any(dim=-1).all())
+
+
+def test_batched_logits_processing_equals_the_per_row_reference() -> None:
+    from lserve.runner.sampler import RowContext, process_batch, process_logits
+
+    rng = torch.Generator().manual_seed(11)
+    vocab = 64
+    params = [
+        SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.7),
+        SamplingParams(temperature=0.0),  # no context
+        SamplingParams(logit_bias={3: 2.0, 9: -1.5}, allowed_token_ids=[3, 4, 9, 20], min_tokens=4, max_tokens=8),
+        SamplingParams(repetition_penalty=0.8, min_tokens=2, max_tokens=8),
+        SamplingParams(frequency_penalty=-1.0, logit_bias={0: 5.0}),
+    ]
+    contexts = [
+        RowContext(seen_token_ids=[1, 2, 2, 5, 7], output_token_ids=[2, 5, 5, 5]),
+        None,
+        RowContext(num_generated=1, stop_token_ids=frozenset({4, 63})),
+        RowContext(seen_token_ids=[6, 6, 8], num_generated=3, stop_token_ids=frozenset({8})),  # past min_tokens
+        RowContext(output_token_ids=[0, 0, 1]),
+    ]
+    logits = torch.randn(len(params), vocab, generator=rng) * 3
+    want = logits.clone()
+    for i, (p, c) in enumerate(zip(params, contexts)):
+        if c is not None:
+            process_logits(want[i], p, c)
+    got = logits.clone()
+    process_batch(got, params, contexts)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.allclose(got[torch.isfinite(got)], want[torch.isfinite(want)], atol=1e-6)
+    assert torch.equal(got[1], logits[1])  # a row without a context is untouched

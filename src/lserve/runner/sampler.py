@@ -55,9 +55,7 @@ class Sampler:
         """logits (N, V) float32 -> (N,) int64 token ids on the logits' device, without waiting for
         the device (a step can be launched before the previous one's tokens are read). The logits
         of rows with a context are processed in place."""
-        for i, (p, ctx) in enumerate(zip(params, contexts)):
-            if ctx is not None:
-                process_logits(logits[i], p, ctx)
+        process_batch(logits, params, contexts)
         tokens = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if rows:
@@ -122,8 +120,56 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], noise: t
     return order.gather(1, picked)[:, 0]
 
 
+def process_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
+                  contexts: Sequence[RowContext | None]) -> None:
+    """Every row's minimum length, penalties, bias and allowed tokens, in place, with one tensor
+    operation each over the rows that have a context (`process_logits` is the per-row reference):
+    the host gathers each kind's (row, token) pairs, the device applies them."""
+    rows = [i for i, c in enumerate(contexts) if c is not None]
+    if not rows:
+        return
+    dev, vocab = logits.device, logits.shape[1]
+    ps = [params[i] for i in rows]
+    cs = [c for c in (contexts[i] for i in rows) if c is not None]
+    x = logits[rows]
+
+    def pairs(token_lists: list[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        r = [j for j, tokens in enumerate(token_lists) for _ in tokens]
+        t = [int(tok) for tokens in token_lists for tok in tokens]
+        return (torch.tensor(r, dtype=torch.long, device=dev), torch.tensor(t, dtype=torch.long, device=dev))
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=x.dtype, device=dev)[:, None]
+
+    stops = [sorted(c.stop_token_ids) if c.num_generated < p.min_tokens else [] for p, c in zip(ps, cs)]
+    if any(stops):
+        x[pairs(stops)] = float("-inf")
+    if any(p.repetition_penalty != 1.0 for p in ps):
+        seen = torch.zeros(x.shape, dtype=torch.bool, device=dev)
+        seen[pairs([c.seen_token_ids if p.repetition_penalty != 1.0 else () for p, c in zip(ps, cs)])] = True
+        penalty = column([p.repetition_penalty for p in ps])
+        x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+    if any(p.presence_penalty or p.frequency_penalty for p in ps):
+        counts = torch.zeros(x.shape, dtype=x.dtype, device=dev)
+        idx = pairs([c.output_token_ids for c in cs])
+        counts.index_put_(idx, torch.ones(idx[0].shape, dtype=x.dtype, device=dev), accumulate=True)
+        x = x - (column([p.frequency_penalty for p in ps]) * counts
+                 + column([p.presence_penalty for p in ps]) * (counts > 0).to(x.dtype))
+    if any(p.logit_bias for p in ps):
+        idx = pairs([list(p.logit_bias or {}) for p in ps])
+        bias = [b for p in ps for b in (p.logit_bias or {}).values()]
+        x.index_put_(idx, torch.tensor(bias, dtype=x.dtype, device=dev), accumulate=True)
+    if any(p.allowed_token_ids is not None for p in ps):
+        keep = torch.zeros(x.shape, dtype=torch.bool, device=dev)
+        keep[[j for j, p in enumerate(ps) if p.allowed_token_ids is None]] = True
+        keep[pairs([p.allowed_token_ids or [] for p in ps])] = True
+        x = x.masked_fill(~keep, float("-inf"))
+    logits[rows] = x
+
+
 def process_logits(row: torch.Tensor, p: SamplingParams, ctx: RowContext) -> None:
-    """One row's penalties, bias, allowed tokens and minimum length, in place (vLLM's order)."""
+    """One row's penalties, bias, allowed tokens and minimum length, in place (vLLM's order): the
+    reference of `process_batch`."""
     if ctx.num_generated < p.min_tokens and ctx.stop_token_ids:
         row[torch.tensor(sorted(ctx.stop_token_ids), device=row.device, dtype=torch.long)] = float("-inf")
     if p.repetition_penalty != 1.0:
