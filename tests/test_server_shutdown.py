@@ -36,6 +36,24 @@ def _stream(url: str, body: dict[str, Any], first_event: threading.Event, out: d
         first_event.set()
 
 
+def _sigterm(server: RemoteServer, threads: list[threading.Thread], wait_s: float) -> tuple[int, float]:
+    """SIGTERM the server, wait for it to exit and for the client threads: (return code, seconds to exit)."""
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    returncode = server.proc.wait(wait_s)
+    took = time.monotonic() - sent
+    for t in threads:
+        t.join(30)
+    return returncode, took
+
+
+def _assert_stream_ended(out: dict[str, Any], reason: str) -> None:
+    """A whole stream: status 200, a last chunk with `reason`, then `[DONE]`."""
+    assert out.get("status") == 200 and "error" not in out, out
+    assert out["events"][-1] == "[DONE]", out["events"][-3:]
+    assert json.loads(out["events"][-2])["choices"][0]["finish_reason"] == reason
+
+
 @pytest.fixture
 def server():
     server = RemoteServer("--dtype", "float32", "--device", "cpu", "--max-model-len", "2048",
@@ -57,19 +75,11 @@ def test_sigterm_finishes_or_aborts_open_requests_and_exits(server: RemoteServer
     threads[1].start()
     assert short_started.wait(60)  # both are generating
 
-    sent = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    returncode = server.proc.wait(GRACE_S + 30)
-    took = time.monotonic() - sent
-    for t in threads:
-        t.join(30)
-
+    returncode, took = _sigterm(server, threads, GRACE_S + 30)
     assert returncode in (0, -signal.SIGTERM), server.log()
     assert took < GRACE_S + 15, f"exit took {took:.1f} s"
     for out, reason in ((short_out, "length"), (long_out, "abort")):
-        assert out["status"] == 200 and "error" not in out, out
-        assert out["events"][-1] == "[DONE]", out["events"][-3:]
-        assert json.loads(out["events"][-2])["choices"][0]["finish_reason"] == reason
+        _assert_stream_ended(out, reason)
     assert "engine stopped" in server.log()
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health", timeout=5)
@@ -107,20 +117,13 @@ def test_sigterm_with_48_open_streams_ends_every_response_within_the_timeout() -
             time.sleep(0.2)
         assert sum(e.is_set() for e in started) >= 8
 
-        sent = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
-        returncode = server.proc.wait(grace + 60)
-        took = time.monotonic() - sent
-        for t in threads:
-            t.join(30)
+        returncode, took = _sigterm(server, threads, grace + 60)
         log = server.log()
         assert returncode in (0, -signal.SIGTERM), log
         # the grace period, one engine step of 48 sequences, and the process's own exit
         assert took < grace + 10, f"exit took {took:.1f} s"
         for out in streams:
-            assert out.get("status") == 200 and "error" not in out, out
-            assert out["events"][-1] == "[DONE]", out["events"][-3:]
-            assert json.loads(out["events"][-2])["choices"][0]["finish_reason"] == "abort"
+            _assert_stream_ended(out, "abort")
         for out in plain:
             assert out.get("status") == 503, out
             assert out["body"]["error"]["type"] == "ServiceUnavailableError", out

@@ -9,6 +9,10 @@ from typing import Any
 
 from lserve.sampling_params import SamplingParams
 
+TokenLogprobEntry = tuple[float, int, list[tuple[int, float]]]
+"""A position's log-probability of its token, the token's rank and the top-k (id, logprob), as a
+step computes them (`CompletionOutput.logprobs` holds them as `Logprob` objects)."""
+
 INFLIGHT_TOKEN = -1
 """The id `Request.token_ids` gives a token that a running step has sampled but not yet returned."""
 
@@ -54,9 +58,9 @@ class Request:
     """KV pages (over layers and KV heads) its decode steps read; see `decode_pages_dense`."""
     decode_pages_dense: int = 0
     """The pages the same decode steps would read with dense attention."""
-    output_logprobs: list[tuple[float, int, list[tuple[int, float]]]] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobEntry] = field(default_factory=list)
     """With `logprobs`: per output token, its log-probability, its rank and the top-k (id, logprob)."""
-    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]]] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobEntry] = field(default_factory=list)
     """With `prompt_logprobs`: the same for prompt tokens 1.. (filled as prefill chunks run)."""
     num_inflight_tokens: int = 0
     """Tokens sampled by a step that is still running on the device (async scheduling): they count

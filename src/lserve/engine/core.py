@@ -268,19 +268,17 @@ class EngineCore:
         n = len(prompt_token_ids)
         if n == 0:
             raise RequestRejected("the prompt is empty")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size]
-        if bad:
-            raise RequestRejected(f"token id {bad[0]} is out of the vocabulary range [0, {self.arch.vocab_size})")
+        vocab = self.arch.vocab_size
+        for name, ids in (("", prompt_token_ids), ("logit_bias: ", params.logit_bias or ()),
+                          ("allowed_token_ids: ", params.allowed_token_ids or ())):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestRejected(f"{name}token id {bad} is out of the vocabulary range [0, {vocab})")
         if n >= self.max_model_len:
             raise RequestRejected(
                 f"the prompt ({n} tokens) leaves no room to generate: the maximum model length is "
                 f"{self.max_model_len} tokens"
             )
-        vocab = self.arch.vocab_size
-        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
-            bad = [t for t in ids if t >= vocab]
-            if bad:
-                raise RequestRejected(f"{name}: token id {bad[0]} is out of the vocabulary range [0, {vocab})")
         max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - n)
         need = self.kv_manager.pages_for(n + max_tokens)
         if need > self.kv_manager.num_pages:

@@ -17,7 +17,15 @@ from lserve.engine.stats import EngineStats
 from lserve.engine.tokenizer import IncrementalDetokenizer, Prompt, encode_prompt, load_tokenizer, render_chat
 from lserve.errors import RequestRejected
 from lserve.runner.structured import GrammarCompiler
-from lserve.request import CompletionOutput, Logprob, Request, RequestOutput, RequestStatus, TokenLogprobs
+from lserve.request import (
+    CompletionOutput,
+    Logprob,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    TokenLogprobEntry,
+    TokenLogprobs,
+)
 from lserve.sampling_params import SamplingParams
 
 __all__ = ["LLMEngine", "Prompt"]
@@ -182,7 +190,7 @@ class LLMEngine:
         return RequestOutput(req.request_id, tracked.prompt, req.prompt_token_ids, [completion], finished, metrics,
                              prompt_logprobs)
 
-    def _token_logprobs(self, token: int, entry: tuple[float, int, list[tuple[int, float]]]) -> TokenLogprobs:
+    def _token_logprobs(self, token: int, entry: TokenLogprobEntry) -> TokenLogprobs:
         """vLLM's per-position dict: the chosen token first, then the top k by rank."""
         logprob, rank, top = entry
         out = {token: Logprob(logprob, rank, self._decode_one(token))}

@@ -17,7 +17,7 @@ from lserve.attention.metadata import AttentionMetadata, build_metadata, to_devi
 from lserve.kv_cache.layout import RingGeometry
 from lserve.kv_cache.manager import SeatPageRows
 from lserve.model.llama import LlamaForCausalLM
-from lserve.request import INFLIGHT_TOKEN, Request
+from lserve.request import INFLIGHT_TOKEN, Request, TokenLogprobEntry
 from lserve.runner.cuda_graphs import DecodeGraphs
 from lserve.runner.sampler import RowContext, Sampler, token_logprobs
 from lserve.runner.structured import apply_grammar_masks
@@ -26,8 +26,6 @@ PROMPT_LOGPROB_ROWS = 1024
 """Prompt positions whose full-vocabulary logits are computed at once (a chunk of 8K prompt tokens
 would otherwise need 8K x vocabulary floats)."""
 
-TokenLogprobEntry = tuple[float, int, list[tuple[int, float]]]
-"""A position's log-probability of its token, the token's rank and the top-k (id, logprob)."""
 
 
 @dataclass
@@ -218,9 +216,8 @@ class ModelRunner:
             return LaunchedStep([], None)
         reqs = [inputs[i].request for i in sampling]
         wants = [i for i, r in enumerate(reqs) if r.sampling_params.logprobs is not None]
-        raw = logits[wants].clone() if wants else None  # the sampler may apply penalties in place
-        if any(r.structured is not None for r in reqs):
-            apply_grammar_masks(logits, [r.structured for r in reqs])
+        raw = logits[wants] if wants else None  # a copy (list indexing): masks and penalties come in place
+        apply_grammar_masks(logits, [r.structured for r in reqs])
         tokens = self.sampler.sample(logits, [r.request_id for r in reqs], [r.sampling_params for r in reqs],
                                      [row_context(r) for r in reqs])
         if raw is not None:

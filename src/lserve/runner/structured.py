@@ -75,11 +75,10 @@ class GrammarCompiler:
 def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[Any | None]) -> None:
     """Mask each row of logits (N, V) to the tokens its matcher allows (None: unconstrained), in
     place: one host bitmask for the batch, one copy, one masking call."""
-    import llguidance.torch as lt
-
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return
+    import llguidance.torch as lt  # only here: an engine without structured outputs runs without llguidance
     mask = torch.full((len(matchers), (logits.shape[1] + 31) // 32), -1, dtype=torch.int32)
     for i in rows:
         lt.fill_next_token_bitmask(matchers[i], mask, i)

@@ -100,20 +100,16 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(model_name, stats))
         labels = ["model_name"]
-        self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "Time from arrival (tokenization included) to the first token.",
-            labels, buckets=TTFT_BUCKETS, registry=self.registry,
-        ).labels(model_name)
-        self.itl = Histogram(
-            "vllm:inter_token_latency_seconds", "Time between two output tokens of a request.",
-            labels, buckets=ITL_BUCKETS, registry=self.registry,
-        ).labels(model_name)
-        self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "Time from arrival to the last token of finished requests.",
-            labels, buckets=E2E_BUCKETS, registry=self.registry,
-        ).labels(model_name)
+
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
             return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(model_name)
+
+        self.ttft = histogram("vllm:time_to_first_token_seconds",
+                              "Time from arrival (tokenization included) to the first token.", TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Time between two output tokens of a request.",
+                             ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds",
+                             "Time from arrival to the last token of finished requests.", E2E_BUCKETS)
 
         self.queue_time = histogram("vllm:request_queue_time_seconds",
                                     "Time a request waited before it was first scheduled.", PHASE_BUCKETS)

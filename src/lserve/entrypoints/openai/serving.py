@@ -356,7 +356,8 @@ class OpenAIServing:
         return req.logprobs, prompt
 
     def _sampling_params(
-        self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_tokens: int | None, prompt_param: str
+        self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_tokens: int | None, prompt_param: str,
+        structured: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
         """SamplingParams with max_tokens resolved against the context (vLLM's wording when it does not fit)."""
         limit = self.max_model_len
@@ -396,7 +397,7 @@ class OpenAIServing:
                 allowed_token_ids=req.allowed_token_ids,
                 min_tokens=req.min_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
-                structured_outputs=self._structured(req)[0],
+                structured_outputs=structured,
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=0 if req.top_k is None else req.top_k,
@@ -496,10 +497,11 @@ class OpenAIServing:
                 raise APIError(400, "the prompt must not be empty", "prompt" if len(prompts) == 1 else f"prompt.{i}")
         encoded = await self.engine.run_tokenizer(self._encode_prompts, prompts, req.add_special_tokens, req.echo,
                                                   req.echo and req.logprobs is not None)
-        params = [self._sampling_params(req, len(p.token_ids), req.max_tokens, "prompt") for p in encoded]
+        structured, grammar_param = self._structured(req)
+        params = [self._sampling_params(req, len(p.token_ids), req.max_tokens, "prompt", structured) for p in encoded]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         model = req.model or self.model_name  # the name the client used, as vLLM answers
-        streams = await self._add(request_id, [p.token_ids for p in encoded], params, arrival, self._structured(req)[1])
+        streams = await self._add(request_id, [p.token_ids for p in encoded], params, arrival, grammar_param)
         prompt_tokens = sum(len(p.token_ids) for p in encoded)
         if req.stream:
             opts = req.stream_options
@@ -513,7 +515,8 @@ class OpenAIServing:
             CompletionChoice(index=i, text=encoded[i].text + out.outputs[0].text,
                              finish_reason=out.outputs[0].finish_reason,  # type: ignore[arg-type]
                              stop_reason=out.outputs[0].stop_reason,
-                             logprobs=self._completion_logprobs(req, encoded[i], out, 0, with_prompt=req.echo),
+                             logprobs=None if req.logprobs is None else self._completion_logprobs(
+                                 req.logprobs, encoded[i], out, 0, len(encoded[i].text), with_prompt=req.echo)[0],
                              prompt_logprobs=prompt_logprobs_by_id(out.prompt_logprobs)  # type: ignore[arg-type]
                              if req.prompt_logprobs is not None and out.prompt_logprobs is not None else None)
             for i, out in enumerate(finals)
@@ -523,21 +526,20 @@ class OpenAIServing:
                                   usage=UsageInfo(**_usage(prompt_tokens, completion_tokens)))
         return Response(resp.model_dump_json(), media_type="application/json")
 
-    def _completion_logprobs(self, req: CompletionRequest, prompt: _Prompt, out: RequestOutput, start: int,
-                             with_prompt: bool) -> CompletionLogprobs | None:
-        """The legacy logprobs block of output tokens `start`.. (after the prompt's, `with_prompt`)."""
-        if req.logprobs is None:
-            return None
+    @staticmethod
+    def _completion_logprobs(k: int, prompt: _Prompt, out: RequestOutput, start: int, offset: int,
+                             with_prompt: bool) -> tuple[CompletionLogprobs, int]:
+        """The legacy logprobs block of output tokens `start`.. (after the prompt's, `with_prompt`),
+        and the character offset after it. `offset` is that of output token `start` in the choice's
+        text (the echoed prompt, then the output so far)."""
         comp = out.outputs[0]
         parts = []
         if with_prompt:
-            parts.append(completion_logprobs(out.prompt_token_ids, out.prompt_logprobs or [], req.logprobs, 0,
-                                             prompt.first_text))
-        # offsets count from the choice's text: the echoed prompt, then the output so far
-        offset = len(prompt.text) + sum(len((e[t].decoded_token or "")) for t, e in
-                                        zip(comp.token_ids[:start], (comp.logprobs or [])[:start]))
-        parts.append(completion_logprobs(comp.token_ids[start:], (comp.logprobs or [])[start:], req.logprobs, offset))
-        return CompletionLogprobs(**merge_completion_logprobs(parts))
+            parts.append(completion_logprobs(out.prompt_token_ids, out.prompt_logprobs or [], k, 0, prompt.first_text))
+        output = completion_logprobs(comp.token_ids[start:], (comp.logprobs or [])[start:], k, offset)
+        parts.append(output)
+        end = offset + sum(len(token) for token in output["tokens"])
+        return CompletionLogprobs(**merge_completion_logprobs(parts)), end
 
     async def _completion_stream(
         self, request_id: str, model: str, streams: list[RequestStream], prompts: list[_Prompt],
@@ -551,6 +553,7 @@ class OpenAIServing:
         with_logprobs = req.logprobs is not None
         # with logprobs the echo waits for the first output, which brings the prompt's logprobs
         echo_pending = [bool(p.text) and with_logprobs for p in prompts]
+        offsets = [len(p.text) for p in prompts]  # of each choice's next token in its text
 
         def chunk(index: int, text: str, finish: str | None, stop_reason: int | str | None,
                   logprobs: CompletionLogprobs | None = None) -> str:
@@ -574,8 +577,9 @@ class OpenAIServing:
                 tokens[i] = len(comp.token_ids)
                 delta, sent[i] = _text_delta(comp.text, sent[i], out.finished, holdback[i])
                 logprobs = None
-                if with_logprobs and (tokens[i] > first or echo_pending[i]):
-                    logprobs = self._completion_logprobs(req, prompts[i], out, first, with_prompt=echo_pending[i])
+                if req.logprobs is not None and (tokens[i] > first or echo_pending[i]):
+                    logprobs, offsets[i] = self._completion_logprobs(req.logprobs, prompts[i], out, first, offsets[i],
+                                                                     with_prompt=echo_pending[i])
                 if echo_pending[i]:
                     delta, echo_pending[i] = prompts[i].text + delta, False
                 if delta or out.finished or logprobs is not None:
@@ -597,10 +601,11 @@ class OpenAIServing:
         ids = await self.engine.run_tokenizer(self._render_chat, messages, req.add_generation_prompt,
                                               req.add_special_tokens, tools)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self._sampling_params(req, len(ids), max_tokens, "messages")
+        structured, grammar_param = self._structured(req)
+        params = self._sampling_params(req, len(ids), max_tokens, "messages", structured)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         model = req.model or self.model_name
-        streams = await self._add(request_id, [ids], [params], arrival, self._structured(req)[1])
+        streams = await self._add(request_id, [ids], [params], arrival, grammar_param)
         tool_names = {t.function.name for t in req.tools or []} if _tools_active(req) else set()
         if req.stream:
             opts = req.stream_options
