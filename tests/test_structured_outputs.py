@@ -117,7 +117,10 @@ def test_server_constraints_in_completions_and_chat(lserve_server: RemoteServer,
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "give one output constraint"),
     ({"response_format": {"type": "json_schema"}}, "response_format", "needs its json_schema"),
     ({"response_format": {"type": "xml"}}, "response_format", "Input should be"),
-    ({"guided_json": {"type": "nonsense"}}, "guided_json", "not a usable JSON schema"),
+    ({"guided_json": {"type": "nonsense"}}, "guided_json", "json cannot be used"),
+    ({"guided_grammar": "8"}, "guided_grammar", "grammar cannot be used"),  # found by the fuzz test
+    ({"guided_grammar": ""}, "guided_grammar", "non-empty"),
+    ({"structured_outputs": {"grammar": "start: ("}}, "structured_outputs", "cannot be"),
 ])
 def test_server_bad_constraints_are_400(lserve_server: RemoteServer, extra: dict, param: str, needle: str) -> None:
     r = httpx.post(lserve_server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},

@@ -49,16 +49,18 @@ class GrammarCompiler:
         if p.json_object or p.json is not None:
             schema = {"type": "object"} if p.json_object else p.json
             text = schema if isinstance(schema, str) else json.dumps(schema)
-            try:
-                return str(self._json.compile(text))
-            except (ValueError, TypeError) as exc:
-                raise InvalidGrammarError(f"structured_outputs.json is not a usable JSON schema: {exc}") from None
-        if p.regex is not None:
-            return str(ll.grammar_from("regex", p.regex))
-        if p.choice is not None:
-            return str(ll.grammar_from("choice", json.dumps(p.choice)))
-        assert p.grammar is not None
-        return str(ll.grammar_from("grammar", p.grammar))
+            kind, convert = "json", lambda: str(self._json.compile(text))
+        elif p.regex is not None:
+            kind, convert = "regex", lambda: str(ll.grammar_from("regex", p.regex))
+        elif p.choice is not None:
+            kind, convert = "choice", lambda: str(ll.grammar_from("choice", json.dumps(p.choice)))
+        else:
+            assert p.grammar is not None
+            kind, convert = "grammar", lambda: str(ll.grammar_from("grammar", p.grammar))
+        try:
+            return convert()
+        except (ValueError, TypeError) as exc:  # llguidance reports a malformed input as ValueError
+            raise InvalidGrammarError(f"structured_outputs.{kind} cannot be used: {exc}"[:600]) from None
 
     def matcher(self, p: StructuredOutputsParams) -> Any:
         """A fresh matcher for one request; InvalidGrammarError naming the problem otherwise."""
