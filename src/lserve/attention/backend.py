@@ -2,7 +2,8 @@
 
 A backend is built once per engine around the KV cache. Per layer it writes the step's K/V and
 attends, pool by pool: the paged pool holds the dense heads (or every head when there is no ring
-pool), the ring pool the streaming heads. Subclasses provide the three primitives (`_write`,
+pool), the ring pool the streaming heads, the window pool every head of a sliding-window layer
+(attention with that window and no sink). Subclasses provide the three primitives (`_write`,
 `_decode`, `_prefill`) over one pool; this class routes heads to pools, applies the windows of
 streaming heads and the page lists of the page selector, and counts the pages decode reads.
 """
@@ -45,6 +46,9 @@ class PoolCall:
     """Per-token key labels (channel scores), or None."""
     label_channels: torch.Tensor | None = None
     """(pool heads, r) int32: which key channels the labels are."""
+    window: tuple[int, int] | None = None
+    """(sink, local) of a sliding-window layer (the same in prefill and decode); None: the
+    streaming heads' windows apply."""
 
     @property
     def scores_pages(self) -> bool:
@@ -105,7 +109,7 @@ class AttentionBackend(ABC):
         self.selector = selector
         self.last_page_counts = StepPageCounts((), ())
         shape = self.cache.shape
-        self.num_kv_heads = len(self.cache.dense_heads[0]) + len(self.cache.streaming_heads[0])
+        self.num_kv_heads = shape.num_kv_heads
         self._group = num_heads // self.num_kv_heads
         device = self.kv.k[0].device
         self._streaming = [sparsity.layer(i) if sparsity else None for i in range(shape.num_layers)]
@@ -121,6 +125,7 @@ class AttentionBackend(ABC):
         self._ring_flags = [
             torch.ones(len(h), dtype=torch.int8, device=device) for h in self.cache.streaming_heads
         ]
+        self._window_flags = torch.ones(self.num_kv_heads, dtype=torch.int8, device=device)
 
     def _head_index(self, kv_heads: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         kv = torch.tensor(kv_heads, dtype=torch.long, device=device)
@@ -161,9 +166,15 @@ class AttentionBackend(ABC):
         sp = self.sparsity
         read, dense = [], []
         selector = self.selector if self.selector is not None and self.selector.plan is not None else None
-        # head counts summed over layers: streaming heads, dense heads in selecting / other layers
+        # head counts summed over layers: streaming heads, dense heads in selecting / other layers,
+        # and the heads of sliding-window layers by window
         n_stream = n_dense_sel = n_dense_all = 0
+        windowed: dict[int, int] = {}
         for layer, stream in enumerate(self._num_streaming):
+            w = self.cache.layer_windows[layer]
+            if w is not None:
+                windowed[w] = windowed.get(w, 0) + self.num_kv_heads
+                continue
             n_stream += stream
             if selector is not None and selector.layer_selects(layer):
                 n_dense_sel += self.num_kv_heads - stream
@@ -178,7 +189,8 @@ class AttentionBackend(ABC):
                 first_local = max(length - sp.decode_local, 0) // page
                 window = n if first_local <= sink_pages else sink_pages + n - first_local
             listed = selector.pages_read(row) if selector is not None and n_dense_sel else n
-            read.append(n_dense_sel * listed + n_dense_all * n + n_stream * window)
+            slid = sum(heads * min(n, cdiv(w, page) + 1) for w, heads in windowed.items())
+            read.append(n_dense_sel * listed + n_dense_all * n + n_stream * window + slid)
             dense.append(n * self.num_kv_heads * len(self._streaming))
         return StepPageCounts(tuple(read), tuple(dense))
 
@@ -190,6 +202,8 @@ class AttentionBackend(ABC):
         """q (T, Hq, D), k and v (T, Hkv, D) of this step's tokens -> output (T, Hq, D)."""
         if layer_idx == 0:
             self._begin_forward()
+        if self.cache.layer_windows[layer_idx] is not None:
+            return self._attend(self._window_call(layer_idx, md), q, k, v, layer_idx, md)
         paged = self.cache.paged
         k_min = paged.k_min[layer_idx] if paged.k_min is not None else None
         k_max = paged.k_max[layer_idx] if paged.k_max is not None else None
@@ -211,6 +225,14 @@ class AttentionBackend(ABC):
                                   md.slot_mapping, dense_route[0], dense_route[1], None, **labels))
         self._attend_pools(calls, q, k, v, layer_idx, md, out)
         return out
+
+    def _window_call(self, layer: int, md: AttentionMetadata) -> PoolCall:
+        """A sliding-window layer: every head in the window pool, windowed without a sink."""
+        pool, w = self.cache.window, self.cache.layer_windows[layer]
+        assert pool is not None and w is not None
+        assert md.window_page_table is not None and md.window_slot_mapping is not None, "the step has no window tables"
+        return PoolCall(pool.k[layer], pool.v[layer], None, None, md.window_page_table, md.window_slot_mapping,
+                        None, None, self._window_flags, ring=True, window=(0, w))
 
     def _attend_pools(
         self, calls: list[PoolCall], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
@@ -306,7 +328,9 @@ class AttentionBackend(ABC):
         every query head of the model."""
 
     def windows(self, call: PoolCall, decode: bool) -> tuple[int, int]:
-        """(sink, local) for the streaming heads of `call`."""
+        """(sink, local) for the streaming heads of `call` (or its sliding window)."""
+        if call.window is not None:
+            return call.window
         sp = self.sparsity
         if call.streaming is None or sp is None:
             return 0, 0

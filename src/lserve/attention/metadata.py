@@ -46,6 +46,9 @@ class AttentionMetadata:
     """(num_seqs, max_pages) int32: for the ring pool, the ring page holding each logical page."""
     ring_slot_mapping: torch.Tensor | None = None
     """(num_tokens,) int64: ring-pool slot of every new token."""
+    window_page_table: torch.Tensor | None = None
+    """As `ring_page_table`, for the sliding-window layers' pool."""
+    window_slot_mapping: torch.Tensor | None = None
 
     @property
     def num_prefills(self) -> int:
@@ -98,12 +101,14 @@ def build_metadata(
     seats: list[int] | None = None,
     ring: RingGeometry | None = None,
     request_ids: list[str] | None = None,
+    window: RingGeometry | None = None,
 ) -> AttentionMetadata:
     """Pack host-side per-sequence values into device tensors (one copy for all of them).
 
     `page_tables`: each sequence's page ids, as lists or as one (num_seqs, width) int32 array
     (rows of `SeatPageRows`, 0-padded). With `ring` (and `seats`), also map every logical page to
-    its ring page: seat s owns ring pages s * pages_per_seq .. (s + 1) * pages_per_seq - 1.
+    its ring page: seat s owns ring pages s * pages_per_seq .. (s + 1) * pages_per_seq - 1; the
+    same with `window` for the sliding-window layers' pool.
     """
     num_seqs = len(query_lens)
     if isinstance(page_tables, np.ndarray):
@@ -121,12 +126,15 @@ def build_metadata(
     starts = np.zeros(num_seqs + 1, dtype=np.int32)
     np.cumsum(qlens, out=starts[1:])
     arrays = [starts, lens.astype(np.int32), table, _slots(table, qlens, lens, page_size)]
-    if ring is not None:
+    for geometry in (g for g in (ring, window) if g is not None):
         assert seats is not None, "a ring pool needs seats"
-        offsets = ring.logical_to_ring(max_pages)
-        ring_table = np.asarray(seats, dtype=np.int32)[:, None] * ring.pages_per_seq + offsets[None, :]
+        offsets = geometry.logical_to_ring(max_pages)
+        ring_table = np.asarray(seats, dtype=np.int32)[:, None] * geometry.pages_per_seq + offsets[None, :]
         arrays += [ring_table, _slots(ring_table, qlens, lens, page_size)]
     on_device = to_device(arrays, device)
+    tables = iter(on_device[4:])  # (page table, slots) of the ring, then of the window pool
+    ring_pair = (next(tables), next(tables)) if ring is not None else (None, None)
+    window_pair = (next(tables), next(tables)) if window is not None else (None, None)
     return AttentionMetadata(
         num_seqs=num_seqs,
         num_decodes=num_decodes,
@@ -140,6 +148,8 @@ def build_metadata(
         seq_lens_cpu=tuple(seq_lens),
         seats=tuple(seats) if seats is not None else (),
         request_ids=tuple(request_ids) if request_ids is not None else (),
-        ring_page_table=on_device[4] if ring is not None else None,
-        ring_slot_mapping=on_device[5] if ring is not None else None,
+        ring_page_table=ring_pair[0],
+        ring_slot_mapping=ring_pair[1],
+        window_page_table=window_pair[0],
+        window_slot_mapping=window_pair[1],
     )

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from lserve.model.llama import AttentionFn, LlamaForCausalLM
 
@@ -132,12 +131,4 @@ def final_hidden(
     activations (for long contexts or large models: memory of one layer instead of all layers).
     """
     positions = torch.arange(input_ids.shape[0], device=input_ids.device)
-    if not checkpoint_layers:
-        return model(input_ids, positions, attn)
-    # the same steps as LlamaForCausalLM.forward, with a checkpoint around each layer
-    x = model.embed_tokens(input_ids)
-    rope = model.rotary(positions)
-    residual = None
-    for layer in model.layers:
-        x, residual = checkpoint(layer, x, residual, rope, attn, use_reentrant=False)
-    return model.final_norm(x, residual)
+    return model(input_ids, positions, attn, checkpoint_layers=checkpoint_layers)

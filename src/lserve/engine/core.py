@@ -49,6 +49,12 @@ from lserve.sparse.selection import ScoreSpec, resolve_page_score
 
 logger = logging.getLogger(__name__)
 
+WINDOW_PREFILL_CHUNK = 2048
+"""A model with sliding-window layers prefills at most this many tokens of one request per step:
+its window pool then holds the window plus 2,048 tokens per request, not plus
+`max_num_batched_tokens` (8,192 by default), so four times as many requests fit beside it. Other
+requests' chunks still fill the step's token budget."""
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -84,11 +90,15 @@ class EngineCore:
         self.arch, rope_factors = read_arch_config(self.source)
         self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
         self.max_model_len = self._resolve_max_model_len()
+        windowed = any(w is not None for w in self.arch.layer_windows)
+        self.max_chunk_tokens = min(config.scheduler.max_num_batched_tokens, WINDOW_PREFILL_CHUNK) if windowed \
+            else config.scheduler.max_num_batched_tokens
         self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed)
         self._pattern: HeadPattern | None = None
         self._init_kv_cache()
         sched = config.scheduler
-        self.scheduler = Scheduler(self.kv_manager, self.num_seats, sched.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_manager, self.num_seats, sched.max_num_batched_tokens,
+                                   self.max_chunk_tokens)
         self.async_scheduling = sched.async_scheduling
         self._pending: list[tuple[SchedulerOutput, LaunchedStep, StepPageCounts]] = []
         """Launched steps whose tokens have not been read yet, oldest first (async scheduling keeps
@@ -105,8 +115,6 @@ class EngineCore:
 
     def _resolve_max_model_len(self) -> int:
         limit = self.arch.max_position_embeddings
-        if self.arch.sliding_window:
-            limit = min(limit, self.arch.sliding_window)  # sliding-window attention is not implemented
         wanted = self.config.model.max_model_len
         if wanted is None:
             return limit
@@ -120,43 +128,51 @@ class EngineCore:
         """Size and allocate the pools, then build the attention backend and the runner.
 
         With streaming heads the paged pool holds only dense heads and the ring pool a fixed
-        block of pages per seat; the ring pool is sized first (at most half of the KV memory),
-        the paged pool takes the rest. With page selection, the paged pool also keeps key
-        statistics per logical page.
+        block of pages per seat; sliding-window layers live in the window pool, another fixed
+        block per seat. Those blocks are sized first (at most half of the KV memory), the paged
+        pool takes the rest. With page selection, the paged pool also keeps key statistics per
+        logical page.
         """
         cache, sched, sparse = self.config.cache, self.config.scheduler, self.config.sparse
         arch = self.arch
+        windows = arch.layer_windows
         sparsity = self._head_sparsity()
         flags = sparsity.streaming_heads if sparsity is not None else None
         use_ring = flags is not None and any(bool(f.any()) for f in flags)
-        n_stream = tuple(int(f.sum()) for f in flags) if use_ring and flags is not None else None
-        n_dense = tuple(arch.num_kv_heads - n for n in n_stream) if n_stream is not None else None
-        shape = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype, n_dense)
+        n_stream = tuple(int(f.sum()) for f in flags) if use_ring and flags is not None else (0,) * arch.num_layers
+        paged_heads = tuple(0 if w is not None else arch.num_kv_heads - n for w, n in zip(windows, n_stream))
+        split = use_ring or any(w is not None for w in windows)
+        shape = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype,
+                        paged_heads if split else None)
         self.page_score = self._page_score() if sparse.uses_page_selection else None
         logical = sparse.logical_page_size if self.page_score is not None and not self.page_score.uses_labels else None
         label_r = self.page_score.num_channels if self.page_score is not None else 0
+        # the fixed blocks per seat: (shape, geometry) of the ring pool and of the window pool
+        blocks: dict[str, tuple[KVShape, RingGeometry]] = {}
+        if use_ring:
+            blocks["ring"] = (
+                KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype, n_stream),
+                RingGeometry.plan(cache.page_size, max(sparse.prefill_sink_tokens, sparse.decode_sink_tokens),
+                                  max(sparse.prefill_local_tokens, sparse.decode_local_tokens),
+                                  self.max_chunk_tokens, self.max_model_len))
+        if any(w is not None for w in windows):
+            blocks["window"] = (
+                KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype,
+                        tuple(0 if w is None else arch.num_kv_heads for w in windows)),
+                RingGeometry.plan(cache.page_size, 0, max(w for w in windows if w is not None),
+                                  self.max_chunk_tokens, self.max_model_len))
+        per_seat = sum(geometry.pages_per_seq * bshape.bytes_per_page for bshape, geometry in blocks.values())
         seats = sched.max_num_seqs
-        ring_tensors = ring_geometry = None
-        reserved = 0
-        if use_ring and n_stream is not None:
-            ring_geometry = RingGeometry.plan(
-                cache.page_size, max(sparse.prefill_sink_tokens, sparse.decode_sink_tokens),
-                max(sparse.prefill_local_tokens, sparse.decode_local_tokens), sched.max_num_batched_tokens,
-                self.max_model_len,
-            )
-            ring_shape = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype,
-                                 n_stream)
-            per_seat = ring_geometry.pages_per_seq * ring_shape.bytes_per_page
-            if cache.num_kv_pages is None:
-                half = memory_budget_bytes(self.device, cache.kv_cache_memory_fraction,
-                                           cache.kv_cache_memory_bytes) // 2
-                seats = max(1, min(seats, half // max(per_seat, 1)))
-                if seats < sched.max_num_seqs:
-                    logger.warning("the ring KV pool fits %d running requests (max_num_seqs=%d)", seats,
-                                   sched.max_num_seqs)
-            reserved = seats * per_seat
-            # one more block than seats: the scratch seat of captured decode graphs' padded rows
-            ring_tensors = KVCacheTensors(ring_shape, (seats + 1) * ring_geometry.pages_per_seq, self.device)
+        if blocks and cache.num_kv_pages is None:
+            half = memory_budget_bytes(self.device, cache.kv_cache_memory_fraction, cache.kv_cache_memory_bytes) // 2
+            seats = max(1, min(seats, half // max(per_seat, 1)))
+            if seats < sched.max_num_seqs:
+                logger.warning("the ring and window KV pools fit %d running requests (max_num_seqs=%d)", seats,
+                               sched.max_num_seqs)
+        reserved = seats * per_seat
+        # one more block than seats: the scratch seat of captured decode graphs' padded rows
+        fixed = {name: KVCacheTensors(bshape, (seats + 1) * geometry.pages_per_seq, self.device)
+                 for name, (bshape, geometry) in blocks.items()}
         pages_per_seq = -(-self.max_model_len // cache.page_size)
         num_pages = plan_num_pages(
             shape,
@@ -173,10 +189,13 @@ class EngineCore:
             # the channels of the heads the paged pool holds (a layer's dense heads, with a ring pool)
             pool_heads = dense_head_ids(flags) if use_ring and flags is not None \
                 else [list(range(arch.num_kv_heads))] * arch.num_layers
+            pool_heads = [[] if w is not None else heads for w, heads in zip(windows, pool_heads)]
             label_channels = [self.page_score.channels[i, heads] for i, heads in enumerate(pool_heads)]
         # one page more than the manager hands out: the scratch page of padded graph rows
         paged = KVCacheTensors(shape, num_pages + 1, self.device, logical, label_channels)
-        self.kv_cache = KVCache(paged, ring_tensors, flags if use_ring else None, ring_geometry)
+        ring_geometry = blocks["ring"][1] if use_ring else None
+        self.kv_cache = KVCache(paged, fixed.get("ring"), flags if use_ring else None, ring_geometry,
+                                fixed.get("window"), blocks["window"][1] if "window" in blocks else None, windows)
         self.kv_tensors = paged
         self.num_seats = seats
         self.kv_manager = KVCacheManager(num_pages, cache.page_size, seats)
@@ -191,9 +210,9 @@ class EngineCore:
                 # a score summed over a GQA group is about `group` logits: their mean's softmax scale;
                 # rope_mass is a log-mass already
                 temperature=1.0 if self.page_score.kind == "rope_mass"
-                else arch.head_dim**-0.5 / (arch.num_heads // arch.num_kv_heads),
+                else arch.attention_scale / (arch.num_heads // arch.num_kv_heads),
             )
-        backend = create_backend(self.backend_name, self.kv_cache, arch.num_heads, arch.head_dim**-0.5,
+        backend = create_backend(self.backend_name, self.kv_cache, arch.num_heads, arch.attention_scale,
                                  sparsity, selector)
         self.runner = ModelRunner(self.model, backend, cache.page_size, self.device, self.config.model.seed,
                                   ring_geometry, page_rows=self.kv_manager.seat_rows)
@@ -203,10 +222,9 @@ class EngineCore:
             self.runner.graphs = DecodeGraphs(self.model, backend, seats, self.max_model_len, cache.page_size,
                                               scratch_page=num_pages, ring=ring_geometry, scratch_seat=seats,
                                               device=self.device)
-        ring_mib = reserved / 2**20
         logger.info("KV cache: %d pages of %d tokens (%.1f MiB)%s", num_pages, cache.page_size,
                     num_pages * shape.bytes_per_page / 2**20,
-                    f" + ring pool for {seats} requests ({ring_mib:.1f} MiB)" if use_ring else "")
+                    f" + {' and '.join(blocks)} pools for {seats} requests ({reserved / 2**20:.1f} MiB)" if blocks else "")
 
     def kv_bytes_per_sequence(self, num_tokens: int) -> int:
         """KV memory one sequence of `num_tokens` tokens holds: its pages, plus its ring block."""
@@ -215,9 +233,7 @@ class EngineCore:
         paged = pages * cache.shape.bytes_per_page
         label_r = self.page_score.num_channels if self.page_score is not None else 0
         paged += pages * stats_bytes_per_page(cache.shape, cache.paged.logical_page_size, label_r)
-        if cache.ring is None or cache.ring_geometry is None:
-            return paged
-        return paged + cache.ring_geometry.pages_per_seq * cache.ring.shape.bytes_per_page
+        return paged + cache.ring_bytes_per_sequence()
 
     def _head_pattern(self) -> HeadPattern | None:
         """The model's head pattern: `attn_pattern`, else the one shipped for the model, else None."""
@@ -251,8 +267,10 @@ class EngineCore:
                 f"{self.source.name}: pass attn_pattern (a DuoAttention full_attention_heads.tsv or an lserve "
                 "pattern .json)"
             )
-        flags = binarize(pattern.scores, sparse.streaming_sparsity).to(self.device)
-        logger.info("streaming heads: %d of %d KV heads (%s)", int(flags.sum()), flags.numel(), pattern.source)
+        full = self.arch.full_attention_layers  # sliding-window layers keep their own window
+        flags = binarize(pattern.scores, sparse.streaming_sparsity, full).to(self.device)
+        logger.info("streaming heads: %d of %d KV heads of full-attention layers (%s)", int(flags.sum()),
+                    len(full) * self.arch.num_kv_heads, pattern.source)
         return HeadSparsity(
             tuple(flags[i] for i in range(self.arch.num_layers)),
             sparse.prefill_sink_tokens, sparse.prefill_local_tokens,

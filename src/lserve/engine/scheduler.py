@@ -49,10 +49,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_chunk_tokens: int | None = None
+    ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_chunk_tokens = max_chunk_tokens or max_num_batched_tokens
+        """The longest prefill chunk one request gets in a step (a ring pool holds its window plus
+        one chunk, so a sliding-window model keeps chunks short)."""
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -78,7 +83,7 @@ class Scheduler:
                     continue
                 if not req.needs_more_tokens:  # its last token is in flight: it finishes when that arrives
                     continue
-                n = min(req.num_pending_tokens, budget)
+                n = min(req.num_pending_tokens, budget, self.max_chunk_tokens)
                 if not self._allocate_or_preempt(req, n, decodes, prefills, preempted):
                     continue
                 (decodes if want_decode else prefills).append(ScheduledRequest(req, n))
@@ -86,7 +91,7 @@ class Scheduler:
             budget = self.max_num_batched_tokens - sum(s.num_new_tokens for s in decodes + prefills)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
-            n = min(req.num_pending_tokens, budget)
+            n = min(req.num_pending_tokens, budget, self.max_chunk_tokens)
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
                 break
             self.waiting.popleft()

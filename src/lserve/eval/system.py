@@ -59,9 +59,7 @@ def model_info(base_kwargs: dict[str, Any], overrides: list[dict[str, Any]]) -> 
     config = EngineConfig.from_kwargs(**base_kwargs)
     source = resolve_source(config.model.model, config.model.load_format)
     arch, _ = read_arch_config(source)
-    native = arch.max_position_embeddings
-    if arch.sliding_window:
-        native = min(native, arch.sliding_window)
+    native = arch.max_position_embeddings  # sliding-window layers do not cap it (their ring pool)
     limits = []
     for extra in overrides or [{}]:
         wanted = {**base_kwargs, **extra}.get("max_model_len")

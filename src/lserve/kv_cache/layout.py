@@ -8,6 +8,11 @@ With streaming heads there are two pools (`KVCache`): the paged pool holds only 
 heads (so a page costs less and more context fits), and the ring pool holds the streaming heads in
 a fixed number of pages per running sequence (sink pages + a ring of local pages, constant in
 context length). The pools' head counts differ per layer, as the head pattern decides.
+
+A model with sliding-window layers (Gemma 3, Mistral, Qwen2 with `use_sliding_window`) keeps
+those layers in a third pool, the window pool: a ring like the streaming heads' (no sink, the
+window plus a prefill chunk), with its own geometry, so that they too cost constant memory per
+sequence. The paged pool then holds the full-attention layers only (zero heads elsewhere).
 """
 
 from __future__ import annotations
@@ -160,12 +165,21 @@ class KVCache:
         ring: KVCacheTensors | None = None,
         streaming_flags: tuple[torch.Tensor, ...] | None = None,
         ring_geometry: RingGeometry | None = None,
+        window: KVCacheTensors | None = None,
+        window_geometry: RingGeometry | None = None,
+        layer_windows: tuple[int | None, ...] | None = None,
     ) -> None:
         self.paged = paged
         self.ring = ring
         self.ring_geometry = ring_geometry
+        self.window = window
+        """The sliding-window layers' pool (every head of such a layer), or None."""
+        self.window_geometry = window_geometry
         self.shape = paged.shape
         n = paged.shape.num_layers
+        self.layer_windows: tuple[int | None, ...] = layer_windows if window is not None else (None,) * n
+        """Per layer, the window of a layer kept in the window pool, else None."""
+        assert window is None or (window_geometry is not None and layer_windows is not None)
         if ring is None:
             self.dense_heads: list[list[int]] = [list(range(paged.shape.layer_heads(i))) for i in range(n)]
             self.streaming_heads: list[list[int]] = [[] for _ in range(n)]
@@ -174,6 +188,17 @@ class KVCache:
             flags = [f.tolist() for f in streaming_flags]
             self.dense_heads = dense_head_ids(streaming_flags)
             self.streaming_heads = [[h for h, s in enumerate(f) if s] for f in flags]
+        for layer, w in enumerate(self.layer_windows):
+            if w is not None:
+                self.dense_heads[layer], self.streaming_heads[layer] = [], []
+
+    def ring_bytes_per_sequence(self) -> int:
+        """What one sequence holds in the ring and window pools (constant in its length)."""
+        total = 0
+        for pool, geometry in ((self.ring, self.ring_geometry), (self.window, self.window_geometry)):
+            if pool is not None and geometry is not None:
+                total += geometry.pages_per_seq * pool.shape.bytes_per_page
+        return total
 
     @property
     def k(self) -> list[torch.Tensor]:

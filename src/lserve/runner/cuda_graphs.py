@@ -63,11 +63,13 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, **i32)
         self.page_table = torch.full((n, width), scratch_page, **i32)
         self.slot_mapping = torch.full((n,), scratch_page * page_size, dtype=torch.long, device=device)
-        self.ring_page_table = self.ring_slot_mapping = None
-        if ring is not None:
-            first = scratch_seat * ring.pages_per_seq  # the scratch seat's first ring page
-            self.ring_page_table = torch.full((n, width), first, **i32)
-            self.ring_slot_mapping = torch.full((n,), first * page_size, dtype=torch.long, device=device)
+        # (page table, slots) buffers of the ring pools: the streaming heads' and the window layers'
+        self.rings: dict[str, tuple[RingGeometry, torch.Tensor, torch.Tensor]] = {}
+        for name, geometry in (("ring", ring), ("window", backend.cache.window_geometry)):
+            if geometry is not None:
+                first = scratch_seat * geometry.pages_per_seq  # the scratch seat's first ring page
+                self.rings[name] = (geometry, torch.full((n, width), first, **i32),
+                                    torch.full((n,), first * page_size, dtype=torch.long, device=device))
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
 
@@ -81,9 +83,14 @@ class DecodeGraphs:
             num_seqs=b, num_decodes=b, num_tokens=b, query_start_loc=self.query_start_loc[: b + 1],
             seq_lens=self.seq_lens[:b], page_table=self.page_table[:b], slot_mapping=self.slot_mapping[:b],
             page_size=self.page_size, query_lens_cpu=(1,) * b, seq_lens_cpu=(self.max_model_len,) * b,
-            ring_page_table=self.ring_page_table[:b] if self.ring_page_table is not None else None,
-            ring_slot_mapping=self.ring_slot_mapping[:b] if self.ring_slot_mapping is not None else None,
+            ring_page_table=self._ring_rows("ring", 1, b), ring_slot_mapping=self._ring_rows("ring", 2, b),
+            window_page_table=self._ring_rows("window", 1, b), window_slot_mapping=self._ring_rows("window", 2, b),
         )
+
+    def _ring_rows(self, name: str, which: int, b: int) -> torch.Tensor | None:
+        """The first `b` rows of a ring pool's page table (which=1) or slots (2); None without the pool."""
+        entry = self.rings.get(name)
+        return entry[which][:b] if entry is not None else None
 
     def _load(self, md: AttentionMetadata, input_ids: torch.Tensor, positions: torch.Tensor, b: int) -> None:
         """Copy the step's inputs into the buffers; rows md.num_seqs..b-1 point at the scratch page."""
@@ -99,14 +106,15 @@ class DecodeGraphs:
             self.seq_lens[n:b].fill_(1)
             self.slot_mapping[n:b].fill_(self.scratch_page * self.page_size)
             self.page_table[n:b, 0].fill_(self.scratch_page)
-        if self.ring_page_table is not None and self.ring_slot_mapping is not None:
-            assert md.ring_page_table is not None and md.ring_slot_mapping is not None and self.ring is not None
-            self.ring_page_table[:n, :w].copy_(md.ring_page_table)
-            self.ring_slot_mapping[:n].copy_(md.ring_slot_mapping)
+        for name, (geometry, table, slots) in self.rings.items():
+            step_table, step_slots = getattr(md, f"{name}_page_table"), getattr(md, f"{name}_slot_mapping")
+            assert step_table is not None and step_slots is not None, f"the step has no {name} tables"
+            table[:n, :w].copy_(step_table)
+            slots[:n].copy_(step_slots)
             if n < b:
-                first = self.scratch_seat * self.ring.pages_per_seq
-                self.ring_page_table[n:b, 0].fill_(first)
-                self.ring_slot_mapping[n:b].fill_(first * self.page_size)
+                first = self.scratch_seat * geometry.pages_per_seq
+                table[n:b, 0].fill_(first)
+                slots[n:b].fill_(first * self.page_size)
 
     def _forward(self, b: int) -> torch.Tensor:
         md = self._metadata(b)

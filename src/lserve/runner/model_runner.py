@@ -296,4 +296,5 @@ class ModelRunner:
             seats=seats,
             ring=self.ring,
             request_ids=[s.request.request_id for s in inputs],
+            window=self.backend.cache.window_geometry,
         )

@@ -13,6 +13,8 @@ heads (DuoAttention's quantile rule, with ties broken by position so the result 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -146,19 +148,22 @@ def save_pattern(pattern: HeadPattern, path: str | Path) -> Path:
     return p
 
 
-def binarize(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+def binarize(scores: torch.Tensor, sparsity: float, layers: Sequence[int] | None = None) -> torch.Tensor:
     """(layers, KV heads) scores -> bool flags, True for streaming heads.
 
     The round(sparsity * num_heads) lowest-scoring heads over the whole model stream; equal scores
     are ordered by (layer, head), so the same file and sparsity always give the same heads.
+    `layers`: only these layers' heads may stream and count (a model's full-attention layers,
+    when its other layers slide); None: every layer.
     """
     if not 0.0 <= sparsity <= 1.0 or math.isnan(sparsity):
         raise ValueError(f"streaming sparsity must be in [0, 1], got {sparsity!r}")
+    heads = scores.shape[1]
     flat = scores.reshape(-1).double()
-    n = flat.numel()
-    num_streaming = int(round(sparsity * n))
-    order = sorted(range(n), key=lambda i: (float(flat[i]), i))
-    flags = torch.zeros(n, dtype=torch.bool)
+    allowed = range(flat.numel()) if layers is None else [l * heads + h for l in layers for h in range(heads)]
+    num_streaming = int(round(sparsity * len(allowed)))
+    order = sorted(allowed, key=lambda i: (float(flat[i]), i))
+    flags = torch.zeros(flat.numel(), dtype=torch.bool)
     flags[order[:num_streaming]] = True
     return flags.view(scores.shape)
 
