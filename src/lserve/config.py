@@ -41,7 +41,8 @@ class ModelConfig:
     """What to load and how."""
 
     model: str | None = _field(
-        None, "Hugging Face folder, .gguf file or dummy config; default: embedded SmolLM2-135M-Instruct"
+        None, "Hugging Face folder, .gguf file, gemma-3-270m (the embedded Gemma 3 270M) or dummy:NAME; "
+        "default: embedded SmolLM2-135M-Instruct"
     )
     dtype: DType = _field("auto", "weight and activation dtype (auto: float32 on CPU, bfloat16 on GPU)")
     load_format: LoadFormat = _field("auto", "auto (by path), hf, gguf, or dummy (random weights)")

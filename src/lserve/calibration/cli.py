@@ -48,7 +48,7 @@ def add_calibrate_parser(sub: Any) -> None:
         "frozen weights, on generated multi-passkey samples. Writes full_attention_heads.tsv, "
         "<model>.json (usable as --attn-pattern) and config.json into --output.",
     )
-    p.add_argument("--model", default=None, help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="HF folder, .gguf file or gemma-3-270m (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf"], help="how to read --model")
     p.add_argument("--output", required=True, help="output folder (created if needed)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimisation steps, one sample each (default: {d.steps})")
@@ -137,7 +137,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         chat_template=not args.no_chat_template, save_every=args.save_every, checkpoint_layers=args.checkpoint_layers,
     )
     result = calibrate(cfg)
-    g = result.gates.flatten()
+    g = result.calibrated  # sliding-window layers' gates are not calibrated
     print(f"wrote {result.pattern_path} and {result.tsv_path}")
     print(f"final loss {result.final_loss:.5f}; gates: mean {float(g.mean()):.3f}, "
           f"{int((g > 0.95).sum())}/{g.numel()} > 0.95, {int((g < 0.05).sum())}/{g.numel()} < 0.05; "

@@ -24,10 +24,10 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).unsqueeze(0)
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Causal attention of a whole sequence: q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
     out = F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v),
-                                         is_causal=True, enable_gqa=True)
+                                         is_causal=True, enable_gqa=True, scale=scale)
     return out[0].transpose(0, 1)
 
 
@@ -72,12 +72,13 @@ def streaming_plan(
 
 def streaming_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, local: int, chunk: int = 256,
-    plan: StreamingPlan | None = None,
+    plan: StreamingPlan | None = None, scale: float | None = None,
 ) -> torch.Tensor:
-    """Λ-mask attention of a whole sequence, in query chunks of `chunk` rows: (T, Hq, D)."""
+    """Λ-mask attention of a whole sequence, in query chunks of `chunk` rows: (T, Hq, D). A sliding
+    window is the same with `sink` 0."""
     t, hq, d = q.shape
     if t <= sink + local:  # every causal key is inside the sink or the window
-        return dense_attention(q, k, v)
+        return dense_attention(q, k, v, scale)
     if plan is None:
         plan = streaming_plan(t, sink, local, chunk, q.dtype, q.device)
     num_chunks, num_keys = plan.key_index.shape
@@ -85,7 +86,7 @@ def streaming_attention(
     flat = plan.key_index.reshape(-1)
     kc = k[flat].view(num_chunks, num_keys, *k.shape[1:]).transpose(1, 2)
     vc = v[flat].view(num_chunks, num_keys, *v.shape[1:]).transpose(1, 2)
-    out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=plan.mask, enable_gqa=True)
+    out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=plan.mask, enable_gqa=True, scale=scale)
     return out.transpose(1, 2).reshape(num_chunks * chunk, hq, d)[:t]
 
 
@@ -94,27 +95,38 @@ class GatedAttention:
 
     `gates` (num_layers, num_kv_heads) float32, usually a trainable parameter; each gate covers the
     query heads of its GQA group. With `gates=None` the callable is plain dense attention (the
-    teacher), and the streaming branch is not computed.
+    teacher), and the streaming branch is not computed. A layer with a window in `layer_windows`
+    (the model's sliding-window layers) attends within it, teacher and student alike, ungated.
+    `scale`: the model's softmax scale (None: head_dim^-1/2).
     """
 
-    def __init__(self, gates: torch.Tensor | None, sink: int, local: int, chunk: int = 256) -> None:
+    def __init__(
+        self, gates: torch.Tensor | None, sink: int, local: int, chunk: int = 256, scale: float | None = None,
+        layer_windows: tuple[int | None, ...] | None = None,
+    ) -> None:
         if sink < 0 or local < 1:
             raise ValueError(f"sink must be >= 0 and local >= 1, got sink={sink}, local={local}")
-        self.gates, self.sink, self.local, self.chunk = gates, sink, local, chunk
-        self._plans: dict[tuple[int, torch.dtype, torch.device], StreamingPlan] = {}
+        self.gates, self.sink, self.local, self.chunk, self.scale = gates, sink, local, chunk, scale
+        self.layer_windows = layer_windows
+        self._plans: dict[tuple[int, int, int, torch.dtype, torch.device], StreamingPlan] = {}
 
-    def _plan(self, q: torch.Tensor) -> StreamingPlan:
-        key = (q.shape[0], q.dtype, q.device)
-        if key not in self._plans:  # one plan per sequence length, reused by every layer and step
-            self._plans.clear()
-            self._plans[key] = streaming_plan(q.shape[0], self.sink, self.local, self.chunk, q.dtype, q.device)
+    def _plan(self, q: torch.Tensor, sink: int, local: int) -> StreamingPlan:
+        key = (q.shape[0], sink, local, q.dtype, q.device)
+        if key not in self._plans:  # one plan per sequence length and window, reused by every layer and step
+            if any(k[0] != q.shape[0] for k in self._plans):
+                self._plans.clear()
+            self._plans[key] = streaming_plan(q.shape[0], sink, local, self.chunk, q.dtype, q.device)
         return self._plans[key]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        dense = dense_attention(q, k, v)
+        window = self.layer_windows[layer_idx] if self.layer_windows is not None else None
+        if window is not None:
+            return streaming_attention(q, k, v, 0, window, self.chunk, self._plan(q, 0, window), self.scale)
+        dense = dense_attention(q, k, v, self.scale)
         if self.gates is None:
             return dense
-        stream = streaming_attention(q, k, v, self.sink, self.local, self.chunk, self._plan(q))
+        stream = streaming_attention(q, k, v, self.sink, self.local, self.chunk,
+                                     self._plan(q, self.sink, self.local), self.scale)
         group = q.shape[1] // k.shape[1]
         g = self.gates[layer_idx].repeat_interleave(group)[None, :, None]  # (1, Hq, 1)
         # mix in float32 (gates are float32; bf16 would round gates near 1); g = 1 gives dense exactly

@@ -43,6 +43,8 @@ class CalibrationResult:
     gates: torch.Tensor
     final_loss: float
     wall_time_s: float
+    calibrated: torch.Tensor
+    """The gates of full-attention layers, flattened (those of sliding-window layers stay 1)."""
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -114,10 +116,15 @@ class Calibrator:
         device = model.embed_tokens.weight.device
         self.device = device
         self.gates = torch.nn.Parameter(torch.ones(arch.num_layers, arch.num_kv_heads, device=device))
+        # sliding-window layers keep their window: their gates stay 1 and are not regularised
+        self.full_layers = torch.tensor([w is None for w in arch.layer_windows], device=device)
+        if not bool(self.full_layers.any()):
+            raise ValueError("every layer of this model slides: there are no full-attention heads to calibrate")
         self.optimizer = torch.optim.AdamW([self.gates], lr=cfg.lr, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.steps))
-        self.teacher_attn = GatedAttention(None, cfg.sink, cfg.local)
-        self.student_attn = GatedAttention(self.gates, cfg.sink, cfg.local)
+        attn_kw = dict(scale=arch.attention_scale, layer_windows=arch.layer_windows)
+        self.teacher_attn = GatedAttention(None, cfg.sink, cfg.local, **attn_kw)
+        self.student_attn = GatedAttention(self.gates, cfg.sink, cfg.local, **attn_kw)
         self._teacher: dict[int, torch.Tensor] = {}
         rng = random.Random(cfg.seed)
         self._order: list[int] = []
@@ -146,7 +153,7 @@ class Calibrator:
         ids, labels = self._inputs(idx)
         hidden = final_hidden(self.model, ids, self.student_attn, self.cfg.checkpoint_layers)[labels]
         distill = distill_loss(hidden, target)
-        reg = self.gates.abs().mean()
+        reg = self.gates[self.full_layers].abs().mean()
         loss = distill + self.cfg.reg * reg
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,6 +162,7 @@ class Calibrator:
         self.scheduler.step()
         with torch.no_grad():
             self.gates.clamp_(0.0, 1.0)
+            self.gates[~self.full_layers] = 1.0
         return {"loss": loss.item(), "distill": distill.item(), "reg": reg.item(), "lr": lr,
                 "mean_gate": self.gates.detach().mean().item(), "tokens": len(self.samples[idx].input_ids)}
 
@@ -200,13 +208,15 @@ def calibrate(cfg: CalibrationConfig, show_progress: bool = True) -> Calibration
     wall = time.time() - started
     gates = cal.gates.detach().float().cpu()
     results = {"wall_time_s": round(wall, 1), "train_time_s": round(time.time() - train_start, 1),
-               "final_loss": row["loss"], "final_distill": row["distill"], "gates": gate_summary(gates)}
+               "final_loss": row["loss"], "final_distill": row["distill"],
+               "gates": gate_summary(gates[cal.full_layers.cpu()])}
     settings.update(results)
     (out / "config.json").write_text(json.dumps(settings, indent=1) + "\n")
     metadata = {**settings, "model": source.name,
                 "method": "lserve calibrate (DuoAttention-style gate optimisation)"}
     pattern_path = save_pattern(HeadPattern(gates, metadata), out / f"{source.name}.json")
-    return CalibrationResult(pattern_path, out / DUO_FILE, gates, row["loss"], wall)
+    return CalibrationResult(pattern_path, out / DUO_FILE, gates, row["loss"], wall,
+                             gates[cal.full_layers.cpu()].flatten())
 
 
 def _settings(cfg: CalibrationConfig, name: str, path: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -79,7 +79,8 @@ class LLM:
         *,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for one prompt or a batch; prompts are strings or lists of token ids.
+        """Generate for one prompt or a batch; prompts are strings, lists of token ids or
+        vLLM's dicts ({"prompt": text} or {"prompt_token_ids": ids}).
 
         Returns one RequestOutput per prompt, in order. Every prompt is validated before any
         runs, so a bad one raises without leaving work behind.
@@ -145,7 +146,7 @@ def run_to_completion(engine: LLMEngine, ids: list[str], bar: Any = None) -> lis
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, dict)):
         return [prompts]
     if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # one prompt given as token ids

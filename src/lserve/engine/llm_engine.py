@@ -99,7 +99,8 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens,
                                            params.include_stop_str_in_output)
         self.core.add_request(request)
-        self._tracked[request_id] = _Tracked(request, prompt if isinstance(prompt, str) else None, detok)
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        self._tracked[request_id] = _Tracked(request, text if isinstance(text, str) else None, detok)
         return request_id
 
     def _grammar_compiler(self) -> GrammarCompiler:

@@ -57,7 +57,8 @@ def _gguf_tokenizer(source: ModelSource, auto: Any) -> Any:
     return tok
 
 
-Prompt = str | list[int]
+Prompt = str | list[int] | dict[str, Any]
+"""A string, a list of token ids, or vLLM's dict forms: {"prompt": str} / {"prompt_token_ids": [...]}."""
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -72,13 +73,22 @@ def check_text(text: str) -> None:
 
 def encode_prompt(tokenizer: Any | None, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
     """A prompt's token ids: text through `tokenizer`, a list of ids as it is (checked to be ints)."""
+    if isinstance(prompt, dict):  # vLLM's TextPrompt / TokensPrompt
+        keys = set(prompt)
+        if keys == {"prompt_token_ids"}:
+            prompt = prompt["prompt_token_ids"]
+        elif keys == {"prompt"}:
+            prompt = prompt["prompt"]
+        else:
+            raise RequestRejected(f"a prompt dict takes 'prompt' or 'prompt_token_ids' alone, got {sorted(keys)}")
     if isinstance(prompt, str):
         if tokenizer is None:
             raise RequestRejected("this model has no tokenizer; pass prompts as lists of token ids")
         check_text(prompt)
         return list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
     if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        raise RequestRejected("a prompt must be a string or a list of integer token ids")
+        raise RequestRejected("a prompt must be a string, a list of integer token ids, or a dict with "
+                              "'prompt' or 'prompt_token_ids'")
     return list(prompt)
 
 

@@ -57,7 +57,7 @@ def add_eval_parser(sub: Any, add_engine_flags: Callable[[argparse.ArgumentParse
                    help="samples the engine runs at once (sets --max-num-seqs unless given; default: 16)")
     p.add_argument("--max-tokens", type=int, default=None, help="answer tokens per sample (default: per task)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated data (default: 0)")
-    p.add_argument("--no-chat", action="store_true", help="plain prompts instead of the model's chat template")
+    p.add_argument("--no-chat", action="store_true", help="plain prompts instead of the model's chat template (the default when the tokenizer has none: a base model)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--replot", type=Path, default=None, metavar="TASK.json",
                    help="only reprint the table and redraw the plots (into --output-dir) from a results file")
@@ -185,7 +185,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     info = model_info(base, [s.overrides for s in specs])
     check_lengths(lengths, task_max_tokens(args), info.limit, info.name)
-    fmt = PromptFormat(load_tokenizer_for(base), chat=not args.no_chat)
+    fmt = PromptFormat(load_tokenizer_for(base), chat=False if args.no_chat else None)
     print(f"lserve eval: building {args.task} samples for {info.name} ...", file=sys.stderr)
     samples = build_samples(args, fmt, lengths, depths)
     results = _run_all(args, samples, specs, servers, base)

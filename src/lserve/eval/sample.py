@@ -60,11 +60,15 @@ class Template:
 
 
 class PromptFormat:
-    """Turns a task's text into the prompt the model sees: chat template (default) or plain text."""
+    """Turns a task's text into the prompt the model sees: chat template or plain text (`chat`
+    None: the chat template when the tokenizer has one, as an instruct model's does; plain text
+    for a base model)."""
 
-    def __init__(self, tokenizer: Any, chat: bool = True) -> None:
+    def __init__(self, tokenizer: Any, chat: bool | None = None) -> None:
         if tokenizer is None:
             raise ValueError("this model has no tokenizer; lserve eval needs one to build and count prompts")
+        if chat is None:
+            chat = bool(getattr(tokenizer, "chat_template", None))
         if chat and not getattr(tokenizer, "chat_template", None):
             raise ValueError("the model's tokenizer has no chat template; pass --no-chat")
         self.tokenizer = tokenizer
