@@ -32,3 +32,23 @@ def test_window_layers_triton_equals_torch(tmp_path, window: int) -> None:
         outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
         assert core.kv_manager.num_free_pages == core.kv_manager.num_pages
     assert outs["triton"] == outs["torch"]
+
+
+def test_window_layers_in_the_paged_pool_give_the_same_tokens(tmp_path) -> None:
+    """window_pool=False (the baseline for comparisons): the windowed layers are paged, their KV
+    grows with the context, and the tokens are the same as with the window pool."""
+    ref = hf_model(hf_config("mistral", sliding_window=20), seed=12)
+    folder = save_hf(ref, tmp_path / "model")
+    save_word_tokenizer(folder)
+    prompts = [random_ids(n, seed=n).tolist() for n in (70, 33)]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs, cores = [], []
+    for window_pool in (True, False):
+        llm = LLM(model=str(folder), dtype="float32", device="cpu", page_size=16, max_num_batched_tokens=32,
+                  window_pool=window_pool)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)])
+        cores.append(llm.engine.core)
+    assert outs[0] == outs[1]
+    pooled, paged = cores
+    assert pooled.kv_bytes_per_sequence(4000) == pooled.kv_bytes_per_sequence(100)
+    assert paged.kv_cache.window is None and paged.kv_bytes_per_sequence(4000) > paged.kv_bytes_per_sequence(100)

@@ -79,6 +79,10 @@ class CacheConfig:
         None, "bytes for the KV cache, ring pool and page-selection labels included (instead of a share of "
         "free memory)"
     )
+    window_pool: bool = _field(
+        True, "keep sliding-window layers in a constant-size ring per request (off: in the paged pool, "
+        "growing with the context, as a baseline for comparisons)"
+    )
 
     def __post_init__(self) -> None:
         ps = self.page_size

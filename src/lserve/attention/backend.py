@@ -204,6 +204,12 @@ class AttentionBackend(ABC):
             self._begin_forward()
         if self.cache.layer_windows[layer_idx] is not None:
             return self._attend(self._window_call(layer_idx, md), q, k, v, layer_idx, md)
+        return self._full_layer(q, k, v, layer_idx, md)
+
+    def _full_layer(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, md: AttentionMetadata
+    ) -> torch.Tensor:
+        """A full-attention layer: its dense heads in the paged pool, its streaming heads in the ring."""
         paged = self.cache.paged
         k_min = paged.k_min[layer_idx] if paged.k_min is not None else None
         k_max = paged.k_max[layer_idx] if paged.k_max is not None else None
@@ -227,9 +233,14 @@ class AttentionBackend(ABC):
         return out
 
     def _window_call(self, layer: int, md: AttentionMetadata) -> PoolCall:
-        """A sliding-window layer: every head in the window pool, windowed without a sink."""
+        """A sliding-window layer: every head windowed without a sink, in the window pool (or in
+        the paged pool, with `window_pool` off)."""
         pool, w = self.cache.window, self.cache.layer_windows[layer]
-        assert pool is not None and w is not None
+        assert w is not None
+        if pool is None:
+            paged = self.cache.paged
+            return PoolCall(paged.k[layer], paged.v[layer], None, None, md.page_table, md.slot_mapping, None, None,
+                            self._window_flags, window=(0, w))
         assert md.window_page_table is not None and md.window_slot_mapping is not None, "the step has no window tables"
         return PoolCall(pool.k[layer], pool.v[layer], None, None, md.window_page_table, md.window_slot_mapping,
                         None, None, self._window_flags, ring=True, window=(0, w))
@@ -275,8 +286,8 @@ class AttentionBackend(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor] | StoredSelection | None:
         """Decode page lists of this pool's heads: explicit ones in the metadata, else the selector's.
         `all_heads`: q holds every query head of the model, not only the pool's."""
-        if call.ring:
-            return None  # streaming heads read their windows
+        if call.ring or call.window is not None:
+            return None  # streaming heads and sliding-window layers read their windows
         if md.decode_page_list is not None and md.decode_page_list_len is not None:
             if call.kv_heads is None:
                 return md.decode_page_list, md.decode_page_list_len

@@ -90,7 +90,7 @@ class EngineCore:
         self.arch, rope_factors = read_arch_config(self.source)
         self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
         self.max_model_len = self._resolve_max_model_len()
-        windowed = any(w is not None for w in self.arch.layer_windows)
+        windowed = config.cache.window_pool and any(w is not None for w in self.arch.layer_windows)
         self.max_chunk_tokens = min(config.scheduler.max_num_batched_tokens, WINDOW_PREFILL_CHUNK) if windowed \
             else config.scheduler.max_num_batched_tokens
         self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed)
@@ -136,12 +136,14 @@ class EngineCore:
         cache, sched, sparse = self.config.cache, self.config.scheduler, self.config.sparse
         arch = self.arch
         windows = arch.layer_windows
+        # the layers kept in the window pool (none with window_pool off: they are paged, windowed)
+        pooled = windows if cache.window_pool else (None,) * arch.num_layers
         sparsity = self._head_sparsity()
         flags = sparsity.streaming_heads if sparsity is not None else None
         use_ring = flags is not None and any(bool(f.any()) for f in flags)
         n_stream = tuple(int(f.sum()) for f in flags) if use_ring and flags is not None else (0,) * arch.num_layers
-        paged_heads = tuple(0 if w is not None else arch.num_kv_heads - n for w, n in zip(windows, n_stream))
-        split = use_ring or any(w is not None for w in windows)
+        paged_heads = tuple(0 if w is not None else arch.num_kv_heads - n for w, n in zip(pooled, n_stream))
+        split = use_ring or any(w is not None for w in pooled)
         shape = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype,
                         paged_heads if split else None)
         self.page_score = self._page_score() if sparse.uses_page_selection else None
@@ -155,11 +157,11 @@ class EngineCore:
                 RingGeometry.plan(cache.page_size, max(sparse.prefill_sink_tokens, sparse.decode_sink_tokens),
                                   max(sparse.prefill_local_tokens, sparse.decode_local_tokens),
                                   self.max_chunk_tokens, self.max_model_len))
-        if any(w is not None for w in windows):
+        if any(w is not None for w in pooled):
             blocks["window"] = (
                 KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype,
-                        tuple(0 if w is None else arch.num_kv_heads for w in windows)),
-                RingGeometry.plan(cache.page_size, 0, max(w for w in windows if w is not None),
+                        tuple(0 if w is None else arch.num_kv_heads for w in pooled)),
+                RingGeometry.plan(cache.page_size, 0, max(w for w in pooled if w is not None),
                                   self.max_chunk_tokens, self.max_model_len))
         per_seat = sum(geometry.pages_per_seq * bshape.bytes_per_page for bshape, geometry in blocks.values())
         seats = sched.max_num_seqs
@@ -189,7 +191,7 @@ class EngineCore:
             # the channels of the heads the paged pool holds (a layer's dense heads, with a ring pool)
             pool_heads = dense_head_ids(flags) if use_ring and flags is not None \
                 else [list(range(arch.num_kv_heads))] * arch.num_layers
-            pool_heads = [[] if w is not None else heads for w, heads in zip(windows, pool_heads)]
+            pool_heads = [[] if w is not None else heads for w, heads in zip(pooled, pool_heads)]
             label_channels = [self.page_score.channels[i, heads] for i, heads in enumerate(pool_heads)]
         # one page more than the manager hands out: the scratch page of padded graph rows
         paged = KVCacheTensors(shape, num_pages + 1, self.device, logical, label_channels)

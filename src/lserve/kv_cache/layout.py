@@ -177,8 +177,9 @@ class KVCache:
         self.window_geometry = window_geometry
         self.shape = paged.shape
         n = paged.shape.num_layers
-        self.layer_windows: tuple[int | None, ...] = layer_windows if window is not None else (None,) * n
-        """Per layer, the window of a layer kept in the window pool, else None."""
+        self.layer_windows: tuple[int | None, ...] = layer_windows if layer_windows is not None else (None,) * n
+        """Per layer, its sliding window (None: full attention); such a layer lives in the window
+        pool when there is one, else in the paged pool."""
         assert window is None or (window_geometry is not None and layer_windows is not None)
         if ring is None:
             self.dense_heads: list[list[int]] = [list(range(paged.shape.layer_heads(i))) for i in range(n)]
@@ -189,7 +190,7 @@ class KVCache:
             self.dense_heads = dense_head_ids(streaming_flags)
             self.streaming_heads = [[h for h, s in enumerate(f) if s] for f in flags]
         for layer, w in enumerate(self.layer_windows):
-            if w is not None:
+            if w is not None and window is not None:
                 self.dense_heads[layer], self.streaming_heads[layer] = [], []
 
     def ring_bytes_per_sequence(self) -> int:
