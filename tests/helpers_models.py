@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face models and GGUF files for the loader tests (CPU only, float32)."""
+"""Tiny random Hugging Face models (Llama, Qwen2, Mistral, Qwen3, Gemma 3) and GGUF files for the
+loader and model-family tests (CPU only, float32)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lserve.model.llama import LlamaForCausalLM
 from lserve.model.loader import load_model, read_arch_config, resolve_source
 
 TINY = dict(
@@ -34,8 +34,26 @@ LLAMA3_ROPE = {
 }
 
 
+GEMMA3_TINY = dict(
+    num_hidden_layers=6,
+    sliding_window_pattern=3,  # layers 2 and 5 global, the others sliding (transformers: (i + 1) % 3 == 0)
+    head_dim=24,  # heads * head_dim (96) != hidden (64), as in the real models
+    query_pre_attn_scalar=16,  # != head_dim: a scale of head_dim**-0.5 would be wrong
+    sliding_window=12,
+    rope_theta=5000.0,  # global layers
+    rope_local_base_freq=100.0,  # sliding layers
+    hidden_activation="gelu_pytorch_tanh",
+    tie_word_embeddings=True,
+    pad_token_id=0,
+)
+"""A tiny Gemma 3 text model: both kinds of layers, a window short sequences cross, distinct thetas."""
+
+
 def hf_config(family: str = "llama", **overrides: Any) -> Any:
-    """A tiny transformers config of `family` ('llama', 'qwen2' or 'mistral')."""
+    """A tiny transformers config of `family` ('llama', 'qwen2', 'mistral', 'qwen3' or 'gemma3').
+
+    Mistral and Qwen2 have no sliding window unless asked (`sliding_window=W`; Qwen2 also
+    `use_sliding_window=True`); Gemma 3 always has its interleaved local/global layers."""
     import transformers
 
     kwargs: dict[str, Any] = {**TINY, **overrides}
@@ -47,6 +65,12 @@ def hf_config(family: str = "llama", **overrides: Any) -> Any:
     if family == "mistral":
         kwargs.setdefault("sliding_window", None)
         return transformers.MistralConfig(**kwargs)
+    if family == "qwen3":
+        kwargs.setdefault("use_sliding_window", False)
+        kwargs.setdefault("head_dim", 16)
+        return transformers.Qwen3Config(**kwargs)
+    if family == "gemma3":
+        return transformers.Gemma3TextConfig(**{**TINY, **GEMMA3_TINY, **overrides})
     raise ValueError(family)
 
 
@@ -58,7 +82,11 @@ def hf_model(config: Any, seed: int = 0) -> Any:
         "llama": transformers.LlamaForCausalLM,
         "qwen2": transformers.Qwen2ForCausalLM,
         "mistral": transformers.MistralForCausalLM,
+        "qwen3": transformers.Qwen3ForCausalLM,
+        "gemma3_text": transformers.Gemma3ForCausalLM,
     }[config.model_type]
+    # Gemma's RMSNorm scales by (1 + weight): its weights are centred on 0, not 1.
+    norm_centre = 0.0 if config.model_type == "gemma3_text" else 1.0
     torch.manual_seed(seed)
     model = cls(config).float().eval()
     gen = torch.Generator().manual_seed(seed)
@@ -66,11 +94,13 @@ def hf_model(config: Any, seed: int = 0) -> Any:
         for name, p in model.named_parameters():  # tied lm_head/embedding appears once
             noise = torch.randn(p.shape, generator=gen)
             if "norm" in name:
-                p.copy_(1.0 + 0.1 * noise)
+                p.copy_(norm_centre + 0.1 * noise)
             elif name.endswith("bias"):
                 p.copy_(0.1 * noise)
             elif "embed_tokens" in name:
-                p.copy_(noise)
+                # Gemma multiplies embeddings by sqrt(hidden): keep its residual stream O(1) too, or
+                # the (tied) head just copies the current token
+                p.copy_(noise / math.sqrt(config.hidden_size) if config.model_type == "gemma3_text" else noise)
             else:
                 p.copy_(noise / math.sqrt(p.shape[1]))
     return model
@@ -78,6 +108,23 @@ def hf_model(config: Any, seed: int = 0) -> Any:
 
 def save_hf(model: Any, folder: Path, **kwargs: Any) -> Path:
     model.save_pretrained(str(folder), safe_serialization=True, **kwargs)
+    return folder
+
+
+def save_word_tokenizer(folder: Path, vocab_size: int = TINY["vocab_size"], bos: int = TINY["bos_token_id"],
+                        eos: int = TINY["eos_token_id"]) -> Path:
+    """A word-level tokenizer of `vocab_size` tokens `<t0>`..`<tN>` in `folder`, so that the engine can
+    serve a tiny random model (prompts given as token ids; its output is detokenised)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<t{i}>": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<t0>", bos_token=f"<t{bos}>",
+                                   eos_token=f"<t{eos}>")
+    fast.save_pretrained(str(folder))
     return folder
 
 
@@ -91,18 +138,44 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx:
     return out.transpose(0, 1).contiguous()
 
 
+def reference_attention(config: Any) -> Any:
+    """The tests' own attention for a model of `config` (an lserve ArchConfig): causal, restricted to
+    each layer's sliding window (`config.layer_windows[layer_idx]`: key j is visible to query i iff
+    j <= i and i - j < W, transformers' convention; None: every earlier key), with the softmax scale
+    `config.attention_scale` (head_dim**-0.5 except for Gemma 3). Positions are the step's own
+    token indices: the step is the whole sequence."""
+    windows, scale = config.layer_windows, config.attention_scale
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        t = q.shape[0]
+        i = torch.arange(t)[:, None]
+        j = torch.arange(t)[None, :]
+        mask = j <= i
+        window = windows[layer_idx]
+        if window is not None:
+            mask = mask & (i - j < window)
+        group = q.shape[1] // k.shape[1]
+        qh = q.transpose(0, 1)
+        kh = k.repeat_interleave(group, dim=1).transpose(0, 1)
+        vh = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        return out.transpose(0, 1).contiguous()
+
+    return attention
+
+
 def load_lserve(path: Path | str, load_format: str = "auto", dtype: torch.dtype = torch.float32,
-                seed: int = 0) -> LlamaForCausalLM:
+                seed: int = 0) -> torch.nn.Module:
     source = resolve_source(str(path), load_format)
     arch, factors = read_arch_config(source)
     return load_model(source, arch, factors, dtype, torch.device("cpu"), seed=seed)
 
 
 @torch.no_grad()
-def lserve_logits(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+def lserve_logits(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     if positions is None:
         positions = torch.arange(ids.shape[0])
-    hidden = model(ids, positions, sdpa_attention)
+    hidden = model(ids, positions, reference_attention(model.config))
     return model.compute_logits(hidden)
 
 

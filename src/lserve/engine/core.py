@@ -149,20 +149,7 @@ class EngineCore:
         self.page_score = self._page_score() if sparse.uses_page_selection else None
         logical = sparse.logical_page_size if self.page_score is not None and not self.page_score.uses_labels else None
         label_r = self.page_score.num_channels if self.page_score is not None else 0
-        # the fixed blocks per seat: (shape, geometry) of the ring pool and of the window pool
-        blocks: dict[str, tuple[KVShape, RingGeometry]] = {}
-        if use_ring:
-            blocks["ring"] = (
-                KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype, n_stream),
-                RingGeometry.plan(cache.page_size, max(sparse.prefill_sink_tokens, sparse.decode_sink_tokens),
-                                  max(sparse.prefill_local_tokens, sparse.decode_local_tokens),
-                                  self.max_chunk_tokens, self.max_model_len))
-        if any(w is not None for w in pooled):
-            blocks["window"] = (
-                KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype,
-                        tuple(0 if w is None else arch.num_kv_heads for w in pooled)),
-                RingGeometry.plan(cache.page_size, 0, max(w for w in pooled if w is not None),
-                                  self.max_chunk_tokens, self.max_model_len))
+        blocks = self._fixed_blocks(n_stream if use_ring else None, pooled)
         per_seat = sum(geometry.pages_per_seq * bshape.bytes_per_page for bshape, geometry in blocks.values())
         seats = sched.max_num_seqs
         if blocks and cache.num_kv_pages is None:
@@ -228,8 +215,29 @@ class EngineCore:
                     num_pages * shape.bytes_per_page / 2**20,
                     f" + {' and '.join(blocks)} pools for {seats} requests ({reserved / 2**20:.1f} MiB)" if blocks else "")
 
+    def _fixed_blocks(
+        self, n_stream: tuple[int, ...] | None, pooled: tuple[int | None, ...]
+    ) -> dict[str, tuple[KVShape, RingGeometry]]:
+        """The constant blocks per seat, as (shape, geometry): "ring" for streaming heads
+        (`n_stream` per layer), "window" for the layers with a window in `pooled`."""
+        arch, cache, sparse = self.arch, self.config.cache, self.config.sparse
+        blocks: dict[str, tuple[KVShape, RingGeometry]] = {}
+        if n_stream is not None:
+            blocks["ring"] = (
+                KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype, n_stream),
+                RingGeometry.plan(cache.page_size, max(sparse.prefill_sink_tokens, sparse.decode_sink_tokens),
+                                  max(sparse.prefill_local_tokens, sparse.decode_local_tokens),
+                                  self.max_chunk_tokens, self.max_model_len))
+        if any(w is not None for w in pooled):
+            blocks["window"] = (
+                KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype,
+                        tuple(0 if w is None else arch.num_kv_heads for w in pooled)),
+                RingGeometry.plan(cache.page_size, 0, max(w for w in pooled if w is not None),
+                                  self.max_chunk_tokens, self.max_model_len))
+        return blocks
+
     def kv_bytes_per_sequence(self, num_tokens: int) -> int:
-        """KV memory one sequence of `num_tokens` tokens holds: its pages, plus its ring block."""
+        """KV memory one sequence of `num_tokens` tokens holds: its pages, plus its ring and window blocks."""
         cache = self.kv_cache
         pages = -(-num_tokens // cache.shape.page_size)
         paged = pages * cache.shape.bytes_per_page
