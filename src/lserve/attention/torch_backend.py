@@ -177,6 +177,8 @@ class TorchAttentionBackend(AttentionBackend):
     def _decode(
         self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata, lists: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
+        if call.window is not None:
+            return self._decode_window(call, q, md)
         n = md.num_decodes
         length = max(md.seq_lens_cpu[:n])
         npages = -(-length // md.page_size)
@@ -220,21 +222,48 @@ class TorchAttentionBackend(AttentionBackend):
             out[:, q_idx] = o.squeeze(2).nan_to_num(0.0)  # a row with no listed key reads nothing
         return out
 
+    def _decode_window(self, call: PoolCall, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """Decode rows of a sliding-window layer: each row gathers only the pages its window
+        covers (a fixed count), so the cost does not grow with the context."""
+        n, page = md.num_decodes, md.page_size
+        sink, local = call.window  # type: ignore[misc]
+        assert sink == 0, "sliding windows have no sink"
+        lens = md.seq_lens[:n].long()
+        width = -(-local // page) + 1  # a window of `local` tokens touches at most this many pages
+        first = (lens - local).clamp(min=0) // page
+        idx = first[:, None] + torch.arange(width, device=q.device)[None, :]  # (n, width) logical pages
+        used = idx < (lens[:, None] + page - 1) // page
+        pages = torch.gather(call.page_table[:n].long(), 1, idx.clamp(max=call.page_table.shape[1] - 1))
+        keys = gather_pages(call.k_cache, torch.where(used, pages, 0), width * page)
+        values = gather_pages(call.v_cache, torch.where(used, pages, 0), width * page)
+        pos = (idx[:, :, None] * page + torch.arange(page, device=q.device)).reshape(n, -1)  # (n, width * page)
+        visible = used.repeat_interleave(page, dim=1) & (pos < lens[:, None]) & (lens[:, None] - 1 - pos < local)
+        # unread slots may hold anything, NaN included: zero them in the gathered copies
+        keys = keys.masked_fill(~visible[:, None, :, None], 0.0)
+        values = values.masked_fill(~visible[:, None, :, None], 0.0)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=visible[:, None, None, :],
+                                           scale=self.scale, enable_gqa=True)
+        return o.squeeze(2)
+
     def _prefill_seq(
         self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
         seq: int, seq_len: int,
     ) -> torch.Tensor:
         qlen = q.shape[0]
         qh = q.transpose(0, 1).unsqueeze(0)  # (1, Hq, qlen, D)
+        # a sliding-window layer's chunk sees nothing before its first query's window: read from there
+        first_page = 0
+        if call.window is not None and call.window[0] == 0:
+            first_page = max(seq_len - qlen - call.window[1] + 1, 0) // md.page_size
         if qlen == seq_len:  # no cached prefix: the new K/V are the whole sequence, no gather needed
             keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         else:
             npages = -(-seq_len // md.page_size)
-            table = call.page_table[seq : seq + 1, :npages]
-            keys = gather_pages(call.k_cache, table, seq_len)
-            values = gather_pages(call.v_cache, table, seq_len)
+            table = call.page_table[seq : seq + 1, first_page:npages]
+            keys = gather_pages(call.k_cache, table, seq_len - first_page * md.page_size)
+            values = gather_pages(call.v_cache, table, seq_len - first_page * md.page_size)
         qpos = torch.arange(seq_len - qlen, seq_len, device=q.device)
-        kpos = torch.arange(seq_len, device=q.device)
+        kpos = torch.arange(first_page * md.page_size if qlen != seq_len else 0, seq_len, device=q.device)
         hkv = keys.shape[1]
         out = torch.empty_like(qh)
         sink, local = self.windows(call, decode=False)
