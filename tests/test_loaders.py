@@ -312,6 +312,15 @@ def test_gguf_qwen2_biases_unpermuted(tmp_path, ids) -> None:
     assert_logits_match(lserve_logits(model, ids), hf_logits(ref, ids))
 
 
+def test_gguf_qwen3_qk_norms(tmp_path, ids) -> None:
+    """arch 'qwen3' GGUFs carry per-head q/k norms (attn_q_norm / attn_k_norm), unpermuted."""
+    ref = hf_model(hf_config("qwen3", head_dim=24), seed=14)
+    path = write_llama_gguf(ref, tmp_path / "qwen3.gguf", arch="qwen3")
+    model = load_lserve(path)
+    assert model.config.architecture == "Qwen3ForCausalLM" and model.config.head_dim == 24
+    assert_logits_match(lserve_logits(model, ids), hf_logits(ref, ids))
+
+
 def test_gguf_llama3_rope_freqs_tensor(tmp_path) -> None:
     """Llama 3.1 GGUFs carry scaling as rope_freqs.weight divisors; logits must match HF's llama3 rope."""
     config = hf_config("llama", rope_parameters={**LLAMA3_ROPE, "rope_theta": 10000.0})

@@ -180,6 +180,31 @@ def test_gemma3_hub_style_config(tiny, tmp_path) -> None:
     assert_logits_match(lserve_logits(load_lserve(legacy), ids), hf_logits(ref, ids))
 
 
+def test_gemma3_multimodal_checkpoint_serves_its_text_model(tiny, tmp_path) -> None:
+    """A Gemma3ForConditionalGeneration folder: the text config under `text_config`, the text
+    weights under `model.language_model.`, vision tensors beside them (skipped)."""
+    from safetensors.torch import load_file, save_file
+
+    ref, folder = tiny("gemma3")
+    mm = tmp_path / "multimodal"
+    mm.mkdir()
+    text_cfg = json.loads((folder / "config.json").read_text())
+    text_cfg.pop("architectures", None)
+    (mm / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "text_config": text_cfg, "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8},
+        "torch_dtype": "float32"}))
+    weights = {("model.language_model." + k[len("model."):]): v for k, v in load_file(folder / "model.safetensors").items()}
+    weights["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.zeros(8, 3, 2, 2)
+    weights["model.multi_modal_projector.mm_input_projection_weight"] = torch.zeros(8, 8)
+    save_file(weights, str(mm / "model.safetensors"))
+    arch, _ = read_arch_config(resolve_source(str(mm), "auto"))
+    assert arch.architecture == "Gemma3ForConditionalGeneration"
+    assert arch.layer_windows == EXPECTED_WINDOWS["gemma3"]
+    ids = random_ids(SEQ, seed=22)
+    assert_logits_match(lserve_logits(load_lserve(mm), ids), hf_logits(ref, ids))
+
+
 # --- architecture config ----------------------------------------------------------------------------
 
 
