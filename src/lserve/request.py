@@ -62,6 +62,11 @@ class Request:
     """With `logprobs`: per output token, its log-probability, its rank and the top-k (id, logprob)."""
     prompt_logprobs: list[TokenLogprobEntry] = field(default_factory=list)
     """With `prompt_logprobs`: the same for prompt tokens 1.. (filled as prefill chunks run)."""
+    prefill_only: bool = False
+    """A shared prompt prefix: it computes its tokens' KV and samples nothing; the sequences of an
+    `n` > 1 request fork from it (`fork_of`) and it is freed when the last has forked."""
+    fork_of: str | None = None
+    """Until it forks: the id of the prefill-only request whose KV this request will share."""
     num_inflight_tokens: int = 0
     """Tokens sampled by a step that is still running on the device (async scheduling): they count
     in `num_tokens`, so the next step can be scheduled before their values are known; the model

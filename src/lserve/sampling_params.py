@@ -63,8 +63,8 @@ class SamplingParams:
     keeps only those tokens, `min_tokens` keeps EOS, `stop_token_ids` and stop strings from ending
     the output before that many tokens, `include_stop_str_in_output` keeps the stop string in the
     text. `structured_outputs` constrains the output to a JSON schema, a regular expression, a
-    choice of strings or a grammar. Invalid values raise ValueError naming the field and its
-    allowed range.
+    choice of strings or a grammar. `n` samples several sequences for one prompt, sharing its
+    KV. Invalid values raise ValueError naming the field and its allowed range.
     """
 
     temperature: float = 1.0
@@ -87,6 +87,9 @@ class SamplingParams:
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
+    n: int = 1
+    """Sequences to sample for the prompt; they share the prompt's KV pages (computed once), and
+    with a `seed` sequence i draws from seed + i."""
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -96,6 +99,8 @@ class SamplingParams:
         self._check_range("repetition_penalty", self.repetition_penalty, 0.0, None, low_open=True)
         if not _is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
+        if not _is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):

@@ -322,6 +322,28 @@ class EngineCore:
         self.scheduler.add_request(request)
         self.num_prompt_tokens += request.num_prompt_tokens
 
+    def add_forked_requests(self, requests: list[Request]) -> None:
+        """Sequences with the same prompt (`n` > 1): a prefill-only prefix (the prompt but its last
+        token) computes the shared KV once; each sequence then forks from it, sharing its full
+        pages, and computes the last prompt token itself (its own first sample). A prompt of one
+        token has nothing to share: the sequences run on their own."""
+        prompt = requests[0].prompt_token_ids
+        assert all(r.prompt_token_ids == prompt for r in requests)
+        for r in requests:
+            if self.scheduler.find(r.request_id) is not None:
+                raise RequestRejected(f"request id {r.request_id!r} is already in use")
+        if len(prompt) < 2 or len(requests) < 2:
+            for r in requests:
+                self.add_request(r)
+            return
+        prefix_id = f"{requests[0].request_id}#prefix"
+        # (max_tokens 1 keeps it schedulable until its prompt is computed; it never samples)
+        prefix = Request(prefix_id, prompt[:-1], requests[0].sampling_params, 1, prefill_only=True)
+        for r in requests:
+            r.fork_of = prefix_id
+        self.scheduler.add_group(prefix, requests)
+        self.num_prompt_tokens += len(prompt) * len(requests)
+
     def abort_request(self, request_id: str) -> Request | None:
         """Stop a request and free its pages at once; None if it is unknown or already finished."""
         req = self.scheduler.find(request_id)
@@ -402,6 +424,8 @@ class EngineCore:
         """Queue the scheduled batch on the device; its tokens count as computed (and in flight).
         Returns the launch and the KV pages its decode rows read (engine totals count them now:
         the device reads them whatever becomes of the tokens)."""
+        for fork in out.forks:  # queued before the step, after the prefix's own steps
+            self.kv_cache.copy_fork(fork.page_pairs, fork.src_seat, fork.dst_seat)
         launched = self.runner.launch(self._step_inputs(out), out.num_decodes)
         self.last_step_num_tokens = out.num_tokens
         counts = self.runner.backend.last_page_counts

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,10 +108,18 @@ class LLM:
     ) -> list[RequestOutput]:
         engine = self.engine
         ids: list[str] = []
+        groups: list[list[str]] = []  # per prompt, the request ids of its sequences
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 try:
-                    ids.append(engine.add_request(prompt, p, add_special_tokens=add_special_tokens))
+                    if p.n == 1:
+                        groups.append([engine.add_request(prompt, p, add_special_tokens=add_special_tokens)])
+                    else:
+                        first = engine.next_request_id()
+                        children = [f"{first}-{j}" for j in range(p.n)]
+                        groups.append(engine.add_parallel_requests(prompt, parallel_params(p), children,
+                                                                   add_special_tokens=add_special_tokens))
+                    ids.extend(groups[-1])
                 except InvalidPromptError as exc:
                     if len(prompts) == 1:
                         raise
@@ -122,7 +131,25 @@ class LLM:
                 engine.abort_request(rid)
             raise
         with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 2, unit="req") as bar:
-            return run_to_completion(engine, ids, bar)
+            finals = dict(zip(ids, run_to_completion(engine, ids, bar)))
+        return [merge_sequences([finals[rid] for rid in group]) for group in groups]
+
+
+def parallel_params(params: SamplingParams) -> list[SamplingParams]:
+    """The `n` sequences' own parameters: n = 1 each, and with a seed, seed + i for sequence i
+    (as vLLM), so that each equals a single run with that seed."""
+    return [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            for i in range(params.n)]
+
+
+def merge_sequences(outputs: list[RequestOutput]) -> RequestOutput:
+    """One RequestOutput for the sequences of one prompt: the first's id, prompt and metrics, and
+    every sequence's completion, numbered by its place."""
+    if len(outputs) == 1:
+        return outputs[0]
+    head = outputs[0]
+    completions = [dataclasses.replace(out.outputs[0], index=i) for i, out in enumerate(outputs)]
+    return dataclasses.replace(head, outputs=completions, finished=all(o.finished for o in outputs))
 
 
 def run_to_completion(engine: LLMEngine, ids: list[str], bar: Any = None) -> list[RequestOutput]:

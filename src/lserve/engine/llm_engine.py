@@ -68,6 +68,10 @@ class LLMEngine:
         """Tokens (prompt and decode) of the batch the last `step()` launched."""
         return self.core.last_step_num_tokens
 
+    def next_request_id(self) -> str:
+        """A fresh request id (the engine's own counter)."""
+        return str(next(self._ids))
+
     def encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, add_special_tokens)
 
@@ -87,8 +91,48 @@ class LLMEngine:
         """
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if params.n != 1:
+            raise RequestRejected("LLMEngine.add_request takes one sequence (n=1); use add_parallel_requests "
+                                  "for n > 1 (LLM.generate does)")
         ids = self.encode(prompt, add_special_tokens)
-        request_id = request_id if request_id is not None else str(next(self._ids))
+        request_id = request_id if request_id is not None else self.next_request_id()
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        request = self._make_request(request_id, ids, params, text if isinstance(text, str) else None)
+        try:
+            self.core.add_request(request)
+        except BaseException:
+            del self._tracked[request_id]
+            raise
+        return request_id
+
+    def add_parallel_requests(
+        self,
+        prompt: Prompt,
+        params: list[SamplingParams],
+        request_ids: list[str],
+        add_special_tokens: bool = True,
+    ) -> list[str]:
+        """Queue several sequences of one prompt (`n` > 1), one request id each: the prompt's KV
+        is computed once and shared (`EngineCore.add_forked_requests`). All or none are queued."""
+        if len(params) != len(request_ids) or not params:
+            raise ValueError("give one request id per sampling params")
+        if any(p.n != 1 for p in params):
+            raise RequestRejected("each sequence of a parallel request takes n=1")
+        ids = self.encode(prompt, add_special_tokens)
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        requests: list[Request] = []
+        try:
+            for rid, p in zip(request_ids, params):
+                requests.append(self._make_request(rid, ids, p, text if isinstance(text, str) else None))
+            self.core.add_forked_requests(requests)
+        except BaseException:
+            for r in requests:
+                del self._tracked[r.request_id]
+            raise
+        return request_ids
+
+    def _make_request(self, request_id: str, ids: list[int], params: SamplingParams, text: str | None) -> Request:
+        """Validate one sequence and track it (the caller queues it in the core)."""
         if request_id in self._tracked:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         request = self.core.make_request(request_id, ids, params, self.eos_token_ids)
@@ -98,10 +142,8 @@ class LLMEngine:
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings, params.skip_special_tokens,
                                            params.include_stop_str_in_output)
-        self.core.add_request(request)
-        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
-        self._tracked[request_id] = _Tracked(request, text if isinstance(text, str) else None, detok)
-        return request_id
+        self._tracked[request_id] = _Tracked(request, text, detok)
+        return request
 
     def _grammar_compiler(self) -> GrammarCompiler:
         if self.tokenizer is None:

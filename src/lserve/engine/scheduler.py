@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from lserve.kv_cache.manager import KVCacheManager
+from lserve.kv_cache.manager import ForkCopy, KVCacheManager
 from lserve.runner.structured import consume
 from lserve.request import Request, RequestStatus
 
@@ -29,7 +29,8 @@ class ScheduledRequest:
     @property
     def samples(self) -> bool:
         """This step computes the request's last known token, so it yields a new one."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        req = self.request
+        return not req.prefill_only and req.num_computed_tokens + self.num_new_tokens == req.num_tokens
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class SchedulerOutput:
     """Decodes first (one token each), then prefill chunks."""
     num_decodes: int
     preempted: list[str] = field(default_factory=list)
+    forks: list[ForkCopy] = field(default_factory=list)
+    """Device copies to make before the step runs: sequences that start from a shared prefix."""
 
     @property
     def num_tokens(self) -> int:
@@ -61,6 +64,11 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefixes: dict[str, Request] = {}
+        """Prefill-only requests that have computed their tokens and hold their pages (and a seat)
+        until the sequences forking from them have forked."""
+        self._unforked: dict[str, int] = {}
+        """Per prefill-only request: the sequences that have not forked from it yet."""
 
     @property
     def num_unfinished(self) -> int:
@@ -69,6 +77,51 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
+
+    def add_group(self, prefix: Request, children: list[Request]) -> None:
+        """A prefill-only prefix and the sequences that fork from it once it has run (queued in
+        this order, so the prefix is admitted first)."""
+        assert prefix.prefill_only and all(c.fork_of == prefix.request_id for c in children)
+        self._unforked[prefix.request_id] = len(children)
+        for req in (prefix, *children):
+            self.add_request(req)
+
+    def _release_prefix(self, child: Request) -> None:
+        """`child` no longer waits to fork (it forked, fell back to its own prefill, or ended):
+        the prefix is freed once no sequence waits for it."""
+        prefix_id, child.fork_of = child.fork_of, None
+        if prefix_id is None or prefix_id not in self._unforked:
+            return
+        self._unforked[prefix_id] -= 1
+        if self._unforked[prefix_id] > 0:
+            return
+        del self._unforked[prefix_id]
+        done = self.prefixes.pop(prefix_id, None)
+        if done is not None:
+            self.kv.free(prefix_id)
+            done.status = RequestStatus.FINISHED_STOPPED
+            return
+        prefix = self.find(prefix_id)  # still prefilling: nobody needs it any more
+        if prefix is not None:
+            self.finish(prefix, RequestStatus.FINISHED_ABORTED)
+
+    def _fork(self, req: Request) -> tuple[bool, ForkCopy | None]:
+        """Before admitting `req`: (whether it may be admitted now, the copies of its fork, which
+        gives it the prefix's computed tokens). A sequence whose prefix has not finished waits;
+        one that cannot get a seat or a page to fork computes its prompt itself instead (so a
+        full pool never stalls it)."""
+        prefix = self.prefixes.get(req.fork_of or "")
+        if prefix is None:
+            if req.fork_of in self._unforked:
+                return False, None  # the prefix is still being computed
+            self._release_prefix(req)
+            return True, None
+        fork = self.kv.fork(prefix.request_id, req.request_id, prefix.num_tokens)
+        if fork is None:
+            self._release_prefix(req)
+            return True, None
+        req.num_computed_tokens = prefix.num_tokens
+        return True, fork
 
     # ---- scheduling ------------------------------------------------------------------------
 
@@ -89,11 +142,23 @@ class Scheduler:
                 (decodes if want_decode else prefills).append(ScheduledRequest(req, n))
                 budget -= n
             budget = self.max_num_batched_tokens - sum(s.num_new_tokens for s in decodes + prefills)
+        forks: list[ForkCopy] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
+            fork = None
+            if req.fork_of is not None:
+                ready, fork = self._fork(req)
+                if not ready:
+                    break
             n = min(req.num_pending_tokens, budget, self.max_chunk_tokens)
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                if fork is not None:  # it waits on, not forked
+                    self.kv.free(req.request_id)
+                    req.num_computed_tokens = 0
                 break
+            if fork is not None:
+                forks.append(fork)
+                self._release_prefix(req)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
@@ -101,7 +166,7 @@ class Scheduler:
             self.running.append(req)
             prefills.append(ScheduledRequest(req, n))
             budget -= n
-        return SchedulerOutput(decodes + prefills, len(decodes), preempted)
+        return SchedulerOutput(decodes + prefills, len(decodes), preempted, forks)
 
     def _allocate_or_preempt(
         self,
@@ -146,6 +211,11 @@ class Scheduler:
             s.request.num_computed_tokens += s.num_new_tokens
             if samples:
                 s.request.num_inflight_tokens += 1
+            elif s.request.prefill_only and s.request.num_pending_tokens == 0 and s.request in self.running:
+                # a shared prefix is computed (on the device, in order before any later step):
+                # its pages wait for the sequences that fork from it
+                self.running.remove(s.request)
+                self.prefixes[s.request.request_id] = s.request
 
     def resolve(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """The step's sampled tokens arrived: append them, finish requests that stop; returns the
@@ -168,6 +238,10 @@ class Scheduler:
 
     def finish(self, req: Request, status: RequestStatus, error: str | None = None) -> None:
         """End a request wherever it is and free its pages at once."""
+        if req.fork_of is not None:
+            self._release_prefix(req)
+        if req.request_id in self.prefixes:
+            return  # a computed prefix ends when its last sequence has forked
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -189,7 +263,9 @@ class Scheduler:
         assert len(self.running) <= self.max_num_seqs
         ids = [r.request_id for r in (*self.running, *self.waiting)]
         assert len(ids) == len(set(ids)), "a request is queued twice"
-        assert set(self.kv.page_tables) <= {r.request_id for r in self.running}, "pages held by a non-running request"
+        assert set(self.kv.page_tables) <= {r.request_id for r in self.running} | set(self.prefixes), \
+            "pages held by a request that neither runs nor is a computed prefix"
+        assert set(self.prefixes) <= set(self._unforked), "a computed prefix nobody waits for"
         for req in self.running:
             assert req.status is RequestStatus.RUNNING
             assert 0 <= req.num_computed_tokens <= req.num_tokens

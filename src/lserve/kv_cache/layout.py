@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,6 +109,30 @@ class KVCacheTensors:
             ) from exc
 
 
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """Copy pages `src` onto pages `dst` in every layer, with what page selection keeps of
+        them (their logical pages' key statistics, or their slots' key labels)."""
+        if not src:
+            return
+        device = self.k[0].device
+        s = torch.tensor(src, dtype=torch.long, device=device)
+        d = torch.tensor(dst, dtype=torch.long, device=device)
+        for tensors in (self.k, self.v):
+            for t in tensors:
+                t.index_copy_(0, d, t.index_select(0, s))
+        if self.k_min is not None and self.k_max is not None and self.logical_page_size is not None:
+            sub = torch.arange(self.shape.page_size // self.logical_page_size, device=device)
+            rows_s, rows_d = (s[:, None] * sub.numel() + sub).reshape(-1), (d[:, None] * sub.numel() + sub).reshape(-1)
+            for t in (*self.k_min, *self.k_max):
+                t.index_copy_(0, rows_d, t.index_select(0, rows_s))
+        if self.k_label is not None:
+            off = torch.arange(self.shape.page_size, device=device)
+            slots_s = (s[:, None] * self.shape.page_size + off).reshape(-1)
+            slots_d = (d[:, None] * self.shape.page_size + off).reshape(-1)
+            for t in self.k_label:
+                t.index_copy_(1, slots_d, t.index_select(1, slots_s))
+
+
 @dataclass(frozen=True)
 class RingGeometry:
     """Where a streaming head keeps token `pos` of a sequence: its sink pages never move; the
@@ -192,6 +217,16 @@ class KVCache:
         for layer, w in enumerate(self.layer_windows):
             if w is not None and window is not None:
                 self.dense_heads[layer], self.streaming_heads[layer] = [], []
+
+    def copy_fork(self, page_pairs: Sequence[tuple[int, int]], src_seat: int, dst_seat: int) -> None:
+        """A forked sequence's own copies: paged pages (`page_pairs`: source, destination) and
+        the source seat's ring and window blocks onto the destination seat's."""
+        self.paged.copy_pages([a for a, _ in page_pairs], [b for _, b in page_pairs])
+        for pool, geometry in ((self.ring, self.ring_geometry), (self.window, self.window_geometry)):
+            if pool is not None and geometry is not None:
+                n = geometry.pages_per_seq
+                pool.copy_pages(list(range(src_seat * n, (src_seat + 1) * n)),
+                                list(range(dst_seat * n, (dst_seat + 1) * n)))
 
     def ring_bytes_per_sequence(self) -> int:
         """What one sequence holds in the ring and window pools (constant in its length)."""

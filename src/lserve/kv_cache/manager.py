@@ -8,7 +8,9 @@ requests hold pages.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -56,6 +58,17 @@ class SeatPageRows:
         if have and len(seats):
             out[:, :have] = self._rows[np.asarray(seats, dtype=np.int64), :have]
         return out
+
+
+@dataclass(frozen=True)
+class ForkCopy:
+    """The device copies that give a forked sequence its own state: the pages it cannot share
+    (a partly filled last page: its next tokens go there), and its seat's ring and window blocks."""
+
+    page_pairs: tuple[tuple[int, int], ...]
+    """(source page, new page) of the paged pool."""
+    src_seat: int
+    dst_seat: int
 
 
 class KVCacheManager:
@@ -108,8 +121,31 @@ class KVCacheManager:
             table.extend(new)
         return True
 
+    def fork(self, src_id: str, dst_id: str, num_tokens: int) -> ForkCopy | None:
+        """Give `dst_id` the KV of the first `num_tokens` tokens of `src_id`: the full pages
+        shared (one more reference each), a partly filled last page copied into a new page, a
+        seat of its own; None (and no change) when no seat or page is free. The caller copies the
+        `ForkCopy` on the device before `dst_id` runs."""
+        src = self.page_tables[src_id]
+        full, partial = divmod(num_tokens, self.page_size)
+        assert dst_id not in self.page_tables and full + (partial > 0) <= len(src)
+        if not self._free_seats or self.pool.num_free_pages < (partial > 0):
+            return None
+        shared = src[:full]
+        self.pool.share(shared)
+        table = list(shared)
+        pairs: tuple[tuple[int, int], ...] = ()
+        if partial:
+            table += self.pool.allocate(1)
+            pairs = ((src[full], table[-1]),)
+        seat = self.seats[dst_id] = self._free_seats.pop()
+        self.page_tables[dst_id] = table
+        self.seat_rows.append(seat, 0, table)
+        return ForkCopy(pairs, self.seats[src_id], seat)
+
     def free(self, request_id: str) -> None:
-        """Return every page and the seat of the request (finished, failed, aborted or preempted)."""
+        """Return every page and the seat of the request (finished, failed, aborted or preempted);
+        a shared page returns to the pool with its last holder."""
         pages = self.page_tables.pop(request_id, None)
         if pages:
             self.pool.free(pages)
@@ -120,9 +156,11 @@ class KVCacheManager:
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()
-        owned = [p for table in self.page_tables.values() for p in table]
-        assert len(owned) == len(set(owned)), "a page is owned by two requests"
+        owned = Counter(p for table in self.page_tables.values() for p in table)
+        assert all(self.pool.refs(p) == n for p, n in owned.items()), "reference counts and page tables disagree"
         assert len(owned) == self.pool.num_used_pages, "used pages and page tables disagree"
+        for table in self.page_tables.values():
+            assert len(table) == len(set(table)), "a page appears twice in one table"
         assert set(self.seats) == set(self.page_tables), "seats and page tables disagree"
         for rid, table in self.page_tables.items():
             assert self.seat_rows.rows([self.seats[rid]], len(table))[0].tolist() == table, "seat rows are stale"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class PagePool:
-    """Hands out page ids 0..num_pages-1; each page is owned by at most one request.
+    """Hands out page ids 0..num_pages-1, with a reference count per page: a page is allocated
+    with one reference, `share` adds one (a forked sequence reading a prompt page it did not
+    write), and it returns to the free list when its last reference is freed.
 
     The free list is a stack: the pages freed last are handed out first, and never-used pages
     (in ascending order) only when no freed page is left. Pages of a CPU pool become resident
@@ -17,7 +19,7 @@ class PagePool:
             raise ValueError(f"a page pool needs at least one page, got {num_pages}")
         self.num_pages = num_pages
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # the top of the stack is the end
-        self._is_free = [True] * num_pages
+        self._refs = [0] * num_pages
 
     @property
     def num_free_pages(self) -> int:
@@ -33,19 +35,33 @@ class PagePool:
             raise RuntimeError(f"asked for {n} pages with {len(self._free)} free")
         pages = [self._free.pop() for _ in range(n)]
         for p in pages:
-            self._is_free[p] = False
+            self._refs[p] = 1
         return pages
 
+    def share(self, pages: list[int]) -> None:
+        """One more reference to each of these pages (each must be in use)."""
+        for p in pages:
+            if not 0 <= p < self.num_pages or self._refs[p] == 0:
+                raise RuntimeError(f"page {p} is not in use and cannot be shared")
+            self._refs[p] += 1
+
+    def refs(self, page: int) -> int:
+        return self._refs[page]
+
     def free(self, pages: list[int]) -> None:
+        """Drop one reference to each page; pages left without one return to the free list."""
+        released = []
         for p in pages:
             if not 0 <= p < self.num_pages:
                 raise RuntimeError(f"page {p} is not in this pool")
-            if self._is_free[p]:
+            if self._refs[p] == 0:
                 raise RuntimeError(f"page {p} freed twice")
-            self._is_free[p] = True
-        self._free.extend(reversed(pages))  # the next allocation takes them back in the same order
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                released.append(p)
+        self._free.extend(reversed(released))  # the next allocation takes them back in the same order
 
     def check_invariants(self) -> None:
         assert len(set(self._free)) == len(self._free), "duplicate page in the free list"
-        assert sum(self._is_free) == len(self._free), "free flags disagree with the free list"
-        assert all(self._is_free[p] for p in self._free)
+        assert sum(r == 0 for r in self._refs) == len(self._free), "reference counts disagree with the free list"
+        assert all(self._refs[p] == 0 for p in self._free)
