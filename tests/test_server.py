@@ -243,10 +243,13 @@ ERROR_CASES = [
     ("/v1/completions", {"prompt": ["ok", ""]}, 400, "prompt.1", "must not be empty"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "must not be empty"),
     ("/v1/completions", {"prompt": [7, 10**9]}, 400, "prompt", "out of the vocabulary"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", "only n=1"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", "greater than or equal to 1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 129}, 400, "n",
+     "less than or equal to 128"),
+    ("/v1/completions", {"prompt": "hi", "n": 3, "best_of": 2}, 400, "best_of", "greater than or equal to n"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 2, "stream": True}, 400, "best_of", "cannot be used with stream"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
     ("/v1/completions", {"prompt": "hi", "prompt_logprobs": -1}, 400, "prompt_logprobs", "greater than or equal to 0"),
-    ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of", "best_of=1"),
     ("/v1/completions", {"prompt": "hi", "suffix": "x"}, 400, "suffix", "not supported"),
     ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal to 2"),
     ("/v1/completions", {"prompt": "hi", "frequency_penalty": -3}, 400, "frequency_penalty", "greater than or equal"),
@@ -316,8 +319,8 @@ def test_vllm_wording_when_prompt_alone_is_too_long(http: httpx.Client) -> None:
 
 
 def test_openai_client_raises_the_matching_errors(lserve_server: RemoteServer, client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError, match="only n=1"):
-        client.completions.create(model=MODEL_NAME, prompt="hi", n=2)
+    with pytest.raises(openai.BadRequestError, match="greater than or equal to 1"):
+        client.completions.create(model=MODEL_NAME, prompt="hi", n=0)
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_completion_tokens=100_000)
     with pytest.raises(openai.NotFoundError, match="does not exist"):

@@ -184,9 +184,11 @@ class AsyncEngine:
     # ---- requests --------------------------------------------------------------------------------
 
     async def add_requests(
-        self, requests: Sequence[tuple[str, list[int], SamplingParams]], arrival_time: float
+        self, requests: Sequence[tuple[str, list[int], SamplingParams]], arrival_time: float, group_size: int = 1,
     ) -> list[RequestStream]:
-        """Queue requests (id, prompt token ids, params) all or none; RequestRejected if one is refused."""
+        """Queue requests (id, prompt token ids, params) all or none; RequestRejected if one is refused.
+        With `group_size` k > 1, each run of k requests shares one prompt (n choices): its KV is
+        computed once (`LLMEngine.add_parallel_requests`)."""
         if self.is_dead:
             raise EngineDeadError(self.dead_reason)
         if not self.accepting:
@@ -196,7 +198,7 @@ class AsyncEngine:
             self._streams[s.request_id] = s
         ids = [s.request_id for s in streams]
         try:
-            await self.run(self._add_all, list(requests))
+            await self.run(self._add_all, list(requests), group_size)
         except asyncio.CancelledError:
             # The client left while the job was queued: the abort job runs after the add job, so
             # nothing the add job queued survives.
@@ -210,12 +212,17 @@ class AsyncEngine:
         self._wake.set()
         return streams
 
-    def _add_all(self, requests: list[tuple[str, list[int], SamplingParams]]) -> None:
+    def _add_all(self, requests: list[tuple[str, list[int], SamplingParams]], group_size: int = 1) -> None:
         added: list[str] = []
         try:
-            for rid, ids, params in requests:
-                self.engine.add_request(ids, params, request_id=rid)
-                added.append(rid)
+            for start in range(0, len(requests), group_size):
+                group = requests[start:start + group_size]
+                if len(group) == 1:
+                    rid, ids, params = group[0]
+                    self.engine.add_request(ids, params, request_id=rid)
+                else:
+                    self.engine.add_parallel_requests(group[0][1], [g[2] for g in group], [g[0] for g in group])
+                added.extend(g[0] for g in group)
         except BaseException:
             for rid in added:
                 self.engine.abort_request(rid)

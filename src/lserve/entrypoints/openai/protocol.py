@@ -16,6 +16,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from lserve.sampling_params import MAX_LOGPROBS
 
+MAX_CHOICES = 128
+"""The most choices (n, best_of) one request may ask for per prompt (OpenAI's limit)."""
+
 # Upper bound of `repetition_penalty` and lower bound of its inverse: beyond these the float32
 # logits overflow to infinity and sampling would fail for the whole batch.
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
@@ -91,7 +94,8 @@ class _SamplingRequest(_Request):
         None, description="token ids that end the output (vLLM)")
     ignore_eos: bool = Field(False, description="keep generating after EOS (vLLM)")
     skip_special_tokens: bool = Field(True, description="(vLLM)")
-    n: JsonInt = Field(1, description="only 1 is supported", json_schema_extra=_only(minimum=1, maximum=1))
+    n: JsonInt = Field(1, ge=1, le=MAX_CHOICES, description="choices to sample for each prompt; they share the "
+                       "prompt's KV, and with a seed choice i draws from seed + i")
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None, description="token id (as a string) -> bias added to its logit")
     min_tokens: JsonInt = Field(0, ge=0, description="EOS, stop tokens and stop strings end no output shorter (vLLM)")
@@ -125,8 +129,8 @@ class CompletionRequest(_SamplingRequest):
     prompt_logprobs: JsonInt | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="the prompt tokens' log-probabilities and the N most likely at "
         "each position, as vLLM's `prompt_logprobs` (vLLM)")
-    best_of: JsonInt | None = Field(None, description="only 1 is supported",
-                                    json_schema_extra=_only(minimum=1, maximum=1))
+    best_of: JsonInt | None = Field(None, ge=1, le=MAX_CHOICES, description="sample this many choices per prompt "
+                                    "and return the n with the highest cumulative log-probability (not with stream)")
     suffix: str | None = Field(None, description="not supported (must be null or empty)",
                                json_schema_extra=_only(maxLength=0))
     add_special_tokens: bool = Field(True, description="add the tokenizer's special tokens (BOS) (vLLM)")
@@ -377,13 +381,13 @@ def _is_set(value: Any) -> bool:
 def unsupported_fields(req: CompletionRequest | ChatCompletionRequest) -> tuple[str, str] | None:
     """(param, message) for the first field whose value lserve cannot honour, or None."""
     checks: list[tuple[str, bool, str]] = [
-        ("n", req.n != 1, "only n=1 is supported"),
         ("stream_options", req.stream_options is not None and not req.stream,
          "Stream options can only be defined when `stream=True`."),
     ]
     if isinstance(req, CompletionRequest):
         checks += [
-            ("best_of", req.best_of not in (None, 1), "only best_of=1 is supported"),
+            ("best_of", req.best_of is not None and req.best_of < req.n, "best_of must be greater than or equal to n"),
+            ("best_of", req.best_of not in (None, req.n) and req.stream, "best_of cannot be used with stream"),
             ("suffix", _is_set(req.suffix), "suffix is not supported"),
         ]
     else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import time
 import uuid
@@ -28,6 +29,7 @@ from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from lserve.engine.llm import parallel_params
 from lserve.engine.tokenizer import encode_prompt, max_token_chars, render_chat
 from lserve.entrypoints.openai.async_engine import (
     AsyncEngine,
@@ -208,6 +210,18 @@ async def _merged(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, 
     finally:
         for task in pending:
             task.cancel()
+
+
+def _best_choices(finals: Sequence[RequestOutput], choices: int, n: int) -> list[int]:
+    """Indices of the outputs to return: all of them, or with best_of (`choices` > n) the n of
+    each prompt's run of `choices` with the highest cumulative log-probability, best first."""
+    if choices == n:
+        return list(range(len(finals)))
+    keep: list[int] = []
+    for start in range(0, len(finals), choices):
+        run = range(start, start + choices)
+        keep += sorted(run, key=lambda i: -(finals[i].outputs[0].cumulative_logprob or 0.0))[:n]
+    return keep
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -492,6 +506,10 @@ class OpenAIServing:
         if len(prompts) > self.max_prompts_per_request:
             raise APIError(400, f"a request may hold at most {self.max_prompts_per_request} prompts, got "
                            f"{len(prompts)}", "prompt")
+        if len(prompts) * (req.best_of or req.n) > self.max_prompts_per_request:
+            raise APIError(400, f"a request may ask for at most {self.max_prompts_per_request} sequences (prompts "
+                           f"times n or best_of), got {len(prompts) * (req.best_of or req.n)}",
+                           "best_of" if req.best_of else "n")
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise APIError(400, "the prompt must not be empty", "prompt" if len(prompts) == 1 else f"prompt.{i}")
@@ -499,30 +517,36 @@ class OpenAIServing:
                                                   req.echo and req.logprobs is not None)
         structured, grammar_param = self._structured(req)
         params = [self._sampling_params(req, len(p.token_ids), req.max_tokens, "prompt", structured) for p in encoded]
+        choices = req.best_of or req.n
+        if choices > req.n:  # best_of ranks the choices by their cumulative log-probability
+            params = [p if p.logprobs is not None else dataclasses.replace(p, logprobs=0) for p in params]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         model = req.model or self.model_name  # the name the client used, as vLLM answers
-        streams = await self._add(request_id, [p.token_ids for p in encoded], params, arrival, grammar_param)
+        streams = await self._add(request_id, [p.token_ids for p in encoded], params, arrival, grammar_param,
+                                  choices)
         prompt_tokens = sum(len(p.token_ids) for p in encoded)
-        if req.stream:
+        per_choice = [p for p in encoded for _ in range(choices)]
+        if req.stream:  # (best_of is not allowed with stream: every choice streams)
             opts = req.stream_options
             body = self._completion_stream(
-                request_id, model, streams, encoded, params, prompt_tokens, req,
-                include_usage=bool(opts and opts.include_usage), continuous=bool(opts and opts.continuous_usage_stats),
+                request_id, model, streams, per_choice, [p for p in params for _ in range(choices)], prompt_tokens,
+                req, include_usage=bool(opts and opts.include_usage), continuous=bool(opts and opts.continuous_usage_stats),
             )
             return EventStreamResponse(body, self._closer(streams))
         finals = await self._collect(streams)
-        choices = [
-            CompletionChoice(index=i, text=encoded[i].text + out.outputs[0].text,
+        picked = [(per_choice[i], finals[i]) for i in _best_choices(finals, choices, req.n)]
+        choices_out = [
+            CompletionChoice(index=i, text=prompt.text + out.outputs[0].text,
                              finish_reason=out.outputs[0].finish_reason,  # type: ignore[arg-type]
                              stop_reason=out.outputs[0].stop_reason,
                              logprobs=None if req.logprobs is None else self._completion_logprobs(
-                                 req.logprobs, encoded[i], out, 0, len(encoded[i].text), with_prompt=req.echo)[0],
+                                 req.logprobs, prompt, out, 0, len(prompt.text), with_prompt=req.echo)[0],
                              prompt_logprobs=prompt_logprobs_by_id(out.prompt_logprobs)  # type: ignore[arg-type]
                              if req.prompt_logprobs is not None and out.prompt_logprobs is not None else None)
-            for i, out in enumerate(finals)
+            for i, (prompt, out) in enumerate(picked)
         ]
-        completion_tokens = sum(len(out.outputs[0].token_ids) for out in finals)
-        resp = CompletionResponse(id=request_id, created=int(time.time()), model=model, choices=choices,
+        completion_tokens = sum(len(out.outputs[0].token_ids) for out in finals)  # best_of: every choice counts
+        resp = CompletionResponse(id=request_id, created=int(time.time()), model=model, choices=choices_out,
                                   usage=UsageInfo(**_usage(prompt_tokens, completion_tokens)))
         return Response(resp.model_dump_json(), media_type="application/json")
 
@@ -605,15 +629,27 @@ class OpenAIServing:
         params = self._sampling_params(req, len(ids), max_tokens, "messages", structured)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         model = req.model or self.model_name
-        streams = await self._add(request_id, [ids], [params], arrival, grammar_param)
+        if req.n > self.max_prompts_per_request:
+            raise APIError(400, f"a request may ask for at most {self.max_prompts_per_request} sequences, got {req.n}",
+                           "n")
+        streams = await self._add(request_id, [ids], [params], arrival, grammar_param, req.n)
         tool_names = {t.function.name for t in req.tools or []} if _tools_active(req) else set()
         if req.stream:
             opts = req.stream_options
-            body = self._chat_stream(request_id, model, streams[0], params, len(ids),
+            body = self._chat_stream(request_id, model, streams, params, len(ids),
                                      include_usage=bool(opts and opts.include_usage),
                                      continuous=bool(opts and opts.continuous_usage_stats), tool_names=tool_names)
             return EventStreamResponse(body, self._closer(streams))
-        out = (await self._collect(streams))[0]
+        finals = await self._collect(streams)
+        resp = ChatCompletionResponse(
+            id=request_id, created=int(time.time()), model=model,
+            choices=[self._chat_choice(i, out, params, tool_names) for i, out in enumerate(finals)],
+            usage=UsageInfo(**_usage(len(ids), sum(len(out.outputs[0].token_ids) for out in finals))),
+        )
+        return Response(resp.model_dump_json(), media_type="application/json")
+
+    @staticmethod
+    def _chat_choice(index: int, out: RequestOutput, params: SamplingParams, tool_names: set[str]) -> ChatChoice:
         comp = out.outputs[0]
         logprobs = None
         if params.logprobs is not None:
@@ -623,71 +659,65 @@ class OpenAIServing:
         message = AssistantMessage(content=content, tool_calls=[
             OutputToolCall(id=call_id(), function=OutputFunctionCall(name=c.name, arguments=c.arguments))
             for c in calls])
-        resp = ChatCompletionResponse(
-            id=request_id, created=int(time.time()), model=model,
-            choices=[ChatChoice(index=0, message=message, logprobs=logprobs,
-                                finish_reason="tool_calls" if calls and comp.finish_reason == "stop"
-                                else comp.finish_reason,  # type: ignore[arg-type]
-                                stop_reason=comp.stop_reason)],
-            usage=UsageInfo(**_usage(len(ids), len(comp.token_ids))),
-        )
-        return Response(resp.model_dump_json(), media_type="application/json")
+        return ChatChoice(index=index, message=message, logprobs=logprobs,
+                          finish_reason="tool_calls" if calls and comp.finish_reason == "stop"
+                          else comp.finish_reason,  # type: ignore[arg-type]
+                          stop_reason=comp.stop_reason)
 
     async def _chat_stream(
-        self, request_id: str, model: str, stream: RequestStream, params: SamplingParams, prompt_tokens: int,
+        self, request_id: str, model: str, streams: list[RequestStream], params: SamplingParams, prompt_tokens: int,
         include_usage: bool, continuous: bool, tool_names: set[str] | None = None,
     ) -> AsyncIterator[str]:
-        """Chat chunks. With tools, the text is held until the end, when the calls in it are parsed:
-        then one chunk carries the content left and the calls (whole arguments), the next the
-        finish reason."""
+        """Chat chunks, per choice (index). With tools, a choice's text is held until it ends, when
+        the calls in it are parsed: then one chunk carries the content left and the calls (whole
+        arguments), the next the finish reason."""
         created = int(time.time())
-        tokens = 0
+        tokens = [0] * len(streams)
+        sent = [0] * len(streams)
+        holdback = _holdback(params)
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, stop_reason: int | str | None = None,
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, stop_reason: int | str | None = None,
                   logprobs: list[dict[str, Any]] | None = None) -> str:
             data: dict[str, Any] = {
                 "id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta,
+                "choices": [{"index": index, "delta": delta,
                              "logprobs": {"content": logprobs} if logprobs is not None else None,
                              "finish_reason": finish, "stop_reason": stop_reason}],
             }
             if include_usage:
-                data["usage"] = _usage(prompt_tokens, tokens) if continuous else None
+                data["usage"] = _usage(prompt_tokens, sum(tokens)) if continuous else None
             return sse(data)
 
         try:
-            yield chunk({"role": "assistant", "content": ""})  # OpenAI's first chunk carries the role
-            sent = 0
-            holdback = _holdback(params)
-            while True:
-                out = await stream.next()
+            for i in range(len(streams)):
+                yield chunk(i, {"role": "assistant", "content": ""})  # OpenAI's first chunk carries the role
+            async for i, out in _merged(streams):
                 comp = out.outputs[0]
                 if tool_names and not out.finished:  # held: calls are parsed from the whole text
                     continue
                 if tool_names:
                     content, calls = parse_tool_calls(comp.text, tool_names)
-                    tokens = len(comp.token_ids)
-                    delta_calls = [{"index": i, "id": call_id(), "type": "function",
-                                    "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
+                    tokens[i] = len(comp.token_ids)
+                    delta_calls = [{"index": j, "id": call_id(), "type": "function",
+                                    "function": {"name": c.name, "arguments": c.arguments}} for j, c in enumerate(calls)]
                     lps = chat_logprobs(comp.token_ids, comp.logprobs or [], params.logprobs) \
                         if params.logprobs is not None else None
-                    yield chunk({"content": content, **({"tool_calls": delta_calls} if calls else {})}, logprobs=lps)
+                    yield chunk(i, {"content": content, **({"tool_calls": delta_calls} if calls else {})}, logprobs=lps)
                     reason = "tool_calls" if calls and comp.finish_reason == "stop" else comp.finish_reason
-                    yield chunk({}, reason, comp.stop_reason)
-                    break
-                first, tokens = tokens, len(comp.token_ids)
-                delta, sent = _text_delta(comp.text, sent, out.finished, holdback)
+                    yield chunk(i, {}, reason, comp.stop_reason)
+                    continue
+                first, tokens[i] = tokens[i], len(comp.token_ids)
+                delta, sent[i] = _text_delta(comp.text, sent[i], out.finished, holdback)
                 logprobs = None
-                if params.logprobs is not None and tokens > first:
+                if params.logprobs is not None and tokens[i] > first:
                     logprobs = chat_logprobs(comp.token_ids[first:], (comp.logprobs or [])[first:], params.logprobs)
                 if out.finished:
-                    yield chunk({"content": delta} if delta else {}, comp.finish_reason, comp.stop_reason, logprobs)
-                    break
-                if delta or logprobs:
-                    yield chunk({"content": delta}, logprobs=logprobs)
+                    yield chunk(i, {"content": delta} if delta else {}, comp.finish_reason, comp.stop_reason, logprobs)
+                elif delta or logprobs:
+                    yield chunk(i, {"content": delta}, logprobs=logprobs)
             if include_usage:
                 yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                           "model": model, "choices": [], "usage": _usage(prompt_tokens, tokens)})
+                           "model": model, "choices": [], "usage": _usage(prompt_tokens, sum(tokens))})
         except EngineDeadError as exc:
             yield sse(error_body(503, str(exc)))
         yield sse("[DONE]")
@@ -696,11 +726,15 @@ class OpenAIServing:
 
     async def _add(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams], arrival: float,
-        grammar_param: str = "",
+        grammar_param: str = "", choices: int = 1,
     ) -> list[RequestStream]:
+        """Queue each prompt's `choices` sequences (n or best_of; their parameters from
+        `parallel_params`, so choice i draws from seed + i): streams in order, prompt by prompt."""
+        prompts = [ids for ids in prompts for _ in range(choices)]
+        params = [c for p in params for c in parallel_params(dataclasses.replace(p, n=choices))]
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         try:
-            return await self.engine.add_requests(list(zip(ids, prompts, params)), arrival)
+            return await self.engine.add_requests(list(zip(ids, prompts, params)), arrival, group_size=choices)
         except InvalidGrammarError as exc:  # compiled with the request, on the engine thread
             raise APIError(400, str(exc), grammar_param or None) from exc
         except RequestRejected as exc:
