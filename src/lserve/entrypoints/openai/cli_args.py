@@ -47,7 +47,7 @@ def add_serve_parser(
     p.add_argument("--max-request-bytes", type=int, default=32 * 2**20,
                    help="largest request body accepted; larger ones get 413 (default: 32 MiB)")
     p.add_argument("--max-prompts-per-request", type=int, default=128,
-                   help="most prompts in one /v1/completions request; more get 400 (default: 128)")
+                   help="most sequences (prompts times n or best_of) in one request; more get 400 (default: 128)")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level; 'warning' hides the access log (default: info)")
