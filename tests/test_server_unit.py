@@ -104,7 +104,8 @@ def test_fake_engine_serves_requests() -> None:
         r = await c.post("/v1/completions", json={"prompt": [[1, 2], [3]], "max_tokens": 3})
         assert r.status_code == 200
         assert [ch["text"] for ch in r.json()["choices"]] == ["xxx", "xxx"]
-        assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+        assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9,
+                                     "prompt_tokens_details": None}  # (vLLM's null without cached tokens)
         assert fake.aborted == [] and engine.num_open_requests == 0  # finished requests are not aborted
 
     asyncio.run(_with_app(test))

@@ -79,6 +79,10 @@ class CacheConfig:
         None, "bytes for the KV cache, ring pool and page-selection labels included (instead of a share of "
         "free memory)"
     )
+    enable_prefix_caching: bool = _field(
+        False, "keep full KV pages after their request ends and reuse them for later prompts that start "
+        "with the same tokens (vLLM's name; LRU eviction); not yet with streaming heads or sliding-window layers"
+    )
     window_pool: bool = _field(
         True, "keep sliding-window layers in a constant-size ring per request (off: in the paged pool, "
         "growing with the context, as a baseline for comparisons)"

@@ -62,6 +62,8 @@ class Request:
     """With `logprobs`: per output token, its log-probability, its rank and the top-k (id, logprob)."""
     prompt_logprobs: list[TokenLogprobEntry] = field(default_factory=list)
     """With `prompt_logprobs`: the same for prompt tokens 1.. (filled as prefill chunks run)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache when it was first admitted (not computed)."""
     prefill_only: bool = False
     """A shared prompt prefix: it computes its tokens' KV and samples nothing; the sequences of an
     `n` > 1 request fork from it (`fork_of`) and it is freed when the last has forked."""
@@ -171,3 +173,5 @@ class RequestOutput:
     `decode_pages_read_fraction`."""
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """With `SamplingParams.prompt_logprobs`: one entry per prompt token, None for the first."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (`enable_prefix_caching`)."""

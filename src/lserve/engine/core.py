@@ -187,7 +187,12 @@ class EngineCore:
                                 fixed.get("window"), blocks["window"][1] if "window" in blocks else None, windows)
         self.kv_tensors = paged
         self.num_seats = seats
-        self.kv_manager = KVCacheManager(num_pages, cache.page_size, seats)
+        if cache.enable_prefix_caching and blocks:
+            raise LServeError(
+                "enable_prefix_caching does not yet restore the ring of streaming heads or the window pool of "
+                "sliding-window layers: turn it off, or run without streaming heads"
+                + (" (window_pool=False keeps this model's sliding-window layers paged)" if "window" in blocks else ""))
+        self.kv_manager = KVCacheManager(num_pages, cache.page_size, seats, enable_caching=cache.enable_prefix_caching)
         selector = None
         if sparse.uses_page_selection:
             assert self.page_score is not None
@@ -326,13 +331,15 @@ class EngineCore:
         """Sequences with the same prompt (`n` > 1): a prefill-only prefix (the prompt but its last
         token) computes the shared KV once; each sequence then forks from it, sharing its full
         pages, and computes the last prompt token itself (its own first sample). A prompt of one
-        token has nothing to share: the sequences run on their own."""
+        token has nothing to share, and a request for prompt log-probabilities computes them per
+        sequence: those sequences run on their own."""
         prompt = requests[0].prompt_token_ids
         assert all(r.prompt_token_ids == prompt for r in requests)
         for r in requests:
             if self.scheduler.find(r.request_id) is not None:
                 raise RequestRejected(f"request id {r.request_id!r} is already in use")
-        if len(prompt) < 2 or len(requests) < 2:
+        if len(prompt) < 2 or len(requests) < 2 or requests[0].sampling_params.prompt_logprobs is not None:
+            # (prompt log-probabilities need each sequence to compute its prompt's logits)
             for r in requests:
                 self.add_request(r)
             return
@@ -384,6 +391,8 @@ class EngineCore:
             num_decode_steps=self.num_decode_steps,
             decode_pages_read=self.decode_pages_read,
             decode_pages_dense=self.decode_pages_dense,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
         )
 
     # ---- the step --------------------------------------------------------------------------

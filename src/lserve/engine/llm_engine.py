@@ -231,7 +231,7 @@ class LLMEngine:
                     for token, entry in zip(req.prompt_token_ids[1:], req.prompt_logprobs)]
             prompt_logprobs = tracked.prompt_logprobs
         return RequestOutput(req.request_id, tracked.prompt, req.prompt_token_ids, [completion], finished, metrics,
-                             prompt_logprobs)
+                             prompt_logprobs, req.num_cached_tokens)
 
     def _token_logprobs(self, token: int, entry: TokenLogprobEntry) -> TokenLogprobs:
         """vLLM's per-position dict: the chosen token first, then the top k by rank."""

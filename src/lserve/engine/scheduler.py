@@ -69,6 +69,10 @@ class Scheduler:
         until the sequences forking from them have forked."""
         self._unforked: dict[str, int] = {}
         """Per prefill-only request: the sequences that have not forked from it yet."""
+        self.prefix_cache_queries = 0
+        """Tokens admitted requests looked up in the prefix cache (vLLM's prefix_cache_queries)."""
+        self.prefix_cache_hits = 0
+        """Of those, tokens whose KV the cache held."""
 
     @property
     def num_unfinished(self) -> int:
@@ -146,16 +150,28 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
             fork = None
+            cached = 0
+            looked_up = False
             if req.fork_of is not None:
                 ready, fork = self._fork(req)
                 if not ready:
                     break
+            elif self.kv.enable_caching and req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None:
+                # (prompt log-probabilities need every prompt position's logits: such a request computes them)
+                looked_up = True
+                cached = req.num_computed_tokens = self.kv.cached_prefix(
+                    req.request_id, req.token_ids, req.num_tokens - req.num_inflight_tokens)
             n = min(req.num_pending_tokens, budget, self.max_chunk_tokens)
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
-                if fork is not None:  # it waits on, not forked
+                if fork is not None or cached:  # it waits on, without the shared pages
                     self.kv.free(req.request_id)
                     req.num_computed_tokens = 0
                 break
+            if looked_up:
+                self.prefix_cache_queries += req.num_tokens
+                self.prefix_cache_hits += cached
+                if req.first_scheduled_time is None:
+                    req.num_cached_tokens = cached
             if fork is not None:
                 forks.append(fork)
                 self._release_prefix(req)
@@ -208,14 +224,18 @@ class Scheduler:
         more token in flight (async scheduling schedules the next step before `resolve`)."""
         for s in output.scheduled:
             samples = s.samples
-            s.request.num_computed_tokens += s.num_new_tokens
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
             if samples:
-                s.request.num_inflight_tokens += 1
-            elif s.request.prefill_only and s.request.num_pending_tokens == 0 and s.request in self.running:
+                req.num_inflight_tokens += 1
+            if self.kv.enable_caching:  # its full pages whose tokens are computed and known
+                self.kv.register(req.request_id, req.token_ids,
+                                 min(req.num_computed_tokens, req.num_tokens - req.num_inflight_tokens))
+            if req.prefill_only and req.num_pending_tokens == 0 and req in self.running:
                 # a shared prefix is computed (on the device, in order before any later step):
                 # its pages wait for the sequences that fork from it
-                self.running.remove(s.request)
-                self.prefixes[s.request.request_id] = s.request
+                self.running.remove(req)
+                self.prefixes[req.request_id] = req
 
     def resolve(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """The step's sampled tokens arrived: append them, finish requests that stop; returns the

@@ -31,6 +31,10 @@ class EngineStats:
     """KV pages (summed over layers, KV heads and sequences) read by decode steps."""
     decode_pages_dense: int
     """The pages the same decode steps would have read with dense attention."""
+    prefix_cache_queries: int = 0
+    """Tokens of admitted requests looked up in the prefix cache."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens the cache held (their KV was not computed again)."""
 
     @property
     def kv_cache_usage(self) -> float:

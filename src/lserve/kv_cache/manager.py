@@ -8,8 +8,9 @@ requests hold pages.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,11 +72,26 @@ class ForkCopy:
     dst_seat: int
 
 
-class KVCacheManager:
-    """Grows and frees the page table of each request (pure CPU bookkeeping)."""
+TokenRange = Callable[[int, int], list[int]]
+"""A request's token ids start..stop-1 (`Request.token_ids`)."""
 
-    def __init__(self, num_pages: int, page_size: int, num_seats: int | None = None) -> None:
+
+def page_key(parent: bytes, token_ids: Sequence[int]) -> bytes:
+    """The prefix cache's name for a full page: its tokens and, through `parent` (the previous
+    page's key, b"" for the first), every token before them."""
+    return hashlib.blake2b(parent + np.asarray(token_ids, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+
+class KVCacheManager:
+    """Grows and frees the page table of each request (pure CPU bookkeeping), and with
+    `enable_caching` keeps full pages findable by their content for later requests."""
+
+    def __init__(self, num_pages: int, page_size: int, num_seats: int | None = None,
+                 enable_caching: bool = False) -> None:
         self.page_size = page_size
+        self.enable_caching = enable_caching
+        self._keys: dict[str, list[bytes]] = {}
+        """Per request: the keys of its first full pages, as far as they are registered."""
         self.pool = PagePool(num_pages)
         self.page_tables: dict[str, list[int]] = {}
         self.num_seats = num_seats if num_seats is not None else num_pages
@@ -141,12 +157,50 @@ class KVCacheManager:
         seat = self.seats[dst_id] = self._free_seats.pop()
         self.page_tables[dst_id] = table
         self.seat_rows.append(seat, 0, table)
+        if src_id in self._keys:
+            self._keys[dst_id] = self._keys[src_id][:full]
         return ForkCopy(pairs, self.seats[src_id], seat)
+
+    def cached_prefix(self, request_id: str, token_ids: TokenRange, num_known: int) -> int:
+        """For a request holding no pages: share the longest run of cached full pages that
+        starts its first `num_known` tokens (all but the last of them at most: one token is
+        always computed, to sample from), with a seat; returns the tokens they hold (0: none,
+        and no change)."""
+        assert request_id not in self.page_tables
+        keys: list[bytes] = []
+        pages: list[int] = []
+        for i in range((num_known - 1) // self.page_size):
+            key = page_key(keys[-1] if keys else b"", token_ids(i * self.page_size, (i + 1) * self.page_size))
+            page = self.pool.lookup(key)
+            if page is None:
+                break
+            keys.append(key)
+            pages.append(page)
+        if not pages or not self._free_seats:
+            return 0
+        self.pool.share(pages)
+        seat = self.seats[request_id] = self._free_seats.pop()
+        self.page_tables[request_id] = pages
+        self.seat_rows.append(seat, 0, pages)
+        self._keys[request_id] = keys
+        return len(pages) * self.page_size
+
+    def register(self, request_id: str, token_ids: TokenRange, num_done: int) -> None:
+        """Tag the request's full pages among its first `num_done` tokens (computed, ids known)
+        for the prefix cache; pages registered earlier are not hashed again."""
+        table = self.page_tables.get(request_id)
+        if not self.enable_caching or table is None:
+            return
+        keys = self._keys.setdefault(request_id, [])
+        for i in range(len(keys), min(num_done // self.page_size, len(table))):
+            keys.append(page_key(keys[-1] if keys else b"", token_ids(i * self.page_size, (i + 1) * self.page_size)))
+            self.pool.tag(table[i], keys[-1])
 
     def free(self, request_id: str) -> None:
         """Return every page and the seat of the request (finished, failed, aborted or preempted);
         a shared page returns to the pool with its last holder."""
         pages = self.page_tables.pop(request_id, None)
+        self._keys.pop(request_id, None)
         if pages:
             self.pool.free(pages)
         seat = self.seats.pop(request_id, None)

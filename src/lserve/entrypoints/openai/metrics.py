@@ -77,6 +77,9 @@ class _EngineCollector(Collector):
         yield counter("vllm:prompt_tokens", "Prompt tokens of the requests admitted.", s.num_prompt_tokens)
         yield counter("vllm:generation_tokens", "Tokens generated.", s.num_generation_tokens)
         yield counter("vllm:num_preemptions", "Requests preempted (pages freed, recomputed later).", s.num_preemptions)
+        yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      s.prefix_cache_queries)
+        yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
         yield gauge("lserve:kv_cache_pages_total", "KV cache pages in the pool.", s.kv_pages_total)
         yield gauge("lserve:kv_cache_pages_used", "KV cache pages held by requests.", s.kv_pages_used)
         yield gauge("lserve:streaming_heads_fraction",

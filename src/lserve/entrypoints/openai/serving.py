@@ -224,9 +224,13 @@ def _best_choices(finals: Sequence[RequestOutput], choices: int, n: int) -> list
     return keep
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage block; `prompt_tokens_details.cached_tokens` when the prefix cache held some."""
+    usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return usage
 
 
 def _message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
@@ -547,7 +551,8 @@ class OpenAIServing:
         ]
         completion_tokens = sum(len(out.outputs[0].token_ids) for out in finals)  # best_of: every choice counts
         resp = CompletionResponse(id=request_id, created=int(time.time()), model=model, choices=choices_out,
-                                  usage=UsageInfo(**_usage(prompt_tokens, completion_tokens)))
+                                  usage=UsageInfo(**_usage(prompt_tokens, completion_tokens,
+                                                           sum(out.num_cached_tokens for out in finals))))
         return Response(resp.model_dump_json(), media_type="application/json")
 
     @staticmethod
@@ -644,7 +649,8 @@ class OpenAIServing:
         resp = ChatCompletionResponse(
             id=request_id, created=int(time.time()), model=model,
             choices=[self._chat_choice(i, out, params, tool_names) for i, out in enumerate(finals)],
-            usage=UsageInfo(**_usage(len(ids), sum(len(out.outputs[0].token_ids) for out in finals))),
+            usage=UsageInfo(**_usage(len(ids), sum(len(out.outputs[0].token_ids) for out in finals),
+                                     sum(out.num_cached_tokens for out in finals))),
         )
         return Response(resp.model_dump_json(), media_type="application/json")
 

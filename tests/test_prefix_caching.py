@@ -1,0 +1,131 @@
+"""Automatic prefix caching (dense KV and page selection): a hit gives the cold run's tokens,
+a changed token misses from its page on, cached pages are evicted least recently freed first,
+and under a tiny pool with preemption and aborts the pages and counts stay right."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lserve import LLM, LServeError, SamplingParams
+from lserve.kv_cache.page_pool import PagePool
+from tests.passkey import FILLER
+
+PAGE = 16
+DOC = "Here is a story. " + FILLER * 6  # ~150 tokens: nine full pages
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def cold() -> LLM:
+    return LLM(dtype="float32", device="cpu", page_size=PAGE)
+
+
+def _tokens(llm: LLM, prompts: list[str]) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("selection", [{}, {"token_budget": 64, "selector_interval": 1},
+                                       {"token_budget": 64, "page_score": "quest", "logical_page_size": 16}],
+                         ids=["dense", "rope_mass", "quest"])
+def test_a_hit_gives_the_cold_tokens(cold: LLM, selection: dict) -> None:
+    llm = LLM(dtype="float32", device="cpu", page_size=PAGE, enable_prefix_caching=True, **selection)
+    questions = [DOC + "\nWhat is the story about?", DOC + "\nWho is in the story?", DOC + "\nWhere does it happen?"]
+    first = llm.generate(questions[0], GREEDY, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0
+    hits = llm.generate(questions[1:], GREEDY, use_tqdm=False)
+    n_doc = len(llm.get_tokenizer().encode(DOC))
+    for out in hits:
+        assert out.num_cached_tokens >= (n_doc // PAGE - 1) * PAGE > 0
+    reference = cold if not selection else LLM(dtype="float32", device="cpu", page_size=PAGE, **selection)
+    assert [o.outputs[0].token_ids for o in [first, *hits]] == _tokens(reference, questions)
+    stats = llm.engine.get_stats()
+    assert stats.prefix_cache_hits == sum(o.num_cached_tokens for o in hits) and stats.prefix_cache_queries > 0
+    llm.engine.core.scheduler.check_invariants()
+
+
+def test_a_changed_token_misses_from_its_page_on() -> None:
+    llm = LLM(dtype="float32", device="cpu", page_size=PAGE, enable_prefix_caching=True)
+    ids = llm.get_tokenizer().encode(DOC + "\nWhat is the story about?")
+    llm.generate(ids, GREEDY, use_tqdm=False)
+    for pos in (5, 40, 100):
+        changed = list(ids)
+        changed[pos] = (changed[pos] + 1) % 1000
+        assert llm.generate(changed, GREEDY, use_tqdm=False)[0].num_cached_tokens == pos // PAGE * PAGE
+    again = llm.generate(ids, GREEDY, use_tqdm=False)[0]
+    assert again.num_cached_tokens == (len(ids) - 1) // PAGE * PAGE  # one token is always computed
+
+
+def test_eviction_is_least_recently_freed_first() -> None:
+    pool = PagePool(4)
+    a, b, c, d = pool.allocate(4)
+    for page, key in ((a, b"a"), (b, b"b"), (c, b"c")):
+        assert pool.tag(page, key)
+    pool.free([b])
+    pool.free([a])
+    pool.free([d])  # untagged: back to the free list
+    pool.free([c])
+    assert pool.num_free_pages == 4 and pool.num_cached_pages == 3
+    assert pool.allocate(1) == [d]  # free pages before cached ones
+    pool.share([pool.lookup(b"a")])  # a hit takes `a` out of the cache
+    assert pool.allocate(1) == [b]  # then the least recently freed: b (freed before c)
+    assert pool.lookup(b"b") is None and pool.lookup(b"c") == c
+    pool.free([a])
+    assert pool.allocate(2) == [c, a]
+    pool.check_invariants()
+
+
+def test_random_traffic_under_a_tiny_pool_keeps_pages_right(cold: LLM) -> None:
+    """Requests sharing prefixes, a pool too small for them all (preemption, eviction), random
+    aborts: invariants after every step, greedy tokens of the finished ones equal cold runs."""
+    rng = random.Random(0)
+    llm = LLM(dtype="float32", device="cpu", page_size=PAGE, enable_prefix_caching=True, num_kv_pages=40,
+              max_num_seqs=6)
+    engine, core = llm.engine, llm.engine.core
+    stems = [DOC, "A different story starts here. " + FILLER * 3, DOC[:200]]
+    prompts = [rng.choice(stems) + f"\nQuestion {i}: tell me more." for i in range(14)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    finished, aborted = {}, set()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        core.scheduler.check_invariants()
+        if rng.random() < 0.08:
+            victim = rng.choice([rid for rid in ids if rid not in finished and rid not in aborted] or [None])
+            if victim is not None:
+                engine.abort_request(victim)
+                aborted.add(victim)
+    assert core.scheduler.num_preemptions > 0 and core.scheduler.prefix_cache_hits > 0
+    assert core.kv_manager.num_free_pages == core.kv_manager.num_pages  # cached pages count as free
+    done = [(i, rid) for i, rid in enumerate(ids) if rid in finished and rid not in aborted]
+    want = cold.generate([prompts[i] for i, _ in done], params, use_tqdm=False)
+    assert [finished[rid].outputs[0].token_ids for _, rid in done] == [w.outputs[0].token_ids for w in want]
+
+
+def test_not_yet_with_streaming_heads() -> None:
+    with pytest.raises(LServeError, match="does not yet restore the ring"):
+        LLM(dtype="float32", device="cpu", streaming_sparsity=0.5, enable_prefix_caching=True)
+
+
+def test_server_reports_cached_tokens() -> None:
+    import httpx
+
+    from tests.server_helpers import API_KEY, DEFAULT_ARGS, RemoteServer
+
+    server = RemoteServer(*DEFAULT_ARGS, "--enable-prefix-caching", "--page-size", str(PAGE))
+    try:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        usages = [httpx.post(server.url + "/v1/completions", headers=headers, timeout=120,
+                             json={"prompt": DOC + f"\nQuestion {i}:", "max_tokens": 2}).json()["usage"]
+                  for i in range(2)]
+        assert usages[0]["prompt_tokens_details"] is None
+        cached = usages[1]["prompt_tokens_details"]["cached_tokens"]
+        assert cached > 0 and cached % PAGE == 0
+        m = server.wait_idle()
+        assert m["vllm:prefix_cache_hits_total"] == cached
+        assert m["vllm:prefix_cache_queries_total"] == usages[0]["prompt_tokens"] + usages[1]["prompt_tokens"]
+    finally:
+        server.stop()
