@@ -1,15 +1,20 @@
-"""Automatic prefix caching (dense KV and page selection): a hit gives the cold run's tokens,
-a changed token misses from its page on, cached pages are evicted least recently freed first,
-and under a tiny pool with preemption and aborts the pages and counts stay right."""
+"""Automatic prefix caching (dense, page selection, streaming heads, sliding windows): a hit gives
+the cold run's tokens, a changed token misses from its page on, cached pages are evicted least
+recently freed first, and under a tiny pool with preemption and aborts the pages and counts stay
+right; the server reports cached tokens."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
+import torch
 
-from lserve import LLM, LServeError, SamplingParams
+from lserve import LLM, SamplingParams
 from lserve.kv_cache.page_pool import PagePool
+from lserve.sparse.patterns import HeadPattern, save_pattern
+from tests.helpers_models import hf_config, hf_model, random_ids, save_hf, save_word_tokenizer
 from tests.passkey import FILLER
 
 PAGE = 16
@@ -19,18 +24,36 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
 @pytest.fixture(scope="module")
 def cold() -> LLM:
+    """The dense engine without the cache."""
     return LLM(dtype="float32", device="cpu", page_size=PAGE)
 
 
-def _tokens(llm: LLM, prompts: list[str]) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+@pytest.fixture(scope="module")
+def pattern_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    gen = torch.Generator().manual_seed(2)
+    path = tmp_path_factory.mktemp("pattern") / "random.json"
+    return save_pattern(HeadPattern(torch.rand((30, 3), generator=gen), {"method": "random, for tests"}), path)
 
 
-@pytest.mark.parametrize("selection", [{}, {"token_budget": 64, "selector_interval": 1},
-                                       {"token_budget": 64, "page_score": "quest", "logical_page_size": 16}],
-                         ids=["dense", "rope_mass", "quest"])
-def test_a_hit_gives_the_cold_tokens(cold: LLM, selection: dict) -> None:
-    llm = LLM(dtype="float32", device="cpu", page_size=PAGE, enable_prefix_caching=True, **selection)
+STREAMING = dict(streaming_sparsity=0.5, prefill_sink_tokens=16, prefill_local_tokens=48, decode_sink_tokens=16,
+                 decode_local_tokens=48)
+CONFIGS = {
+    "dense": {},
+    "rope_mass": {"token_budget": 64, "selector_interval": 1},
+    "quest": {"token_budget": 64, "page_score": "quest", "logical_page_size": 16},
+    "streaming": STREAMING,
+    "both": {**STREAMING, "token_budget": 64, "selector_interval": 1},
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_hit_gives_the_cold_tokens(name: str, pattern_path: Path) -> None:
+    """The same engine settings, cold (a fresh engine) and hit (after a prompt that shares the
+    document): the same greedy tokens. Streaming heads keep their history paged with the cache."""
+    kw = dict(CONFIGS[name])
+    if "streaming_sparsity" in kw:
+        kw["attn_pattern"] = str(pattern_path)
+    llm = LLM(dtype="float32", device="cpu", page_size=PAGE, enable_prefix_caching=True, **kw)
     questions = [DOC + "\nWhat is the story about?", DOC + "\nWho is in the story?", DOC + "\nWhere does it happen?"]
     first = llm.generate(questions[0], GREEDY, use_tqdm=False)[0]
     assert first.num_cached_tokens == 0
@@ -38,11 +61,29 @@ def test_a_hit_gives_the_cold_tokens(cold: LLM, selection: dict) -> None:
     n_doc = len(llm.get_tokenizer().encode(DOC))
     for out in hits:
         assert out.num_cached_tokens >= (n_doc // PAGE - 1) * PAGE > 0
-    reference = cold if not selection else LLM(dtype="float32", device="cpu", page_size=PAGE, **selection)
-    assert [o.outputs[0].token_ids for o in [first, *hits]] == _tokens(reference, questions)
+    cold = [LLM(dtype="float32", device="cpu", page_size=PAGE, enable_prefix_caching=True, **kw)
+            .generate(q, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for q in questions[1:]]
+    assert [o.outputs[0].token_ids for o in hits] == cold
     stats = llm.engine.get_stats()
     assert stats.prefix_cache_hits == sum(o.num_cached_tokens for o in hits) and stats.prefix_cache_queries > 0
+    assert llm.engine.core.kv_cache.ring is None  # the streaming heads' history is paged
     llm.engine.core.scheduler.check_invariants()
+
+
+def test_a_hit_on_a_sliding_window_model(tmp_path: Path) -> None:
+    ref = hf_model(hf_config("mistral", sliding_window=20), seed=3)
+    folder = save_hf(ref, tmp_path / "model")
+    save_word_tokenizer(folder)
+    doc = random_ids(90, seed=4).tolist()
+    prompts = [doc + random_ids(7, seed=s).tolist() for s in (5, 6)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(model=str(folder), dtype="float32", device="cpu", page_size=PAGE, enable_prefix_caching=True)
+    assert llm.engine.core.kv_cache.window is None  # windowed layers keep their history paged
+    llm.generate(prompts[0], params, use_tqdm=False)
+    hit = llm.generate(prompts[1], params, use_tqdm=False)[0]
+    assert hit.num_cached_tokens == 80
+    cold = LLM(model=str(folder), dtype="float32", device="cpu", page_size=PAGE)  # the window pool, no cache
+    assert hit.outputs[0].token_ids == cold.generate(prompts[1], params, use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_a_changed_token_misses_from_its_page_on() -> None:
@@ -103,11 +144,6 @@ def test_random_traffic_under_a_tiny_pool_keeps_pages_right(cold: LLM) -> None:
     done = [(i, rid) for i, rid in enumerate(ids) if rid in finished and rid not in aborted]
     want = cold.generate([prompts[i] for i, _ in done], params, use_tqdm=False)
     assert [finished[rid].outputs[0].token_ids for _, rid in done] == [w.outputs[0].token_ids for w in want]
-
-
-def test_not_yet_with_streaming_heads() -> None:
-    with pytest.raises(LServeError, match="does not yet restore the ring"):
-        LLM(dtype="float32", device="cpu", streaming_sparsity=0.5, enable_prefix_caching=True)
 
 
 def test_server_reports_cached_tokens() -> None:

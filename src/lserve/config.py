@@ -81,7 +81,8 @@ class CacheConfig:
     )
     enable_prefix_caching: bool = _field(
         False, "keep full KV pages after their request ends and reuse them for later prompts that start "
-        "with the same tokens (vLLM's name; LRU eviction); not yet with streaming heads or sliding-window layers"
+        "with the same tokens (vLLM's name; LRU eviction); streaming heads and sliding-window layers then keep "
+        "their whole history in the paged pool (exact hits; their windows still apply)"
     )
     window_pool: bool = _field(
         True, "keep sliding-window layers in a constant-size ring per request (off: in the paged pool, "

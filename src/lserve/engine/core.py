@@ -90,7 +90,11 @@ class EngineCore:
         self.arch, rope_factors = read_arch_config(self.source)
         self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
         self.max_model_len = self._resolve_max_model_len()
-        windowed = config.cache.window_pool and any(w is not None for w in self.arch.layer_windows)
+        # The ring and window pools hold per-request state that a cached prefix cannot restore:
+        # with the prefix cache, streaming heads and sliding-window layers keep their whole
+        # history in the paged pool (their windows still apply; their memory savings do not)
+        self.fixed_pools = not config.cache.enable_prefix_caching
+        windowed = self.fixed_pools and config.cache.window_pool and any(w is not None for w in self.arch.layer_windows)
         self.max_chunk_tokens = min(config.scheduler.max_num_batched_tokens, WINDOW_PREFILL_CHUNK) if windowed \
             else config.scheduler.max_num_batched_tokens
         self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed)
@@ -137,10 +141,10 @@ class EngineCore:
         arch = self.arch
         windows = arch.layer_windows
         # the layers kept in the window pool (none with window_pool off: they are paged, windowed)
-        pooled = windows if cache.window_pool else (None,) * arch.num_layers
+        pooled = windows if cache.window_pool and self.fixed_pools else (None,) * arch.num_layers
         sparsity = self._head_sparsity()
         flags = sparsity.streaming_heads if sparsity is not None else None
-        use_ring = flags is not None and any(bool(f.any()) for f in flags)
+        use_ring = self.fixed_pools and flags is not None and any(bool(f.any()) for f in flags)
         n_stream = tuple(int(f.sum()) for f in flags) if use_ring and flags is not None else (0,) * arch.num_layers
         paged_heads = tuple(0 if w is not None else arch.num_kv_heads - n for w, n in zip(pooled, n_stream))
         split = use_ring or any(w is not None for w in pooled)
@@ -187,11 +191,6 @@ class EngineCore:
                                 fixed.get("window"), blocks["window"][1] if "window" in blocks else None, windows)
         self.kv_tensors = paged
         self.num_seats = seats
-        if cache.enable_prefix_caching and blocks:
-            raise LServeError(
-                "enable_prefix_caching does not yet restore the ring of streaming heads or the window pool of "
-                "sliding-window layers: turn it off, or run without streaming heads"
-                + (" (window_pool=False keeps this model's sliding-window layers paged)" if "window" in blocks else ""))
         self.kv_manager = KVCacheManager(num_pages, cache.page_size, seats, enable_caching=cache.enable_prefix_caching)
         selector = None
         if sparse.uses_page_selection:
