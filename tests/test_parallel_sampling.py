@@ -39,6 +39,7 @@ def test_n_sequences_equal_single_runs_with_their_seeds(paged_llm: LLM) -> None:
     params = SamplingParams(temperature=1.0, seed=11, max_tokens=10, n=4)
     out = paged_llm.generate(PROMPT, params, use_tqdm=False)
     assert len(out) == 1 and [c.index for c in out[0].outputs] == [0, 1, 2, 3]
+    assert "-" not in out[0].request_id  # the prompt's id, not its first sequence's
     got = [c.token_ids for c in out[0].outputs]
     assert got == _singles(paged_llm, params)
     assert len({tuple(t) for t in got}) == 4, "four seeds gave the same sequence"

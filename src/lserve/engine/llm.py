@@ -108,18 +108,19 @@ class LLM:
     ) -> list[RequestOutput]:
         engine = self.engine
         ids: list[str] = []
-        groups: list[list[str]] = []  # per prompt, the request ids of its sequences
+        groups: list[tuple[str, list[str]]] = []  # per prompt: its request id and its sequences' ids
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 try:
                     if p.n == 1:
-                        groups.append([engine.add_request(prompt, p, add_special_tokens=add_special_tokens)])
+                        rid = engine.add_request(prompt, p, add_special_tokens=add_special_tokens)
+                        groups.append((rid, [rid]))
                     else:
-                        first = engine.next_request_id()
-                        children = [f"{first}-{j}" for j in range(p.n)]
-                        groups.append(engine.add_parallel_requests(prompt, parallel_params(p), children,
-                                                                   add_special_tokens=add_special_tokens))
-                    ids.extend(groups[-1])
+                        rid = engine.next_request_id()
+                        children = [f"{rid}-{j}" for j in range(p.n)]
+                        groups.append((rid, engine.add_parallel_requests(prompt, parallel_params(p), children,
+                                                                         add_special_tokens=add_special_tokens)))
+                    ids.extend(groups[-1][1])
                 except InvalidPromptError as exc:
                     if len(prompts) == 1:
                         raise
@@ -132,7 +133,7 @@ class LLM:
             raise
         with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 2, unit="req") as bar:
             finals = dict(zip(ids, run_to_completion(engine, ids, bar)))
-        return [merge_sequences([finals[rid] for rid in group]) for group in groups]
+        return [merge_sequences(rid, [finals[child] for child in children]) for rid, children in groups]
 
 
 def parallel_params(params: SamplingParams) -> list[SamplingParams]:
@@ -142,14 +143,15 @@ def parallel_params(params: SamplingParams) -> list[SamplingParams]:
             for i in range(params.n)]
 
 
-def merge_sequences(outputs: list[RequestOutput]) -> RequestOutput:
-    """One RequestOutput for the sequences of one prompt: the first's id, prompt and metrics, and
-    every sequence's completion, numbered by its place."""
+def merge_sequences(request_id: str, outputs: list[RequestOutput]) -> RequestOutput:
+    """One RequestOutput for the sequences of one prompt: the prompt's request id, the first
+    sequence's prompt and metrics, and every sequence's completion, numbered by its place."""
     if len(outputs) == 1:
         return outputs[0]
     head = outputs[0]
     completions = [dataclasses.replace(out.outputs[0], index=i) for i, out in enumerate(outputs)]
-    return dataclasses.replace(head, outputs=completions, finished=all(o.finished for o in outputs))
+    return dataclasses.replace(head, request_id=request_id, outputs=completions,
+                               finished=all(o.finished for o in outputs))
 
 
 def run_to_completion(engine: LLMEngine, ids: list[str], bar: Any = None) -> list[RequestOutput]:
