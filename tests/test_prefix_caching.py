@@ -5,6 +5,7 @@ right; the server reports cached tokens."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -163,5 +164,16 @@ def test_server_reports_cached_tokens() -> None:
         m = server.wait_idle()
         assert m["vllm:prefix_cache_hits_total"] == cached
         assert m["vllm:prefix_cache_queries_total"] == usages[0]["prompt_tokens"] + usages[1]["prompt_tokens"]
+        # a stream's final usage chunk says it too
+        with httpx.stream("POST", server.url + "/v1/chat/completions", headers=headers, timeout=120, json={
+                "messages": [{"role": "user", "content": DOC}], "max_tokens": 2, "stream": True,
+                "stream_options": {"include_usage": True}}) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+        assert json.loads(lines[-1][6:])["usage"]["prompt_tokens_details"] is None  # nothing cached yet
+        with httpx.stream("POST", server.url + "/v1/chat/completions", headers=headers, timeout=120, json={
+                "messages": [{"role": "user", "content": DOC}], "max_tokens": 2, "stream": True,
+                "stream_options": {"include_usage": True}}) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+        assert json.loads(lines[-1][6:])["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     finally:
         server.stop()

@@ -226,11 +226,9 @@ def _best_choices(finals: Sequence[RequestOutput], choices: int, n: int) -> list
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     """OpenAI's usage block; `prompt_tokens_details.cached_tokens` when the prefix cache held some."""
-    usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                             "total_tokens": prompt_tokens + completion_tokens}
-    if cached_tokens:
-        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
-    return usage
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens} if cached_tokens else None}
 
 
 def _message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
@@ -578,6 +576,7 @@ class OpenAIServing:
         created = int(time.time())
         sent = [0] * len(streams)
         tokens = [0] * len(streams)
+        cached = [0] * len(streams)
         holdback = [_holdback(p) for p in params]
         with_logprobs = req.logprobs is not None
         # with logprobs the echo waits for the first output, which brings the prompt's logprobs
@@ -604,6 +603,7 @@ class OpenAIServing:
                 comp = out.outputs[0]
                 first = tokens[i]
                 tokens[i] = len(comp.token_ids)
+                cached[i] = out.num_cached_tokens
                 delta, sent[i] = _text_delta(comp.text, sent[i], out.finished, holdback[i])
                 logprobs = None
                 if req.logprobs is not None and (tokens[i] > first or echo_pending[i]):
@@ -616,7 +616,7 @@ class OpenAIServing:
                                 comp.stop_reason if out.finished else None, logprobs)
             if include_usage:
                 yield sse({"id": request_id, "object": "text_completion", "created": created,
-                           "model": model, "choices": [], "usage": _usage(prompt_tokens, sum(tokens))})
+                           "model": model, "choices": [], "usage": _usage(prompt_tokens, sum(tokens), sum(cached))})
         except EngineDeadError as exc:  # the status line (200) is long gone: report it in the stream
             yield sse(error_body(503, str(exc)))
         yield sse("[DONE]")
@@ -680,6 +680,7 @@ class OpenAIServing:
         created = int(time.time())
         tokens = [0] * len(streams)
         sent = [0] * len(streams)
+        cached = [0] * len(streams)
         holdback = _holdback(params)
 
         def chunk(index: int, delta: dict[str, Any], finish: str | None = None, stop_reason: int | str | None = None,
@@ -699,6 +700,7 @@ class OpenAIServing:
                 yield chunk(i, {"role": "assistant", "content": ""})  # OpenAI's first chunk carries the role
             async for i, out in _merged(streams):
                 comp = out.outputs[0]
+                cached[i] = out.num_cached_tokens
                 if tool_names and not out.finished:  # held: calls are parsed from the whole text
                     continue
                 if tool_names:
@@ -723,7 +725,7 @@ class OpenAIServing:
                     yield chunk(i, {"content": delta}, logprobs=logprobs)
             if include_usage:
                 yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                           "model": model, "choices": [], "usage": _usage(prompt_tokens, sum(tokens))})
+                           "model": model, "choices": [], "usage": _usage(prompt_tokens, sum(tokens), sum(cached))})
         except EngineDeadError as exc:
             yield sse(error_body(503, str(exc)))
         yield sse("[DONE]")
