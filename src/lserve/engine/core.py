@@ -19,19 +19,11 @@ from lserve.attention.backend import (
 from lserve.attention.page_selector import PageSelector
 from lserve.attention.sparsity import HeadSparsity
 from lserve.config import EngineConfig
+from lserve.engine.kv_setup import build_kv_cache
 from lserve.engine.scheduler import Scheduler, SchedulerOutput
 from lserve.engine.stats import EngineStats
 from lserve.errors import LServeError, RequestRejected
-from lserve.kv_cache.layout import (
-    KVCache,
-    KVCacheTensors,
-    KVShape,
-    RingGeometry,
-    dense_head_ids,
-    memory_budget_bytes,
-    plan_num_pages,
-    stats_bytes_per_page,
-)
+from lserve.kv_cache.layout import stats_bytes_per_page
 from lserve.kv_cache.manager import KVCacheManager
 from lserve.model.config import ArchConfig
 from lserve.model.loader import (
@@ -129,72 +121,24 @@ class EngineCore:
         return wanted
 
     def _init_kv_cache(self) -> None:
-        """Size and allocate the pools, then build the attention backend and the runner.
-
-        With streaming heads the paged pool holds only dense heads and the ring pool a fixed
-        block of pages per seat; sliding-window layers live in the window pool, another fixed
-        block per seat. Those blocks are sized first (at most half of the KV memory), the paged
-        pool takes the rest. With page selection, the paged pool also keeps key statistics per
-        logical page.
-        """
-        cache, sched, sparse = self.config.cache, self.config.scheduler, self.config.sparse
-        arch = self.arch
-        windows = arch.layer_windows
-        # the layers kept in the window pool (none with window_pool off: they are paged, windowed)
-        pooled = windows if cache.window_pool and self.fixed_pools else (None,) * arch.num_layers
+        """Size and allocate the KV memory (`engine.kv_setup`), then build the page selector, the
+        attention backend, the runner and (on a GPU) its decode graphs."""
+        cache, sparse, arch = self.config.cache, self.config.sparse, self.arch
         sparsity = self._head_sparsity()
-        flags = sparsity.streaming_heads if sparsity is not None else None
-        use_ring = self.fixed_pools and flags is not None and any(bool(f.any()) for f in flags)
-        n_stream = tuple(int(f.sum()) for f in flags) if use_ring and flags is not None else (0,) * arch.num_layers
-        paged_heads = tuple(0 if w is not None else arch.num_kv_heads - n for w, n in zip(pooled, n_stream))
-        split = use_ring or any(w is not None for w in pooled)
-        shape = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype,
-                        paged_heads if split else None)
         self.page_score = self._page_score() if sparse.uses_page_selection else None
-        logical = sparse.logical_page_size if self.page_score is not None and not self.page_score.uses_labels else None
-        label_r = self.page_score.num_channels if self.page_score is not None else 0
-        blocks = self._fixed_blocks(n_stream if use_ring else None, pooled)
-        per_seat = sum(geometry.pages_per_seq * bshape.bytes_per_page for bshape, geometry in blocks.values())
-        seats = sched.max_num_seqs
-        if blocks and cache.num_kv_pages is None:
-            half = memory_budget_bytes(self.device, cache.kv_cache_memory_fraction, cache.kv_cache_memory_bytes) // 2
-            seats = max(1, min(seats, half // max(per_seat, 1)))
-            if seats < sched.max_num_seqs:
-                logger.warning("the ring and window KV pools fit %d running requests (max_num_seqs=%d)", seats,
-                               sched.max_num_seqs)
-        reserved = seats * per_seat
-        # one more block than seats: the scratch seat of captured decode graphs' padded rows
-        fixed = {name: KVCacheTensors(bshape, (seats + 1) * geometry.pages_per_seq, self.device)
-                 for name, (bshape, geometry) in blocks.items()}
-        pages_per_seq = -(-self.max_model_len // cache.page_size)
-        num_pages = plan_num_pages(
-            shape,
-            self.device,
-            num_kv_pages=cache.num_kv_pages,
-            memory_fraction=cache.kv_cache_memory_fraction,
-            memory_bytes=cache.kv_cache_memory_bytes,
-            max_useful_pages=seats * pages_per_seq,
-            reserved_bytes=reserved,
-            extra_bytes_per_page=stats_bytes_per_page(shape, logical, label_r),
-        )
-        label_channels = None
-        if self.page_score is not None and self.page_score.channels is not None:
-            # the channels of the heads the paged pool holds (a layer's dense heads, with a ring pool)
-            pool_heads = dense_head_ids(flags) if use_ring and flags is not None \
-                else [list(range(arch.num_kv_heads))] * arch.num_layers
-            pool_heads = [[] if w is not None else heads for w, heads in zip(pooled, pool_heads)]
-            label_channels = [self.page_score.channels[i, heads] for i, heads in enumerate(pool_heads)]
-        # one page more than the manager hands out: the scratch page of padded graph rows
-        paged = KVCacheTensors(shape, num_pages + 1, self.device, logical, label_channels)
-        ring_geometry = blocks["ring"][1] if use_ring else None
-        self.kv_cache = KVCache(paged, fixed.get("ring"), flags if use_ring else None, ring_geometry,
-                                fixed.get("window"), blocks["window"][1] if "window" in blocks else None, windows)
-        self.kv_tensors = paged
-        self.num_seats = seats
-        self.kv_manager = KVCacheManager(num_pages, cache.page_size, seats, enable_caching=cache.enable_prefix_caching)
+        setup = build_kv_cache(arch, self.config, self.dtype, self.device,
+                               sparsity.streaming_heads if sparsity is not None else None, self.page_score,
+                               fixed_pools=self.fixed_pools, max_chunk_tokens=self.max_chunk_tokens,
+                               max_model_len=self.max_model_len)
+        self.kv_cache = setup.cache
+        self.kv_tensors = setup.cache.paged
+        self.num_seats = seats = setup.num_seats
+        self.kv_manager = KVCacheManager(setup.num_pages, cache.page_size, seats,
+                                         enable_caching=cache.enable_prefix_caching)
         selector = None
         if sparse.uses_page_selection:
             assert self.page_score is not None
+            shape = setup.cache.shape
             selector = PageSelector(
                 [shape.layer_heads(i) for i in range(arch.num_layers)], cache.page_size, sparse.token_budget,
                 self.page_score.interval, seats, self.device, sparse.num_dense_layers,
@@ -207,38 +151,15 @@ class EngineCore:
             )
         backend = create_backend(self.backend_name, self.kv_cache, arch.num_heads, arch.attention_scale,
                                  sparsity, selector)
+        ring_geometry = self.kv_cache.ring_geometry
         self.runner = ModelRunner(self.model, backend, cache.page_size, self.device, self.config.model.seed,
                                   ring_geometry, page_rows=self.kv_manager.seat_rows)
         if self.backend_name == "triton":
             backend.decode_split_len = self.max_model_len
         if self.device.type == "cuda" and self.backend_name == "triton" and not self.config.model.enforce_eager:
             self.runner.graphs = DecodeGraphs(self.model, backend, seats, self.max_model_len, cache.page_size,
-                                              scratch_page=num_pages, ring=ring_geometry, scratch_seat=seats,
+                                              scratch_page=setup.num_pages, ring=ring_geometry, scratch_seat=seats,
                                               device=self.device)
-        logger.info("KV cache: %d pages of %d tokens (%.1f MiB)%s", num_pages, cache.page_size,
-                    num_pages * shape.bytes_per_page / 2**20,
-                    f" + {' and '.join(blocks)} pools for {seats} requests ({reserved / 2**20:.1f} MiB)" if blocks else "")
-
-    def _fixed_blocks(
-        self, n_stream: tuple[int, ...] | None, pooled: tuple[int | None, ...]
-    ) -> dict[str, tuple[KVShape, RingGeometry]]:
-        """The constant blocks per seat, as (shape, geometry): "ring" for streaming heads
-        (`n_stream` per layer), "window" for the layers with a window in `pooled`."""
-        arch, cache, sparse = self.arch, self.config.cache, self.config.sparse
-        blocks: dict[str, tuple[KVShape, RingGeometry]] = {}
-        if n_stream is not None:
-            blocks["ring"] = (
-                KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype, n_stream),
-                RingGeometry.plan(cache.page_size, max(sparse.prefill_sink_tokens, sparse.decode_sink_tokens),
-                                  max(sparse.prefill_local_tokens, sparse.decode_local_tokens),
-                                  self.max_chunk_tokens, self.max_model_len))
-        if any(w is not None for w in pooled):
-            blocks["window"] = (
-                KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, self.dtype,
-                        tuple(0 if w is None else arch.num_kv_heads for w in pooled)),
-                RingGeometry.plan(cache.page_size, 0, max(w for w in pooled if w is not None),
-                                  self.max_chunk_tokens, self.max_model_len))
-        return blocks
 
     def kv_bytes_per_sequence(self, num_tokens: int) -> int:
         """KV memory one sequence of `num_tokens` tokens holds: its pages, plus its ring and window blocks."""

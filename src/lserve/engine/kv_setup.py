@@ -1,0 +1,128 @@
+"""Sizing and allocating the engine's KV memory: the paged pool and the constant blocks per seat
+(the streaming heads' ring pool, the sliding-window layers' window pool).
+
+Which heads go where: a full-attention layer's dense heads are paged, its streaming heads in the
+ring; a sliding-window layer's heads in the window pool. With the prefix cache on
+(`fixed_pools` False) there are no blocks: every head is paged (a ring cannot be rebuilt from
+cached pages) and the windows apply as masks. The blocks are sized first, for `max_num_seqs`
+seats but at most half of the KV memory; the paged pool takes the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lserve.config import EngineConfig
+from lserve.kv_cache.layout import (
+    KVCache,
+    KVCacheTensors,
+    KVShape,
+    RingGeometry,
+    dense_head_ids,
+    memory_budget_bytes,
+    plan_num_pages,
+    stats_bytes_per_page,
+)
+from lserve.model.config import ArchConfig
+from lserve.sparse.selection import ScoreSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVSetup:
+    """The allocated KV memory and what was decided on the way."""
+
+    cache: KVCache
+    num_pages: int
+    """Pages the KV manager hands out (the tensors hold one more: the scratch page of graphs)."""
+    num_seats: int
+    """Requests that may hold KV at once (fewer than `max_num_seqs` when the blocks do not fit)."""
+
+
+def fixed_blocks(
+    arch: ArchConfig, config: EngineConfig, dtype: torch.dtype, n_stream: tuple[int, ...] | None,
+    pooled: tuple[int | None, ...], max_chunk_tokens: int, max_model_len: int,
+) -> dict[str, tuple[KVShape, RingGeometry]]:
+    """The constant blocks per seat, as (shape, geometry): "ring" for streaming heads
+    (`n_stream` per layer), "window" for the layers with a window in `pooled`."""
+    cache, sparse = config.cache, config.sparse
+    blocks: dict[str, tuple[KVShape, RingGeometry]] = {}
+    if n_stream is not None:
+        blocks["ring"] = (
+            KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, dtype, n_stream),
+            RingGeometry.plan(cache.page_size, max(sparse.prefill_sink_tokens, sparse.decode_sink_tokens),
+                              max(sparse.prefill_local_tokens, sparse.decode_local_tokens),
+                              max_chunk_tokens, max_model_len))
+    if any(w is not None for w in pooled):
+        blocks["window"] = (
+            KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, dtype,
+                    tuple(0 if w is None else arch.num_kv_heads for w in pooled)),
+            RingGeometry.plan(cache.page_size, 0, max(w for w in pooled if w is not None), max_chunk_tokens,
+                              max_model_len))
+    return blocks
+
+
+def _seats(config: EngineConfig, device: torch.device, per_seat: int) -> int:
+    """`max_num_seqs`, or fewer when their blocks would take more than half of the KV memory."""
+    cache, wanted = config.cache, config.scheduler.max_num_seqs
+    if per_seat == 0 or cache.num_kv_pages is not None:
+        return wanted
+    half = memory_budget_bytes(device, cache.kv_cache_memory_fraction, cache.kv_cache_memory_bytes) // 2
+    seats = max(1, min(wanted, half // per_seat))
+    if seats < wanted:
+        logger.warning("the ring and window KV pools fit %d running requests (max_num_seqs=%d)", seats, wanted)
+    return seats
+
+
+def build_kv_cache(
+    arch: ArchConfig, config: EngineConfig, dtype: torch.dtype, device: torch.device,
+    streaming_flags: tuple[torch.Tensor, ...] | None, page_score: ScoreSpec | None, *,
+    fixed_pools: bool, max_chunk_tokens: int, max_model_len: int,
+) -> KVSetup:
+    """Size and allocate the pools for the model, its streaming heads (flags per layer, or None)
+    and its page score (None: no page selection)."""
+    cache = config.cache
+    windows = arch.layer_windows
+    # the layers kept in the window pool (none with window_pool off: they are paged, windowed)
+    pooled = windows if cache.window_pool and fixed_pools else (None,) * arch.num_layers
+    flags = streaming_flags
+    use_ring = fixed_pools and flags is not None and any(bool(f.any()) for f in flags)
+    n_stream = tuple(int(f.sum()) for f in flags) if use_ring and flags is not None else (0,) * arch.num_layers
+    paged_heads = tuple(0 if w is not None else arch.num_kv_heads - n for w, n in zip(pooled, n_stream))
+    split = use_ring or any(w is not None for w in pooled)
+    shape = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, dtype,
+                    paged_heads if split else None)
+    logical = config.sparse.logical_page_size if page_score is not None and not page_score.uses_labels else None
+    blocks = fixed_blocks(arch, config, dtype, n_stream if use_ring else None, pooled, max_chunk_tokens,
+                          max_model_len)
+    per_seat = sum(geometry.pages_per_seq * bshape.bytes_per_page for bshape, geometry in blocks.values())
+    seats = _seats(config, device, per_seat)
+    # one more block than seats: the scratch seat of captured decode graphs' padded rows
+    fixed = {name: KVCacheTensors(bshape, (seats + 1) * geometry.pages_per_seq, device)
+             for name, (bshape, geometry) in blocks.items()}
+    num_pages = plan_num_pages(
+        shape, device, num_kv_pages=cache.num_kv_pages, memory_fraction=cache.kv_cache_memory_fraction,
+        memory_bytes=cache.kv_cache_memory_bytes, max_useful_pages=seats * -(-max_model_len // cache.page_size),
+        reserved_bytes=seats * per_seat,
+        extra_bytes_per_page=stats_bytes_per_page(shape, logical, page_score.num_channels if page_score else 0),
+    )
+    label_channels = None
+    if page_score is not None and page_score.channels is not None:
+        # the channels of the heads the paged pool holds (a layer's dense heads, with a ring pool)
+        pool_heads = dense_head_ids(flags) if use_ring and flags is not None \
+            else [list(range(arch.num_kv_heads))] * arch.num_layers
+        pool_heads = [[] if w is not None else heads for w, heads in zip(pooled, pool_heads)]
+        label_channels = [page_score.channels[i, heads] for i, heads in enumerate(pool_heads)]
+    # one page more than the manager hands out: the scratch page of padded graph rows
+    paged = KVCacheTensors(shape, num_pages + 1, device, logical, label_channels)
+    kv = KVCache(paged, fixed.get("ring"), flags if use_ring else None, blocks["ring"][1] if use_ring else None,
+                 fixed.get("window"), blocks["window"][1] if "window" in blocks else None, windows)
+    logger.info("KV cache: %d pages of %d tokens (%.1f MiB)%s", num_pages, cache.page_size,
+                num_pages * shape.bytes_per_page / 2**20,
+                f" + {' and '.join(blocks)} pools for {seats} requests ({seats * per_seat / 2**20:.1f} MiB)"
+                if blocks else "")
+    return KVSetup(kv, num_pages, seats)
