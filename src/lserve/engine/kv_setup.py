@@ -73,8 +73,9 @@ def _seats(config: EngineConfig, device: torch.device, per_seat: int) -> int:
         return wanted
     half = memory_budget_bytes(device, cache.kv_cache_memory_fraction, cache.kv_cache_memory_bytes) // 2
     seats = max(1, min(wanted, half // per_seat))
-    if seats < wanted:
-        logger.warning("the ring and window KV pools fit %d running requests (max_num_seqs=%d)", seats, wanted)
+    if seats < wanted:  # (not a fault: vLLM too reports the concurrency its KV memory allows)
+        logger.info("%d requests run at once (max_num_seqs=%d): the ring and window blocks take at most half "
+                    "of the KV memory", seats, wanted)
     return seats
 
 
