@@ -406,12 +406,18 @@ def _pages(n: int) -> int:
     return -(-n // PAGE)
 
 
+CHUNK = 32
+
+
+def _kv_bytes(tiny, name: str) -> tuple[Any, Any]:
+    """(the transformers config, `kv_bytes_per_sequence` of an engine on the model, chunks of CHUNK)."""
+    ref, folder = tiny(name)
+    llm = tiny_llm(folder, max_num_batched_tokens=CHUNK, max_num_seqs=4)
+    return ref.config, llm.engine.core.kv_bytes_per_sequence
+
+
 def test_kv_bytes_grow_with_the_global_layers_only(tiny) -> None:
-    ref, folder = tiny("gemma3")
-    cfg = ref.config
-    chunk = 32
-    llm = tiny_llm(folder, max_num_batched_tokens=chunk, max_num_seqs=4)
-    kv = llm.engine.core.kv_bytes_per_sequence
+    cfg, kv = _kv_bytes(tiny, "gemma3")
     num_global = cfg.layer_types.count("full_attention")
     assert num_global == 2
     per_token_global = _dense_bytes_per_token(num_global, cfg.num_key_value_heads, cfg.head_dim)
@@ -421,19 +427,15 @@ def test_kv_bytes_grow_with_the_global_layers_only(tiny) -> None:
     window_part = kv(250) - _pages(250) * PAGE * per_token_global
     per_token_local = _dense_bytes_per_token(cfg.num_hidden_layers - num_global, cfg.num_key_value_heads,
                                              cfg.head_dim)
-    assert 0 < window_part <= (_pages(GEMMA_W + chunk) + 2) * PAGE * per_token_local
+    assert 0 < window_part <= (_pages(GEMMA_W + CHUNK) + 2) * PAGE * per_token_local
     assert kv(250) < _pages(250) * PAGE * _dense_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads,
                                                                  cfg.head_dim)
 
 
 def test_kv_bytes_constant_when_every_layer_slides(tiny) -> None:
-    ref, folder = tiny("mistral-w24")
-    cfg = ref.config
-    chunk = 32
-    llm = tiny_llm(folder, max_num_batched_tokens=chunk, max_num_seqs=4)
-    kv = llm.engine.core.kv_bytes_per_sequence
+    cfg, kv = _kv_bytes(tiny, "mistral-w24")
     sizes = {kv(n) for n in (64, 100, 250)}
     assert len(sizes) == 1, sizes
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     per_token = _dense_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim)
-    assert 0 < sizes.pop() <= (_pages(24 + chunk) + 2) * PAGE * per_token
+    assert 0 < sizes.pop() <= (_pages(24 + CHUNK) + 2) * PAGE * per_token

@@ -64,6 +64,9 @@ class Request:
     """With `prompt_logprobs`: the same for prompt tokens 1.. (filled as prefill chunks run)."""
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache when it was first admitted (not computed)."""
+    page_keys: list[bytes] = field(default_factory=list)
+    """The prefix cache's keys of its first full pages, hashed as needed (`extend_page_keys`):
+    its tokens never change, so a key, once made, holds for good."""
     prefill_only: bool = False
     """A shared prompt prefix: it computes its tokens' KV and samples nothing; the sequences of an
     `n` > 1 request fork from it (`fork_of`) and it is freed when the last has forked."""

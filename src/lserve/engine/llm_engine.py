@@ -14,7 +14,14 @@ from typing import Any
 from lserve.config import EngineConfig
 from lserve.engine.core import EngineCore
 from lserve.engine.stats import EngineStats
-from lserve.engine.tokenizer import IncrementalDetokenizer, Prompt, encode_prompt, load_tokenizer, render_chat
+from lserve.engine.tokenizer import (
+    IncrementalDetokenizer,
+    Prompt,
+    encode_prompt,
+    load_tokenizer,
+    prompt_text,
+    render_chat,
+)
 from lserve.errors import RequestRejected
 from lserve.runner.structured import GrammarCompiler
 from lserve.request import (
@@ -96,8 +103,7 @@ class LLMEngine:
                                   "for n > 1 (LLM.generate does)")
         ids = self.encode(prompt, add_special_tokens)
         request_id = request_id if request_id is not None else self.next_request_id()
-        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
-        request = self._make_request(request_id, ids, params, text if isinstance(text, str) else None)
+        request = self._make_request(request_id, ids, params, prompt_text(prompt))
         try:
             self.core.add_request(request)
         except BaseException:
@@ -119,11 +125,10 @@ class LLMEngine:
         if any(p.n != 1 for p in params):
             raise RequestRejected("each sequence of a parallel request takes n=1")
         ids = self.encode(prompt, add_special_tokens)
-        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
         requests: list[Request] = []
         try:
             for rid, p in zip(request_ids, params):
-                requests.append(self._make_request(rid, ids, p, text if isinstance(text, str) else None))
+                requests.append(self._make_request(rid, ids, p, prompt_text(prompt)))
             self.core.add_forked_requests(requests)
         except BaseException:
             for r in requests:

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from lserve.kv_cache.manager import ForkCopy, KVCacheManager
+from lserve.kv_cache.manager import ForkCopy, KVCacheManager, extend_page_keys
 from lserve.runner.structured import consume
 from lserve.request import Request, RequestStatus
 
@@ -159,8 +159,10 @@ class Scheduler:
             elif self.kv.enable_caching and req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None:
                 # (prompt log-probabilities need every prompt position's logits: such a request computes them)
                 looked_up = True
-                cached = req.num_computed_tokens = self.kv.cached_prefix(
-                    req.request_id, req.token_ids, req.num_tokens - req.num_inflight_tokens)
+                # at most the pages before the last known token's (which is computed, to sample from)
+                num_pages = (req.num_tokens - req.num_inflight_tokens - 1) // self.kv.page_size
+                extend_page_keys(req.page_keys, req.token_ids, num_pages, self.kv.page_size)
+                cached = req.num_computed_tokens = self.kv.cached_prefix(req.request_id, req.page_keys[:num_pages])
             n = min(req.num_pending_tokens, budget, self.max_chunk_tokens)
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
                 if fork is not None or cached:  # it waits on, without the shared pages
@@ -229,8 +231,9 @@ class Scheduler:
             if samples:
                 req.num_inflight_tokens += 1
             if self.kv.enable_caching:  # its full pages whose tokens are computed and known
-                self.kv.register(req.request_id, req.token_ids,
-                                 min(req.num_computed_tokens, req.num_tokens - req.num_inflight_tokens))
+                num_pages = min(req.num_computed_tokens, req.num_tokens - req.num_inflight_tokens) // self.kv.page_size
+                extend_page_keys(req.page_keys, req.token_ids, num_pages, self.kv.page_size)
+                self.kv.register(req.request_id, req.page_keys, num_pages)
             if req.prefill_only and req.num_pending_tokens == 0 and req in self.running:
                 # a shared prefix is computed (on the device, in order before any later step):
                 # its pages wait for the sequences that fork from it

@@ -71,6 +71,12 @@ def check_text(text: str) -> None:
                                  f"(U+{ord(bad.group()):04X}) at character {bad.start()}")
 
 
+def prompt_text(prompt: Prompt) -> str | None:
+    """The text of a prompt given as text (a string or vLLM's {"prompt": ...}); None for token ids."""
+    text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+    return text if isinstance(text, str) else None
+
+
 def encode_prompt(tokenizer: Any | None, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
     """A prompt's token ids: text through `tokenizer`, a list of ids as it is (checked to be ints)."""
     if isinstance(prompt, dict):  # vLLM's TextPrompt / TokensPrompt

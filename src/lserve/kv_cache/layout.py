@@ -120,17 +120,18 @@ class KVCacheTensors:
         for tensors in (self.k, self.v):
             for t in tensors:
                 t.index_copy_(0, d, t.index_select(0, s))
+
+        def rows(pages: torch.Tensor, per_page: int) -> torch.Tensor:
+            """The rows of these pages in a tensor with `per_page` rows per page."""
+            return (pages[:, None] * per_page + torch.arange(per_page, device=device)).reshape(-1)
+
         if self.k_min is not None and self.k_max is not None and self.logical_page_size is not None:
-            sub = torch.arange(self.shape.page_size // self.logical_page_size, device=device)
-            rows_s, rows_d = (s[:, None] * sub.numel() + sub).reshape(-1), (d[:, None] * sub.numel() + sub).reshape(-1)
+            sub = self.shape.page_size // self.logical_page_size
             for t in (*self.k_min, *self.k_max):
-                t.index_copy_(0, rows_d, t.index_select(0, rows_s))
+                t.index_copy_(0, rows(d, sub), t.index_select(0, rows(s, sub)))
         if self.k_label is not None:
-            off = torch.arange(self.shape.page_size, device=device)
-            slots_s = (s[:, None] * self.shape.page_size + off).reshape(-1)
-            slots_d = (d[:, None] * self.shape.page_size + off).reshape(-1)
             for t in self.k_label:
-                t.index_copy_(1, slots_d, t.index_select(1, slots_s))
+                t.index_copy_(1, rows(d, self.shape.page_size), t.index_select(1, rows(s, self.shape.page_size)))
 
 
 @dataclass(frozen=True)
@@ -222,19 +223,18 @@ class KVCache:
         """A forked sequence's own copies: paged pages (`page_pairs`: source, destination) and
         the source seat's ring and window blocks onto the destination seat's."""
         self.paged.copy_pages([a for a, _ in page_pairs], [b for _, b in page_pairs])
-        for pool, geometry in ((self.ring, self.ring_geometry), (self.window, self.window_geometry)):
-            if pool is not None and geometry is not None:
-                n = geometry.pages_per_seq
-                pool.copy_pages(list(range(src_seat * n, (src_seat + 1) * n)),
-                                list(range(dst_seat * n, (dst_seat + 1) * n)))
+        for pool, geometry in self.seat_pools():
+            n = geometry.pages_per_seq
+            pool.copy_pages(list(range(src_seat * n, (src_seat + 1) * n)), list(range(dst_seat * n, (dst_seat + 1) * n)))
+
+    def seat_pools(self) -> list[tuple[KVCacheTensors, RingGeometry]]:
+        """The pools with a constant block per seat (ring, window) that this cache has."""
+        pools = ((self.ring, self.ring_geometry), (self.window, self.window_geometry))
+        return [(pool, geometry) for pool, geometry in pools if pool is not None and geometry is not None]
 
     def ring_bytes_per_sequence(self) -> int:
         """What one sequence holds in the ring and window pools (constant in its length)."""
-        total = 0
-        for pool, geometry in ((self.ring, self.ring_geometry), (self.window, self.window_geometry)):
-            if pool is not None and geometry is not None:
-                total += geometry.pages_per_seq * pool.shape.bytes_per_page
-        return total
+        return sum(geometry.pages_per_seq * pool.shape.bytes_per_page for pool, geometry in self.seat_pools())
 
     @property
     def k(self) -> list[torch.Tensor]:

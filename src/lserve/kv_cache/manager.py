@@ -82,6 +82,13 @@ def page_key(parent: bytes, token_ids: Sequence[int]) -> bytes:
     return hashlib.blake2b(parent + np.asarray(token_ids, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
+def extend_page_keys(keys: list[bytes], token_ids: TokenRange, num_pages: int, page_size: int) -> None:
+    """Append the keys of a request's full pages up to `num_pages` to `keys` (its keys so far:
+    a request's tokens never change, so each page is hashed once)."""
+    for i in range(len(keys), num_pages):
+        keys.append(page_key(keys[-1] if keys else b"", token_ids(i * page_size, (i + 1) * page_size)))
+
+
 class KVCacheManager:
     """Grows and frees the page table of each request (pure CPU bookkeeping), and with
     `enable_caching` keeps full pages findable by their content for later requests."""
@@ -90,8 +97,8 @@ class KVCacheManager:
                  enable_caching: bool = False) -> None:
         self.page_size = page_size
         self.enable_caching = enable_caching
-        self._keys: dict[str, list[bytes]] = {}
-        """Per request: the keys of its first full pages, as far as they are registered."""
+        self._registered: dict[str, int] = {}
+        """Per request: how many of its first pages are tagged for the prefix cache."""
         self.pool = PagePool(num_pages)
         self.page_tables: dict[str, list[int]] = {}
         self.num_seats = num_seats if num_seats is not None else num_pages
@@ -129,8 +136,8 @@ class KVCacheManager:
         if request_id not in self.seats:
             if not self._free_seats:
                 return False
-            self.seats[request_id] = self._free_seats.pop()
-        table = self.page_tables.setdefault(request_id, [])
+            self._seat_with(request_id, [])
+        table = self.page_tables[request_id]
         if need:
             new = self.pool.allocate(need)
             self.seat_rows.append(self.seats[request_id], len(table), new)
@@ -154,53 +161,52 @@ class KVCacheManager:
         if partial:
             table += self.pool.allocate(1)
             pairs = ((src[full], table[-1]),)
-        seat = self.seats[dst_id] = self._free_seats.pop()
-        self.page_tables[dst_id] = table
-        self.seat_rows.append(seat, 0, table)
-        if src_id in self._keys:
-            self._keys[dst_id] = self._keys[src_id][:full]
+        seat = self._seat_with(dst_id, table)
+        self._registered[dst_id] = min(self._registered.get(src_id, 0), full)
         return ForkCopy(pairs, self.seats[src_id], seat)
 
-    def cached_prefix(self, request_id: str, token_ids: TokenRange, num_known: int) -> int:
-        """For a request holding no pages: share the longest run of cached full pages that
-        starts its first `num_known` tokens (all but the last of them at most: one token is
-        always computed, to sample from), with a seat; returns the tokens they hold (0: none,
-        and no change)."""
+    def _seat_with(self, request_id: str, table: list[int]) -> int:
+        """Give a request without pages a free seat and `table` as its pages; returns the seat."""
+        seat = self.seats[request_id] = self._free_seats.pop()
+        self.page_tables[request_id] = table
+        self.seat_rows.append(seat, 0, table)
+        return seat
+
+    def cached_prefix(self, request_id: str, keys: Sequence[bytes]) -> int:
+        """For a request holding no pages: share the longest run of cached pages whose keys
+        start `keys` (its first full pages' keys; the caller leaves out the page of its last
+        known token, which is always computed, to sample from), with a seat; returns the tokens
+        they hold (0: none, and no change)."""
         assert request_id not in self.page_tables
-        keys: list[bytes] = []
         pages: list[int] = []
-        for i in range((num_known - 1) // self.page_size):
-            key = page_key(keys[-1] if keys else b"", token_ids(i * self.page_size, (i + 1) * self.page_size))
+        for key in keys:
             page = self.pool.lookup(key)
             if page is None:
                 break
-            keys.append(key)
             pages.append(page)
         if not pages or not self._free_seats:
             return 0
         self.pool.share(pages)
-        seat = self.seats[request_id] = self._free_seats.pop()
-        self.page_tables[request_id] = pages
-        self.seat_rows.append(seat, 0, pages)
-        self._keys[request_id] = keys
+        self._seat_with(request_id, pages)
+        self._registered[request_id] = len(pages)
         return len(pages) * self.page_size
 
-    def register(self, request_id: str, token_ids: TokenRange, num_done: int) -> None:
-        """Tag the request's full pages among its first `num_done` tokens (computed, ids known)
-        for the prefix cache; pages registered earlier are not hashed again."""
+    def register(self, request_id: str, keys: Sequence[bytes], num_pages: int) -> None:
+        """Tag the request's first `num_pages` pages (full, computed) with their `keys` for the
+        prefix cache; pages tagged earlier are skipped."""
         table = self.page_tables.get(request_id)
         if not self.enable_caching or table is None:
             return
-        keys = self._keys.setdefault(request_id, [])
-        for i in range(len(keys), min(num_done // self.page_size, len(table))):
-            keys.append(page_key(keys[-1] if keys else b"", token_ids(i * self.page_size, (i + 1) * self.page_size)))
-            self.pool.tag(table[i], keys[-1])
+        done, end = self._registered.get(request_id, 0), min(num_pages, len(table), len(keys))
+        for i in range(done, end):
+            self.pool.tag(table[i], keys[i])
+        self._registered[request_id] = max(done, end)
 
     def free(self, request_id: str) -> None:
         """Return every page and the seat of the request (finished, failed, aborted or preempted);
         a shared page returns to the pool with its last holder."""
         pages = self.page_tables.pop(request_id, None)
-        self._keys.pop(request_id, None)
+        self._registered.pop(request_id, None)
         if pages:
             self.pool.free(pages)
         seat = self.seats.pop(request_id, None)
