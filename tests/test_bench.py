@@ -85,6 +85,29 @@ def test_offline_bench_dense_vs_sparse_configs(tiny_model: Path, tmp_path: Path,
     assert rows[("bad", 1)]["status"] == "failed" and rows[("bad", 1)]["prefill_latency_s"] is None
 
 
+def test_shared_prefix_bench_cache_off_and_on(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "prefix.json"
+    rc = main(["bench", "--model", str(tiny_model), "--load-format", "dummy", "--device", "cpu", "--page-size", "16",
+               "--shared-prefix-len", "100", "--input-len", "5", "--output-len", "3", "--num-prompts", "4",
+               "--compare", "off:", "--compare", "on:enable_prefix_caching=true", "--output-json", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "4 requests one after another, each a shared 100-token document + 5 tokens of its own" in captured.out
+    data = json.loads(out.read_text())
+    assert data["engine_settings"]["max_model_len"] == 108 and data["engine_settings"]["max_num_seqs"] == 1
+    off, on = data["results"]
+    assert off["config"] == "off" and on["config"] == "on" and off["status"] == on["status"] == "ok"
+    for r in (off, on):
+        assert len(r["ttfts_s"]) == 4 and r["ttft_first_s"] == r["ttfts_s"][0]
+        assert r["ttft_rest_median_s"] == pytest.approx(float(np.median(r["ttfts_s"][1:])))
+        assert 0 < sum(r["ttfts_s"]) < r["total_time_s"]
+    assert off["cached_tokens"] == 0 and off["hit_rate"] == 0
+    # requests 2-4 each find the document's 6 full pages of 16 (96 tokens) in the cache
+    assert on["cached_tokens"] == 3 * 96 and on["hit_rate"] == pytest.approx(3 * 96 / (4 * 105))
+    assert on["outputs_equal_first"] is True  # float32: the hit computes the same tokens
+    assert "| on |" in captured.out and "| 288 | 0.686 | yes |" in captured.out
+
+
 def test_shipped_dummy_configs_resolve() -> None:
     assert {"llama-3-8b", "llama-2-7b", "qwen2.5-7b"} <= set(dummy_config_names())
     shapes = {}
@@ -110,6 +133,10 @@ def test_shipped_dummy_configs_resolve() -> None:
     (["--base-url", "http://127.0.0.1:9", "--compare", "a:"], "does not apply with --base-url"),
     (["--base-url", "http://127.0.0.1:9", "--percentile-metrics", "ttft,foo"], "unknown --percentile-metrics 'foo'"),
     (["--base-url", "http://127.0.0.1:9"], "cannot get the model name"),
+    (["--base-url", "http://127.0.0.1:9", "--shared-prefix-len", "1k"], "does not apply with --base-url"),
+    (["--shared-prefix-len", "1k", "--batch-size", "2"], "the requests run one after another"),
+    (["--shared-prefix-len", "1k", "--num-prompts", "1"], "--num-prompts must be >= 2"),
+    (["--shared-prefix-len", "8k", "--input-len", "16"], "prefix + input + output = 8272 tokens exceeds"),
 ])
 def test_bench_bad_input_is_one_line(args: list[str], message: str, capsys) -> None:
     rc = main(["bench", *args])

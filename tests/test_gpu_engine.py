@@ -105,3 +105,34 @@ def test_decode_gemv_gives_the_same_tokens_eager_and_in_graphs(tmp_path: Path) -
             outs[eager] = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
         assert Linear.use_gemv and spy.call_count > 0
     assert outs[True] == outs[False]
+
+
+def test_gemma3_window_pool_forks_and_prefix_hits_on_the_gpu(tmp_path: Path) -> None:
+    """A tiny Gemma 3 (sliding and global layers, the window pool) through compiled Triton kernels
+    and captured decode graphs: the eager tokens; n = 3 sequences forked from one prompt (pages
+    shared, the window blocks copied on the device) equal three single runs; a prefix-cache hit
+    gives the cold tokens."""
+    from tests.helpers_models import hf_config, hf_model, random_ids, save_hf, save_word_tokenizer
+
+    folder = save_hf(hf_model(hf_config("gemma3", sliding_window=24), seed=5), tmp_path / "gemma")
+    save_word_tokenizer(folder)
+    prompts = [random_ids(n, seed=n).tolist() for n in (150, 9, 77)]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    kw = dict(dtype="float32", page_size=16, max_num_batched_tokens=64, num_kv_pages=200)
+    outs = {}
+    for eager in (True, False):
+        llm = LLM(model=str(folder), enforce_eager=eager, **kw)
+        assert llm.engine.core.kv_cache.window is not None and llm.engine.core.backend_name == "triton"
+        outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    assert outs[True] == outs[False]
+
+    sampled = [SamplingParams(temperature=0.8, seed=3 + i, max_tokens=10, ignore_eos=True) for i in range(3)]
+    singles = [llm.generate(prompts[:1], p, use_tqdm=False)[0].outputs[0].token_ids for p in sampled]
+    forked = llm.generate(prompts[:1], SamplingParams(n=3, temperature=0.8, seed=3, max_tokens=10, ignore_eos=True),
+                          use_tqdm=False)[0]
+    assert [c.token_ids for c in forked.outputs] == singles
+
+    cached = LLM(model=str(folder), enable_prefix_caching=True, **kw)
+    first, again = (cached.generate(prompts[:1], greedy, use_tqdm=False)[0] for _ in range(2))
+    assert again.num_cached_tokens == 144 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert first.outputs[0].token_ids == outs[True][0]
