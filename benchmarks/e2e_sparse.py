@@ -35,7 +35,6 @@ from lserve import LLM, SamplingParams
 from lserve.config import SparseConfig
 from lserve.model.loader import DUMMY_CONFIG_DIR
 from lserve.request import Request
-from lserve.runner.model_runner import StepInput
 from lserve.sparse.patterns import HeadPattern, save_pattern
 
 # the shape lserve ships for `model="dummy:llama-3-8b"` (head_dim follows from hidden / heads)
@@ -152,18 +151,25 @@ def decode_inputs(core, batch: int, seq_len: int) -> tuple[list, list]:
         requests.append(req)
     fill_cache(core, gen)
     sync()  # the fill is long GPU work: no timed phase after this may wait for it
-    inputs = [StepInput(r, 1, core.kv_manager.page_tables[r.request_id], True, core.kv_manager.seats[r.request_id])
-              for r in requests]
-    return inputs, requests
+    return decode_step(core, requests), requests
 
 
-def launch_ahead(runner, inputs: list, batch: int, steps: int, previous, profiler=None):
+def decode_step(core, requests: list):
+    """The runner learns the requests (their tokens and page tables, as the engine's first step
+    would send them); returns the steady decode step that names them only (no deltas), which can
+    be launched again and again."""
+    scheduled = [(r, 1, True) for r in requests]
+    core.runner.update_states(core.step_builder.build(scheduled, len(requests), []))
+    return core.step_builder.build(scheduled, len(requests), [])
+
+
+def launch_ahead(runner, inputs, batch: int, steps: int, previous, profiler=None):
     """`steps` steps, each launched before the previous one's tokens are read (the engine's async
     scheduling); returns the last launched step, unread. `profiler` runs around the launches only."""
     for _ in range(steps):
         if profiler is not None:
             profiler.enable()
-        launched = runner.launch(inputs, batch)
+        launched = runner.launch(inputs)
         if profiler is not None:
             profiler.disable()
         previous.tokens()
@@ -172,11 +178,10 @@ def launch_ahead(runner, inputs: list, batch: int, steps: int, previous, profile
 
 
 def release(core, requests: list) -> None:
-    selector = core.runner.backend.selector
     for r in requests:
         core.kv_manager.free(r.request_id)
-        if selector is not None:
-            selector.forget(r.request_id)
+        core.step_builder.forget(r.request_id)
+    core.runner.update_states(core.step_builder.flush())
 
 
 def time_decode(core, batch: int, seq_len: int, steps: int, overlap: bool = False) -> dict[str, float]:
@@ -188,13 +193,13 @@ def time_decode(core, batch: int, seq_len: int, steps: int, overlap: bool = Fals
     runner = core.runner
     selector = runner.backend.selector
     for _ in range(8):  # compile, capture graphs, warm up
-        runner.execute(inputs, batch)
+        runner.execute(inputs)
     sync()
     per_mode: dict[str, list[float]] = {}
     t0 = time.perf_counter()
     for _ in range(steps):
         t1 = time.perf_counter()
-        runner.execute(inputs, batch)
+        runner.execute(inputs)
         sync()
         mode = selector.mode if selector is not None else "none"
         per_mode.setdefault(mode, []).append((time.perf_counter() - t1) * 1000)
@@ -204,7 +209,7 @@ def time_decode(core, batch: int, seq_len: int, steps: int, overlap: bool = Fals
         # the clock starts when a step's tokens arrive with the next step already queued, and
         # stops when the `steps`-th step after it is read: `steps` steps of device time, the
         # host's work of each launch hidden behind the step before it
-        previous = launch_ahead(runner, inputs, batch, 2, runner.launch(inputs, batch))
+        previous = launch_ahead(runner, inputs, batch, 2, runner.launch(inputs))
         t1 = time.perf_counter()
         previous = launch_ahead(runner, inputs, batch, steps, previous)
         overlapped = (time.perf_counter() - t1) * 1000 / steps
@@ -336,7 +341,7 @@ def timeline(core, batch: int, seq_len: int, label: str, folder: Path | None) ->
             (folder / name).write_text(json.dumps(rows, indent=0))
     # steps launched ahead (the engine's async scheduling): the device's idle time between
     # operations, and the copies and fills that run between the graphs
-    previous = [launch_ahead(core.runner, inputs, batch, 2, core.runner.launch(inputs, batch))]
+    previous = [launch_ahead(core.runner, inputs, batch, 2, core.runner.launch(inputs))]
     sync()
 
     def steps() -> None:
@@ -391,7 +396,7 @@ def profile_host(core, batch: int, seq_len: int, label: str) -> None:
     # here leaves the GPU idle for the rest of the launch
     inputs, requests = decode_inputs(core, batch, seq_len)
     prof = cProfile.Profile()
-    launch_ahead(runner, inputs, batch, 16, runner.launch(inputs, batch), profiler=prof).tokens()
+    launch_ahead(runner, inputs, batch, 16, runner.launch(inputs), profiler=prof).tokens()
     release(core, requests)
     print(f"\n{label}: host time of 16 overlapped launches (batch {batch}, {seq_len} tokens), by own time")
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
@@ -444,14 +449,14 @@ def probe_plan(core, batch: int, seq_len: int) -> None:
         req = Request(rid, [1] * seq_len, SamplingParams(max_tokens=1), 1)
         req.num_computed_tokens = seq_len - 1
         reqs.append(req)
-    inputs = [StepInput(r, 1, core.kv_manager.page_tables[r.request_id], True, core.kv_manager.seats[r.request_id])
-              for r in reqs]
+    step = decode_step(core, reqs)
+    chunks, states = step.scheduled, [runner.requests[c.request_id] for c in step.scheduled]
     for _ in range(5):
-        runner.plan(inputs, batch)
+        runner.plan(chunks, states, batch)
     sync()
     t = time.perf_counter()
     for _ in range(50):
-        runner.plan(inputs, batch)
+        runner.plan(chunks, states, batch)
     sync()
     plan_ms = (time.perf_counter() - t) * 1000 / 50
     buf = np.zeros(40000, dtype=np.uint8)
@@ -464,11 +469,10 @@ def probe_plan(core, batch: int, seq_len: int) -> None:
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(20):
-        runner.plan(inputs, batch)
+        runner.plan(chunks, states, batch)
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(8)
-    for r in reqs:
-        core.kv_manager.free(r.request_id)
+    release(core, reqs)
 
 
 def run_decode(args: argparse.Namespace, folder: str, pattern: str) -> list[dict]:

@@ -22,6 +22,7 @@ from lserve.config import EngineConfig
 from lserve.engine.kv_setup import build_kv_cache
 from lserve.engine.scheduler import Scheduler, SchedulerOutput
 from lserve.engine.stats import EngineStats
+from lserve.engine.step_builder import StepBuilder
 from lserve.errors import LServeError, RequestRejected
 from lserve.kv_cache.layout import stats_bytes_per_page
 from lserve.kv_cache.manager import KVCacheManager
@@ -34,7 +35,7 @@ from lserve.model.loader import (
 )
 from lserve.request import Request, RequestStatus
 from lserve.runner.cuda_graphs import DecodeGraphs
-from lserve.runner.model_runner import LaunchedStep, ModelRunner, StepInput
+from lserve.runner.model_runner import LaunchedStep, ModelRunner
 from lserve.sampling_params import SamplingParams
 from lserve.sparse.patterns import HeadPattern, binarize, load_pattern, shipped_pattern
 from lserve.sparse.selection import ScoreSpec, resolve_page_score
@@ -125,6 +126,7 @@ class EngineCore:
         attention backend, the runner and (on a GPU) its decode graphs."""
         cache, sparse, arch = self.config.cache, self.config.sparse, self.arch
         sparsity = self._head_sparsity()
+        self.streaming_head_fraction = sparsity.streaming_fraction if sparsity is not None else 0.0
         self.page_score = self._page_score() if sparse.uses_page_selection else None
         setup = build_kv_cache(arch, self.config, self.dtype, self.device,
                                sparsity.streaming_heads if sparsity is not None else None, self.page_score,
@@ -153,7 +155,8 @@ class EngineCore:
                                  sparsity, selector)
         ring_geometry = self.kv_cache.ring_geometry
         self.runner = ModelRunner(self.model, backend, cache.page_size, self.device, self.config.model.seed,
-                                  ring_geometry, page_rows=self.kv_manager.seat_rows)
+                                  ring_geometry)
+        self.step_builder = StepBuilder(self.kv_manager, arch.vocab_size)
         if self.backend_name == "triton":
             backend.decode_split_len = self.max_model_len
         if self.device.type == "cuda" and self.backend_name == "triton" and not self.config.model.enforce_eager:
@@ -276,7 +279,7 @@ class EngineCore:
         req = self.scheduler.find(request_id)
         if req is not None:
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
-            self._forget(request_id)
+            self._flush_ended()
         return req
 
     def finish_request(self, request_id: str, status: RequestStatus) -> None:
@@ -284,26 +287,20 @@ class EngineCore:
         req = self.scheduler.find(request_id)
         if req is not None:
             self.scheduler.finish(req, status)
-            self._forget(request_id)
+            self._flush_ended()
 
-    def _forget(self, request_id: str) -> None:
-        """Drop per-request state outside the scheduler (sampler generator, page selection)."""
-        self.runner.sampler.forget(request_id)
-        if self.runner.backend.selector is not None:
-            self.runner.backend.selector.forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0 or bool(self._pending)
 
     def stats(self) -> EngineStats:
         """A snapshot of queue sizes, cache use and counters (cheap; safe to call every step)."""
-        sparsity = self.runner.backend.sparsity
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             kv_pages_total=self.kv_manager.num_pages,
             kv_pages_used=self.kv_manager.num_pages - self.kv_manager.num_free_pages,
-            streaming_head_fraction=sparsity.streaming_fraction if sparsity is not None else 0.0,
+            streaming_head_fraction=self.streaming_head_fraction,
             last_decode_pages_read_fraction=self.last_decode_pages_read_fraction,
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
@@ -325,12 +322,37 @@ class EngineCore:
         (scheduling, metadata, copies, the launch itself, detokenizing) overlaps the device's.
         Each call still returns one token per running request; the first call returns none.
         """
+        result = self._step()
+        self._flush_ended()
+        return result
+
+    def _flush_ended(self) -> None:
+        """Tell the runner now of requests that ended after the last launch (their state would
+        otherwise wait for the next step, and an idle engine has none)."""
+        self._take_ended()
+        ended = self.step_builder.flush()
+        if ended is not None:
+            self.runner.update_states(ended)
+
+    def _take_ended(self) -> None:
+        """Requests the scheduler ended: the runner drops their state (its tokens, page table,
+        sampler generator and page selection) with the next step it is sent."""
+        for rid in self.scheduler.take_ended():
+            self.step_builder.forget(rid)
+
+    def _schedule(self) -> SchedulerOutput:
+        out = self.scheduler.schedule()
+        for rid in out.preempted:  # (a schedule that preempts may schedule nothing)
+            self.step_builder.preempted(rid)
+        return out
+
+    def _step(self) -> StepResult:
         self.last_step_num_tokens = 0
         if not self.async_scheduling:
             # through the pending list too: a read interrupted while waiting leaves its step
             # pending, and the next call reads it instead of launching another
             if not self._pending:
-                out = self.scheduler.schedule()
+                out = self._schedule()
                 if out.is_empty:
                     return StepResult([], [])
                 self._pending.append((out, *self._launch(out)))
@@ -340,7 +362,7 @@ class EngineCore:
         resolved = None
         if self._pending and self._needs_tokens_first():
             resolved = self._resolve_oldest()
-        out = self.scheduler.schedule()
+        out = self._schedule()
         if not out.is_empty:
             self._pending.append((out, *self._launch(out)))
         if resolved is not None:
@@ -353,11 +375,13 @@ class EngineCore:
         """Queue the scheduled batch on the device; its tokens count as computed (and in flight).
         Returns the launch and the KV pages its decode rows read (engine totals count them now:
         the device reads them whatever becomes of the tokens)."""
-        for fork in out.forks:  # queued before the step, after the prefix's own steps
-            self.kv_cache.copy_fork(fork.page_pairs, fork.src_seat, fork.dst_seat)
-        launched = self.runner.launch(self._step_inputs(out), out.num_decodes)
+        self._take_ended()
+        step = self.step_builder.build([(s.request, s.num_new_tokens, s.samples) for s in out.scheduled],
+                                       out.num_decodes, out.forks)
+        launched = self.runner.launch(step)
         self.last_step_num_tokens = out.num_tokens
-        counts = self.runner.backend.last_page_counts
+        counts = launched.page_counts
+        assert counts is not None
         if counts.stored is None:  # (a top-p selection's counts are added once the step has run)
             self._count_decode_pages(counts)
         self.scheduler.advance(out)
@@ -413,8 +437,6 @@ class EngineCore:
                 s.request.decode_pages_dense += dense
         self.num_generation_tokens += len(changed)
         finished = [r for r in changed if r.is_finished]
-        for r in finished:
-            self._forget(r.request_id)
         return StepResult(changed, finished)
 
     def _count_decode_pages(self, counts: StepPageCounts) -> None:
@@ -424,10 +446,3 @@ class EngineCore:
         self.decode_pages_read += sum(counts.read)
         self.decode_pages_dense += sum(counts.dense)
         self.last_decode_pages_read_fraction = sum(counts.read) / max(sum(counts.dense), 1)
-
-    def _step_inputs(self, out: SchedulerOutput) -> list[StepInput]:
-        tables, seats = self.kv_manager.page_tables, self.kv_manager.seats
-        return [
-            StepInput(s.request, s.num_new_tokens, tables[s.request.request_id], s.samples, seats[s.request.request_id])
-            for s in out.scheduled
-        ]

@@ -73,6 +73,9 @@ class Scheduler:
         """Tokens admitted requests looked up in the prefix cache (vLLM's prefix_cache_queries)."""
         self.prefix_cache_hits = 0
         """Of those, tokens whose KV the cache held."""
+        self.ended: list[str] = []
+        """Requests ended (finished, aborted, or a shared prefix released) since the engine last
+        took them (`take_ended`): their state outside the scheduler goes too."""
 
     @property
     def num_unfinished(self) -> int:
@@ -104,6 +107,7 @@ class Scheduler:
         if done is not None:
             self.kv.free(prefix_id)
             done.status = RequestStatus.FINISHED_STOPPED
+            self.ended.append(prefix_id)
             return
         prefix = self.find(prefix_id)  # still prefilling: nobody needs it any more
         if prefix is not None:
@@ -273,6 +277,11 @@ class Scheduler:
         req.num_inflight_tokens = 0  # a token still in flight is dropped when it arrives
         req.status = status
         req.error = error
+        self.ended.append(req.request_id)
+
+    def take_ended(self) -> list[str]:
+        ended, self.ended = self.ended, []
+        return ended
 
     def find(self, request_id: str) -> Request | None:
         for req in (*self.running, *self.waiting):

@@ -104,8 +104,6 @@ class KVCacheManager:
         self.num_seats = num_seats if num_seats is not None else num_pages
         self.seats: dict[str, int] = {}
         self._free_seats = list(range(self.num_seats - 1, -1, -1))
-        self.seat_rows = SeatPageRows()
-        """The page tables again, as rows by seat (what the model runner builds step tables from)."""
 
     @property
     def num_pages(self) -> int:
@@ -140,7 +138,6 @@ class KVCacheManager:
         table = self.page_tables[request_id]
         if need:
             new = self.pool.allocate(need)
-            self.seat_rows.append(self.seats[request_id], len(table), new)
             table.extend(new)
         return True
 
@@ -169,7 +166,6 @@ class KVCacheManager:
         """Give a request without pages a free seat and `table` as its pages; returns the seat."""
         seat = self.seats[request_id] = self._free_seats.pop()
         self.page_tables[request_id] = table
-        self.seat_rows.append(seat, 0, table)
         return seat
 
     def cached_prefix(self, request_id: str, keys: Sequence[bytes]) -> int:
@@ -211,7 +207,6 @@ class KVCacheManager:
             self.pool.free(pages)
         seat = self.seats.pop(request_id, None)
         if seat is not None:
-            self.seat_rows.clear(seat)
             self._free_seats.append(seat)
 
     def check_invariants(self) -> None:
@@ -222,7 +217,5 @@ class KVCacheManager:
         for table in self.page_tables.values():
             assert len(table) == len(set(table)), "a page appears twice in one table"
         assert set(self.seats) == set(self.page_tables), "seats and page tables disagree"
-        for rid, table in self.page_tables.items():
-            assert self.seat_rows.rows([self.seats[rid]], len(table))[0].tolist() == table, "seat rows are stale"
         assert len(set(self.seats.values())) == len(self.seats), "a seat is held twice"
         assert len(self.seats) + len(self._free_seats) == self.num_seats, "a seat was lost"

@@ -1,7 +1,8 @@
 """Runs one engine step on the model: build flat inputs, plan attention, forward, sample.
 
-Knows the model, the KV tensors and the attention backend; knows nothing about tokenizers,
-queues or HTTP.
+Driven only by `StepData` (runner/step.py), plain data from the engine; keeps its own state per
+request (token ids, seat, page table row, sampling settings). Knows the model, the KV tensors and
+the attention backend; knows nothing about tokenizers, queues, `Request` objects or HTTP.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lserve.attention.backend import AttentionBackend
+from lserve.attention.backend import AttentionBackend, StepPageCounts
 from lserve.attention.metadata import AttentionMetadata, build_metadata, to_device
 from lserve.kv_cache.layout import RingGeometry
 from lserve.kv_cache.manager import SeatPageRows
 from lserve.model.llama import LlamaForCausalLM
-from lserve.request import INFLIGHT_TOKEN, Request, TokenLogprobEntry
+from lserve.request import INFLIGHT_TOKEN, TokenLogprobEntry
 from lserve.runner.cuda_graphs import DecodeGraphs
 from lserve.runner.sampler import RowContext, Sampler, token_logprobs
-from lserve.runner.structured import apply_grammar_masks
+from lserve.runner.step import NewRequestData, ScheduledChunk, StepData
+from lserve.runner.structured import apply_bitmask
+from lserve.sampling_params import SamplingParams
 
 PROMPT_LOGPROB_ROWS = 1024
 """Prompt positions whose full-vocabulary logits are computed at once (a chunk of 8K prompt tokens
@@ -79,6 +82,8 @@ class LaunchedStep:
     after sampling."""
     ready: torch.cuda.Event | None = None
     """Recorded after those copies: waiting on it does not wait for steps launched later."""
+    page_counts: StepPageCounts | None = None
+    """The KV pages the step's decode rows read (set by `ModelRunner.launch`)."""
     _tokens: dict[str, int] | None = None
 
     @classmethod
@@ -117,31 +122,52 @@ class LaunchedStep:
         return self.step_logprobs.read(host[1:] if self.device_tokens is not None else host)
 
 
-def row_context(req: Request) -> RowContext | None:
-    """What the sampler needs of a request beyond its logits (None: nothing). Penalties read the
-    output's values, so a request with one never has a token in flight here (the engine reads it
-    first); the length counts tokens in flight."""
-    p = req.sampling_params
-    if not p.needs_row_context:
-        return None
-    stops = frozenset(p.stop_token_ids or ()) | (frozenset() if p.ignore_eos else req.eos_token_ids)
-    return RowContext(
-        seen_token_ids=req.all_token_ids if p.repetition_penalty != 1.0 else (),
-        output_token_ids=req.output_token_ids if p.presence_penalty or p.frequency_penalty else (),
-        num_generated=len(req.output_token_ids) + req.num_inflight_tokens,
-        stop_token_ids=stops if p.min_tokens else frozenset(),
-    )
+@dataclass
+class RequestState:
+    """What the runner keeps of a request between steps."""
 
+    token_ids: list[int]
+    """Known tokens (prompt, then output); a token in flight is not here yet."""
+    num_prompt_tokens: int
+    params: SamplingParams
+    eos_token_ids: frozenset[int]
+    seat: int
+    num_pages: int
+    num_prompt_logprobs: int
 
-@dataclass(frozen=True)
-class StepInput:
-    """One scheduled request as the runner sees it."""
+    @classmethod
+    def of(cls, new: NewRequestData) -> RequestState:
+        return cls(list(new.token_ids), new.num_prompt_tokens, new.sampling_params, new.eos_token_ids, new.seat,
+                   len(new.page_ids), new.num_prompt_logprobs)
 
-    request: Request
-    num_new_tokens: int
-    page_ids: list[int]
-    samples: bool
-    seat: int = 0
+    def apply(self, chunk: ScheduledChunk) -> None:
+        """Take the chunk's new token ids (idempotent: they are written at their own index)."""
+        if chunk.new_token_ids:
+            del self.token_ids[chunk.token_start:]
+            self.token_ids.extend(chunk.new_token_ids)
+
+    def inputs(self, start: int, stop: int) -> list[int]:
+        """Token ids start..stop-1; those not known yet (in flight) are `INFLIGHT_TOKEN`."""
+        known = len(self.token_ids)
+        if stop <= known:
+            return self.token_ids[start:stop]
+        return self.token_ids[start:known] + [INFLIGHT_TOKEN] * (stop - max(start, known))
+
+    def row_context(self, chunk: ScheduledChunk) -> RowContext | None:
+        """What the sampler needs beyond the logits (None: nothing). Penalties read the output's
+        values, so a request with one never has a token in flight here (the engine sends it
+        first); the length counts tokens in flight."""
+        p = self.params
+        if not p.needs_row_context:
+            return None
+        stops = frozenset(p.stop_token_ids or ()) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+        return RowContext(
+            seen_token_ids=self.token_ids if p.repetition_penalty != 1.0 else (),
+            output_token_ids=self.token_ids[self.num_prompt_tokens:] if p.presence_penalty or p.frequency_penalty
+            else (),
+            num_generated=chunk.start + chunk.num_tokens - self.num_prompt_tokens,
+            stop_token_ids=stops if p.min_tokens else frozenset(),
+        )
 
 
 class ModelRunner:
@@ -153,12 +179,9 @@ class ModelRunner:
         device: torch.device,
         seed: int,
         ring: RingGeometry | None = None,
-        page_rows: SeatPageRows | None = None,
     ) -> None:
         self.model = model
         self.ring = ring
-        self.page_rows = page_rows
-        """The KV manager's page tables by seat: step tables are sliced from it (no list conversion)."""
         self.backend = backend
         self.page_size = page_size
         self.device = device
@@ -168,36 +191,68 @@ class ModelRunner:
         self._last: LaunchedStep | None = None
         """The last launched step that sampled (its tokens feed in-flight inputs of the next)."""
 
-    @torch.inference_mode()
-    def execute(self, inputs: Sequence[StepInput], num_decodes: int) -> dict[str, int]:
-        """Run the scheduled tokens (decodes first); return a sampled token per request that samples."""
-        return self.launch(inputs, num_decodes).tokens()
+        self.requests: dict[str, RequestState] = {}
+        self.seat_rows = SeatPageRows()
+        """Every seat's page table as rows of one array, kept from the steps' page ids: a step's
+        tables are a slice of rows, not a conversion of lists."""
 
     @torch.inference_mode()
-    def launch(self, inputs: Sequence[StepInput], num_decodes: int) -> LaunchedStep:
+    def execute(self, step: StepData) -> dict[str, int]:
+        """Run the step; return a sampled token per request that samples."""
+        return self.launch(step).tokens()
+
+    def update_states(self, step: StepData) -> None:
+        """Apply the step's changes to the runner's per-request state: drop ended and preempted
+        requests, take new ones whole and running ones' new tokens and pages; then the fork copies."""
+        for rid in (*step.preempted_ids, *step.finished_ids):
+            state = self.requests.pop(rid, None)
+            if state is not None:
+                self.seat_rows.clear(state.seat)
+        for rid in step.finished_ids:
+            self.sampler.forget(rid)
+            if self.backend.selector is not None:
+                self.backend.selector.forget(rid)
+        for new in step.new_requests:
+            self.requests[new.request_id] = RequestState.of(new)
+            self.seat_rows.clear(new.seat)
+            self.seat_rows.append(new.seat, 0, new.page_ids)
+        for chunk in step.scheduled:
+            state = self.requests[chunk.request_id]
+            state.apply(chunk)
+            if chunk.new_page_ids:
+                self.seat_rows.append(state.seat, chunk.page_start, chunk.new_page_ids)
+                state.num_pages = chunk.page_start + len(chunk.new_page_ids)
+        for fork in step.forks:  # queued before the step, after the prefix's own steps
+            self.backend.cache.copy_fork(fork.page_pairs, fork.src_seat, fork.dst_seat)
+
+    @torch.inference_mode()
+    def launch(self, step: StepData) -> LaunchedStep:
         """Queue the step on the device and return without waiting for it. An input token that a
         previous launch sampled and the host has not read yet (`INFLIGHT_TOKEN`) is taken from
         that launch's tokens on the device."""
+        self.update_states(step)
+        chunks = step.scheduled
+        states = [self.requests[c.request_id] for c in chunks]
         token_ids: list[int] = []
         positions: list[int] = []
-        for s in inputs:
-            start = s.request.num_computed_tokens
-            token_ids.extend(s.request.token_ids(start, start + s.num_new_tokens))
-            positions.extend(range(start, start + s.num_new_tokens))
-        md = self.plan(inputs, num_decodes)
+        for c, state in zip(chunks, states):
+            token_ids.extend(state.inputs(c.start, c.start + c.num_tokens))
+            positions.extend(range(c.start, c.start + c.num_tokens))
+        md = self.plan(chunks, states, step.num_decodes)
         backend = self.backend
         backend.prepare(md)
         ids, pos = to_device([np.asarray(token_ids, dtype=np.int64), np.asarray(positions, dtype=np.int64)],
                              self.device)
-        self._fill_inflight(ids, token_ids, inputs)
-        sampling = [i for i, s in enumerate(inputs) if s.samples]
+        self._fill_inflight(ids, token_ids, chunks)
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
         # the sampling rows' index, without a copy that would wait for the device
         rows: slice | torch.Tensor = slice(None)
-        if len(sampling) != len(inputs):
+        if len(sampling) != len(chunks):
             rows = to_device([np.asarray(sampling, dtype=np.int64)], self.device)[0]
         graphs = self.graphs
+        num_decodes = step.num_decodes
         step_logprobs: StepLogprobs | None = None
-        if graphs is not None and num_decodes == len(inputs) and graphs.bucket(num_decodes) is not None:
+        if graphs is not None and num_decodes == len(chunks) and graphs.bucket(num_decodes) is not None:
             mode = backend.selector.mode if backend.selector is not None else "none"
             logits = graphs.run(md, ids, pos, mode)[rows]
             backend.collect_stored_pages(md)
@@ -207,54 +262,60 @@ class ModelRunner:
 
             hidden = self.model(ids, pos, attn)
             backend.collect_stored_pages(md)
-            step_logprobs = self._prompt_logprobs(hidden, inputs)
+            step_logprobs = self._prompt_logprobs(hidden, chunks, states)
             if not sampling:
-                return LaunchedStep.of([], None, step_logprobs)
+                return self._launched(LaunchedStep.of([], None, step_logprobs))
             ends = md.query_start_loc[1:].long() - 1
             logits = self.model.compute_logits(hidden[ends[rows]])
         if not sampling:
-            return LaunchedStep([], None)
-        reqs = [inputs[i].request for i in sampling]
-        wants = [i for i, r in enumerate(reqs) if r.sampling_params.logprobs is not None]
+            return self._launched(LaunchedStep([], None))
+        ids_ = [chunks[i].request_id for i in sampling]
+        params = [states[i].params for i in sampling]
+        wants = [j for j, p in enumerate(params) if p.logprobs is not None]
         raw = logits[wants] if wants else None  # a copy (list indexing): masks and penalties come in place
-        apply_grammar_masks(logits, [r.structured for r in reqs])
-        tokens = self.sampler.sample(logits, [r.request_id for r in reqs], [r.sampling_params for r in reqs],
-                                     [row_context(r) for r in reqs])
+        if step.grammar_bitmask is not None:
+            apply_bitmask(logits, step.grammar_bitmask)
+        tokens = self.sampler.sample(logits, ids_, params, [states[i].row_context(chunks[i]) for i in sampling])
         if raw is not None:
             if step_logprobs is None:
                 step_logprobs = StepLogprobs()
-            ks = [reqs[i].sampling_params.logprobs or 0 for i in wants]
-            step_logprobs.sample_ids = [reqs[i].request_id for i in wants]
+            ks = [params[j].logprobs or 0 for j in wants]
+            step_logprobs.sample_ids = [ids_[j] for j in wants]
             step_logprobs.sample_k = ks
             step_logprobs.sample = token_logprobs(raw, tokens[wants], max(ks))
-        step = LaunchedStep.of([r.request_id for r in reqs], tokens, step_logprobs)
-        self._last = step
-        return step
+        launched = LaunchedStep.of(ids_, tokens, step_logprobs)
+        self._last = launched
+        return self._launched(launched)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: Sequence[StepInput]) -> StepLogprobs | None:
+    def _launched(self, launched: LaunchedStep) -> LaunchedStep:
+        launched.page_counts = self.backend.last_page_counts
+        return launched
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, chunks: Sequence[ScheduledChunk], states: Sequence[RequestState]
+    ) -> StepLogprobs | None:
         """Log-probabilities of the prompt tokens that this step's prefill chunks predict, for the
         requests that ask for them: the hidden state at position p scores prompt token p + 1."""
         out: StepLogprobs | None = None
         offset = 0
-        for s in inputs:
-            req, n = s.request, s.num_new_tokens
-            k = req.sampling_params.prompt_logprobs
-            start = req.num_computed_tokens
-            stop = min(start + n, req.num_prompt_tokens - 1)
-            if k is not None and stop > start and len(req.prompt_logprobs) < req.num_prompt_tokens - 1:
+        for c, state in zip(chunks, states):
+            n, start = c.num_tokens, c.start
+            k = state.params.prompt_logprobs
+            stop = min(start + n, state.num_prompt_tokens - 1)
+            if k is not None and stop > start and state.num_prompt_logprobs < state.num_prompt_tokens - 1:
                 out = out or StepLogprobs()
-                targets = torch.tensor(req.prompt_token_ids[start + 1 : stop + 1], device=hidden.device)
+                targets = torch.tensor(state.token_ids[start + 1 : stop + 1], device=hidden.device)
                 parts = []
                 for a in range(0, stop - start, PROMPT_LOGPROB_ROWS):
                     b = min(a + PROMPT_LOGPROB_ROWS, stop - start)
                     logits = self.model.compute_logits(hidden[offset + a : offset + b])
                     parts.append(token_logprobs(logits, targets[a:b], k))
-                out.prompt_runs.append((req.request_id, start + 1, stop - start, k))
+                out.prompt_runs.append((c.request_id, start + 1, stop - start, k))
                 out.prompt.append([torch.cat(col) for col in zip(*parts)])
             offset += n
         return out
 
-    def _fill_inflight(self, ids: torch.Tensor, token_ids: list[int], inputs: Sequence[StepInput]) -> None:
+    def _fill_inflight(self, ids: torch.Tensor, token_ids: list[int], chunks: Sequence[ScheduledChunk]) -> None:
         """Write the ids of in-flight tokens from the last launch's tokens, on the device. Only a
         decoding request's one input token can be in flight (a preempted request is recomputed
         only after its token arrived)."""
@@ -264,37 +325,33 @@ class ModelRunner:
         rows = {rid: i for i, rid in enumerate(last.request_ids)} if last is not None else {}
         dst, src = [], []
         flat = 0
-        for s in inputs:
-            for j in range(s.num_new_tokens):
+        for c in chunks:
+            for j in range(c.num_tokens):
                 if token_ids[flat + j] == INFLIGHT_TOKEN:
-                    row = rows.get(s.request.request_id)
+                    row = rows.get(c.request_id)
                     if row is None or last is None or last.device_tokens is None:
-                        raise RuntimeError(f"request {s.request.request_id}: an input token is in flight but "
+                        raise RuntimeError(f"request {c.request_id}: an input token is in flight but "
                                            "the last launched step did not sample it")
                     dst.append(flat + j)
                     src.append(row)
-            flat += s.num_new_tokens
+            flat += c.num_tokens
         assert last is not None and last.device_tokens is not None
         dst_t, src_t = to_device([np.asarray(dst, dtype=np.int64), np.asarray(src, dtype=np.int64)], self.device)
         ids[dst_t] = last.device_tokens[src_t]
 
-    def plan(self, inputs: Sequence[StepInput], num_decodes: int) -> AttentionMetadata:
+    def plan(self, chunks: Sequence[ScheduledChunk], states: Sequence[RequestState], num_decodes: int
+             ) -> AttentionMetadata:
         """Attention metadata of the step, built once and shared by every layer."""
-        seats = [s.seat for s in inputs]
-        tables: list[list[int]] | np.ndarray
-        if self.page_rows is not None:
-            tables = self.page_rows.rows(seats, max(len(s.page_ids) for s in inputs))
-        else:
-            tables = [s.page_ids for s in inputs]
+        seats = [state.seat for state in states]
         return build_metadata(
-            query_lens=[s.num_new_tokens for s in inputs],
-            seq_lens=[s.request.num_computed_tokens + s.num_new_tokens for s in inputs],
-            page_tables=tables,
+            query_lens=[c.num_tokens for c in chunks],
+            seq_lens=[c.start + c.num_tokens for c in chunks],
+            page_tables=self.seat_rows.rows(seats, max(state.num_pages for state in states)),
             num_decodes=num_decodes,
             page_size=self.page_size,
             device=self.device,
             seats=seats,
             ring=self.ring,
-            request_ids=[s.request.request_id for s in inputs],
+            request_ids=[c.request_id for c in chunks],
             window=self.backend.cache.window_geometry,
         )

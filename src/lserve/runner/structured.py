@@ -6,7 +6,8 @@ schemas, any JSON object, regular expressions, choices and Lark/GBNF grammars ar
 llguidance). Before sampling, the matchers of a step's constrained rows fill one host bitmask (a
 few microseconds each); it is copied to the device once and applied to the logits in place, so
 there is no host sync per row. After a token arrives, its matcher consumes it; the engine stops
-the request once the grammar is complete.
+the request once the grammar is complete. The engine fills the bitmask (`grammar_bitmask`) and
+sends it with the step; the runner applies it (`apply_bitmask`).
 
 llguidance rather than xgrammar: it has no dependencies (one abi3 wheel), while xgrammar needs
 apache-tvm-ffi and pins torch and triton. JSON is generated with fixed separators (", " and ": ")
@@ -20,6 +21,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from lserve.errors import RequestRejected
@@ -74,16 +76,24 @@ class GrammarCompiler:
         return m
 
 
-def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[Any | None]) -> None:
-    """Mask each row of logits (N, V) to the tokens its matcher allows (None: unconstrained), in
-    place: one host bitmask for the batch, one copy, one masking call."""
+def grammar_bitmask(matchers: Sequence[Any | None], vocab_size: int) -> np.ndarray | None:
+    """The allowed tokens of each row's matcher (None: unconstrained, every bit set) as one host
+    bitmask (rows, ceil(vocab_size / 32)) int32; None when no row is constrained."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
-        return
+        return None
     import llguidance.torch as lt  # only here: an engine without structured outputs runs without llguidance
-    mask = torch.full((len(matchers), (logits.shape[1] + 31) // 32), -1, dtype=torch.int32)
+    mask = torch.full((len(matchers), (vocab_size + 31) // 32), -1, dtype=torch.int32)
     for i in rows:
         lt.fill_next_token_bitmask(matchers[i], mask, i)
+    return mask.numpy()
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: np.ndarray) -> None:
+    """Mask the rows of logits (N, V) to their allowed tokens, in place: one copy, one masking call."""
+    import llguidance.torch as lt
+
+    mask = torch.from_numpy(bitmask)
     if logits.is_cuda:
         mask = mask.pin_memory().to(logits.device, non_blocking=True)
     lt.apply_token_bitmask_inplace(logits, mask)
