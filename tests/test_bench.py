@@ -89,7 +89,7 @@ def test_shared_prefix_bench_cache_off_and_on(tiny_model: Path, tmp_path: Path, 
     out = tmp_path / "prefix.json"
     rc = main(["bench", "--model", str(tiny_model), "--load-format", "dummy", "--device", "cpu", "--page-size", "16",
                "--shared-prefix-len", "100", "--input-len", "5", "--output-len", "3", "--num-prompts", "4",
-               "--compare", "off:", "--compare", "on:enable_prefix_caching=true", "--output-json", str(out)])
+               "--compare", "off:enable_prefix_caching=false", "--compare", "on:", "--output-json", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "4 requests one after another, each a shared 100-token document + 5 tokens of its own" in captured.out

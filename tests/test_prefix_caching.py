@@ -26,7 +26,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8)
 @pytest.fixture(scope="module")
 def cold() -> LLM:
     """The dense engine without the cache."""
-    return LLM(dtype="float32", device="cpu", page_size=PAGE)
+    return LLM(dtype="float32", device="cpu", page_size=PAGE, enable_prefix_caching=False)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,24 @@ def test_a_hit_on_a_sliding_window_model(tmp_path: Path) -> None:
     assert hit.num_cached_tokens == 80
     cold = LLM(model=str(folder), dtype="float32", device="cpu", page_size=PAGE)  # the window pool, no cache
     assert hit.outputs[0].token_ids == cold.generate(prompts[1], params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_the_cache_is_on_by_default_unless_it_would_give_up_a_ring(pattern_path: Path, tmp_path: Path) -> None:
+    def core(**kw):  # noqa: ANN202
+        return LLM(dtype="float32", device="cpu", page_size=PAGE, **kw).engine.core
+
+    assert core().prefix_caching and core(token_budget=64).prefix_caching
+    streaming = core(attn_pattern=str(pattern_path), **STREAMING)
+    assert not streaming.prefix_caching and streaming.kv_cache.ring is not None
+    forced = core(attn_pattern=str(pattern_path), enable_prefix_caching=True, **STREAMING)
+    assert forced.prefix_caching and forced.kv_cache.ring is None
+    assert not core(enable_prefix_caching=False).prefix_caching
+    folder = save_hf(hf_model(hf_config("mistral", sliding_window=20), seed=3), tmp_path / "model")
+    save_word_tokenizer(folder)
+    windowed = LLM(model=str(folder), dtype="float32", device="cpu", page_size=PAGE).engine.core
+    assert not windowed.prefix_caching and windowed.kv_cache.window is not None
+    with pytest.raises(ValueError, match="enable_prefix_caching must be True or False"):
+        core(enable_prefix_caching="yes")
 
 
 def test_a_changed_token_misses_from_its_page_on() -> None:

@@ -47,7 +47,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) 
         if f.name in skip:
             continue
         default = f.default
-        if hints[f.name] is bool:
+        if hints[f.name] in (bool, bool | None):
             group.add_argument(
                 "--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS, help=f.metadata.get("help", "") + f" (default: {default})",

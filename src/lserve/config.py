@@ -79,10 +79,11 @@ class CacheConfig:
         None, "bytes for the KV cache, ring pool and page-selection labels included (instead of a share of "
         "free memory)"
     )
-    enable_prefix_caching: bool = _field(
-        False, "keep full KV pages after their request ends and reuse them for later prompts that start "
-        "with the same tokens (vLLM's name; LRU eviction); streaming heads and sliding-window layers then keep "
-        "their whole history in the paged pool (exact hits; their windows still apply)"
+    enable_prefix_caching: bool | None = _field(
+        None, "keep full KV pages after their request ends and reuse them for later prompts that start "
+        "with the same tokens (vLLM's name; LRU eviction). Unset: on unless streaming heads or a sliding-window "
+        "model's window pool are in use; when on, those keep their whole history in the paged pool (exact hits, "
+        "their windows still apply, their memory savings are given up)"
     )
     window_pool: bool = _field(
         True, "keep sliding-window layers in a constant-size ring per request (off: in the paged pool, "
@@ -100,6 +101,10 @@ class CacheConfig:
         _check_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1, allow_none=True)
         if frac is not None and self.kv_cache_memory_bytes is not None:
             raise ValueError("give kv_cache_memory_bytes or kv_cache_memory_fraction, not both")
+        for name in ("enable_prefix_caching", "window_pool"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "enable_prefix_caching"):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 @dataclass(frozen=True)

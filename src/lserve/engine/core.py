@@ -83,10 +83,11 @@ class EngineCore:
         self.arch, rope_factors = read_arch_config(self.source)
         self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
         self.max_model_len = self._resolve_max_model_len()
+        self.prefix_caching = self._resolve_prefix_caching()
         # The ring and window pools hold per-request state that a cached prefix cannot restore:
         # with the prefix cache, streaming heads and sliding-window layers keep their whole
         # history in the paged pool (their windows still apply; their memory savings do not)
-        self.fixed_pools = not config.cache.enable_prefix_caching
+        self.fixed_pools = not self.prefix_caching
         windowed = self.fixed_pools and config.cache.window_pool and any(w is not None for w in self.arch.layer_windows)
         self.max_chunk_tokens = min(config.scheduler.max_num_batched_tokens, WINDOW_PREFILL_CHUNK) if windowed \
             else config.scheduler.max_num_batched_tokens
@@ -109,6 +110,20 @@ class EngineCore:
         self.decode_pages_read = 0
         self.decode_pages_dense = 0
         self.last_decode_pages_read_fraction = 1.0
+
+    def _resolve_prefix_caching(self) -> bool:
+        """`enable_prefix_caching`, or unset: on unless it would cost the ring or window pool's
+        memory savings (streaming heads, or a sliding-window model with its window pool)."""
+        cache = self.config.cache
+        if cache.enable_prefix_caching is not None:
+            return cache.enable_prefix_caching
+        pools = self.config.sparse.uses_streaming_heads or (
+            cache.window_pool and any(w is not None for w in self.arch.layer_windows))
+        if pools:
+            logger.info("prefix caching is off: it would keep the %s in the paged pool (enable_prefix_caching=True "
+                        "turns it on)", "streaming heads" if self.config.sparse.uses_streaming_heads
+                        else "sliding-window layers")
+        return not pools
 
     def _resolve_max_model_len(self) -> int:
         limit = self.arch.max_position_embeddings
@@ -136,7 +151,7 @@ class EngineCore:
         self.kv_tensors = setup.cache.paged
         self.num_seats = seats = setup.num_seats
         self.kv_manager = KVCacheManager(setup.num_pages, cache.page_size, seats,
-                                         enable_caching=cache.enable_prefix_caching)
+                                         enable_caching=self.prefix_caching)
         selector = None
         if sparse.uses_page_selection:
             assert self.page_score is not None
