@@ -9,6 +9,7 @@ import torch
 
 from lserve.ops import reference as ref
 from lserve.ops.page_scores import page_scores
+from lserve.ops.paged_inputs import PLAN_ROWS, PlanRow
 from tests.helpers_paging import shuffled_tables
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,13 +76,13 @@ def test_page_scores_through_a_head_map_equal_the_gathered_heads() -> None:
 
 
 def _plan(redo: list[int], anchor: list[int], seats: list[int], spare: int = 2) -> torch.Tensor:
-    """The selector's plan rows (recompute, fits, pages, anchor, seat), with spare columns."""
+    """The selector's plan (rows by `PlanRow`), with spare columns."""
     n = len(redo)
-    plan = torch.zeros((5, n + spare), dtype=torch.int64)
-    plan[0, :n] = torch.tensor(redo)
-    plan[2, :n] = torch.tensor(anchor) + 1
-    plan[3, :n] = torch.tensor(anchor)
-    plan[4, :n] = torch.tensor(seats)
+    plan = torch.zeros((PLAN_ROWS, n + spare), dtype=torch.int64)
+    plan[PlanRow.RECOMPUTE, :n] = torch.tensor(redo)
+    plan[PlanRow.NUM_PAGES, :n] = torch.tensor(anchor) + 1
+    plan[PlanRow.ANCHOR, :n] = torch.tensor(anchor)
+    plan[PlanRow.SEAT, :n] = torch.tensor(seats)
     return plan
 
 

@@ -83,8 +83,26 @@ class StepPageCounts:
 class AttentionBackend(ABC):
     """Writes the new tokens' K/V into the KV cache and attends over it.
 
-    A backend is built once per engine around the KV cache; each step the runner plans an
-    `AttentionMetadata`, calls `prepare` once, and every layer calls `forward` with it.
+    A backend is built once per engine around the KV cache. Each step follows one protocol, a
+    plan-once / run-per-layer pair and a closing call:
+
+    1. **plan once** (`prepare(md)`, host work, before the model runs): the page selector decides
+       per decoding row whether it re-selects, and writes its plan (`ops.paged_inputs.PlanRow`)
+       into its fixed device buffer; the decode page counts of the step are counted; the Triton
+       backend plans its prefill tiles. Nothing here waits for the device.
+    2. **run per layer** (`forward(q, k, v, layer, md)`, every layer in order; layer 0 also resets
+       the tensors the layers of one forward share): write the step's K/V, score and store
+       selections in "select" mode, attend.
+    3. **close** (`collect_stored_pages(md)`, after the forward is queued): a top-p selection's
+       page counts, known on the device only, are copied back without waiting.
+
+    What a captured decode graph (`runner.cuda_graphs`) may rely on: the graph replays step 2
+    only. Everything it reads must be a device buffer that step 1 or the graph's own input
+    copies refill in place (the metadata buffers, the selector's plan and store, the head maps)
+    plus what is fixed at capture: the batch bucket, the selector mode the graph was captured for
+    (one graph per mode), `decode_split_len` (so eager steps and graphs split alike) and the
+    pool routing. Host values that change per step (sequence lengths on the host, the mode) may
+    steer only step 1 and the choice of graph, never the replayed work.
     """
 
     name: str = ""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from lserve.attention.metadata import AttentionMetadata
-from lserve.ops.paged_inputs import StoredSelection, TopP
+from lserve.ops.paged_inputs import PLAN_ROWS, PlanRow, PlanView, StoredSelection, TopP
 from lserve.ops.reference import store_top_pages_ref
 
 
@@ -96,7 +96,7 @@ class PageSelector:
         ]
         # per-row plan on the device, in fixed buffers so that a captured graph reads this step's
         # plan: rows past the step's decodes are inert (fit, one page, the spare seat)
-        self._plan_dev = torch.zeros((5, num_seats + 1), dtype=torch.int64, device=device)
+        self._plan_dev = torch.zeros((PLAN_ROWS, num_seats + 1), dtype=torch.int64, device=device)
         self._top_p: list[TopP] | None = None
         if top_p is not None and self.keep:
             # one tensor for every layer (a step's pages read are one reduction over it)
@@ -148,13 +148,15 @@ class PageSelector:
         self._state = state
         # a fresh (pinned, on a GPU) host block each step, copied without waiting for the device:
         # the block must not change before the copy ran, and earlier steps may still be running
-        host = torch.empty((5, self._plan_dev.shape[1]), dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        host[0].fill_(0)
-        host[1].fill_(1)
-        host[2].fill_(1)
-        host[3].fill_(0)
-        host[4].fill_(self.scratch_seat)
-        host[:, :nd] = torch.tensor([recompute, fits, num_pages, anchor, list(md.seats[:nd])], dtype=torch.int64)
+        host = torch.empty((PLAN_ROWS, self._plan_dev.shape[1]), dtype=torch.int64,
+                           pin_memory=self.device.type == "cuda")
+        inert = {PlanRow.RECOMPUTE: 0, PlanRow.FITS: 1, PlanRow.NUM_PAGES: 1, PlanRow.ANCHOR: 0,
+                 PlanRow.SEAT: self.scratch_seat}
+        rows = {PlanRow.RECOMPUTE: recompute, PlanRow.FITS: fits, PlanRow.NUM_PAGES: num_pages,
+                PlanRow.ANCHOR: anchor, PlanRow.SEAT: list(md.seats[:nd])}
+        for row in PlanRow:
+            host[row].fill_(inert[row])
+            host[row, :nd] = torch.tensor(rows[row], dtype=torch.int64)
         self._plan_dev.copy_(host, non_blocking=True)
         self.plan = DecodePlan(tuple(recompute), tuple(fits), tuple(num_pages), tuple(anchor))
         return self.plan
@@ -183,9 +185,9 @@ class PageSelector:
         fit); None without top-p. Queue it after the step's forward."""
         if self._top_p is None or self.plan is None or self.mode == "none":
             return None
-        _, fits, _, _, seats = self._plan_dev[:, :nd]
-        per_row = self._counts[self.num_dense_layers:, seats].sum(dim=(0, 2))
-        return torch.where(fits.bool(), 0, per_row)
+        plan = PlanView.of(self._plan_dev, nd)
+        per_row = self._counts[self.num_dense_layers:, plan.seat].sum(dim=(0, 2))
+        return torch.where(plan.fits.bool(), 0, per_row)
 
     def begin_forward(self) -> None:
         """Forget the tensors shared by the layers of one forward (called before its first layer)."""
@@ -196,7 +198,7 @@ class PageSelector:
         all pages (nd, 1, W) int32, tail pages (nd, 1, T) int32, counts (nd, 1) int32, anchor)."""
         shared = getattr(self, "_shared", None)
         if shared is None or shared[0].shape[0] != nd:
-            _, fits, num_pages, anchor, _ = self._plan_dev[:, :nd]
+            _, fits, num_pages, anchor, _ = PlanView.of(self._plan_dev, nd)
             last = (num_pages - 1)[:, None]
             tail = (anchor[:, None] + torch.arange(self.tail_width, device=self.device)[None, :]).clamp(max=last)
             width = self.keep + self.tail_width
@@ -237,7 +239,7 @@ class PageSelector:
             return None
         store = sel.store
         heads = store.shape[1]
-        seats = self._plan_dev[4, :nd]
+        seats = PlanView.of(self._plan_dev, nd).seat
         fit, every, tail, counts, _ = self._shared_tensors(nd)
         if sel.counts is None:
             selected = torch.cat([store[seats][:, :, : self.keep], tail.expand(nd, heads, -1)], dim=2)

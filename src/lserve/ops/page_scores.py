@@ -25,7 +25,12 @@ import triton
 import triton.language as tl
 
 from lserve.ops.launch import pdl_args, pdl_enter
-from lserve.ops.paged_inputs import TopP
+from lserve.ops.paged_inputs import PLAN_ROWS, PlanRow, TopP
+
+# the selector's plan rows, as Triton kernels can read module constants
+PLAN_RECOMPUTE = tl.constexpr(int(PlanRow.RECOMPUTE))
+PLAN_ANCHOR = tl.constexpr(int(PlanRow.ANCHOR))
+PLAN_SEAT = tl.constexpr(int(PlanRow.SEAT))
 
 
 @triton.jit
@@ -303,10 +308,10 @@ def _store_top_pages_kernel(
     pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
-    if tl.load(plan_ptr + b) == 0:
+    if tl.load(plan_ptr + PLAN_RECOMPUTE * stride_plan + b) == 0:
         return  # this row reuses its stored pages
-    anchor = tl.load(plan_ptr + 3 * stride_plan + b).to(tl.int32)
-    seat = tl.load(plan_ptr + 4 * stride_plan + b)
+    anchor = tl.load(plan_ptr + PLAN_ANCHOR * stride_plan + b).to(tl.int32)
+    seat = tl.load(plan_ptr + PLAN_SEAT * stride_plan + b)
     p = tl.arange(0, BLOCK_P)
     older = p < anchor
     # float32 -> int32 with the same order (negative floats: flip the magnitude bits); pages from
@@ -348,11 +353,11 @@ def store_top_pages(
 ) -> None:
     """Page selection into the selector's store, in one kernel (no sort).
 
-    For each decoding row b that re-selects (`plan[0, b] != 0`) and each head h: the `keep`
-    pages with the highest scores among those before the row's anchor (`plan[3, b]`), in
-    ascending order, into `store[plan[4, b], h, :keep]`; ties go to the lower page. Rows that
+    For each decoding row b that re-selects (`PlanRow.RECOMPUTE`) and each head h: the `keep`
+    pages with the highest scores among those before the row's anchor (`PlanRow.ANCHOR`), in
+    ascending order, into `store[seat, h, :keep]` (`PlanRow.SEAT`); ties go to the lower page. Rows that
     reuse their selection are left alone. scores (B, H, P) float32 (-inf past each sequence);
-    plan (5, >= B) int64 (the selector's plan: recompute, fits, pages, anchor, seat); store
+    plan (PLAN_ROWS, >= B) int64 (the selector's plan, rows named by `PlanRow`); store
     (seats, H, >= keep) int32. A re-selecting row has at least `keep` older pages (it does not
     fit the budget).
 
@@ -361,7 +366,7 @@ def store_top_pages(
     and writes how many into `top_p.counts[seat, h]`. Reference: `ops.reference.store_top_pages_ref`.
     """
     bsz, heads, width = scores.shape
-    if store.shape[1] != heads or store.shape[2] < keep or plan.shape[0] != 5 or plan.shape[1] < bsz:
+    if store.shape[1] != heads or store.shape[2] < keep or plan.shape[0] != PLAN_ROWS or plan.shape[1] < bsz:
         raise ValueError(f"scores {tuple(scores.shape)}, plan {tuple(plan.shape)} and store "
                          f"{tuple(store.shape)} do not fit (keep {keep})")
     if top_p is not None and top_p.counts.shape != store.shape[:2]:

@@ -3,9 +3,47 @@ attention launchers (no Triton here: the page selector imports this on any machi
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+
+class PlanRow(enum.IntEnum):
+    """The rows of the page selector's per-step plan, a (len(PlanRow), seats + 1) int64 device
+    tensor with one column per decoding row. The selector writes it once per step; the selection
+    kernels (`ops.page_scores`, `ops.sparse_decode`), their references and the selector's own
+    PyTorch path read it by these names (Triton kernels through the `PLAN_*` constexprs of their
+    modules, which take these values)."""
+
+    RECOMPUTE = 0
+    """1: the row re-selects its stored pages this step; 0: it reuses them."""
+    FITS = 1
+    """1: the row's pages fit the budget and it reads every page."""
+    NUM_PAGES = 2
+    """Pages of the row's sequence, the one being written included."""
+    ANCHOR = 3
+    """The first page read as a tail (after the stored pages): pages anchor..num_pages-1."""
+    SEAT = 4
+    """The row's seat: the store's row of its selected pages."""
+
+
+PLAN_ROWS = len(PlanRow)
+
+
+class PlanView(NamedTuple):
+    """The first `nd` columns of a plan, by name."""
+
+    recompute: torch.Tensor
+    fits: torch.Tensor
+    num_pages: torch.Tensor
+    anchor: torch.Tensor
+    seat: torch.Tensor
+
+    @classmethod
+    def of(cls, plan: torch.Tensor, nd: int) -> PlanView:
+        return cls(*(plan[row, :nd] for row in PlanRow))
 
 
 @dataclass(frozen=True)
@@ -27,13 +65,13 @@ class TopP:
 class StoredSelection:
     """A layer's selection as the selector keeps it, for kernels that read it directly.
 
-    Decoding row b, KV head h reads: every page 0..pages-1 when the row fits the budget (plan row
-    1); else `store[seat, h, :keep]` followed by pages anchor..pages-1 (plan rows 2-4)."""
+    Decoding row b, KV head h reads: every page 0..num_pages-1 when the row fits the budget
+    (`PlanRow.FITS`); else `store[seat, h, :keep]` followed by pages anchor..num_pages-1."""
 
     store: torch.Tensor
     """(seats + 1, H, >= keep) int32: selected older pages, ascending."""
     plan: torch.Tensor
-    """(5, seats + 1) int64: recompute, fits, pages, anchor, seat per decoding row."""
+    """(PLAN_ROWS, seats + 1) int64: one column per decoding row, rows named by `PlanRow`."""
     keep: int
     width: int
     """The most pages one row reads (keep + the longest tail): what splits are sized for."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lserve.ops.paged_inputs import TopP
+from lserve.ops.paged_inputs import PlanView, TopP
 
 
 def kv_append_ref(
@@ -279,7 +279,8 @@ def store_top_pages_ref(
     nd, heads, width = scores.shape
     if keep == 0 or nd == 0:
         return
-    redo, anchor, seats = plan[0, :nd].bool(), plan[3, :nd], plan[4, :nd]
+    view = PlanView.of(plan, nd)
+    redo, anchor, seats = view.recompute.bool(), view.anchor, view.seat
     older = torch.arange(width, device=scores.device)[None, None, :] < anchor[:, None, None]
     ranked_scores = scores.masked_fill(~older, float("-inf"))
     if top_p is None:

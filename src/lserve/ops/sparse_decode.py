@@ -20,10 +20,17 @@ import triton.language as tl
 
 from lserve.ops.merge_states import merge_states
 from lserve.ops.paged_inputs import (
+    PlanRow,
     StoredSelection,
     check_paged_attention,
     pack_sparse_args,
 )
+
+# the page selector's plan rows (`StoredSelection.plan`), as Triton kernels can read module constants
+PLAN_FITS = tl.constexpr(int(PlanRow.FITS))
+PLAN_NUM_PAGES = tl.constexpr(int(PlanRow.NUM_PAGES))
+PLAN_ANCHOR = tl.constexpr(int(PlanRow.ANCHOR))
+PLAN_SEAT = tl.constexpr(int(PlanRow.SEAT))
 
 
 @triton.jit
@@ -59,10 +66,10 @@ def _decode_kernel(
     if STORED:
         # the page selector's own buffers (`StoredSelection`): list_ptr is its store, list_len_ptr
         # its plan; a row that fits reads every page, else its stored pages, then anchor..last
-        fits = tl.load(list_len_ptr + stride_len_b + b)
-        pages = tl.load(list_len_ptr + 2 * stride_len_b + b).to(tl.int32)
-        anchor = tl.load(list_len_ptr + 3 * stride_len_b + b).to(tl.int32)
-        seat = tl.load(list_len_ptr + 4 * stride_len_b + b)
+        fits = tl.load(list_len_ptr + PLAN_FITS * stride_len_b + b)
+        pages = tl.load(list_len_ptr + PLAN_NUM_PAGES * stride_len_b + b).to(tl.int32)
+        anchor = tl.load(list_len_ptr + PLAN_ANCHOR * stride_len_b + b).to(tl.int32)
+        seat = tl.load(list_len_ptr + PLAN_SEAT * stride_len_b + b)
         n_keep = keep
         if VAR_KEEP:  # a top-p selection: each (seat, head) keeps its own number of stored pages
             n_keep = tl.load(counts_ptr + seat * stride_cnt + kvh)
