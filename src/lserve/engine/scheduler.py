@@ -152,43 +152,51 @@ class Scheduler:
             budget = self.max_num_batched_tokens - sum(s.num_new_tokens for s in decodes + prefills)
         forks: list[ForkCopy] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            req = self.waiting[0]
-            fork = None
-            cached = 0
-            looked_up = False
-            if req.fork_of is not None:
-                ready, fork = self._fork(req)
-                if not ready:
-                    break
-            elif self.kv.enable_caching and req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None:
-                # (prompt log-probabilities need every prompt position's logits: such a request computes them)
-                looked_up = True
-                # at most the pages before the last known token's (which is computed, to sample from)
-                num_pages = (req.num_tokens - req.num_inflight_tokens - 1) // self.kv.page_size
-                extend_page_keys(req.page_keys, req.token_ids, num_pages, self.kv.page_size)
-                cached = req.num_computed_tokens = self.kv.cached_prefix(req.request_id, req.page_keys[:num_pages])
-            n = min(req.num_pending_tokens, budget, self.max_chunk_tokens)
-            if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
-                if fork is not None or cached:  # it waits on, without the shared pages
-                    self.kv.free(req.request_id)
-                    req.num_computed_tokens = 0
+            admitted = self._admit(self.waiting[0], budget, forks)
+            if admitted is None:
                 break
-            if looked_up:
-                self.prefix_cache_queries += req.num_tokens
-                self.prefix_cache_hits += cached
-                if req.first_scheduled_time is None:
-                    req.num_cached_tokens = cached
-            if fork is not None:
-                forks.append(fork)
-                self._release_prefix(req)
-            self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = time.monotonic()
-            self.running.append(req)
-            prefills.append(ScheduledRequest(req, n))
-            budget -= n
+            prefills.append(admitted)
+            budget -= admitted.num_new_tokens
         return SchedulerOutput(decodes + prefills, len(decodes), preempted, forks)
+
+    def _admit(self, req: Request, budget: int, forks: list[ForkCopy]) -> ScheduledRequest | None:
+        """Admit the queue's head with up to `budget` tokens: its fork from a shared prefix or
+        its cached prefix first, then pages for its first chunk; None (and no change) when it
+        must wait."""
+        fork = None
+        cached = 0
+        looked_up = False
+        if req.fork_of is not None:
+            ready, fork = self._fork(req)
+            if not ready:
+                return None
+        elif self.kv.enable_caching and req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None:
+            # (prompt log-probabilities need every prompt position's logits: such a request computes them)
+            looked_up = True
+            # at most the pages before the last known token's (which is computed, to sample from)
+            num_pages = (req.num_tokens - req.num_inflight_tokens - 1) // self.kv.page_size
+            extend_page_keys(req.page_keys, req.token_ids, num_pages, self.kv.page_size)
+            cached = req.num_computed_tokens = self.kv.cached_prefix(req.request_id, req.page_keys[:num_pages])
+        n = min(req.num_pending_tokens, budget, self.max_chunk_tokens)
+        if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+            if fork is not None or cached:  # it waits on, without the shared pages
+                self.kv.free(req.request_id)
+                req.num_computed_tokens = 0
+            return None
+        if looked_up:
+            self.prefix_cache_queries += req.num_tokens
+            self.prefix_cache_hits += cached
+            if req.first_scheduled_time is None:
+                req.num_cached_tokens = cached
+        if fork is not None:
+            forks.append(fork)
+            self._release_prefix(req)
+        self.waiting.popleft()
+        req.status = RequestStatus.RUNNING
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.monotonic()
+        self.running.append(req)
+        return ScheduledRequest(req, n)
 
     def _allocate_or_preempt(
         self,
