@@ -165,10 +165,13 @@ def reference_attention(config: Any) -> Any:
 
 
 def load_lserve(path: Path | str, load_format: str = "auto", dtype: torch.dtype = torch.float32,
-                seed: int = 0) -> torch.nn.Module:
+                seed: int = 0, tp: Any = None) -> torch.nn.Module:
+    """lserve's model from a folder or GGUF file (`tp`: a `TensorParallel` rank's shard)."""
+    from lserve.model.parallel import SINGLE
+
     source = resolve_source(str(path), load_format)
     arch, factors = read_arch_config(source)
-    return load_model(source, arch, factors, dtype, torch.device("cpu"), seed=seed)
+    return load_model(source, arch, factors, dtype, torch.device("cpu"), seed=seed, tp=tp or SINGLE)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from lserve.model.config import ArchConfig
 from lserve.model.layers import GatedMLP, GemmaRMSNorm, Linear, RotaryEmbedding, apply_rotary, rope_inv_freq
 from lserve.model.llama import AttentionFn
+from lserve.model.parallel import SINGLE, TensorParallel
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -64,6 +65,9 @@ class Gemma3ForCausalLM(nn.Module):
     """The Gemma 3 text decoder, with the interface of `LlamaForCausalLM`. `rotary` is the global
     layers' embedding (what page selection's RoPE channels are chosen from)."""
 
+    tp: TensorParallel = SINGLE
+    full_vocab_size: int = 0
+
     def __init__(self, cfg: ArchConfig, rope_freq_factors: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = cfg
@@ -96,6 +100,6 @@ class Gemma3ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> float32 logits (N, vocab), soft-capped when the model says so."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = nn.functional.linear(hidden, weight).float()
+        logits = self.tp.gather_vocab(nn.functional.linear(hidden, weight).float(), self.full_vocab_size)
         cap = self.config.final_logit_softcapping
         return logits if not cap else torch.tanh(logits / cap) * cap

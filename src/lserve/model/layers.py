@@ -33,6 +33,9 @@ class Linear(nn.Linear):
     use_gemv = True
     gemv_rows = 1
     gemv_kw: dict = {}
+    reduce: Any = None
+    """Set on a row-parallel projection under tensor parallelism (`model.parallel`): sums the
+    ranks' partial outputs."""
 
     def serves_gemv(self, x: torch.Tensor) -> bool:
         """Whether `lserve.ops.gemv` can take x times this weight (whatever the weight's shape)."""
@@ -45,8 +48,10 @@ class Linear(nn.Linear):
         if 2 * self.in_features >= self.out_features and self.serves_gemv(x):
             from lserve.ops.gemv import gemv
 
-            return gemv(x, self.weight, self.bias, **self.gemv_kw)
-        return super().forward(x)
+            out = gemv(x, self.weight, self.bias, **self.gemv_kw)
+        else:
+            out = super().forward(x)
+        return out if self.reduce is None else self.reduce(out)
 
 
 class RMSNorm(nn.Module):

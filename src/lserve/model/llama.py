@@ -25,6 +25,7 @@ from lserve.model.layers import (
     apply_rotary,
     rope_inv_freq,
 )
+from lserve.model.parallel import SINGLE, TensorParallel
 
 
 class AttentionFn(Protocol):
@@ -94,6 +95,9 @@ class LlamaForCausalLM(nn.Module):
     """Embedding, decoder layers, final norm and LM head (tied to the embedding when the model says so)."""
 
     layer_cls: type[nn.Module] = DecoderLayer
+    tp: TensorParallel = SINGLE
+    """This rank's place in a tensor-parallel group (`model.parallel`; set by the loader)."""
+    full_vocab_size: int = 0
 
     def __init__(self, cfg: ArchConfig, rope_freq_factors: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -127,4 +131,4 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> float32 logits (N, vocab)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, weight).float()
+        return self.tp.gather_vocab(nn.functional.linear(hidden, weight).float(), self.full_vocab_size)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from lserve.errors import ModelLoadError
 from lserve.model.config import ArchConfig
 from lserve.model.llama import LlamaForCausalLM
+from lserve.model.parallel import SINGLE, TensorParallel, apply_tensor_parallel, shard_config
 from lserve.model.registry import spec_for
 from lserve.model.weights import load_named_tensors
 
@@ -141,27 +142,30 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     seed: int = 0,
+    tp: TensorParallel = SINGLE,
 ) -> LlamaForCausalLM:
     """Build the registry's model class of `arch` on `device` in `dtype` and fill its weights
-    (random for dummy)."""
+    (random for dummy). Under tensor parallelism (`tp`), this rank's shard: its heads, MLP and
+    vocabulary slices, each weight sliced as it is read."""
     spec = spec_for(arch.architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build parameters directly in the target dtype
     try:
         with torch.device("meta"):
-            model = spec.model_cls()(arch, rope_freq_factors)
+            model = spec.model_cls()(shard_config(arch, tp), rope_freq_factors)
+        model = model.to_empty(device=device)
+        apply_tensor_parallel(model, tp, arch.vocab_size)
     finally:
         torch.set_default_dtype(previous)
-    model = model.to_empty(device=device)
     with torch.no_grad():
         if source.load_format == "dummy":
             _init_dummy(model, seed)
         elif source.load_format == "gguf":
             from lserve.model.gguf_loader import iter_gguf_tensors
 
-            load_named_tensors(model, iter_gguf_tensors(source.path, arch))
+            load_named_tensors(model, iter_gguf_tensors(source.path, arch), tp=tp)
         else:
-            load_named_tensors(model, _iter_safetensors(source.path), spec.hf_name)
+            load_named_tensors(model, _iter_safetensors(source.path), spec.hf_name, tp=tp)
     return model.eval()
 
 

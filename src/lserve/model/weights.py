@@ -9,6 +9,7 @@ import torch
 
 from lserve.errors import ModelLoadError
 from lserve.model.llama import LlamaForCausalLM
+from lserve.model.parallel import SINGLE, TensorParallel, shard_tensor
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # HF sub-name -> (our parameter sub-name, index of the slice inside the fused parameter)
@@ -51,10 +52,11 @@ def map_name(model: LlamaForCausalLM, hf_name: str) -> tuple[str, tuple[int, int
 
 def load_named_tensors(
     model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Tensor]],
-    rename: Callable[[str], str | None] | None = None,
+    rename: Callable[[str], str | None] | None = None, tp: TensorParallel = SINGLE,
 ) -> None:
     """Copy every tensor into its parameter; raise ModelLoadError on unknown names, bad shapes or gaps.
-    `rename` maps a checkpoint name to the text model's HF name first (None: skip the tensor)."""
+    `rename` maps a checkpoint name to the text model's HF name first (None: skip the tensor).
+    Under tensor parallelism each tensor is sliced to this rank's shard as it is read."""
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
     for name_in_file, tensor in tensors:
@@ -69,6 +71,7 @@ def load_named_tensors(
         if param is None:
             raise ModelLoadError(f"unexpected weight {hf_name!r} in checkpoint")
         dest = param.data if rows is None else param.data[rows[0] : rows[1]]
+        tensor = shard_tensor(tensor, dest, tp, hf_name)
         if tuple(dest.shape) != tuple(tensor.shape):
             raise ModelLoadError(
                 f"weight {hf_name!r} has shape {tuple(tensor.shape)}, the config expects {tuple(dest.shape)}"

@@ -1,0 +1,78 @@
+"""Tensor-parallel model shards (`model/parallel.py`) over gloo: two spawned ranks, each holding
+half the heads, half the MLP and half the vocabulary (a vocabulary that does not split evenly is
+padded), give the single-process model's logits. Tiny random models of every family, from HF
+folders and from a GGUF file; plus the clear errors for models that do not split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lserve.errors import LServeError
+from lserve.model.config import ArchConfig
+from lserve.model.parallel import TensorParallel, shard_config
+from tests.helpers_models import (
+    hf_config,
+    hf_model,
+    load_lserve,
+    lserve_logits,
+    random_ids,
+    save_hf,
+    write_llama_gguf,
+)
+
+WORLD = 2
+MODELS = {
+    "llama": ("llama", {"vocab_size": 301}),  # 301 = 2 x 150 + 1: the last slice is padded
+    "qwen2-bias": ("qwen2", {}),  # q/k/v biases (column-parallel: sliced with their rows)
+    "qwen3": ("qwen3", {}),  # per-head q/k norms
+    "mistral-window": ("mistral", {"sliding_window": 5}),
+    "gemma3": ("gemma3", {}),  # sandwich norms, GELU MLP, tied and scaled embeddings, soft-capping off
+}
+
+
+def _rank(rank: int, init: str, paths: list[str], ids: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        tp = TensorParallel(rank, WORLD)
+        logits = []
+        for path in paths:
+            model = load_lserve(path, tp=tp)
+            attn = model.layers[0].self_attn
+            # a real shard: half of the 4 query and 2 KV heads, of the MLP and of the vocabulary
+            assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
+            assert model.layers[0].mlp.down_proj.in_features == 48 and model.embed_tokens.num_embeddings < 301
+            logits.append(lserve_logits(model, ids))
+        torch.save(logits, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_single_process_logits(tmp_path: Path) -> None:
+    paths = []
+    for name, (family, overrides) in MODELS.items():
+        paths.append(str(save_hf(hf_model(hf_config(family, **overrides), seed=3), tmp_path / name)))
+    gguf = write_llama_gguf(hf_model(hf_config("llama"), seed=4), tmp_path / "llama.gguf")
+    paths.append(str(gguf))
+    ids = random_ids(23, seed=5)
+    want = [lserve_logits(load_lserve(p), ids) for p in paths]
+    mp.spawn(_rank, args=(f"file://{tmp_path / 'rendezvous'}", paths, ids, str(tmp_path)), nprocs=WORLD)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for path, g, w in zip(paths, got, want):
+            assert g.shape == w.shape, path
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, p=path: f"{p}: {m}")
+
+
+def test_shards_of_the_config_and_models_that_do_not_split() -> None:
+    arch = ArchConfig.from_hf_dict({**hf_config("llama").to_dict(), "architectures": ["LlamaForCausalLM"]})
+    half = shard_config(arch, TensorParallel(1, 2))
+    assert (half.num_heads, half.num_kv_heads, half.intermediate_size) == (2, 1, 48)
+    assert half.vocab_size == 150 and half.head_dim == arch.head_dim and half.hidden_size == arch.hidden_size
+    with pytest.raises(LServeError, match="tensor_parallel_size=4 does not divide the model's 2 KV heads"):
+        shard_config(arch, TensorParallel(0, 4))
