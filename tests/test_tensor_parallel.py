@@ -76,3 +76,73 @@ def test_shards_of_the_config_and_models_that_do_not_split() -> None:
     assert half.vocab_size == 150 and half.head_dim == arch.head_dim and half.hidden_size == arch.hidden_size
     with pytest.raises(LServeError, match="tensor_parallel_size=4 does not divide the model's 2 KV heads"):
         shard_config(arch, TensorParallel(0, 4))
+
+
+# --- the engine with two ranks ------------------------------------------------------------------
+
+
+STREAMING = dict(streaming_sparsity=0.5, prefill_sink_tokens=16, prefill_local_tokens=32, decode_sink_tokens=16,
+                 decode_local_tokens=32)
+ENGINES = {
+    "dense, 8 KV heads": (8, {}),
+    "streaming, 4 KV heads": (4, STREAMING),
+    "selection, 4 KV heads": (4, {"token_budget": 32, "selector_interval": 1}),
+    "both, 8 KV heads": (8, {**STREAMING, "token_budget": 32, "selector_interval": 2}),
+}
+
+
+@pytest.fixture(scope="module")
+def kv_models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Tiny random Llama folders with 8 query heads and 4 or 8 KV heads, and a random head pattern each."""
+    from lserve.sparse.patterns import HeadPattern, save_pattern
+    from tests.helpers_models import save_word_tokenizer
+
+    out = {}
+    for kv in (4, 8):
+        folder = save_hf(hf_model(hf_config("llama", num_attention_heads=8, num_key_value_heads=kv, head_dim=8),
+                                  seed=kv), tmp_path_factory.mktemp(f"kv{kv}") / "model")
+        save_word_tokenizer(folder)
+        scores = torch.rand((2, kv), generator=torch.Generator().manual_seed(kv))
+        save_pattern(HeadPattern(scores, {"method": "random, for tests"}), folder / "pattern.json")
+        out[kv] = folder
+    return out
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_an_engine_with_two_ranks_gives_the_single_process_tokens(kv_models: dict[int, Path], name: str) -> None:
+    import gc
+    import multiprocessing
+
+    from lserve import LLM, SamplingParams
+
+    kv, extra = ENGINES[name]
+    folder = kv_models[kv]
+    if "streaming_sparsity" in extra:
+        extra = {**extra, "attn_pattern": str(folder / "pattern.json")}
+    prompts = [{"prompt_token_ids": random_ids(n, seed=n).tolist()} for n in (120, 9, 70)]
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=4, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)]
+    kw = dict(model=str(folder), dtype="float32", device="cpu", page_size=16, max_num_batched_tokens=48, **extra)
+    outs = {}
+    for tp in (1, 2):
+        llm = LLM(tensor_parallel_size=tp, **kw)
+        outs[tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        core = llm.engine.core
+        assert core.local_arch.num_kv_heads == kv // tp and core.kv_manager.num_free_pages == core.kv_manager.num_pages
+        if "token_budget" in extra:
+            assert llm.engine.get_stats().decode_pages_read < llm.engine.get_stats().decode_pages_dense
+        del llm, core
+        gc.collect()
+    assert outs[2] == outs[1]
+    assert not multiprocessing.active_children(), "a rank outlived its engine"
+
+
+def test_a_model_that_does_not_split_is_refused_before_any_process_starts() -> None:
+    import multiprocessing
+
+    from lserve import LLM
+
+    with pytest.raises(LServeError, match="tensor_parallel_size=2 does not divide the model's 9 attention heads"):
+        LLM(dtype="float32", device="cpu", tensor_parallel_size=2)  # SmolLM2: 9 query and 3 KV heads
+    assert not multiprocessing.active_children()

@@ -185,6 +185,18 @@ class SparseConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Running one model over several processes."""
+
+    tensor_parallel_size: int = _field(
+        1, "processes (one per GPU) that each hold a slice of every layer's heads and MLP, run together "
+        "over torch.distributed (NCCL on GPUs, gloo on CPUs)")
+
+    def __post_init__(self) -> None:
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs; `LLM(**kwargs)` builds one from flat keyword arguments."""
 
@@ -192,6 +204,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     attention_backend: AttentionBackendName = _field("auto", "torch, triton, or auto (triton on GPU)")
 
     def __post_init__(self) -> None:
@@ -235,6 +248,7 @@ GROUPS: dict[str, type] = {
     "cache": CacheConfig,
     "scheduler": SchedulerConfig,
     "sparse": SparseConfig,
+    "parallel": ParallelConfig,
 }
 
 

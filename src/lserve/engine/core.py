@@ -6,7 +6,9 @@ validates each request on admission so that nothing that cannot be served enters
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,7 @@ from lserve.engine.kv_setup import build_kv_cache
 from lserve.engine.scheduler import Scheduler, SchedulerOutput
 from lserve.engine.stats import EngineStats
 from lserve.engine.step_builder import StepBuilder
+from lserve.engine.tp_workers import WorkerGroup, agree_min, free_port, init_distributed
 from lserve.errors import LServeError, RequestRejected
 from lserve.kv_cache.layout import stats_bytes_per_page
 from lserve.kv_cache.manager import KVCacheManager
@@ -33,6 +36,7 @@ from lserve.model.loader import (
     read_arch_config,
     resolve_source,
 )
+from lserve.model.parallel import TensorParallel, shard_config
 from lserve.request import Request, RequestStatus
 from lserve.runner.cuda_graphs import DecodeGraphs
 from lserve.runner.model_runner import LaunchedStep, ModelRunner
@@ -75,12 +79,26 @@ def resolve_dtype(name: str, arch: ArchConfig, device: torch.device) -> torch.dt
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tp: TensorParallel | None = None, init_method: str | None = None) -> None:
+        """The engine core of tensor-parallel rank `tp` (None: rank 0, which spawns the other ranks
+        when `tensor_parallel_size` > 1; they build their cores with their rank and `init_method`)."""
         self.config = config
+        size = config.parallel.tensor_parallel_size
+        self.tp = tp if tp is not None else TensorParallel(0, size)
         self.device = resolve_device(config.model.device)
         self.backend_name = resolve_backend_name(config.attention_backend, self.device)
         self.source: ModelSource = resolve_source(config.model.model, config.model.load_format)
         self.arch, rope_factors = read_arch_config(self.source)
+        self.local_arch = shard_config(self.arch, self.tp)
+        """This rank's shard of the model: its heads (the KV cache and attention see only these)."""
+        self.workers: WorkerGroup | None = None
+        if size > 1:
+            if self.tp.rank == 0:
+                init_method = f"tcp://127.0.0.1:{free_port()}"
+                self.workers = WorkerGroup(config, size, init_method)
+                weakref.finalize(self, self.workers.close)
+            assert init_method is not None
+            init_distributed(self.tp, init_method, self.device)
         self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
         self.max_model_len = self._resolve_max_model_len()
         self.prefix_caching = self._resolve_prefix_caching()
@@ -91,9 +109,12 @@ class EngineCore:
         windowed = self.fixed_pools and config.cache.window_pool and any(w is not None for w in self.arch.layer_windows)
         self.max_chunk_tokens = min(config.scheduler.max_num_batched_tokens, WINDOW_PREFILL_CHUNK) if windowed \
             else config.scheduler.max_num_batched_tokens
-        self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed)
+        self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed,
+                                tp=self.tp)
         self._pattern: HeadPattern | None = None
         self._init_kv_cache()
+        if self.workers is not None:
+            self.workers.wait_ready()
         sched = config.scheduler
         self.scheduler = Scheduler(self.kv_manager, self.num_seats, sched.max_num_batched_tokens,
                                    self.max_chunk_tokens)
@@ -143,10 +164,11 @@ class EngineCore:
         sparsity = self._head_sparsity()
         self.streaming_head_fraction = sparsity.streaming_fraction if sparsity is not None else 0.0
         self.page_score = self._page_score() if sparse.uses_page_selection else None
-        setup = build_kv_cache(arch, self.config, self.dtype, self.device,
+        agree = (lambda n: agree_min(n, self.device)) if self.tp.size > 1 else (lambda n: n)
+        setup = build_kv_cache(self.local_arch, self.config, self.dtype, self.device,
                                sparsity.streaming_heads if sparsity is not None else None, self.page_score,
                                fixed_pools=self.fixed_pools, max_chunk_tokens=self.max_chunk_tokens,
-                               max_model_len=self.max_model_len)
+                               max_model_len=self.max_model_len, agree=agree)
         self.kv_cache = setup.cache
         self.kv_tensors = setup.cache.paged
         self.num_seats = seats = setup.num_seats
@@ -166,7 +188,7 @@ class EngineCore:
                 temperature=1.0 if self.page_score.kind == "rope_mass"
                 else arch.attention_scale / (arch.num_heads // arch.num_kv_heads),
             )
-        backend = create_backend(self.backend_name, self.kv_cache, arch.num_heads, arch.attention_scale,
+        backend = create_backend(self.backend_name, self.kv_cache, self.local_arch.num_heads, arch.attention_scale,
                                  sparsity, selector)
         ring_geometry = self.kv_cache.ring_geometry
         self.runner = ModelRunner(self.model, backend, cache.page_size, self.device, self.config.model.seed,
@@ -174,7 +196,9 @@ class EngineCore:
         self.step_builder = StepBuilder(self.kv_manager, arch.vocab_size)
         if self.backend_name == "triton":
             backend.decode_split_len = self.max_model_len
-        if self.device.type == "cuda" and self.backend_name == "triton" and not self.config.model.enforce_eager:
+        # (decode graphs with collectives inside are not validated yet: tensor-parallel steps run eagerly)
+        if self.device.type == "cuda" and self.backend_name == "triton" and not self.config.model.enforce_eager \
+                and self.tp.size == 1:
             self.runner.graphs = DecodeGraphs(self.model, backend, seats, self.max_model_len, cache.page_size,
                                               scratch_page=setup.num_pages, ring=ring_geometry, scratch_seat=seats,
                                               device=self.device)
@@ -204,6 +228,9 @@ class EngineCore:
         spec = resolve_page_score(sparse.page_score, sparse.score_channels, pattern.selection if pattern else None,
                                   self.model.rotary.inv_freq.cpu(), arch.num_layers, arch.num_kv_heads,
                                   pattern.source if pattern else "", sparse.selector_interval)
+        if self.tp.size > 1 and spec.channels is not None:  # this rank's KV heads
+            heads = self.local_arch.num_kv_heads
+            spec = dataclasses.replace(spec, channels=spec.channels[:, self.tp.rank * heads:(self.tp.rank + 1) * heads])
         logger.info("page selection: %s scores%s, re-selected every %d decode steps (%s)", spec.kind,
                     f" on {spec.num_channels} key channels" if spec.uses_labels else "", spec.interval, spec.source)
         return spec
@@ -222,8 +249,10 @@ class EngineCore:
             )
         full = self.arch.full_attention_layers  # sliding-window layers keep their own window
         flags = binarize(pattern.scores, sparse.streaming_sparsity, full).to(self.device)
+        heads = self.local_arch.num_kv_heads
+        flags = flags[:, self.tp.rank * heads:(self.tp.rank + 1) * heads]  # this rank's KV heads
         logger.info("streaming heads: %d of %d KV heads of full-attention layers (%s)", int(flags.sum()),
-                    len(full) * self.arch.num_kv_heads, pattern.source)
+                    len(full) * heads, pattern.source)
         return HeadSparsity(
             tuple(flags[i] for i in range(self.arch.num_layers)),
             sparse.prefill_sink_tokens, sparse.prefill_local_tokens,
@@ -347,6 +376,8 @@ class EngineCore:
         self._take_ended()
         ended = self.step_builder.flush()
         if ended is not None:
+            if self.workers is not None:
+                self.workers.send("update", ended)
             self.runner.update_states(ended)
 
     def _take_ended(self) -> None:
@@ -393,6 +424,8 @@ class EngineCore:
         self._take_ended()
         step = self.step_builder.build([(s.request, s.num_new_tokens, s.samples) for s in out.scheduled],
                                        out.num_decodes, out.forks)
+        if self.workers is not None:
+            self.workers.send("launch", step)
         launched = self.runner.launch(step)
         self.last_step_num_tokens = out.num_tokens
         counts = launched.page_counts

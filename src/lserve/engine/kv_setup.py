@@ -11,6 +11,7 @@ seats but at most half of the KV memory; the paged pool takes the rest.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,10 +83,12 @@ def _seats(config: EngineConfig, device: torch.device, per_seat: int) -> int:
 def build_kv_cache(
     arch: ArchConfig, config: EngineConfig, dtype: torch.dtype, device: torch.device,
     streaming_flags: tuple[torch.Tensor, ...] | None, page_score: ScoreSpec | None, *,
-    fixed_pools: bool, max_chunk_tokens: int, max_model_len: int,
+    fixed_pools: bool, max_chunk_tokens: int, max_model_len: int, agree: Callable[[int], int] = lambda n: n,
 ) -> KVSetup:
     """Size and allocate the pools for the model, its streaming heads (flags per layer, or None)
-    and its page score (None: no page selection)."""
+    and its page score (None: no page selection). `agree` turns a count this process planned
+    into the one every tensor-parallel rank uses (the smallest), so that one page table and one
+    set of seats serve them all."""
     cache = config.cache
     windows = arch.layer_windows
     # the layers kept in the window pool (none with window_pool off: they are paged, windowed)
@@ -101,16 +104,16 @@ def build_kv_cache(
     blocks = fixed_blocks(arch, config, dtype, n_stream if use_ring else None, pooled, max_chunk_tokens,
                           max_model_len)
     per_seat = sum(geometry.pages_per_seq * bshape.bytes_per_page for bshape, geometry in blocks.values())
-    seats = _seats(config, device, per_seat)
+    seats = agree(_seats(config, device, per_seat))
     # one more block than seats: the scratch seat of captured decode graphs' padded rows
     fixed = {name: KVCacheTensors(bshape, (seats + 1) * geometry.pages_per_seq, device)
              for name, (bshape, geometry) in blocks.items()}
-    num_pages = plan_num_pages(
+    num_pages = agree(plan_num_pages(
         shape, device, num_kv_pages=cache.num_kv_pages, memory_fraction=cache.kv_cache_memory_fraction,
         memory_bytes=cache.kv_cache_memory_bytes, max_useful_pages=seats * -(-max_model_len // cache.page_size),
         reserved_bytes=seats * per_seat,
         extra_bytes_per_page=stats_bytes_per_page(shape, logical, page_score.num_channels if page_score else 0),
-    )
+    ))
     label_channels = None
     if page_score is not None and page_score.channels is not None:
         # the channels of the heads the paged pool holds (a layer's dense heads, with a ring pool)
