@@ -88,6 +88,8 @@ ENGINES = {
     "streaming, 4 KV heads": (4, STREAMING),
     "selection, 4 KV heads": (4, {"token_budget": 32, "selector_interval": 1}),
     "both, 8 KV heads": (8, {**STREAMING, "token_budget": 32, "selector_interval": 2}),
+    # the streaming heads all in the first half of each layer: the ranks get one each after the permutation
+    "streaming, skewed pattern": (4, {**STREAMING, "pattern": "skewed.json"}),
 }
 
 
@@ -104,6 +106,8 @@ def kv_models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
         save_word_tokenizer(folder)
         scores = torch.rand((2, kv), generator=torch.Generator().manual_seed(kv))
         save_pattern(HeadPattern(scores, {"method": "random, for tests"}), folder / "pattern.json")
+        skewed = torch.arange(kv, dtype=torch.float32).repeat(2, 1) / kv  # low scores stream: the first half
+        save_pattern(HeadPattern(skewed, {"method": "skewed, for tests"}), folder / "skewed.json")
         out[kv] = folder
     return out
 
@@ -118,7 +122,8 @@ def test_an_engine_with_two_ranks_gives_the_single_process_tokens(kv_models: dic
     kv, extra = ENGINES[name]
     folder = kv_models[kv]
     if "streaming_sparsity" in extra:
-        extra = {**extra, "attn_pattern": str(folder / "pattern.json")}
+        extra = {k: v for k, v in extra.items() if k != "pattern"}
+        extra["attn_pattern"] = str(folder / ENGINES[name][1].get("pattern", "pattern.json"))
     prompts = [{"prompt_token_ids": random_ids(n, seed=n).tolist()} for n in (120, 9, 70)]
     params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
               SamplingParams(temperature=0.8, seed=4, max_tokens=12, ignore_eos=True),
@@ -132,6 +137,9 @@ def test_an_engine_with_two_ranks_gives_the_single_process_tokens(kv_models: dic
         assert core.local_arch.num_kv_heads == kv // tp and core.kv_manager.num_free_pages == core.kv_manager.num_pages
         if "token_budget" in extra:
             assert llm.engine.get_stats().decode_pages_read < llm.engine.get_stats().decode_pages_dense
+        if "skewed" in name:
+            streaming = [len(h) for h in core.kv_cache.streaming_heads]
+            assert streaming == ([2, 2] if tp == 1 else [1, 1])  # rank 0 holds one of the two per layer
         del llm, core
         gc.collect()
     assert outs[2] == outs[1]
@@ -146,3 +154,18 @@ def test_a_model_that_does_not_split_is_refused_before_any_process_starts() -> N
     with pytest.raises(LServeError, match="tensor_parallel_size=2 does not divide the model's 9 attention heads"):
         LLM(dtype="float32", device="cpu", tensor_parallel_size=2)  # SmolLM2: 9 query and 3 KV heads
     assert not multiprocessing.active_children()
+
+
+def test_balanced_kv_order_and_the_permuted_heads() -> None:
+    from lserve.model.parallel import balanced_kv_order, permute_kv_heads
+
+    assert balanced_kv_order([True, True, False, False], 2) == [0, 2, 1, 3]
+    assert balanced_kv_order([False, True, True, True, False, False], 3) == [1, 0, 2, 4, 3, 5]
+    assert balanced_kv_order([True, False], 1) == [0, 1]
+    d, order = 2, [1, 0]  # 2 KV heads, 2 query heads each
+    q = torch.arange(4 * d, dtype=torch.float32)[:, None].expand(-1, 3)  # row i holds i
+    assert permute_kv_heads("q_proj.weight", q, order, 4, 2, d)[:, 0].tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
+    assert permute_kv_heads("k_proj.bias", torch.arange(2 * d), order, 4, 2, d).tolist() == [2, 3, 0, 1]
+    o = torch.arange(4 * d)[None, :].expand(3, -1)
+    assert permute_kv_heads("o_proj.weight", o, order, 4, 2, d)[0].tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
+    assert permute_kv_heads("mlp.down_proj.weight", o, order, 4, 2, d) is o

@@ -36,7 +36,7 @@ from lserve.model.loader import (
     read_arch_config,
     resolve_source,
 )
-from lserve.model.parallel import TensorParallel, shard_config
+from lserve.model.parallel import TensorParallel, balanced_kv_order, shard_config
 from lserve.request import Request, RequestStatus
 from lserve.runner.cuda_graphs import DecodeGraphs
 from lserve.runner.model_runner import LaunchedStep, ModelRunner
@@ -109,9 +109,12 @@ class EngineCore:
         windowed = self.fixed_pools and config.cache.window_pool and any(w is not None for w in self.arch.layer_windows)
         self.max_chunk_tokens = min(config.scheduler.max_num_batched_tokens, WINDOW_PREFILL_CHUNK) if windowed \
             else config.scheduler.max_num_batched_tokens
-        self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed,
-                                tp=self.tp)
         self._pattern: HeadPattern | None = None
+        self.kv_order = self._kv_head_order()
+        """Under tensor parallelism with streaming heads, each layer's KV heads in the order whose
+        equal slices go to the ranks (balanced streaming heads); None: the model's order."""
+        self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed,
+                                tp=self.tp, kv_order=self.kv_order)
         self._init_kv_cache()
         if self.workers is not None:
             self.workers.wait_ready()
@@ -228,15 +231,15 @@ class EngineCore:
         spec = resolve_page_score(sparse.page_score, sparse.score_channels, pattern.selection if pattern else None,
                                   self.model.rotary.inv_freq.cpu(), arch.num_layers, arch.num_kv_heads,
                                   pattern.source if pattern else "", sparse.selector_interval)
-        if self.tp.size > 1 and spec.channels is not None:  # this rank's KV heads
-            heads = self.local_arch.num_kv_heads
-            spec = dataclasses.replace(spec, channels=spec.channels[:, self.tp.rank * heads:(self.tp.rank + 1) * heads])
+        if self.tp.size > 1 and spec.channels is not None:
+            spec = dataclasses.replace(spec, channels=self._rank_heads(spec.channels))
         logger.info("page selection: %s scores%s, re-selected every %d decode steps (%s)", spec.kind,
                     f" on {spec.num_channels} key channels" if spec.uses_labels else "", spec.interval, spec.source)
         return spec
 
-    def _head_sparsity(self) -> HeadSparsity | None:
-        """Streaming-head flags per layer from the head pattern, binarised at `streaming_sparsity`."""
+    def _streaming_flags(self) -> torch.Tensor | None:
+        """(layers, KV heads) bool of the model's streaming heads: the head pattern binarised at
+        `streaming_sparsity` (None: no streaming heads)."""
         sparse = self.config.sparse
         if not sparse.uses_streaming_heads:
             return None
@@ -248,11 +251,33 @@ class EngineCore:
                 "pattern .json)"
             )
         full = self.arch.full_attention_layers  # sliding-window layers keep their own window
-        flags = binarize(pattern.scores, sparse.streaming_sparsity, full).to(self.device)
+        return binarize(pattern.scores, sparse.streaming_sparsity, full)
+
+    def _kv_head_order(self) -> list[list[int]] | None:
+        flags = self._streaming_flags() if self.tp.size > 1 else None
+        if flags is None:
+            return None
+        return [balanced_kv_order(row.tolist(), self.tp.size) for row in flags]
+
+    def _rank_heads(self, per_head: torch.Tensor) -> torch.Tensor:
+        """(layers, KV heads, ...) of the model's heads -> this rank's heads (in `kv_order`)."""
+        if self.tp.size == 1:
+            return per_head
+        if self.kv_order is not None:
+            per_head = torch.stack([per_head[i, order] for i, order in enumerate(self.kv_order)])
         heads = self.local_arch.num_kv_heads
-        flags = flags[:, self.tp.rank * heads:(self.tp.rank + 1) * heads]  # this rank's KV heads
+        return per_head[:, self.tp.rank * heads:(self.tp.rank + 1) * heads]
+
+    def _head_sparsity(self) -> HeadSparsity | None:
+        """This rank's streaming-head flags per layer (`_streaming_flags`), with their windows."""
+        sparse = self.config.sparse
+        flags = self._streaming_flags()
+        if flags is None:
+            return None
+        flags = self._rank_heads(flags).to(self.device)
         logger.info("streaming heads: %d of %d KV heads of full-attention layers (%s)", int(flags.sum()),
-                    len(full) * heads, pattern.source)
+                    len(self.arch.full_attention_layers) * self.local_arch.num_kv_heads, self._pattern.source
+                    if self._pattern is not None else "")
         return HeadSparsity(
             tuple(flags[i] for i in range(self.arch.num_layers)),
             sparse.prefill_sink_tokens, sparse.prefill_local_tokens,

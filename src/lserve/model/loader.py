@@ -143,10 +143,12 @@ def load_model(
     device: torch.device,
     seed: int = 0,
     tp: TensorParallel = SINGLE,
+    kv_order: list[list[int]] | None = None,
 ) -> LlamaForCausalLM:
     """Build the registry's model class of `arch` on `device` in `dtype` and fill its weights
     (random for dummy). Under tensor parallelism (`tp`), this rank's shard: its heads, MLP and
-    vocabulary slices, each weight sliced as it is read."""
+    vocabulary slices, each weight sliced as it is read, after each layer's KV heads are put in
+    `kv_order` (so that the ranks hold equal numbers of streaming heads)."""
     spec = spec_for(arch.architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build parameters directly in the target dtype
@@ -163,9 +165,9 @@ def load_model(
         elif source.load_format == "gguf":
             from lserve.model.gguf_loader import iter_gguf_tensors
 
-            load_named_tensors(model, iter_gguf_tensors(source.path, arch), tp=tp)
+            load_named_tensors(model, iter_gguf_tensors(source.path, arch), tp=tp, kv_order=kv_order)
         else:
-            load_named_tensors(model, _iter_safetensors(source.path), spec.hf_name, tp=tp)
+            load_named_tensors(model, _iter_safetensors(source.path), spec.hf_name, tp=tp, kv_order=kv_order)
     return model.eval()
 
 

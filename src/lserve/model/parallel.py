@@ -110,6 +110,35 @@ def apply_tensor_parallel(model: nn.Module, tp: TensorParallel, vocab_size: int)
             module.reduce = tp.all_reduce
 
 
+def balanced_kv_order(streaming: list[bool], size: int) -> list[int]:
+    """An order of one layer's KV heads whose `size` equal slices hold as equal numbers of
+    streaming heads as the flags allow (streaming heads dealt round the ranks, then the dense
+    heads fill each slice); within a slice, heads keep their order of dealing."""
+    per = len(streaming) // size
+    slices: list[list[int]] = [[] for _ in range(size)]
+    for i, h in enumerate([h for h, s in enumerate(streaming) if s]):
+        slices[i % size].append(h)
+    for h in [h for h, s in enumerate(streaming) if not s]:
+        next(sl for sl in slices if len(sl) < per).append(h)
+    return [h for sl in slices for h in sl]
+
+
+def permute_kv_heads(
+    kind: str, tensor: torch.Tensor, order: list[int], num_heads: int, num_kv_heads: int, head_dim: int
+) -> torch.Tensor:
+    """A layer's checkpoint tensor with its KV heads in `order` (and each KV head's query heads
+    with it): rows of q_proj/k_proj/v_proj (weights and biases), columns of o_proj.weight. `kind`
+    is the HF module and parameter ("q_proj.weight", ...); other tensors are returned as they are."""
+    group = num_heads // num_kv_heads
+    q_order = [h * group + g for h in order for g in range(group)]
+    module, _, _ = kind.partition(".")
+    heads = {"q_proj": q_order, "k_proj": order, "v_proj": order, "o_proj": q_order}.get(module)
+    if heads is None or (module == "o_proj" and not kind.endswith("weight")):
+        return tensor
+    idx = (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+    return tensor.index_select(1 if module == "o_proj" else 0, idx.to(tensor.device))
+
+
 def shard_tensor(src: torch.Tensor, dest: torch.Tensor, tp: TensorParallel, name: str) -> torch.Tensor:
     """This rank's slice of a checkpoint tensor for a parameter (slice) of shape `dest.shape`: the
     one dimension where they differ is split evenly across the ranks (the vocabulary's last slice

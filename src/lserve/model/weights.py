@@ -9,7 +9,7 @@ import torch
 
 from lserve.errors import ModelLoadError
 from lserve.model.llama import LlamaForCausalLM
-from lserve.model.parallel import SINGLE, TensorParallel, shard_tensor
+from lserve.model.parallel import SINGLE, TensorParallel, permute_kv_heads, shard_tensor
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # HF sub-name -> (our parameter sub-name, index of the slice inside the fused parameter)
@@ -53,10 +53,12 @@ def map_name(model: LlamaForCausalLM, hf_name: str) -> tuple[str, tuple[int, int
 def load_named_tensors(
     model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Tensor]],
     rename: Callable[[str], str | None] | None = None, tp: TensorParallel = SINGLE,
+    kv_order: list[list[int]] | None = None,
 ) -> None:
     """Copy every tensor into its parameter; raise ModelLoadError on unknown names, bad shapes or gaps.
     `rename` maps a checkpoint name to the text model's HF name first (None: skip the tensor).
-    Under tensor parallelism each tensor is sliced to this rank's shard as it is read."""
+    Under tensor parallelism each tensor is sliced to this rank's shard as it is read, after its
+    layer's KV heads (and their query heads) are put in `kv_order[layer]` when given."""
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
     for name_in_file, tensor in tensors:
@@ -71,6 +73,12 @@ def load_named_tensors(
         if param is None:
             raise ModelLoadError(f"unexpected weight {hf_name!r} in checkpoint")
         dest = param.data if rows is None else param.data[rows[0] : rows[1]]
+        layer = _LAYER.match(hf_name)
+        if kv_order is not None and layer is not None:
+            cfg = model.config
+            kind = layer.group(2).removeprefix("self_attn.")
+            tensor = permute_kv_heads(kind, tensor, kv_order[int(layer.group(1))], cfg.num_heads * tp.size,
+                                      cfg.num_kv_heads * tp.size, cfg.head_dim)
         tensor = shard_tensor(tensor, dest, tp, hf_name)
         if tuple(dest.shape) != tuple(tensor.shape):
             raise ModelLoadError(
