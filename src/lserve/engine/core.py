@@ -25,7 +25,7 @@ from lserve.engine.kv_setup import build_kv_cache
 from lserve.engine.scheduler import Scheduler, SchedulerOutput
 from lserve.engine.stats import EngineStats
 from lserve.engine.step_builder import StepBuilder
-from lserve.engine.tp_workers import WorkerGroup, agree_min, free_port, init_distributed
+from lserve.engine.tp_workers import WorkerGroup, agree_min, check_devices, free_port, init_distributed
 from lserve.errors import LServeError, RequestRejected
 from lserve.kv_cache.layout import stats_bytes_per_page
 from lserve.kv_cache.manager import KVCacheManager
@@ -94,6 +94,7 @@ class EngineCore:
         self.workers: WorkerGroup | None = None
         if size > 1:
             if self.tp.rank == 0:
+                check_devices(size, self.device)  # before any process starts
                 init_method = f"tcp://127.0.0.1:{free_port()}"
                 self.workers = WorkerGroup(config, size, init_method)
                 weakref.finalize(self, self.workers.close)

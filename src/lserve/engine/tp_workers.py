@@ -40,14 +40,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_devices(size: int, device: torch.device) -> None:
+    """One GPU per rank on a GPU machine (ranks on CPUs share the machine)."""
+    if device.type == "cuda" and size > torch.cuda.device_count():
+        raise LServeError(f"tensor_parallel_size={size} needs {size} GPUs; this machine has "
+                          f"{torch.cuda.device_count()}")
+
+
 def init_distributed(tp: TensorParallel, init_method: str, device: torch.device) -> None:
     """Join this process to the group: NCCL on GPUs (rank r on device r), gloo on CPUs."""
     import torch.distributed as dist
 
+    check_devices(tp.size, device)
     if device.type == "cuda":
-        if tp.size > torch.cuda.device_count():
-            raise LServeError(f"tensor_parallel_size={tp.size} needs {tp.size} GPUs; this machine has "
-                              f"{torch.cuda.device_count()}")
         torch.cuda.set_device(tp.rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=tp.rank,
                             world_size=tp.size, timeout=TIMEOUT)
