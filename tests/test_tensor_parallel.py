@@ -169,3 +169,30 @@ def test_balanced_kv_order_and_the_permuted_heads() -> None:
     o = torch.arange(4 * d)[None, :].expand(3, -1)
     assert permute_kv_heads("o_proj.weight", o, order, 4, 2, d)[0].tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
     assert permute_kv_heads("mlp.down_proj.weight", o, order, 4, 2, d) is o
+
+
+def test_one_engine_per_process_and_a_lost_rank_stops_the_engine(kv_models: dict[int, Path]) -> None:
+    import gc
+    import multiprocessing
+
+    from lserve import LLM, SamplingParams
+
+    kw = dict(model=str(kv_models[4]), dtype="float32", device="cpu", page_size=16, tensor_parallel_size=2)
+    prompts = [{"prompt_token_ids": random_ids(30, seed=1).tolist()}]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first = LLM(**kw)
+    want = first.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(LServeError, match="already running in this process"):
+        LLM(**kw)
+    assert first.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids == want  # untouched
+    for proc in multiprocessing.active_children():  # rank 1 dies
+        proc.kill()
+        proc.join()
+    with pytest.raises(LServeError, match="tensor-parallel"):
+        first.generate(prompts, params, use_tqdm=False)
+    with pytest.raises(LServeError, match="stopped"):
+        first.generate(prompts, params, use_tqdm=False)
+    del first
+    gc.collect()
+    again = LLM(**kw)  # the group was left: a new engine forms its own
+    assert again.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids == want

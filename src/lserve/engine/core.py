@@ -25,7 +25,14 @@ from lserve.engine.kv_setup import build_kv_cache
 from lserve.engine.scheduler import Scheduler, SchedulerOutput
 from lserve.engine.stats import EngineStats
 from lserve.engine.step_builder import StepBuilder
-from lserve.engine.tp_workers import WorkerGroup, agree_min, check_devices, free_port, init_distributed
+from lserve.engine.tp_workers import (
+    WorkerGroup,
+    agree_min,
+    check_devices,
+    check_no_group,
+    free_port,
+    init_distributed,
+)
 from lserve.errors import LServeError, RequestRejected
 from lserve.kv_cache.layout import stats_bytes_per_page
 from lserve.kv_cache.manager import KVCacheManager
@@ -40,6 +47,7 @@ from lserve.model.parallel import TensorParallel, balanced_kv_order, shard_confi
 from lserve.request import Request, RequestStatus
 from lserve.runner.cuda_graphs import DecodeGraphs
 from lserve.runner.model_runner import LaunchedStep, ModelRunner
+from lserve.runner.step import StepData
 from lserve.sampling_params import SamplingParams
 from lserve.sparse.patterns import HeadPattern, binarize, load_pattern, shipped_pattern
 from lserve.sparse.selection import ScoreSpec, resolve_page_score
@@ -93,13 +101,16 @@ class EngineCore:
         """This rank's shard of the model: its heads (the KV cache and attention see only these)."""
         self.workers: WorkerGroup | None = None
         if size > 1:
-            if self.tp.rank == 0:
-                check_devices(size, self.device)  # before any process starts
+            if self.tp.rank == 0:  # checks before any process starts
+                check_devices(size, self.device)
+                check_no_group()
                 init_method = f"tcp://127.0.0.1:{free_port()}"
                 self.workers = WorkerGroup(config, size, init_method)
                 weakref.finalize(self, self.workers.close)
             assert init_method is not None
             init_distributed(self.tp, init_method, self.device)
+            if self.workers is not None:
+                self.workers.owns_group = True
         self.dtype = resolve_dtype(config.model.dtype, self.arch, self.device)
         self.max_model_len = self._resolve_max_model_len()
         self.prefix_caching = self._resolve_prefix_caching()
@@ -142,12 +153,11 @@ class EngineCore:
         cache = self.config.cache
         if cache.enable_prefix_caching is not None:
             return cache.enable_prefix_caching
-        pools = self.config.sparse.uses_streaming_heads or (
-            cache.window_pool and any(w is not None for w in self.arch.layer_windows))
+        streaming = self.config.sparse.streaming_sparsity > 0  # (a pattern alone, at 0, streams no head)
+        pools = streaming or (cache.window_pool and any(w is not None for w in self.arch.layer_windows))
         if pools:
             logger.info("prefix caching is off: it would keep the %s in the paged pool (enable_prefix_caching=True "
-                        "turns it on)", "streaming heads" if self.config.sparse.uses_streaming_heads
-                        else "sliding-window layers")
+                        "turns it on)", "streaming heads" if streaming else "sliding-window layers")
         return not pools
 
     def _resolve_max_model_len(self) -> int:
@@ -450,9 +460,10 @@ class EngineCore:
         self._take_ended()
         step = self.step_builder.build([(s.request, s.num_new_tokens, s.samples) for s in out.scheduled],
                                        out.num_decodes, out.forks)
-        if self.workers is not None:
-            self.workers.send("launch", step)
-        launched = self.runner.launch(step)
+        if self.workers is None:
+            launched = self.runner.launch(step)
+        else:
+            launched = self._launch_on_ranks(step)
         self.last_step_num_tokens = out.num_tokens
         counts = launched.page_counts
         assert counts is not None
@@ -460,6 +471,24 @@ class EngineCore:
             self._count_decode_pages(counts)
         self.scheduler.advance(out)
         return launched, counts
+
+    def _launch_on_ranks(self, step: StepData) -> LaunchedStep:
+        """Launch on every rank. A failure leaves the ranks out of step (some inside the step's
+        collectives): the group is closed and this engine refuses further steps."""
+        workers = self.workers
+        assert workers is not None
+        if workers.failed is not None:
+            raise LServeError(f"the tensor-parallel engine stopped after an error ({workers.failed}); build a new one")
+        try:
+            workers.send("launch", step)
+            return self.runner.launch(step)
+        except BaseException as exc:
+            reason = workers.error_lines() or f"{type(exc).__name__} on rank 0"
+            workers.failed = reason
+            workers.close()
+            if isinstance(exc, LServeError):
+                raise
+            raise LServeError(f"the tensor-parallel engine stopped: {reason}") from exc
 
     def drain(self) -> None:
         """Read every launched step whose tokens nobody waits for any more (their requests are

@@ -10,8 +10,9 @@ are the engine's.
 
 Processes are spawned (CUDA cannot fork), daemonic (they end with the engine's process), and
 each stops when told, when its pipe closes, or when its parent is gone. A worker that fails
-sends one line back: the engine raises it as an error instead of hanging in a collective (the
-process group also has a timeout).
+sends one line back, which the engine raises; a step that fails on any rank leaves the ranks out
+of step, so the engine then closes the group and refuses further steps (the collectives also
+have a timeout rather than hang). One tensor-parallel engine per process.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def check_devices(size: int, device: torch.device) -> None:
     if device.type == "cuda" and size > torch.cuda.device_count():
         raise LServeError(f"tensor_parallel_size={size} needs {size} GPUs; this machine has "
                           f"{torch.cuda.device_count()}")
+
+
+def check_no_group() -> None:
+    """One tensor-parallel engine per process: its process group is the default one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        raise LServeError("a tensor-parallel engine is already running in this process; delete it (its workers "
+                          "stop) before building another")
 
 
 def init_distributed(tp: TensorParallel, init_method: str, device: torch.device) -> None:
@@ -84,6 +94,10 @@ class WorkerGroup:
         ctx = mp.get_context("spawn")
         self.conns: list[Any] = []
         self.procs: list[Any] = []
+        self.owns_group = False
+        """Set once this engine's process group is formed: closing the workers then leaves it."""
+        self.failed: str | None = None
+        """Why the ranks are no longer in step (a step failed on some rank); None: they are."""
         for rank in range(1, size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker_main, args=(config, rank, size, init_method, child, os.getpid()),
@@ -104,8 +118,21 @@ class WorkerGroup:
                 self._check(rank, conn.recv())
             try:
                 conn.send((kind, step))
-            except (BrokenPipeError, OSError) as exc:
-                raise LServeError(f"tensor-parallel rank {rank} is gone ({exc})") from None
+            except (EOFError, OSError) as exc:  # (BrokenPipeError is an OSError)
+                raise LServeError(f"tensor-parallel rank {rank} is gone ({type(exc).__name__})") from None
+
+    def error_lines(self) -> str:
+        """What failed workers reported, without waiting ("" if none did)."""
+        lines = []
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                while conn.poll():
+                    kind, text = conn.recv()
+                    if kind == "error":
+                        lines.append(f"rank {rank}: {text}")
+            except (EOFError, OSError):
+                lines.append(f"rank {rank}: gone")
+        return "; ".join(lines)
 
     def _check(self, rank: int, message: tuple[str, str]) -> None:
         kind, text = message
@@ -128,12 +155,17 @@ class WorkerGroup:
         for conn in self.conns:
             conn.close()
         self.conns, self.procs = [], []
-        leave_distributed()
+        if self.owns_group:
+            self.owns_group = False
+            leave_distributed()
 
 
 def _worker_main(config: EngineConfig, rank: int, size: int, init_method: str, conn: Any, parent: int) -> None:
+    import signal
+
     from lserve.engine.core import EngineCore
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the engine's to handle: it stops us
     try:
         core = EngineCore(config, tp=TensorParallel(rank, size), init_method=init_method)
         conn.send(("ready", ""))
@@ -150,7 +182,7 @@ def _worker_main(config: EngineConfig, rank: int, size: int, init_method: str, c
                 runner.launch(step)
             else:
                 runner.update_states(step)
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:  # the engine's end of the pipe closed
         pass
     except BaseException as exc:  # one line back to the engine, which raises it
         try:
