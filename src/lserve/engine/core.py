@@ -369,7 +369,6 @@ class EngineCore:
             self.scheduler.finish(req, status)
             self._flush_ended()
 
-
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0 or bool(self._pending)
 
