@@ -163,7 +163,7 @@ def decode_step(core, requests: list):
     return core.step_builder.build(scheduled, len(requests), [])
 
 
-def launch_ahead(runner, inputs, batch: int, steps: int, previous, profiler=None):
+def launch_ahead(runner, inputs, steps: int, previous, profiler=None):
     """`steps` steps, each launched before the previous one's tokens are read (the engine's async
     scheduling); returns the last launched step, unread. `profiler` runs around the launches only."""
     for _ in range(steps):
@@ -209,9 +209,9 @@ def time_decode(core, batch: int, seq_len: int, steps: int, overlap: bool = Fals
         # the clock starts when a step's tokens arrive with the next step already queued, and
         # stops when the `steps`-th step after it is read: `steps` steps of device time, the
         # host's work of each launch hidden behind the step before it
-        previous = launch_ahead(runner, inputs, batch, 2, runner.launch(inputs))
+        previous = launch_ahead(runner, inputs, 2, runner.launch(inputs))
         t1 = time.perf_counter()
-        previous = launch_ahead(runner, inputs, batch, steps, previous)
+        previous = launch_ahead(runner, inputs, steps, previous)
         overlapped = (time.perf_counter() - t1) * 1000 / steps
         previous.tokens()
     replay = None
@@ -341,11 +341,11 @@ def timeline(core, batch: int, seq_len: int, label: str, folder: Path | None) ->
             (folder / name).write_text(json.dumps(rows, indent=0))
     # steps launched ahead (the engine's async scheduling): the device's idle time between
     # operations, and the copies and fills that run between the graphs
-    previous = [launch_ahead(core.runner, inputs, batch, 2, core.runner.launch(inputs))]
+    previous = [launch_ahead(core.runner, inputs, 2, core.runner.launch(inputs))]
     sync()
 
     def steps() -> None:
-        previous[0] = launch_ahead(core.runner, inputs, batch, 8, previous[0])
+        previous[0] = launch_ahead(core.runner, inputs, 8, previous[0])
         previous[0].tokens()
 
     gpu = cuda_trace(steps)
@@ -396,7 +396,7 @@ def profile_host(core, batch: int, seq_len: int, label: str) -> None:
     # here leaves the GPU idle for the rest of the launch
     inputs, requests = decode_inputs(core, batch, seq_len)
     prof = cProfile.Profile()
-    launch_ahead(runner, inputs, batch, 16, runner.launch(inputs), profiler=prof).tokens()
+    launch_ahead(runner, inputs, 16, runner.launch(inputs), profiler=prof).tokens()
     release(core, requests)
     print(f"\n{label}: host time of 16 overlapped launches (batch {batch}, {seq_len} tokens), by own time")
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)

@@ -178,14 +178,15 @@ def add_ratios(results: list[CaseResult]) -> None:
         if r is ref or r.status != "ok" or ref.status != "ok":
             continue
         r.ratios = {
-            "prefill_speedup": _ratio(ref.prefill_latency_s, r.prefill_latency_s),
-            "tpot_speedup": _ratio(ref.tpot_s, r.tpot_s),
-            "throughput_ratio": _ratio(r.output_tok_s, ref.output_tok_s),
-            "kv_memory_ratio": _ratio(r.kv_bytes_per_seq, ref.kv_bytes_per_seq),
+            "prefill_speedup": ratio(ref.prefill_latency_s, r.prefill_latency_s),
+            "tpot_speedup": ratio(ref.tpot_s, r.tpot_s),
+            "throughput_ratio": ratio(r.output_tok_s, ref.output_tok_s),
+            "kv_memory_ratio": ratio(r.kv_bytes_per_seq, ref.kv_bytes_per_seq),
         }
 
 
-def _ratio(num: float | None, den: float | None) -> float | None:
+def ratio(num: float | None, den: float | None) -> float | None:
+    """num / den, or None when either is missing (or den is 0)."""
     return num / den if num is not None and den else None
 
 
@@ -201,15 +202,16 @@ def format_results(results: list[CaseResult]) -> str:
             lines.append("| " + " | ".join(case + ["failed"] + ["-"] * (len(head) - 5)) + " |")
             continue
         cells = [
-            _fmt(r.prefill_latency_s, 1000, 1), _fmt(r.ttft_mean_s, 1000, 1), _fmt(r.tpot_s, 1000, 2),
-            _fmt(r.output_tok_s, 1, 1), _fmt(r.total_tok_s, 1, 1), _fmt(r.kv_bytes_per_seq, 2**-20, 1),
-            _fmt(r.decode_pages_read_fraction, 1, 3),
-            _fmt(r.ratios.get("prefill_speedup"), 1, 2), _fmt(r.ratios.get("tpot_speedup"), 1, 2),
-            _fmt(r.ratios.get("kv_memory_ratio"), 1, 3),
+            format_number(r.prefill_latency_s, 1000, 1), format_number(r.ttft_mean_s, 1000, 1), format_number(r.tpot_s, 1000, 2),
+            format_number(r.output_tok_s, 1, 1), format_number(r.total_tok_s, 1, 1), format_number(r.kv_bytes_per_seq, 2**-20, 1),
+            format_number(r.decode_pages_read_fraction, 1, 3),
+            format_number(r.ratios.get("prefill_speedup"), 1, 2), format_number(r.ratios.get("tpot_speedup"), 1, 2),
+            format_number(r.ratios.get("kv_memory_ratio"), 1, 3),
         ]
         lines.append("| " + " | ".join(case + cells) + " |")
     return "\n".join(lines)
 
 
-def _fmt(value: float | None, scale: float, digits: int) -> str:
+def format_number(value: float | None, scale: float, digits: int) -> str:
+    """value x scale with `digits` decimals, or "-" when missing."""
     return "-" if value is None else f"{value * scale:.{digits}f}"

@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lserve.bench.offline import format_number, ratio
 from lserve.eval.options import ConfigSpec
 from lserve.eval.runner import CONFIG_ERRORS, free_memory, one_line
 
@@ -130,8 +131,7 @@ def bench_shared_prefix(
                 run_sequential(llm, warm.prompts(vocab, seed + 1000 + i), warm.output_len)
             for key, value in run_sequential(llm, work.prompts(vocab, seed), work.output_len).items():
                 setattr(result, key, value)
-            if result.ttft_rest_median_s is not None and result.ttft_first_s:
-                result.ttft_ratio = result.ttft_rest_median_s / result.ttft_first_s
+            result.ttft_ratio = ratio(result.ttft_rest_median_s, result.ttft_first_s)
         except CONFIG_ERRORS as exc:
             result.status, result.error = "failed", one_line(exc)
         finally:
@@ -154,13 +154,11 @@ def format_prefix_results(results: list[PrefixResult]) -> str:
         if r.status != "ok":
             lines.append("| " + " | ".join([r.config, "failed"] + ["-"] * (len(head) - 2)) + " |")
             continue
-        speed = ref.total_time_s / r.total_time_s if ref and ref.total_time_s and r.total_time_s else None
+        speed = ratio(ref.total_time_s, r.total_time_s) if ref else None
         equal = "-" if r.outputs_equal_first is None else ("yes" if r.outputs_equal_first else "no")
-        cells = [r.config, _fmt(r.ttft_first_s, 3), _fmt(r.ttft_rest_median_s, 3), _fmt(r.ttft_ratio, 3),
-                 _fmt(r.total_time_s, 2), _fmt(speed, 2), f"{r.cached_tokens:,}", _fmt(r.hit_rate, 3), equal]
+        cells = [r.config, format_number(r.ttft_first_s, 1, 3), format_number(r.ttft_rest_median_s, 1, 3),
+                 format_number(r.ttft_ratio, 1, 3), format_number(r.total_time_s, 1, 2), format_number(speed, 1, 2),
+                 f"{r.cached_tokens:,}", format_number(r.hit_rate, 1, 3), equal]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-
-def _fmt(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"

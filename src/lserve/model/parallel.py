@@ -139,7 +139,7 @@ def permute_kv_heads(
     return tensor.index_select(1 if module == "o_proj" else 0, idx.to(tensor.device))
 
 
-def shard_tensor(src: torch.Tensor, dest: torch.Tensor, tp: TensorParallel, name: str) -> torch.Tensor:
+def shard_tensor(src: torch.Tensor, dest: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     """This rank's slice of a checkpoint tensor for a parameter (slice) of shape `dest.shape`: the
     one dimension where they differ is split evenly across the ranks (the vocabulary's last slice
     padded with zeros). Shapes that agree are copied whole."""

@@ -79,7 +79,7 @@ def load_named_tensors(
             kind = layer.group(2).removeprefix("self_attn.")
             tensor = permute_kv_heads(kind, tensor, kv_order[int(layer.group(1))], cfg.num_heads * tp.size,
                                       cfg.num_kv_heads * tp.size, cfg.head_dim)
-        tensor = shard_tensor(tensor, dest, tp, hf_name)
+        tensor = shard_tensor(tensor, dest, tp)
         if tuple(dest.shape) != tuple(tensor.shape):
             raise ModelLoadError(
                 f"weight {hf_name!r} has shape {tuple(tensor.shape)}, the config expects {tuple(dest.shape)}"
