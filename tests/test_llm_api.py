@@ -150,3 +150,22 @@ def test_tiny_temperature_is_greedy(default_llm) -> None:
     greedy = default_llm.generate("The sky is", SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     tiny = default_llm.generate("The sky is", SamplingParams(temperature=1e-45, max_tokens=6), use_tqdm=False)
     assert greedy[0].outputs[0].token_ids == tiny[0].outputs[0].token_ids
+
+
+def test_lone_surrogate_is_a_value_error_naming_the_prompt(default_llm) -> None:
+    """Text that is not valid Unicode (a lone surrogate, as JSON's "\\ud800" decodes) is refused
+    with a ValueError that names the prompt (its index in a batch), for generate and chat alike,
+    and leaves no request behind."""
+    params = SamplingParams(max_tokens=2)
+    with pytest.raises(ValueError, match=r"the prompt is not valid Unicode text: a lone surrogate \(U\+D800\) at "
+                                         r"character 1$"):
+        default_llm.generate("a\ud800b", params, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"^prompt 1 is not valid Unicode text: a lone surrogate \(U\+DFFF\)"):
+        default_llm.generate(["fine", "x\udfff"], params, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"the prompt is not valid Unicode text: a lone surrogate \(U\+D800\)"):
+        default_llm.chat([{"role": "user", "content": "hi \ud800"}], params, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"^prompt 1 is not valid Unicode text: a lone surrogate \(U\+D800\)"):
+        default_llm.chat([[{"role": "user", "content": "ok"}], [{"role": "user", "content": "hi \ud800"}]], params,
+                         use_tqdm=False)
+    assert not default_llm.engine.has_unfinished_requests()
+    assert _all_pages_free(default_llm)
