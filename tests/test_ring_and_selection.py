@@ -24,6 +24,7 @@ from lserve.attention.torch_backend import (
     write_kv,
 )
 from lserve.attention.triton_backend import TritonAttentionBackend
+from lserve.kv_cache.fp8 import FP8_DTYPE, as_bytes
 from lserve.kv_cache.layout import KVCache, KVCacheTensors, KVShape, RingGeometry
 from lserve.ops import reference as ref
 
@@ -63,7 +64,7 @@ LABEL_CHANNELS = [[1, 7, 16, 30], [0, 2, 4, 6], [31, 9, 17, 3], [5, 8, 13, 21]] 
 
 class RingSim:
     def __init__(self, backend_cls: type, token_budget: int, seed: int, score: str = "quest",
-                 top_p: float | None = None) -> None:
+                 top_p: float | None = None, fp8: bool = False) -> None:
         self.gen = torch.Generator().manual_seed(seed)
         rng = random.Random(seed)
         flags = tuple(torch.tensor(f, device=DEVICE) for f in FLAGS)
@@ -71,16 +72,19 @@ class RingSim:
         self.geometry = RingGeometry.plan(PAGE, 5, 20, MAX_CHUNK, max_model_len=400)
         assert self.geometry.ring_pages and self.geometry.pages_per_seq * PAGE < 100  # it must wrap
         n_stream = tuple(sum(f) for f in FLAGS)
-        shape = KVShape(3, HKV, D, PAGE, torch.float32, tuple(HKV - n for n in n_stream))
+        kv_dtype = FP8_DTYPE if fp8 else None
+        shape = KVShape(3, HKV, D, PAGE, torch.float32, tuple(HKV - n for n in n_stream), kv_dtype)
         if score in ("quest", "midrange"):
             paged = KVCacheTensors(shape, 30, DEVICE, LOGICAL)
         else:  # a channel score: labels of each layer's dense heads
             chans = [torch.tensor([LABEL_CHANNELS[h] for h, s in enumerate(f) if not s], dtype=torch.int32)
                      .view(-1, 4) for f in FLAGS]
             paged = KVCacheTensors(shape, 30, DEVICE, label_channels=chans)
-        ring = KVCacheTensors(KVShape(3, HKV, D, PAGE, torch.float32, n_stream), 2 * self.geometry.pages_per_seq,
-                              DEVICE)
+        ring = KVCacheTensors(KVShape(3, HKV, D, PAGE, torch.float32, n_stream, kv_dtype),
+                              2 * self.geometry.pages_per_seq, DEVICE)
         for t in (*paged.k, *paged.v, *ring.k, *ring.v):
+            as_bytes(t).fill_(0x7F if fp8 else float("nan"))  # (0x7F: E4M3's NaN)
+        for t in (*(paged.k_scale or []), *(paged.v_scale or []), *(ring.k_scale or []), *(ring.v_scale or [])):
             t.fill_(float("nan"))
         self.cache = KVCache(paged, ring, flags, self.geometry)
         self.selector = None
@@ -126,7 +130,7 @@ def _schedule() -> list[tuple[list[tuple[int, int, int]], int]]:
 
 
 def _run(backend_cls: type, token_budget: int, seed: int = 0, **selection):
-    sim = RingSim(backend_cls, token_budget, seed, **selection)
+    sim = RingSim(backend_cls, token_budget, seed, **selection)  # (selection: score, top_p, fp8)
     return sim, [sim.step(plan, nd) for plan, nd in _schedule()]
 
 
@@ -218,6 +222,29 @@ def test_triton_backend_matches_the_torch_backend(name: str) -> None:
         assert torch.equal(counts_a.cpu(), counts_b.cpu())
         kept = counts_a[DENSE_LAYERS:, :2][counts_a[DENSE_LAYERS:, :2] > 0]
         assert kept.numel() and int(kept.min()) < 3  # p = 0.3 keeps fewer pages than the budget's 3 somewhere
+
+
+@pytest.mark.parametrize("name", ["ring", "quest", "rope_mass", "top-p"])
+def test_fp8_pools_select_the_same_pages_and_the_backends_agree(name: str) -> None:
+    """Both pools in FP8, on the inputs of the model-dtype run: the selector stores exactly the
+    same pages (its statistics and labels come from the unquantized keys), both backends give the
+    same outputs, and those are within FP8's error of the model-dtype outputs but not equal to
+    them (the pools really hold FP8)."""
+    budget, selection = SELECTIONS[name]
+    plain, out_plain = _run(TorchAttentionBackend, budget, **selection)
+    fp8_torch, out_torch = _run(TorchAttentionBackend, budget, fp8=True, **selection)
+    fp8_triton, out_triton = _run(TritonAttentionBackend, budget, fp8=True, **selection)
+    if budget:
+        for sim in (fp8_torch, fp8_triton):
+            for a, b in zip(plain.selector._store, sim.selector._store):
+                assert a is None and b is None or torch.equal(a.cpu(), b.cpu())
+            assert sim.selector.num_selections == plain.selector.num_selections
+    worst = 0.0
+    for (_, _, _, la), (_, _, _, lt), (_, _, _, lg) in zip(out_plain, out_torch, out_triton):
+        for (_, a), (_, t), (_, g) in zip(la, lt, lg):
+            assert _rel(g, t) < TOL
+            worst = max(worst, _rel(t, a))
+    assert 1e-3 < worst < 0.1
 
 
 @pytest.mark.parametrize("score", ["quest", "midrange", "rope_channels", "rope_mass"])

@@ -17,6 +17,7 @@ import torch
 
 from lserve.attention.metadata import AttentionMetadata, build_metadata
 from lserve.attention.torch_backend import TorchAttentionBackend, write_kv
+from lserve.kv_cache.fp8 import FP8_DTYPE, as_bytes, dequantize, quantize
 from lserve.kv_cache.layout import KVCacheTensors, KVShape
 
 CPU = torch.device("cpu")
@@ -67,14 +68,19 @@ class Sim:
     def __init__(
         self, *, num_layers: int, hq: int, hkv: int, head_dim: int, page_size: int, num_pages: int,
         dtype: torch.dtype, seed: int, backend_cls: type = TorchAttentionBackend, device: torch.device = CPU,
+        fp8: bool = False,
     ) -> None:
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.num_layers, self.hq, self.hkv, self.head_dim = num_layers, hq, hkv, head_dim
         self.page_size, self.dtype = page_size, dtype
         self.device = device
-        self.kv = KVCacheTensors(KVShape(num_layers, hkv, head_dim, page_size, dtype), num_pages, device)
+        self.fp8 = fp8
+        shape = KVShape(num_layers, hkv, head_dim, page_size, dtype, cache_dtype=FP8_DTYPE if fp8 else None)
+        self.kv = KVCacheTensors(shape, num_pages, device)
         for t in (*self.kv.k, *self.kv.v):
+            as_bytes(t).fill_(0x7F if fp8 else NAN)  # (0x7F: E4M3's NaN)
+        for t in (*(self.kv.k_scale or []), *(self.kv.v_scale or [])):
             t.fill_(NAN)
         self.scale = head_dim**-0.5
         self.backend = backend_cls(self.kv, hq, self.scale)
@@ -133,12 +139,16 @@ class Sim:
             for i, qlen in step.plan:
                 s = self.seqs[i]
                 sl = slice(start, start + qlen)
-                keys = torch.cat([*s.k_hist[layer], step.k[layer][sl]]).float()
-                values = torch.cat([*s.v_hist[layer], step.v[layer][sl]]).float()
+                keys = self.stored(torch.cat([*s.k_hist[layer], step.k[layer][sl]]))
+                values = self.stored(torch.cat([*s.v_hist[layer], step.v[layer][sl]]))
                 per_seq.append(reference_attention(step.q[layer][sl].float(), keys, values, self.scale))
                 start += qlen
             out.append(per_seq)
         return out
+
+    def stored(self, x: torch.Tensor) -> torch.Tensor:
+        """What the cache gives back for K or V rows x, in float32 (an FP8 cache: dequantized)."""
+        return dequantize(*quantize(x), torch.float32) if self.fp8 else x.float()
 
     def commit(self, step: Step) -> None:
         start = 0
@@ -159,10 +169,13 @@ class Sim:
             slots = torch.tensor(s.pages)[pos // self.page_size] * self.page_size + pos % self.page_size
             slots = slots.to(self.device)
             for layer in range(self.num_layers):
-                flat_k = self.kv.k[layer].view(-1, self.hkv, self.head_dim)
-                flat_v = self.kv.v[layer].view(-1, self.hkv, self.head_dim)
-                assert torch.equal(flat_k[slots], torch.cat(s.k_hist[layer]))
-                assert torch.equal(flat_v[slots], torch.cat(s.v_hist[layer]))
+                for cache, scales, hist in ((self.kv.k, self.kv.k_scale, s.k_hist), (self.kv.v, self.kv.v_scale, s.v_hist)):
+                    flat = as_bytes(cache[layer]).view(-1, self.hkv, self.head_dim)
+                    expected = torch.cat(hist[layer])
+                    if scales is not None:  # FP8: the quantized bytes and the scales, bit for bit
+                        expected, expected_scales = quantize(expected)
+                        assert torch.equal(scales[layer].view(-1, self.hkv)[slots], expected_scales)
+                    assert torch.equal(flat[slots], as_bytes(expected))
 
     def plan_step(self, seq_ids: list[int], first: bool = False) -> tuple[list[tuple[int, int]], int]:
         """Decodes for finished prompts, prefill chunks (whole rest or a random part) for the others."""
@@ -206,14 +219,14 @@ def assert_matches(sim: Sim, step: Step, outs: list[torch.Tensor], atol: float, 
 def run_scenario(
     *, hq: int, hkv: int, head_dim: int, page_size: int, dtype: torch.dtype, atol: float, rtol: float,
     seed: int, num_seqs: int = 6, num_layers: int = 3, steps: int = 7,
-    backend_cls: type = TorchAttentionBackend, device: torch.device = CPU,
+    backend_cls: type = TorchAttentionBackend, device: torch.device = CPU, fp8: bool = False,
 ) -> Sim:
     rng = random.Random(seed)
     lengths = [odd_length(rng, page_size, 3, 3 * page_size) for _ in range(num_seqs)]
     need = sum(-(-(n + steps) // page_size) for n in lengths)
     sim = Sim(
         num_layers=num_layers, hq=hq, hkv=hkv, head_dim=head_dim, page_size=page_size,
-        num_pages=2 * need + 5, dtype=dtype, seed=seed, backend_cls=backend_cls, device=device,
+        num_pages=2 * need + 5, dtype=dtype, seed=seed, backend_cls=backend_cls, device=device, fp8=fp8,
     )
     ids = [sim.add_seq(n) for n in lengths]
     saw_mixed = saw_ragged_decode = False
@@ -263,6 +276,17 @@ def test_write_kv_puts_every_token_at_its_slot(dtype: torch.dtype) -> None:
         untouched = torch.ones(num_pages * page_size, dtype=torch.bool)
         untouched[slots] = False
         assert torch.isnan(cache.view(-1, h, d)[untouched].float()).all()
+
+
+@pytest.mark.parametrize("page_size", [16, 128])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_fp8_cache_matches_reference_over_its_dequantized_history(hq: int, hkv: int, page_size: int) -> None:
+    """An FP8 cache: the stored bytes and scales equal `kv_cache.fp8.quantize` of every token's
+    K/V (checked after every step), and attention equals the reference over the dequantized history."""
+    run_scenario(
+        hq=hq, hkv=hkv, head_dim=64, page_size=page_size, dtype=torch.float32,
+        atol=1e-5, rtol=1e-5, seed=31 * page_size + hq, fp8=True,
+    )
 
 
 @pytest.mark.parametrize("head_dim", [64, 32])

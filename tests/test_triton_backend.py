@@ -26,9 +26,27 @@ def test_triton_backend_matches_reference(hq: int, hkv: int, page_size: int) -> 
     )
 
 
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_triton_backend_with_an_fp8_cache_matches_reference(page_size: int) -> None:
+    """The KV-append kernel stores the bytes and scales of `kv_cache.fp8.quantize`, and the
+    prefill and decode kernels attend over the dequantized history."""
+    run_scenario(
+        hq=8, hkv=2, head_dim=32, page_size=page_size, dtype=torch.float32, atol=F32_TOL, rtol=F32_TOL,
+        seed=5 * page_size + 1, num_layers=2, steps=5, backend_cls=TritonAttentionBackend, device=DEVICE, fp8=True,
+    )
+
+
 @pytest.mark.gpu
 def test_triton_backend_bfloat16_on_gpu() -> None:
     run_scenario(
         hq=8, hkv=2, head_dim=128, page_size=64, dtype=torch.bfloat16, atol=3e-2, rtol=3e-2,
         seed=3, num_layers=2, steps=5, backend_cls=TritonAttentionBackend, device=DEVICE,
+    )
+
+
+@pytest.mark.gpu
+def test_triton_backend_bfloat16_fp8_cache_on_gpu() -> None:
+    run_scenario(
+        hq=8, hkv=2, head_dim=128, page_size=64, dtype=torch.bfloat16, atol=3e-2, rtol=3e-2,
+        seed=4, num_layers=2, steps=5, backend_cls=TritonAttentionBackend, device=DEVICE, fp8=True,
     )

@@ -16,6 +16,7 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 LoadFormat = Literal["auto", "hf", "gguf", "dummy"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
+KVCacheDType = Literal["auto", "fp8", "fp8_e4m3"]
 PageScoreName = Literal["auto", "quest", "midrange", "rope_channels", "label_channels", "rope_mass"]
 PAGE_SCORE_NAMES = ("auto", "quest", "midrange", "rope_channels", "label_channels", "rope_mass")
 
@@ -85,6 +86,9 @@ class CacheConfig:
         "model's window pool are in use; when on, those keep their whole history in the paged pool (exact hits, "
         "their windows still apply, their memory savings are given up)"
     )
+    kv_cache_dtype: KVCacheDType = _field(
+        "auto", "what K and V are stored in: auto (the model's dtype) or fp8 / fp8_e4m3 (E4M3 with a scale per "
+        "token and KV head: about half the memory of bfloat16; docs/sparsity.md)")
     window_pool: bool = _field(
         True, "keep sliding-window layers in a constant-size ring per request (off: in the paged pool, "
         "growing with the context, as a baseline for comparisons)"
@@ -95,6 +99,7 @@ class CacheConfig:
         if isinstance(ps, bool) or not isinstance(ps, int) or ps < 16 or ps > 128 or ps & (ps - 1):
             raise ValueError(f"page_size must be a power of two from 16 to 128, got {ps!r}")
         _check_int("num_kv_pages", self.num_kv_pages, 1, allow_none=True)
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "fp8", "fp8_e4m3"))
         frac = self.kv_cache_memory_fraction
         if frac is not None and not (isinstance(frac, (int, float)) and 0.0 < frac <= 1.0):
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {frac!r}")

@@ -49,6 +49,10 @@ class PoolCall:
     window: tuple[int, int] | None = None
     """(sink, local) of a sliding-window layer (the same in prefill and decode); None: the
     streaming heads' windows apply."""
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+    """An FP8 pool's per-token scales (num_pages, page_size, pool heads) float32; None: K and V
+    are stored in the model's dtype."""
 
     @property
     def scores_pages(self) -> bool:
@@ -233,6 +237,7 @@ class AttentionBackend(ABC):
         k_max = paged.k_max[layer_idx] if paged.k_max is not None else None
         labels = dict(k_label=paged.k_label[layer_idx], label_channels=paged.label_channels[layer_idx]) \
             if paged.k_label is not None and paged.label_channels is not None else {}
+        labels.update(_scales(paged, layer_idx))
         dense_route, stream_route = self._routes[layer_idx]
         if self.cache.ring is None or stream_route is None:  # one pool holds every head of this layer
             call = PoolCall(paged.k[layer_idx], paged.v[layer_idx], k_min, k_max, md.page_table, md.slot_mapping,
@@ -243,7 +248,7 @@ class AttentionBackend(ABC):
         assert md.ring_page_table is not None and md.ring_slot_mapping is not None, "the step has no ring tables"
         calls = [PoolCall(ring.k[layer_idx], ring.v[layer_idx], None, None, md.ring_page_table,
                           md.ring_slot_mapping, stream_route[0], stream_route[1], self._ring_flags[layer_idx],
-                          ring=True)]
+                          ring=True, **_scales(ring, layer_idx))]
         if dense_route is not None:
             calls.append(PoolCall(paged.k[layer_idx], paged.v[layer_idx], k_min, k_max, md.page_table,
                                   md.slot_mapping, dense_route[0], dense_route[1], None, **labels))
@@ -258,10 +263,10 @@ class AttentionBackend(ABC):
         if pool is None:
             paged = self.cache.paged
             return PoolCall(paged.k[layer], paged.v[layer], None, None, md.page_table, md.slot_mapping, None, None,
-                            self._window_flags, window=(0, w))
+                            self._window_flags, window=(0, w), **_scales(paged, layer))
         assert md.window_page_table is not None and md.window_slot_mapping is not None, "the step has no window tables"
         return PoolCall(pool.k[layer], pool.v[layer], None, None, md.window_page_table, md.window_slot_mapping,
-                        None, None, self._window_flags, ring=True, window=(0, w))
+                        None, None, self._window_flags, ring=True, window=(0, w), **_scales(pool, layer))
 
     def _attend_pools(
         self, calls: list[PoolCall], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
@@ -364,6 +369,13 @@ class AttentionBackend(ABC):
         if call.streaming is None or sp is None:
             return 0, 0
         return (sp.decode_sink, sp.decode_local) if decode else (sp.prefill_sink, sp.prefill_local)
+
+
+def _scales(pool: KVCacheTensors, layer: int) -> dict[str, torch.Tensor]:
+    """A PoolCall's FP8 scale arguments for one layer of `pool` (none when it is not FP8)."""
+    if pool.k_scale is None or pool.v_scale is None:
+        return {}
+    return {"k_scale": pool.k_scale[layer], "v_scale": pool.v_scale[layer]}
 
 
 def resolve_backend_name(name: str, device: torch.device) -> str:

@@ -12,24 +12,43 @@ import torch.nn.functional as F
 
 from lserve.attention.backend import AttentionBackend, PoolCall
 from lserve.attention.metadata import AttentionMetadata
+from lserve.kv_cache.fp8 import as_bytes, dequantize, quantize
 
 
 def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Scatter new k, v (T, Hkv, D) into (num_pages, page_size, Hkv, D) caches at flat slots (T,)."""
-    num_pages, page_size = k_cache.shape[:2]
-    k_cache.view(num_pages * page_size, *k_cache.shape[2:]).index_copy_(0, slots, k)
-    v_cache.view(num_pages * page_size, *v_cache.shape[2:]).index_copy_(0, slots, v)
+    """Scatter new k, v (T, Hkv, D) into (num_pages, page_size, Hkv, D) caches at flat slots (T,);
+    FP8 caches (with their (num_pages, page_size, Hkv) scales) take them quantized."""
+    for cache, scales, new in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        num_pages, page_size = cache.shape[:2]
+        if scales is not None:
+            new, row_scales = quantize(new)
+            scales.view(num_pages * page_size, -1).index_copy_(0, slots, row_scales)
+        as_bytes(cache).view(num_pages * page_size, *cache.shape[2:]).index_copy_(0, slots, as_bytes(new))
 
 
 def gather_pages(cache: torch.Tensor, page_table: torch.Tensor, length: int) -> torch.Tensor:
-    """(num_pages, page_size, H, D) cache, (B, P) table -> (B, H, length, D), padded past each sequence."""
+    """(num_pages, page_size, H, ...) cache, (B, P) table -> (B, H, length, ...), padded past each sequence."""
     b = page_table.shape[0]
     # index_select copies whole pages with memcpy; advanced indexing is several times slower on CPU.
-    pages = cache.index_select(0, page_table.reshape(-1))  # (B * P, page_size, H, D)
+    pages = cache.index_select(0, page_table.reshape(-1))  # (B * P, page_size, H, ...)
     flat = pages.view(b, -1, *cache.shape[2:])[:, :length]
     return flat.transpose(1, 2)
+
+
+def gather_kv(
+    call: PoolCall, page_table: torch.Tensor, length: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pool's keys and values over `page_table` (B, P): (B, H, length, D) each, in `dtype`
+    (an FP8 pool's dequantized)."""
+    keys = gather_pages(call.k_cache, page_table, length)
+    values = gather_pages(call.v_cache, page_table, length)
+    if call.k_scale is None or call.v_scale is None:
+        return keys, values
+    return (dequantize(keys, gather_pages(call.k_scale, page_table, length), dtype),
+            dequantize(values, gather_pages(call.v_scale, page_table, length), dtype))
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, local: int) -> torch.Tensor:
@@ -128,7 +147,7 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> None:
-        write_kv(call.k_cache, call.v_cache, k, v, call.slot_mapping)
+        write_kv(call.k_cache, call.v_cache, k, v, call.slot_mapping, call.k_scale, call.v_scale)
         if call.k_label is not None and call.label_channels is not None:
             write_labels(call.k_label, call.label_channels, k, call.slot_mapping)
         elif call.k_min is not None and call.k_max is not None:
@@ -182,9 +201,7 @@ class TorchAttentionBackend(AttentionBackend):
         n = md.num_decodes
         length = max(md.seq_lens_cpu[:n])
         npages = -(-length // md.page_size)
-        table = call.page_table[:n, :npages]
-        keys = gather_pages(call.k_cache, table, length)
-        values = gather_pages(call.v_cache, table, length)
+        keys, values = gather_kv(call, call.page_table[:n, :npages], length, q.dtype)
         pos = torch.arange(length, device=q.device)
         ragged = min(md.seq_lens_cpu[:n]) != length
         if ragged:
@@ -234,8 +251,7 @@ class TorchAttentionBackend(AttentionBackend):
         idx = first[:, None] + torch.arange(width, device=q.device)[None, :]  # (n, width) logical pages
         used = idx < (lens[:, None] + page - 1) // page
         pages = torch.gather(call.page_table[:n].long(), 1, idx.clamp(max=call.page_table.shape[1] - 1))
-        keys = gather_pages(call.k_cache, torch.where(used, pages, 0), width * page)
-        values = gather_pages(call.v_cache, torch.where(used, pages, 0), width * page)
+        keys, values = gather_kv(call, torch.where(used, pages, 0), width * page, q.dtype)
         pos = (idx[:, :, None] * page + torch.arange(page, device=q.device)).reshape(n, -1)  # (n, width * page)
         visible = used.repeat_interleave(page, dim=1) & (pos < lens[:, None]) & (lens[:, None] - 1 - pos < local)
         # unread slots may hold anything, NaN included: zero them in the gathered copies
@@ -255,13 +271,12 @@ class TorchAttentionBackend(AttentionBackend):
         first_page = 0
         if call.window is not None and call.window[0] == 0:
             first_page = max(seq_len - qlen - call.window[1] + 1, 0) // md.page_size
-        if qlen == seq_len:  # no cached prefix: the new K/V are the whole sequence, no gather needed
+        if qlen == seq_len and call.k_scale is None:  # no cached prefix: the new K/V are the whole sequence
             keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
-        else:
+        else:  # (an FP8 pool's chunk attends to its stored, quantized K/V, as the Triton kernel does)
             npages = -(-seq_len // md.page_size)
             table = call.page_table[seq : seq + 1, first_page:npages]
-            keys = gather_pages(call.k_cache, table, seq_len - first_page * md.page_size)
-            values = gather_pages(call.v_cache, table, seq_len - first_page * md.page_size)
+            keys, values = gather_kv(call, table, seq_len - first_page * md.page_size, q.dtype)
         qpos = torch.arange(seq_len - qlen, seq_len, device=q.device)
         kpos = torch.arange(first_page * md.page_size if qlen != seq_len else 0, seq_len, device=q.device)
         hkv = keys.shape[1]

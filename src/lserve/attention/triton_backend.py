@@ -128,7 +128,7 @@ class TritonAttentionBackend(AttentionBackend):
                 segments = self._segments
         kv_append(k, v, call.slot_mapping, call.k_cache, call.v_cache, call.k_min, call.k_max,
                   segments=segments, logical_page_size=logical, head_map=head_map, k_label=call.k_label,
-                  label_channels=call.label_channels)
+                  label_channels=call.label_channels, k_scale=call.k_scale, v_scale=call.v_scale)
 
     def _page_scores(
         self, call: PoolCall, q: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
@@ -168,7 +168,7 @@ class TritonAttentionBackend(AttentionBackend):
             selection=lists if isinstance(lists, StoredSelection) else None,
             max_seq_len=self._split_len(call, md, lists), kv_head_map=call.kv_heads if mapped else None,
             out=out[:nd] if out is not None else None, group=self._group if mapped else None,
-            **(GPU_DECODE if q.is_cuda else {}),
+            k_scale=call.k_scale, v_scale=call.v_scale, **(GPU_DECODE if q.is_cuda else {}),
         )
 
     def _split_len(
@@ -196,5 +196,5 @@ class TritonAttentionBackend(AttentionBackend):
         sparse_prefill(
             q.contiguous(), call.k_cache, call.v_cache, call.page_table, md.seq_lens, md.query_start_loc,
             self._tiles, self.scale, streaming_heads=call.streaming, sink=sink, local=local,
-            out=out, **(self._prefill_kw or {}),
+            out=out, k_scale=call.k_scale, v_scale=call.v_scale, **(self._prefill_kw or {}),
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lserve.config import EngineConfig
+from lserve.kv_cache.fp8 import resolve_kv_cache_dtype
 from lserve.kv_cache.layout import (
     KVCache,
     KVCacheTensors,
@@ -51,17 +52,18 @@ def fixed_blocks(
     """The constant blocks per seat, as (shape, geometry): "ring" for streaming heads
     (`n_stream` per layer), "window" for the layers with a window in `pooled`."""
     cache, sparse = config.cache, config.sparse
+    kv_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, dtype)
     blocks: dict[str, tuple[KVShape, RingGeometry]] = {}
     if n_stream is not None:
         blocks["ring"] = (
-            KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, dtype, n_stream),
+            KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, dtype, n_stream, kv_dtype),
             RingGeometry.plan(cache.page_size, max(sparse.prefill_sink_tokens, sparse.decode_sink_tokens),
                               max(sparse.prefill_local_tokens, sparse.decode_local_tokens),
                               max_chunk_tokens, max_model_len))
     if any(w is not None for w in pooled):
         blocks["window"] = (
             KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, dtype,
-                    tuple(0 if w is None else arch.num_kv_heads for w in pooled)),
+                    tuple(0 if w is None else arch.num_kv_heads for w in pooled), kv_dtype),
             RingGeometry.plan(cache.page_size, 0, max(w for w in pooled if w is not None), max_chunk_tokens,
                               max_model_len))
     return blocks
@@ -99,7 +101,7 @@ def build_kv_cache(
     paged_heads = tuple(0 if w is not None else arch.num_kv_heads - n for w, n in zip(pooled, n_stream))
     split = use_ring or any(w is not None for w in pooled)
     shape = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, dtype,
-                    paged_heads if split else None)
+                    paged_heads if split else None, resolve_kv_cache_dtype(cache.kv_cache_dtype, dtype))
     logical = config.sparse.logical_page_size if page_score is not None and not page_score.uses_labels else None
     blocks = fixed_blocks(arch, config, dtype, n_stream if use_ring else None, pooled, max_chunk_tokens,
                           max_model_len)
@@ -125,8 +127,8 @@ def build_kv_cache(
     paged = KVCacheTensors(shape, num_pages + 1, device, logical, label_channels)
     kv = KVCache(paged, fixed.get("ring"), flags if use_ring else None, blocks["ring"][1] if use_ring else None,
                  fixed.get("window"), blocks["window"][1] if "window" in blocks else None, windows)
-    logger.info("KV cache: %d pages of %d tokens (%.1f MiB)%s", num_pages, cache.page_size,
-                num_pages * shape.bytes_per_page / 2**20,
+    logger.info("KV cache: %d pages of %d tokens (%.1f MiB, %s)%s", num_pages, cache.page_size,
+                num_pages * shape.bytes_per_page / 2**20, "fp8" if shape.quantized else str(dtype).replace("torch.", ""),
                 f" + {' and '.join(blocks)} pools for {seats} requests ({seats * per_seat / 2**20:.1f} MiB)"
                 if blocks else "")
     return KVSetup(kv, num_pages, seats)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lserve.errors import LServeError
+from lserve.kv_cache.fp8 import SCALE_DTYPE, as_bytes, is_fp8
 
 DEFAULT_GPU_FRACTION = 0.9
 DEFAULT_CPU_FRACTION = 0.5
@@ -45,16 +46,31 @@ class KVShape:
     dtype: torch.dtype
     heads_per_layer: tuple[int, ...] | None = None
     """Heads this pool holds in each layer; None: `num_kv_heads` in every layer."""
+    cache_dtype: torch.dtype | None = None
+    """What K and V are stored in (None: `dtype`, the model's). FP8 (`kv_cache.fp8`) adds a
+    float32 scale per token and head for each; page statistics and labels stay in `dtype`."""
 
     def layer_heads(self, layer: int) -> int:
         return self.num_kv_heads if self.heads_per_layer is None else self.heads_per_layer[layer]
 
     @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.cache_dtype if self.cache_dtype is not None else self.dtype
+
+    @property
+    def quantized(self) -> bool:
+        """K and V stored in FP8 with per-token scales."""
+        return is_fp8(self.kv_dtype)
+
+    @property
     def bytes_per_page(self) -> int:
-        """K and V of one page over every layer."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        """K and V of one page over every layer (their scales included)."""
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
+        per_head = self.head_dim * elem
+        if self.quantized:
+            per_head += torch.empty((), dtype=SCALE_DTYPE).element_size()
         heads = sum(self.layer_heads(i) for i in range(self.num_layers))
-        return 2 * self.page_size * heads * self.head_dim * elem
+        return 2 * self.page_size * heads * per_head
 
 
 def stats_bytes_per_page(shape: KVShape, logical_page_size: int | None, label_channels: int = 0) -> int:
@@ -75,7 +91,10 @@ class KVCacheTensors:
 
     Labels are `(heads, num_pages * page_size, r)` per layer, head-major so that a score kernel
     reads one head's labels contiguously; `label_channels[l]` (heads, r) int32 says which key
-    channels of each of the pool's heads they are."""
+    channels of each of the pool's heads they are.
+
+    An FP8 pool (`shape.quantized`) also has `k_scale`/`v_scale`: per layer
+    `(num_pages, page_size, heads)` float32, the scale of each token's K (V) row per head."""
 
     def __init__(
         self, shape: KVShape, num_pages: int, device: torch.device, logical_page_size: int | None = None,
@@ -88,11 +107,16 @@ class KVCacheTensors:
         self.k_max: list[torch.Tensor] | None = None
         self.k_label: list[torch.Tensor] | None = None
         self.label_channels: list[torch.Tensor] | None = None
+        self.k_scale: list[torch.Tensor] | None = None
+        self.v_scale: list[torch.Tensor] | None = None
         # torch.empty: pages are written before they are read; no need to touch the memory here.
         try:
             dims = [(num_pages, shape.page_size, shape.layer_heads(i), shape.head_dim) for i in range(shape.num_layers)]
-            self.k = [torch.empty(d, dtype=shape.dtype, device=device) for d in dims]
-            self.v = [torch.empty(d, dtype=shape.dtype, device=device) for d in dims]
+            self.k = [torch.empty(d, dtype=shape.kv_dtype, device=device) for d in dims]
+            self.v = [torch.empty(d, dtype=shape.kv_dtype, device=device) for d in dims]
+            if shape.quantized:
+                self.k_scale = [torch.empty(d[:3], dtype=SCALE_DTYPE, device=device) for d in dims]
+                self.v_scale = [torch.empty(d[:3], dtype=SCALE_DTYPE, device=device) for d in dims]
             if label_channels is not None:
                 self.label_channels = [c.to(device=device, dtype=torch.int32).contiguous() for c in label_channels]
                 self.k_label = [torch.zeros((c.shape[0], num_pages * shape.page_size, c.shape[1]), dtype=shape.dtype,
@@ -110,16 +134,17 @@ class KVCacheTensors:
 
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
-        """Copy pages `src` onto pages `dst` in every layer, with what page selection keeps of
-        them (their logical pages' key statistics, or their slots' key labels)."""
+        """Copy pages `src` onto pages `dst` in every layer, with their FP8 scales and what page
+        selection keeps of them (their logical pages' key statistics, or their slots' key labels)."""
         if not src:
             return
         device = self.k[0].device
         s = torch.tensor(src, dtype=torch.long, device=device)
         d = torch.tensor(dst, dtype=torch.long, device=device)
-        for tensors in (self.k, self.v):
+        for tensors in (self.k, self.v, self.k_scale or [], self.v_scale or []):
             for t in tensors:
-                t.index_copy_(0, d, t.index_select(0, s))
+                raw = as_bytes(t)
+                raw.index_copy_(0, d, raw.index_select(0, s))
 
         def rows(pages: torch.Tensor, per_page: int) -> torch.Tensor:
             """The rows of these pages in a tensor with `per_page` rows per page."""

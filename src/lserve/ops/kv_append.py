@@ -6,6 +6,9 @@ statistics, a program takes one *segment*: the new tokens of one sequence that f
 logical page (consecutive slots). It writes them, reduces their keys to channel-wise min/max,
 and either starts the logical page's statistics afresh (the segment holds the page's first
 token: whatever was there belonged to an earlier owner) or merges into them. Segments are planned once per step (`plan_segments`).
+
+An FP8 cache (with scale tensors) takes each token's K and V rows quantized (`ops.fp8`); the
+statistics and labels are taken from the unquantized keys.
 Reference: `ops.reference.kv_append_ref`.
 """
 
@@ -17,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from lserve.ops.fp8 import quantize_rows
 from lserve.ops.launch import pdl_args, pdl_enter
+from lserve.ops.paged_inputs import check_kv_scales
 
 
 @dataclass(frozen=True)
@@ -51,13 +56,29 @@ def plan_segments(slots: torch.Tensor, logical_page_size: int, all_single: bool 
 
 
 @triton.jit
+def _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, scale_dst, k, v, mask, row_mask, QUANT: tl.constexpr,
+              AXIS: tl.constexpr):
+    """Store K/V rows at `dst`; an FP8 cache takes them quantized, their scales at `scale_dst`."""
+    if QUANT:
+        kq, k_scale = quantize_rows(k.to(tl.float32), AXIS)
+        vq, v_scale = quantize_rows(v.to(tl.float32), AXIS)
+        tl.store(kc_ptr + dst, kq, mask=mask)
+        tl.store(vc_ptr + dst, vq, mask=mask)
+        tl.store(ks_ptr + scale_dst, k_scale, mask=row_mask)
+        tl.store(vs_ptr + scale_dst, v_scale, mask=row_mask)
+    else:
+        tl.store(kc_ptr + dst, k, mask=mask)
+        tl.store(vc_ptr + dst, v, mask=mask)
+
+
+@triton.jit
 def _append_kernel(
-    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, map_ptr, label_ptr, chan_ptr,
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, map_ptr, label_ptr, chan_ptr, ks_ptr, vs_ptr,
     num_tokens,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ct, stride_ch, stride_lh,
+    stride_ct, stride_ch, stride_lh, stride_st,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MAP: tl.constexpr, LABELS: tl.constexpr,
-    PDL: tl.constexpr,
+    QUANT: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     pid_t = tl.program_id(0)
@@ -73,8 +94,7 @@ def _append_kernel(
     k = tl.load(k_ptr + rows[:, None] * stride_kt + src * stride_kh + cols[None, :], mask=m)
     v = tl.load(v_ptr + rows[:, None] * stride_vt + src * stride_vh + cols[None, :], mask=m)
     dst = slots[:, None] * stride_ct + head * stride_ch + cols[None, :]
-    tl.store(kc_ptr + dst, k, mask=m)
-    tl.store(vc_ptr + dst, v, mask=m)
+    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, slots * stride_st + head, k, v, m, valid, QUANT, 1)
     if LABELS:
         # the key's label channels (a second, cached read of the same rows): (heads, slots, R) store
         c = tl.arange(0, LABELS)
@@ -98,9 +118,9 @@ def _store_page_stats(kmin_ptr, kmax_ptr, first_slot, head, lo, hi, cols, stride
 
 @triton.jit
 def _append_one_token(
-    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, stats_head_ptr, t, head, src,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch, stride_sg, stride_sh,
-    HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr, ALL_STATS: tl.constexpr,
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, stats_head_ptr, ks_ptr, vs_ptr, t, head, src,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch, stride_sg, stride_sh, stride_st,
+    HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr, ALL_STATS: tl.constexpr, QUANT: tl.constexpr,
 ):
     """Token t alone (a decode step): its slot and its K/V rows load side by side, then the
     statistics of its logical page start afresh (its first token) or take it in: two dependent
@@ -110,8 +130,7 @@ def _append_one_token(
     k = tl.load(k_ptr + t * stride_kt + src * stride_kh + cols)
     v = tl.load(v_ptr + t * stride_vt + src * stride_vh + cols)
     dst = slot * stride_ct + head * stride_ch + cols
-    tl.store(kc_ptr + dst, k)
-    tl.store(vc_ptr + dst, v)
+    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, slot * stride_st + head, k, v, None, None, QUANT, 0)
     flag = 1
     if not ALL_STATS:
         flag = tl.load(stats_head_ptr + head)
@@ -123,11 +142,11 @@ def _append_one_token(
 @triton.jit
 def _append_stats_kernel(
     k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, seg_start_ptr, seg_len_ptr, stats_head_ptr,
-    map_ptr,
+    map_ptr, ks_ptr, vs_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ct, stride_ch, stride_sg, stride_sh,
+    stride_ct, stride_ch, stride_sg, stride_sh, stride_st,
     HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr, ALL_STATS: tl.constexpr, HAS_MAP: tl.constexpr,
-    SINGLE: tl.constexpr, PDL: tl.constexpr,
+    SINGLE: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     seg = tl.program_id(0)
@@ -136,9 +155,9 @@ def _append_stats_kernel(
     if HAS_MAP:
         src = tl.load(map_ptr + head)
     if SINGLE:
-        _append_one_token(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, stats_head_ptr, seg, head, src,
-                          stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch, stride_sg, stride_sh,
-                          HEAD_DIM, LOGICAL, ALL_STATS)
+        _append_one_token(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, stats_head_ptr, ks_ptr, vs_ptr,
+                          seg, head, src, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch,
+                          stride_sg, stride_sh, stride_st, HEAD_DIM, LOGICAL, ALL_STATS, QUANT)
         return
     first = tl.load(seg_start_ptr + seg)
     n = tl.load(seg_len_ptr + seg)
@@ -151,8 +170,7 @@ def _append_stats_kernel(
     k = tl.load(k_ptr + rows[:, None] * stride_kt + src * stride_kh + cols[None, :], mask=m, other=0.0)
     v = tl.load(v_ptr + rows[:, None] * stride_vt + src * stride_vh + cols[None, :], mask=m, other=0.0)
     dst = slots[:, None] * stride_ct + head * stride_ch + cols[None, :]
-    tl.store(kc_ptr + dst, k, mask=m)
-    tl.store(vc_ptr + dst, v, mask=m)
+    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, slots * stride_st + head, k, v, m, valid, QUANT, 1)
     flag = 1
     if not ALL_STATS:
         flag = tl.load(stats_head_ptr + head)
@@ -178,8 +196,13 @@ def kv_append(
     head_map: torch.Tensor | None = None,
     k_label: torch.Tensor | None = None,
     label_channels: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write k, v (T, Hkv, D) into (num_pages, page_size, Hkv, D) caches at `slots` (T,) int64.
+
+    FP8 caches take `k_scale`/`v_scale` (num_pages, page_size, Hkv) float32: each token's rows
+    are stored quantized (`kv_cache.fp8`) with their scales.
 
     With `k_min`/`k_max` ((num_pages * page_size // logical_page_size, Hkv, D)) also keep key
     statistics for the heads flagged in `stats_heads` (Hkv,) (all heads when None). With
@@ -199,6 +222,8 @@ def kv_append(
         raise ValueError(f"cache {tuple(k_cache.shape)} does not hold heads {hkv} x dim {d}")
     if k.stride(-1) != 1 or v.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
         raise ValueError("k, v need a contiguous last dim and the caches must be contiguous")
+    ks, vs, _, scale_stride = check_kv_scales(k_cache, k_scale, v_scale, slots)
+    quant = k_scale is not None
     if t == 0:
         return
     cache_strides = (k_cache.stride(1), k_cache.stride(2))  # per token, per head
@@ -217,11 +242,12 @@ def kv_append(
         block_t = 16
         _append_kernel[(triton.cdiv(t, block_t), hkv)](
             k, v, slots, k_cache, v_cache, head_map if head_map is not None else slots,
-            k_label if k_label is not None else slots, label_channels if label_channels is not None else slots, t,
+            k_label if k_label is not None else slots, label_channels if label_channels is not None else slots,
+            ks, vs, t,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides,
-            k_label.stride(0) if k_label is not None else 0,
+            k_label.stride(0) if k_label is not None else 0, scale_stride,
             HEAD_DIM=d, BLOCK_T=block_t, HAS_MAP=head_map is not None,
-            LABELS=label_channels.shape[1] if label_channels is not None else 0, **pdl_args(k.device),
+            LABELS=label_channels.shape[1] if label_channels is not None else 0, QUANT=quant, **pdl_args(k.device),
         )
         return
     if k_min.shape != k_max.shape or k_min.shape[1:] != (hkv, d) or not k_min.is_contiguous():
@@ -232,8 +258,9 @@ def kv_append(
     heads = stats_heads.to(torch.int8) if stats_heads is not None else seg.start  # (unread when ALL_STATS)
     _append_stats_kernel[(seg.num_segments, hkv)](
         k, v, slots, k_cache, v_cache, k_min, k_max, seg.start, seg.length, heads,
-        head_map if head_map is not None else slots,
+        head_map if head_map is not None else slots, ks, vs,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides, k_min.stride(0), k_min.stride(1),
+        scale_stride,
         HEAD_DIM=d, LOGICAL=logical_page_size, ALL_STATS=stats_heads is None, HAS_MAP=head_map is not None,
-        SINGLE=seg.single, **pdl_args(k.device),
+        SINGLE=seg.single, QUANT=quant, **pdl_args(k.device),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from lserve.kv_cache.fp8 import quantize
 from lserve.ops.paged_inputs import PlanView, TopP
 
 
@@ -29,17 +30,24 @@ def kv_append_ref(
     stats_heads: torch.Tensor | None = None,
     k_label: torch.Tensor | None = None,
     label_channels: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write k, v (T, Hkv, D) at `slots` (T,); update min/max of the touched logical pages, or
     write the new keys' labels: `k_label[h, slot, j] = k[t, h, label_channels[h, j]]`.
+    FP8 caches (with `k_scale`/`v_scale` (num_pages, page_size, Hkv)) store `kv_cache.fp8.quantize`
+    of each token's rows and their scales; statistics and labels come from the unquantized keys.
 
     A logical page whose offset-0 token is among the new tokens starts fresh (its old statistics
     are stale: they belong to whoever used the page before); otherwise the new keys are merged
     into the existing statistics. `stats_heads` (Hkv,) bool limits statistics to those heads.
     """
     num_pages, page_size = k_cache.shape[:2]
-    k_cache.view(num_pages * page_size, *k_cache.shape[2:])[slots] = k
-    v_cache.view(num_pages * page_size, *v_cache.shape[2:])[slots] = v
+    for cache, scales, new in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        if scales is not None:
+            new, row_scales = quantize(new)
+            scales.view(num_pages * page_size, -1)[slots] = row_scales
+        cache.view(num_pages * page_size, *cache.shape[2:])[slots] = new
     if k_label is not None and label_channels is not None:
         for t, slot in enumerate(slots.tolist()):
             for h in range(k.shape[1]):

@@ -8,6 +8,8 @@ slot, so any page size from 16 to 128 works with the same tile:
   page table), page after page, positions past seq_len masked;
 - streaming heads: the sink tokens, then the local window (the exact Λ set, no masking needed).
 All query heads of the GQA group are rows of one tile, so each page is read once per group.
+An FP8 cache's tiles are converted in registers and their per-token scales applied to the scores
+(K) and to the probabilities (V): powers of two, so exactly as if the tiles were dequantized.
 Long ranges are split across programs (split-K); `merge_states` combines the partial results.
 Reference: `ops.reference.sparse_decode_ref`.
 """
@@ -22,6 +24,7 @@ from lserve.ops.merge_states import merge_states
 from lserve.ops.paged_inputs import (
     PlanRow,
     StoredSelection,
+    check_kv_scales,
     check_paged_attention,
     pack_sparse_args,
 )
@@ -36,15 +39,15 @@ PLAN_SEAT = tl.constexpr(int(PlanRow.SEAT))
 @triton.jit
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, page_table_ptr, seq_lens_ptr, stream_ptr, list_ptr, list_len_ptr, map_ptr,
-    out_ptr, lse_ptr, dst_ptr, counts_ptr,
+    out_ptr, lse_ptr, dst_ptr, counts_ptr, ks_ptr, vs_ptr,
     sink, local, qk_scale, keep, stride_cnt,
     stride_qb, stride_qh,
-    stride_cp, stride_ct, stride_ch,
+    stride_cp, stride_ct, stride_ch, stride_sp, stride_st,
     stride_pt_b, stride_list_b, stride_list_h, stride_len_b,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_db, stride_dh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LIST: tl.constexpr, HAS_STREAM: tl.constexpr,
-    HAS_MAP: tl.constexpr, STORED: tl.constexpr, VAR_KEEP: tl.constexpr,
+    HAS_MAP: tl.constexpr, STORED: tl.constexpr, VAR_KEEP: tl.constexpr, QUANT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)  # the cache's head
@@ -119,7 +122,12 @@ def _decode_kernel(
         page = tl.load(page_table_ptr + b * stride_pt_b + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
         addr = page * stride_cp + (pos % PAGE_SIZE) * stride_ct + kvh * stride_ch
         k = tl.load(kc_ptr + addr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if QUANT:
+            s_addr = page * stride_sp + (pos % PAGE_SIZE) * stride_st + kvh
+            k_scale = tl.load(ks_ptr + s_addr, mask=valid, other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_scale * qk_scale)[None, :]
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -127,7 +135,11 @@ def _decode_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(vc_ptr + addr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if QUANT:
+            v_scale = tl.load(vs_ptr + s_addr, mask=valid, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -178,6 +190,8 @@ def sparse_decode(
     out: torch.Tensor | None = None,
     group: int | None = None,
     selection: StoredSelection | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, D) -> (B, Hq, D): attention of each sequence's last token over its selected keys.
 
@@ -193,6 +207,8 @@ def sparse_decode(
 
     `selection` (instead of page_list) reads the page selector's store and plan directly: the
     same pages as `PageSelector.select`'s lists, without building them.
+
+    An FP8 cache takes its scales `k_scale`/`v_scale` (num_pages, page_size, Hkv) float32.
     """
     if selection is not None and page_list is not None:
         raise ValueError("give page_list or selection, not both")
@@ -218,6 +234,7 @@ def sparse_decode(
     else:  # written straight into dst; the partial buffers are not touched
         part, lse = dst.unsqueeze(2), dst
     stream, lst, lst_len = pack_sparse_args(q.device, streaming_heads, page_list, page_list_len)
+    ks, vs, stride_sp, stride_st = check_kv_scales(k_cache, k_scale, v_scale, seq_lens)
     keep = 0
     counts = lst_len
     if selection is not None:
@@ -228,16 +245,16 @@ def sparse_decode(
             counts = selection.counts
     _decode_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, stream, lst, lst_len,
-        kv_head_map if kv_head_map is not None else seq_lens, part, lse, dst, counts,
+        kv_head_map if kv_head_map is not None else seq_lens, part, lse, dst, counts, ks, vs,
         sink, local, scale * 1.4426950408889634, keep, counts.stride(0),
         q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), stride_sp, stride_st,
         page_table.stride(0), lst.stride(0), lst.stride(1), lst_len.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), dst.stride(0), dst.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE_SIZE=page_size,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_LIST=page_list is not None,
         HAS_STREAM=streaming_heads is not None, HAS_MAP=kv_head_map is not None, STORED=selection is not None,
-        VAR_KEEP=selection is not None and selection.counts is not None,
+        VAR_KEEP=selection is not None and selection.counts is not None, QUANT=k_scale is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
