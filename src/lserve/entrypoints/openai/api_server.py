@@ -396,6 +396,7 @@ def serve(
     log_level: str = "info",
     max_request_bytes: int = 32 * 2**20,
     max_prompts_per_request: int = 128,
+    tool_call_parser: str = "auto",
 ) -> int:
     """Load the model, then serve until SIGTERM/SIGINT; returns the exit status."""
     from lserve.engine.llm import LLM
@@ -416,7 +417,8 @@ def serve(
     engine = AsyncEngine(llm_engine, metrics)
     holder["engine"] = engine
     serving = OpenAIServing(engine, names, model_root=str(model_arg or source.path),
-                            max_prompts_per_request=max_prompts_per_request)
+                            max_prompts_per_request=max_prompts_per_request, tool_call_parser=tool_call_parser)
+    logger.info("tool calls: %s format (--tool-call-parser %s)", serving.tool_format.name, tool_call_parser)
     app = build_app(ServerState(engine, serving, metrics, api_key, max_request_bytes))
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, lifespan="on",

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from lserve.entrypoints.openai.tools import TOOL_CALL_PARSERS
 from lserve.errors import LServeError
 
 API_KEY_ENV = "LSERVE_API_KEY"
@@ -48,6 +49,10 @@ def add_serve_parser(
                    help="largest request body accepted; larger ones get 413 (default: 32 MiB)")
     p.add_argument("--max-prompts-per-request", type=int, default=128,
                    help="most sequences (prompts times n or best_of) in one request; more get 400 (default: 128)")
+    p.add_argument("--tool-call-parser", default="auto", choices=list(TOOL_CALL_PARSERS),
+                   help="how tool calls are written and parsed: hermes (<tool_call> blocks), llama3_json "
+                        "(Llama 3.x JSON calls), mistral ([TOOL_CALLS]), or auto: by the model family, hermes "
+                        "otherwise (default: auto)")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level; 'warning' hides the access log (default: info)")
@@ -79,4 +84,4 @@ def cmd_serve(args: argparse.Namespace, engine_kwargs: Callable[[argparse.Namesp
         raise LServeError(f"the server needs fastapi, uvicorn and prometheus-client: {exc}") from exc
     return serve(kwargs, args.host, args.port, args.served_model_name, api_key, args.shutdown_timeout,
                  args.uvicorn_log_level, max_request_bytes=args.max_request_bytes,
-                 max_prompts_per_request=args.max_prompts_per_request)
+                 max_prompts_per_request=args.max_prompts_per_request, tool_call_parser=args.tool_call_parser)

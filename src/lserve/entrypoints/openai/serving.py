@@ -30,7 +30,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from lserve.engine.llm import parallel_params
-from lserve.engine.tokenizer import encode_prompt, max_token_chars, render_chat
+from lserve.engine.tokenizer import encode_prompt, max_token_chars
 from lserve.entrypoints.openai.async_engine import (
     AsyncEngine,
     EngineDeadError,
@@ -67,13 +67,7 @@ from lserve.entrypoints.openai.protocol import (
     UsageInfo,
     unsupported_fields,
 )
-from lserve.entrypoints.openai.tools import (
-    call_id,
-    forced_call_grammar,
-    hermes_messages,
-    parse_tool_calls,
-    template_knows_tools,
-)
+from lserve.entrypoints.openai.tools import ToolCallFormat, render_conversation, tool_call_format
 from lserve.errors import RequestRejected
 from lserve.request import RequestOutput
 from lserve.runner.structured import InvalidGrammarError
@@ -257,8 +251,8 @@ def _message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         if m.name is not None:
             d["name"] = m.name
         if m.tool_calls:
-            d["tool_calls"] = [{"type": "function", "function": {"name": c.function.name,
-                                                                 "arguments": _arguments(c.function.arguments)}}
+            d["tool_calls"] = [{**({"id": c.id} if c.id is not None else {}), "type": "function",
+                                "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
                                for c in m.tool_calls]
         if m.tool_call_id is not None:
             d["tool_call_id"] = m.tool_call_id
@@ -298,7 +292,7 @@ class OpenAIServing:
     """Handlers of every endpoint; the FastAPI routes in `api_server` only call these."""
 
     def __init__(self, engine: AsyncEngine, served_model_names: Sequence[str], model_root: str,
-                 max_prompts_per_request: int = 128) -> None:
+                 max_prompts_per_request: int = 128, tool_call_parser: str = "auto") -> None:
         if not served_model_names:
             raise ValueError("at least one served model name is needed")
         self.engine = engine
@@ -314,6 +308,8 @@ class OpenAIServing:
         self.tokenizer = copy.deepcopy(self.llm_engine.tokenizer)
         self.max_prompt_chars = None if self.tokenizer is None \
             else PROMPT_CHARS_MARGIN * self.max_model_len * max_token_chars(self.tokenizer)
+        self.tool_format: ToolCallFormat = tool_call_format(
+            tool_call_parser, getattr(self.llm_engine.core.arch, "architecture", None), self.tokenizer)
 
     # ---- checks ------------------------------------------------------------------------------
 
@@ -327,8 +323,7 @@ class OpenAIServing:
         if problem is not None:
             raise APIError(400, problem[1], problem[0])
 
-    @staticmethod
-    def _structured(req: CompletionRequest | ChatCompletionRequest) -> tuple[StructuredOutputsParams | None, str]:
+    def _structured(self, req: CompletionRequest | ChatCompletionRequest) -> tuple[StructuredOutputsParams | None, str]:
         """The output constraint a request asks for (OpenAI's response_format or one of vLLM's
         guided_* / structured_outputs fields), and the field that asked."""
         asks: list[tuple[str, dict[str, Any]]] = []
@@ -340,7 +335,7 @@ class OpenAIServing:
                 raise APIError(400, "response_format of type json_schema needs its json_schema", "response_format")
             asks.append(("response_format", {"json": fmt.json_schema.schema_}))
         if isinstance(req, ChatCompletionRequest) and req.tools and req.tool_choice not in (None, "none", "auto"):
-            asks.append(("tool_choice", {"grammar": forced_call_grammar(_forced_functions(req))}))
+            asks.append(("tool_choice", {"grammar": self.tool_format.forced_grammar(_forced_functions(req))}))
         for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
                           ("guided_grammar", "grammar")):
             if getattr(req, name) is not None:
@@ -475,13 +470,9 @@ class OpenAIServing:
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of the rendered conversation; tools and tool messages go through the template
-        if it knows them, else through the Hermes convention (`tools.hermes_messages`)."""
-        uses_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
-        native = template_knows_tools(getattr(self.tokenizer, "chat_template", None))
-        if uses_tools and not native:
-            messages, tools = hermes_messages(messages, tools or []), None
+        if it knows them, else through the tool-call format's convention (`tools.render_conversation`)."""
         try:
-            text = render_chat(self.tokenizer, messages, add_generation_prompt, tools or None)
+            text = render_conversation(self.tokenizer, self.tool_format, messages, add_generation_prompt, tools)
         except RequestRejected as exc:
             raise APIError(400, str(exc), "messages") from exc
         except Exception as exc:  # a template may raise anything (jinja errors, its own checks) on odd input
@@ -632,6 +623,8 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         structured, grammar_param = self._structured(req)
         params = self._sampling_params(req, len(ids), max_tokens, "messages", structured)
+        if tools and self.tool_format.keeps_special_tokens:  # its call markers are special tokens
+            params = dataclasses.replace(params, skip_special_tokens=False)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         model = req.model or self.model_name
         if req.n > self.max_prompts_per_request:
@@ -654,16 +647,16 @@ class OpenAIServing:
         )
         return Response(resp.model_dump_json(), media_type="application/json")
 
-    @staticmethod
-    def _chat_choice(index: int, out: RequestOutput, params: SamplingParams, tool_names: set[str]) -> ChatChoice:
+    def _chat_choice(self, index: int, out: RequestOutput, params: SamplingParams, tool_names: set[str]) -> ChatChoice:
         comp = out.outputs[0]
         logprobs = None
         if params.logprobs is not None:
             logprobs = ChatLogprobs(content=chat_logprobs(comp.token_ids, comp.logprobs or [],  # type: ignore[arg-type]
                                                           params.logprobs))
-        content, calls = parse_tool_calls(comp.text, tool_names) if tool_names else (comp.text, [])
+        content, calls = self.tool_format.parse(comp.text, tool_names) if tool_names else (comp.text, [])
         message = AssistantMessage(content=content, tool_calls=[
-            OutputToolCall(id=call_id(), function=OutputFunctionCall(name=c.name, arguments=c.arguments))
+            OutputToolCall(id=self.tool_format.call_id(),
+                           function=OutputFunctionCall(name=c.name, arguments=c.arguments))
             for c in calls])
         return ChatChoice(index=index, message=message, logprobs=logprobs,
                           finish_reason="tool_calls" if calls and comp.finish_reason == "stop"
@@ -704,9 +697,9 @@ class OpenAIServing:
                 if tool_names and not out.finished:  # held: calls are parsed from the whole text
                     continue
                 if tool_names:
-                    content, calls = parse_tool_calls(comp.text, tool_names)
+                    content, calls = self.tool_format.parse(comp.text, tool_names)
                     tokens[i] = len(comp.token_ids)
-                    delta_calls = [{"index": j, "id": call_id(), "type": "function",
+                    delta_calls = [{"index": j, "id": self.tool_format.call_id(), "type": "function",
                                     "function": {"name": c.name, "arguments": c.arguments}} for j, c in enumerate(calls)]
                     lps = chat_logprobs(comp.token_ids, comp.logprobs or [], params.logprobs) \
                         if params.logprobs is not None else None
