@@ -1,16 +1,19 @@
 """Log-probabilities through the server with the official openai client: the same values as the
 offline engine (itself checked against transformers in test_logprobs), in OpenAI's formats,
-streaming and not, and a log-likelihood multiple-choice harness scored through /v1/completions
-with echo that picks the same answers as scoring offline."""
+streaming and not; sampled tokens' log-probabilities and top 5 equal to log_softmax of
+transformers' logits on the prompt and the sampled tokens; and a log-likelihood multiple-choice
+harness scored through /v1/completions with echo that picks the same answers as scoring offline."""
 
 from __future__ import annotations
 
 import httpx
 import openai
 import pytest
+import torch
 
 from lserve import LLM, SamplingParams
 from tests.server_helpers import API_KEY, MODEL_NAME, RemoteServer
+from tests.test_logprobs import _reference
 
 PROMPT = "The three primary colors are"
 
@@ -65,6 +68,59 @@ def test_chat_logprobs_and_top_logprobs(client: openai.OpenAI, stream: bool) -> 
         assert len(tok.top_logprobs) == 2 and tok.top_logprobs[0].logprob >= tok.top_logprobs[1].logprob
         assert tok.logprob <= 0 and bytes(tok.bytes).decode("utf-8", errors="replace") == tok.token
         assert tok.top_logprobs[0].token == tok.token  # greedy: the chosen token is the most likely
+
+
+SAMPLED_TOLERANCE = 2e-4
+"""Absolute tolerance between a served log-probability and log_softmax of transformers' logits:
+both are float32 on the CPU, and the offline check (test_logprobs) holds the engine to the same."""
+
+
+def _sampled_reference(default_llm: LLM, hf_model, prompt: str | list[dict[str, str]], seed: int,
+                       max_tokens: int) -> tuple[list[int], torch.Tensor, int]:
+    """(the tokens a request with this seed samples, log_softmax of transformers' logits at each
+    of their positions, the prompt's length): the same seeded draw offline, then the reference
+    run on prompt + sampled tokens."""
+    params = SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens, ignore_eos=True)
+    out = (default_llm.chat(prompt, params, use_tqdm=False) if isinstance(prompt, list)
+           else default_llm.generate(prompt, params, use_tqdm=False))[0]
+    ids = out.outputs[0].token_ids
+    n = len(out.prompt_token_ids)
+    ref = _reference(hf_model, out.prompt_token_ids + ids)
+    return ids, ref[n - 1:n - 1 + len(ids)], n
+
+
+def test_sampled_logprobs_equal_log_softmax_of_the_logits(client: openai.OpenAI, default_llm: LLM, hf_model) -> None:
+    """temperature 1.0 with a seed, logprobs with the top 5, completions and chat: each sampled
+    token's log-probability and the 5 most likely values are log_softmax of the model's logits
+    (the raw distribution) at that position, within SAMPLED_TOLERANCE."""
+    tok = default_llm.get_tokenizer()
+    k, seed, max_tokens = 5, 11, 12
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=max_tokens, temperature=1.0, seed=seed,
+                                  logprobs=k, extra_body={"ignore_eos": True})
+    ids, ref, n = _sampled_reference(default_llm, hf_model, PROMPT, seed, max_tokens)
+    lp = r.choices[0].logprobs
+    assert r.usage.prompt_tokens == n and lp.tokens == [tok.decode([t]) for t in ids]  # the same draw
+    assert r.choices[0].text == tok.decode(ids)
+    for j, token in enumerate(ids):
+        assert lp.token_logprobs[j] == pytest.approx(float(ref[j, token]), abs=SAMPLED_TOLERANCE)
+        top = torch.topk(ref[j], k)
+        assert sorted(lp.top_logprobs[j].values(), reverse=True)[:k] == pytest.approx(top.values.tolist(),
+                                                                                      abs=SAMPLED_TOLERANCE)
+        assert lp.tokens[j] in lp.top_logprobs[j]
+    assert any(int((row > row[t]).sum()) > 0 for row, t in zip(ref, ids))  # some draws were not the argmax
+
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+    c = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=max_tokens, temperature=1.0,
+                                       seed=seed, logprobs=True, top_logprobs=k, extra_body={"ignore_eos": True})
+    ids, ref, n = _sampled_reference(default_llm, hf_model, messages, seed, max_tokens)
+    content = c.choices[0].logprobs.content
+    assert c.usage.prompt_tokens == n and [e.token for e in content] == [tok.decode([t]) for t in ids]
+    for j, (entry, token) in enumerate(zip(content, ids)):
+        assert entry.logprob == pytest.approx(float(ref[j, token]), abs=SAMPLED_TOLERANCE)
+        top = torch.topk(ref[j], k)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=SAMPLED_TOLERANCE)
+        assert [t.token for t in entry.top_logprobs] == [tok.decode([i]) for i in top.indices.tolist()]
+    assert any(int((row > row[t]).sum()) > 0 for row, t in zip(ref, ids))
 
 
 def test_prompt_logprobs_field_by_token_id(lserve_server: RemoteServer) -> None:
