@@ -1,6 +1,7 @@
 """lserve's Triton attention kernels next to PyTorch SDPA, Llama-3-8B attention shape, one run.
 
     python benchmarks/attention_kernels.py [--prefill 8192,32768,131072] [--decode 32768,131072,262144]
+        [--kv-cache-dtype fp8]
 
 Shape: 32 query heads, 8 KV heads, head dim 128, bfloat16, page size 64. Prefill: one sequence
 of S tokens whose K/V are already in the paged cache (the engine appends them first); SDPA gets
@@ -8,7 +9,9 @@ contiguous K/V. "50% streaming": KV heads 1, 3, 5, 7 are streaming heads (sink 1
 Decode: one query per sequence over S cached tokens; the sparse case adds a 4096-token page list
 (64 pages, the newest included) on the dense heads and sink 128 / local 256 on streaming heads.
 TFLOP/s counts the causal FLOPs each variant must do; TB/s counts the K/V bytes each variant
-reads. Times are medians of `triton.testing.do_bench`.
+reads. Times are medians of `triton.testing.do_bench`. `--kv-cache-dtype fp8` runs lserve's kernels
+over FP8 pages (E4M3 values and a float32 scale per token and head, `kv_cache.fp8`) and counts
+their bytes; SDPA stays in bfloat16 (the ratio column is then FP8 lserve against BF16 SDPA).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from lserve.kv_cache.fp8 import quantize_pages
 from lserve.ops.sparse_decode import sparse_decode
 from lserve.ops.sparse_prefill import plan_tiles, sparse_prefill
 
@@ -27,13 +31,28 @@ DT = torch.bfloat16
 DEV = torch.device("cuda")
 
 
-def paged_cache(batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+FP8 = False
+"""--kv-cache-dtype fp8: the paged caches hold FP8 values and scales."""
+
+
+def paged_cache(batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """K, V pages, the page table and the kernels' scale arguments (empty unless FP8)."""
     pages_per_seq = -(-seq_len // PAGE)
     num_pages = batch * pages_per_seq
     k = torch.randn((num_pages, PAGE, HKV, D), dtype=DT, device=DEV)
     v = torch.randn_like(k)
     perm = torch.randperm(num_pages, device=DEV).to(torch.int32)  # pages scattered over the pool
-    return k, v, perm.view(batch, pages_per_seq)
+    scales = {}
+    if FP8:
+        k, k_scale = quantize_pages(k)
+        v, v_scale = quantize_pages(v)
+        scales = dict(k_scale=k_scale, v_scale=v_scale)
+    return k, v, perm.view(batch, pages_per_seq), scales
+
+
+def kv_elem_bytes() -> float:
+    """Bytes per K or V element read, scales included."""
+    return 1 + 4 / D if FP8 else 2
 
 
 def bench(fn, warmup: int = 25, rep: int = 100) -> float:
@@ -73,12 +92,12 @@ def prefill_rows(lengths: list[int], cfg: dict) -> list[str]:
     sink, local = 128, 8192
     for s in lengths:
         q = torch.randn((s, HQ, D), dtype=DT, device=DEV)
-        k, v, table = paged_cache(1, s)
+        k, v, table, scales = paged_cache(1, s)
         lens = torch.tensor([s], dtype=torch.int32, device=DEV)
         qsl = torch.tensor([0, s], dtype=torch.int32, device=DEV)
         tiles = plan_tiles([s], cfg["block_m"], DEV)
         kw = dict(block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                  use_tma=cfg.get("use_tma", False))
+                  use_tma=cfg.get("use_tma", False), **scales)
         qs = q.transpose(0, 1).unsqueeze(0)
         ks = torch.randn((1, HKV, s, D), dtype=DT, device=DEV)
         vs = torch.randn_like(ks)
@@ -100,11 +119,11 @@ def prefill_rows(lengths: list[int], cfg: dict) -> list[str]:
 def decode_rows(lengths: list[int], batches: list[int], cfg: dict) -> list[str]:
     rows = []
     stream = torch.tensor([i % 2 for i in range(HKV)], dtype=torch.int8, device=DEV)
-    elem = 2
+    elem = kv_elem_bytes()
     for s in lengths:
         for b in batches:
             q = torch.randn((b, HQ, D), dtype=DT, device=DEV)
-            k, v, table = paged_cache(b, s)
+            k, v, table, scales = paged_cache(b, s)
             lens = torch.full((b,), s, dtype=torch.int32, device=DEV)
             n_pages = table.shape[1]
             budget_pages = 64
@@ -112,7 +131,7 @@ def decode_rows(lengths: list[int], batches: list[int], cfg: dict) -> list[str]:
                                           torch.tensor([n_pages - 1], device=DEV)]).sort().values
                                for _ in range(b * HKV)]).view(b, HKV, budget_pages).to(torch.int32)
             sel_len = torch.full((b, HKV), budget_pages, dtype=torch.int32, device=DEV)
-            kw = dict(block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            kw = dict(block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **scales)
             scale = D**-0.5
             ks = torch.randn((b, HKV, s, D), dtype=DT, device=DEV)
             vs = torch.randn_like(ks)
@@ -134,7 +153,7 @@ def decode_rows(lengths: list[int], batches: list[int], cfg: dict) -> list[str]:
 
 def sweep_prefill(s: int) -> dict:
     q = torch.randn((s, HQ, D), dtype=DT, device=DEV)
-    k, v, table = paged_cache(1, s)
+    k, v, table, scales = paged_cache(1, s)
     lens = torch.tensor([s], dtype=torch.int32, device=DEV)
     qsl = torch.tensor([0, s], dtype=torch.int32, device=DEV)
     best = None
@@ -144,7 +163,8 @@ def sweep_prefill(s: int) -> dict:
         tiles = plan_tiles([s], block_m, DEV)
         try:
             t = bench(lambda: sparse_prefill(q, k, v, table, lens, qsl, tiles, D**-0.5, block_n=block_n,
-                                             num_warps=num_warps, num_stages=num_stages, use_tma=tma), 10, 30)
+                                             num_warps=num_warps, num_stages=num_stages, use_tma=tma, **scales),
+                      10, 30)
         except Exception as exc:  # noqa: BLE001 (a config that does not fit is skipped)
             print(f"prefill block_m={block_m} block_n={block_n} warps={num_warps} stages={num_stages} tma={tma}: "
                   f"{type(exc).__name__}: {str(exc)[:200]}")
@@ -159,15 +179,15 @@ def sweep_prefill(s: int) -> dict:
 
 def sweep_decode(s: int, b: int) -> dict:
     q = torch.randn((b, HQ, D), dtype=DT, device=DEV)
-    k, v, table = paged_cache(b, s)
+    k, v, table, scales = paged_cache(b, s)
     lens = torch.full((b,), s, dtype=torch.int32, device=DEV)
     best = None
-    for block_n in (64, 128):
+    for block_n in (64, 128, 256):
         for num_warps in (4, 8):
             for num_stages in (2, 3, 4):
                 t = bench_graph(lambda: sparse_decode(q, k, v, table, lens, D**-0.5, max_seq_len=s, block_n=block_n,
-                                                      num_warps=num_warps, num_stages=num_stages)) * 1e3
-                tbs = 2 * b * s * HKV * D * 2 / t / 1e6
+                                                      num_warps=num_warps, num_stages=num_stages, **scales)) * 1e3
+                tbs = 2 * b * s * HKV * D * kv_elem_bytes() / t / 1e6
                 print(f"decode {s} b{b}: block_n={block_n} warps={num_warps} stages={num_stages}: {t:.1f} us "
                       f"({tbs:.2f} TB/s)", flush=True)
                 if best is None or t < best[0]:
@@ -181,7 +201,11 @@ def main() -> None:
     ap.add_argument("--decode", default="32768,131072,262144")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--sweep", action="store_true", help="tune block sizes first")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                    help="lserve's kernels over bfloat16 (auto) or FP8 pages")
     args = ap.parse_args()
+    global FP8
+    FP8 = args.kv_cache_dtype == "fp8"
     torch.manual_seed(0)
     pcfg = dict(block_m=128, block_n=64, num_warps=4, num_stages=2, use_tma=True)
     dcfg = dict(block_n=128, num_warps=4, num_stages=3)
@@ -189,7 +213,7 @@ def main() -> None:
         pcfg = sweep_prefill(32768)
         dcfg = sweep_decode(131072, 1)
     print(f"# {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
-          f"Hq={HQ} Hkv={HKV} D={D} bf16 page={PAGE}; prefill {pcfg}; decode {dcfg}")
+          f"Hq={HQ} Hkv={HKV} D={D} KV {'fp8' if FP8 else 'bf16'} page={PAGE}; prefill {pcfg}; decode {dcfg}")
     print("\n| prefill | kernel | ms/layer | TFLOP/s | speedup vs SDPA |\n|---|---|---|---|---|")
     print("\n".join(prefill_rows([int(x) for x in args.prefill.split(",")], pcfg)), flush=True)
     print("\n| decode | batch | kernel | us/layer | TB/s read | speedup vs SDPA |\n|---|---|---|---|---|---|")

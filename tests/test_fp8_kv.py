@@ -18,7 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from lserve.kv_cache.fp8 import FP8_DTYPE, as_bytes, dequantize, pow2_scale, quantize
+from lserve.kv_cache.fp8 import (
+    FP8_DTYPE,
+    as_bytes,
+    dequantize,
+    dequantize_pages,
+    pow2_scale,
+    quantize,
+    quantize_pages,
+)
 from lserve.ops import reference as ref
 from lserve.ops.fp8 import quantize_rows, round_e4m3
 from lserve.ops.kv_append import kv_append, plan_segments
@@ -81,7 +89,9 @@ def test_triton_rounding_equals_torch_on_every_value_and_every_tie() -> None:
     x = torch.cat([exact, mids, mids + step, mids - step, rand, torch.tensor([-0.0])]).clamp(-448, 448)
     out = torch.empty(x.shape, dtype=FP8_DTYPE, device=DEVICE)
     _round_kernel[(triton.cdiv(x.numel(), 256),)](x.to(DEVICE), out, x.numel(), BLOCK=256)
-    assert torch.equal(out.cpu().view(torch.uint8), x.to(FP8_DTYPE).view(torch.uint8))
+    got, want = out.cpu().view(torch.uint8), x.to(FP8_DTYPE).view(torch.uint8)
+    bad = (got != want).nonzero()[:, 0]
+    assert not bad.numel(), [(x[i].item(), got[i].item(), want[i].item()) for i in bad[:8]]
 
 
 @triton.jit
@@ -111,7 +121,7 @@ def test_triton_quantize_rows_equals_the_reference_bit_for_bit() -> None:
 def _fp8_cache(num_pages: int, page_size: int, hkv: int, d: int) -> tuple[torch.Tensor, ...]:
     """K, V (NaN bytes) and their scales (NaN): what no step wrote stays poisoned."""
     k = torch.full((num_pages, page_size, hkv, d), 0x7F, dtype=torch.uint8, device=DEVICE).view(FP8_DTYPE)
-    scales = torch.full((num_pages, page_size, hkv), float("nan"), device=DEVICE)
+    scales = torch.full((num_pages, hkv, page_size), float("nan"), device=DEVICE)
     return k, k.clone(), scales, scales.clone()
 
 
@@ -169,7 +179,7 @@ def test_kv_append_fp8_equals_the_reference_and_keeps_unquantized_statistics(pag
     if labels is not None:
         assert torch.equal(labels, plain_labels) and (labels != 0).any()
     # the dequantized cache is within half an E4M3 unit of the unquantized one
-    back = dequantize(kc, ks, torch.float32)
+    back = dequantize_pages(kc, ks, torch.float32)
     written_slots = ~plain_kc.isnan()
     rel = ((back - plain_kc).abs() / plain_kc.abs().clamp_min(1e-6))[written_slots & (plain_kc.abs() > 0.05)]
     assert rel.max() <= 2**-4 + 1e-6 and not back[written_slots].isnan().any()
@@ -185,7 +195,7 @@ def test_kv_append_refuses_mismatched_scales() -> None:
         plain = torch.zeros((2, 16, 2, 32), device=DEVICE)
         kv_append(k, k, slots, plain, plain.clone(), k_scale=ks, v_scale=vs)
     with pytest.raises(ValueError, match="scales"):
-        kv_append(k, k, slots, kc, vc, k_scale=ks[:, :8], v_scale=vs[:, :8])
+        kv_append(k, k, slots, kc, vc, k_scale=ks[:, :, :8], v_scale=vs[:, :, :8])
 
 
 # ---- attention over FP8 pages ----------------------------------------------------------------
@@ -193,9 +203,9 @@ def test_kv_append_refuses_mismatched_scales() -> None:
 
 def _quantized(seqs: PagedSeqs) -> tuple[torch.Tensor, ...]:
     """The sequences' caches in FP8 (per token and head), and their dequantized float32 copies."""
-    kq, ks = quantize(seqs.k_cache)
-    vq, vs = quantize(seqs.v_cache)
-    return kq, vq, ks, vs, dequantize(kq, ks, torch.float32), dequantize(vq, vs, torch.float32)
+    kq, ks = quantize_pages(seqs.k_cache)
+    vq, vs = quantize_pages(seqs.v_cache)
+    return kq, vq, ks, vs, dequantize_pages(kq, ks, torch.float32), dequantize_pages(vq, vs, torch.float32)
 
 
 @pytest.mark.parametrize("page_size", [16, 64, 128])

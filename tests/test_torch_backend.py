@@ -174,7 +174,8 @@ class Sim:
                     expected = torch.cat(hist[layer])
                     if scales is not None:  # FP8: the quantized bytes and the scales, bit for bit
                         expected, expected_scales = quantize(expected)
-                        assert torch.equal(scales[layer].view(-1, self.hkv)[slots], expected_scales)
+                        page_of, offset = slots // self.page_size, slots % self.page_size
+                        assert torch.equal(scales[layer][page_of, :, offset], expected_scales)
                     assert torch.equal(flat[slots], as_bytes(expected))
 
     def plan_step(self, seq_ids: list[int], first: bool = False) -> tuple[list[tuple[int, int]], int]:

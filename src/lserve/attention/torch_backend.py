@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lserve.attention.backend import AttentionBackend, PoolCall
 from lserve.attention.metadata import AttentionMetadata
-from lserve.kv_cache.fp8 import as_bytes, dequantize, quantize
+from lserve.kv_cache.fp8 import dequantize, write_rows
 
 
 def write_kv(
@@ -20,20 +20,16 @@ def write_kv(
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """Scatter new k, v (T, Hkv, D) into (num_pages, page_size, Hkv, D) caches at flat slots (T,);
-    FP8 caches (with their (num_pages, page_size, Hkv) scales) take them quantized."""
-    for cache, scales, new in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
-        num_pages, page_size = cache.shape[:2]
-        if scales is not None:
-            new, row_scales = quantize(new)
-            scales.view(num_pages * page_size, -1).index_copy_(0, slots, row_scales)
-        as_bytes(cache).view(num_pages * page_size, *cache.shape[2:]).index_copy_(0, slots, as_bytes(new))
+    FP8 caches (with their (num_pages, Hkv, page_size) scales) take them quantized."""
+    write_rows(k_cache, k_scale, k, slots)
+    write_rows(v_cache, v_scale, v, slots)
 
 
 def gather_pages(cache: torch.Tensor, page_table: torch.Tensor, length: int) -> torch.Tensor:
-    """(num_pages, page_size, H, ...) cache, (B, P) table -> (B, H, length, ...), padded past each sequence."""
+    """(num_pages, page_size, H, D) cache, (B, P) table -> (B, H, length, D), padded past each sequence."""
     b = page_table.shape[0]
     # index_select copies whole pages with memcpy; advanced indexing is several times slower on CPU.
-    pages = cache.index_select(0, page_table.reshape(-1))  # (B * P, page_size, H, ...)
+    pages = cache.index_select(0, page_table.reshape(-1))  # (B * P, page_size, H, D)
     flat = pages.view(b, -1, *cache.shape[2:])[:, :length]
     return flat.transpose(1, 2)
 
@@ -47,8 +43,15 @@ def gather_kv(
     values = gather_pages(call.v_cache, page_table, length)
     if call.k_scale is None or call.v_scale is None:
         return keys, values
-    return (dequantize(keys, gather_pages(call.k_scale, page_table, length), dtype),
-            dequantize(values, gather_pages(call.v_scale, page_table, length), dtype))
+    return (dequantize(keys, gather_scales(call.k_scale, page_table, length), dtype),
+            dequantize(values, gather_scales(call.v_scale, page_table, length), dtype))
+
+
+def gather_scales(scales: torch.Tensor, page_table: torch.Tensor, length: int) -> torch.Tensor:
+    """(num_pages, H, page_size) FP8 scales, (B, P) table -> (B, H, length), as `gather_pages`."""
+    b = page_table.shape[0]
+    pages = scales.index_select(0, page_table.reshape(-1))  # (B * P, H, page_size)
+    return pages.view(b, -1, *scales.shape[1:]).transpose(1, 2).reshape(b, scales.shape[1], -1)[:, :, :length]
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, local: int) -> torch.Tensor:

@@ -74,6 +74,29 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (values.float() * scale.unsqueeze(-1)).to(dtype)
 
 
+def write_rows(
+    cache: torch.Tensor, scales: torch.Tensor | None, new: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Rows new (T, H, D) into a (num_pages, page_size, H, D) cache at flat slots (T,); an FP8
+    cache (with its (num_pages, H, page_size) scales) takes them quantized."""
+    num_pages, page_size = cache.shape[:2]
+    if scales is not None:
+        new, row_scales = quantize(new)
+        scales[slots // page_size, :, slots % page_size] = row_scales
+    as_bytes(cache).view(num_pages * page_size, *cache.shape[2:]).index_copy_(0, slots, as_bytes(new))
+
+
+def quantize_pages(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole (num_pages, page_size, H, D) cache -> its E4M3 values and (num_pages, H, page_size) scales."""
+    values, scales = quantize(cache)
+    return values, scales.transpose(1, 2).contiguous()
+
+
+def dequantize_pages(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """E4M3 pages (num_pages, page_size, H, D) with their (num_pages, H, page_size) scales -> `dtype`."""
+    return dequantize(values, scales.transpose(1, 2), dtype)
+
+
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """A view that copy kernels accept: FP8 tensors as uint8 (CPU index_copy has no FP8 kernel)."""
     return t.view(torch.uint8) if is_fp8(t.dtype) else t

@@ -94,7 +94,8 @@ class KVCacheTensors:
     channels of each of the pool's heads they are.
 
     An FP8 pool (`shape.quantized`) also has `k_scale`/`v_scale`: per layer
-    `(num_pages, page_size, heads)` float32, the scale of each token's K (V) row per head."""
+    `(num_pages, heads, page_size)` float32, the scale of each token's K (V) row per head (head-major
+    within a page, so that a kernel reads one head's scales of a page as one contiguous run)."""
 
     def __init__(
         self, shape: KVShape, num_pages: int, device: torch.device, logical_page_size: int | None = None,
@@ -115,8 +116,9 @@ class KVCacheTensors:
             self.k = [torch.empty(d, dtype=shape.kv_dtype, device=device) for d in dims]
             self.v = [torch.empty(d, dtype=shape.kv_dtype, device=device) for d in dims]
             if shape.quantized:
-                self.k_scale = [torch.empty(d[:3], dtype=SCALE_DTYPE, device=device) for d in dims]
-                self.v_scale = [torch.empty(d[:3], dtype=SCALE_DTYPE, device=device) for d in dims]
+                sdims = [(n, heads, page) for n, page, heads, _ in dims]
+                self.k_scale = [torch.empty(d, dtype=SCALE_DTYPE, device=device) for d in sdims]
+                self.v_scale = [torch.empty(d, dtype=SCALE_DTYPE, device=device) for d in sdims]
             if label_channels is not None:
                 self.label_channels = [c.to(device=device, dtype=torch.int32).contiguous() for c in label_channels]
                 self.k_label = [torch.zeros((c.shape[0], num_pages * shape.page_size, c.shape[1]), dtype=shape.dtype,

@@ -76,9 +76,9 @@ def _append_kernel(
     k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, map_ptr, label_ptr, chan_ptr, ks_ptr, vs_ptr,
     num_tokens,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ct, stride_ch, stride_lh, stride_st,
+    stride_ct, stride_ch, stride_lh, stride_sp, stride_sh,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MAP: tl.constexpr, LABELS: tl.constexpr,
-    QUANT: tl.constexpr, PDL: tl.constexpr,
+    QUANT: tl.constexpr, PAGE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     pid_t = tl.program_id(0)
@@ -94,7 +94,8 @@ def _append_kernel(
     k = tl.load(k_ptr + rows[:, None] * stride_kt + src * stride_kh + cols[None, :], mask=m)
     v = tl.load(v_ptr + rows[:, None] * stride_vt + src * stride_vh + cols[None, :], mask=m)
     dst = slots[:, None] * stride_ct + head * stride_ch + cols[None, :]
-    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, slots * stride_st + head, k, v, m, valid, QUANT, 1)
+    scale_dst = (slots // PAGE) * stride_sp + head * stride_sh + slots % PAGE
+    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, scale_dst, k, v, m, valid, QUANT, 1)
     if LABELS:
         # the key's label channels (a second, cached read of the same rows): (heads, slots, R) store
         c = tl.arange(0, LABELS)
@@ -119,8 +120,8 @@ def _store_page_stats(kmin_ptr, kmax_ptr, first_slot, head, lo, hi, cols, stride
 @triton.jit
 def _append_one_token(
     k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, stats_head_ptr, ks_ptr, vs_ptr, t, head, src,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch, stride_sg, stride_sh, stride_st,
-    HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr, ALL_STATS: tl.constexpr, QUANT: tl.constexpr,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch, stride_sg, stride_sh, stride_scp, stride_sch,
+    HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr, ALL_STATS: tl.constexpr, QUANT: tl.constexpr, PAGE: tl.constexpr,
 ):
     """Token t alone (a decode step): its slot and its K/V rows load side by side, then the
     statistics of its logical page start afresh (its first token) or take it in: two dependent
@@ -130,7 +131,8 @@ def _append_one_token(
     k = tl.load(k_ptr + t * stride_kt + src * stride_kh + cols)
     v = tl.load(v_ptr + t * stride_vt + src * stride_vh + cols)
     dst = slot * stride_ct + head * stride_ch + cols
-    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, slot * stride_st + head, k, v, None, None, QUANT, 0)
+    scale_dst = (slot // PAGE) * stride_scp + head * stride_sch + slot % PAGE
+    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, scale_dst, k, v, None, None, QUANT, 0)
     flag = 1
     if not ALL_STATS:
         flag = tl.load(stats_head_ptr + head)
@@ -144,9 +146,9 @@ def _append_stats_kernel(
     k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, seg_start_ptr, seg_len_ptr, stats_head_ptr,
     map_ptr, ks_ptr, vs_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ct, stride_ch, stride_sg, stride_sh, stride_st,
+    stride_ct, stride_ch, stride_sg, stride_sh, stride_scp, stride_sch,
     HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr, ALL_STATS: tl.constexpr, HAS_MAP: tl.constexpr,
-    SINGLE: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
+    SINGLE: tl.constexpr, QUANT: tl.constexpr, PAGE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     seg = tl.program_id(0)
@@ -157,7 +159,7 @@ def _append_stats_kernel(
     if SINGLE:
         _append_one_token(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, stats_head_ptr, ks_ptr, vs_ptr,
                           seg, head, src, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch,
-                          stride_sg, stride_sh, stride_st, HEAD_DIM, LOGICAL, ALL_STATS, QUANT)
+                          stride_sg, stride_sh, stride_scp, stride_sch, HEAD_DIM, LOGICAL, ALL_STATS, QUANT, PAGE)
         return
     first = tl.load(seg_start_ptr + seg)
     n = tl.load(seg_len_ptr + seg)
@@ -170,7 +172,8 @@ def _append_stats_kernel(
     k = tl.load(k_ptr + rows[:, None] * stride_kt + src * stride_kh + cols[None, :], mask=m, other=0.0)
     v = tl.load(v_ptr + rows[:, None] * stride_vt + src * stride_vh + cols[None, :], mask=m, other=0.0)
     dst = slots[:, None] * stride_ct + head * stride_ch + cols[None, :]
-    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, slots * stride_st + head, k, v, m, valid, QUANT, 1)
+    scale_dst = (slots // PAGE) * stride_scp + head * stride_sch + slots % PAGE
+    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, scale_dst, k, v, m, valid, QUANT, 1)
     flag = 1
     if not ALL_STATS:
         flag = tl.load(stats_head_ptr + head)
@@ -201,7 +204,7 @@ def kv_append(
 ) -> None:
     """Write k, v (T, Hkv, D) into (num_pages, page_size, Hkv, D) caches at `slots` (T,) int64.
 
-    FP8 caches take `k_scale`/`v_scale` (num_pages, page_size, Hkv) float32: each token's rows
+    FP8 caches take `k_scale`/`v_scale` (num_pages, Hkv, page_size) float32: each token's rows
     are stored quantized (`kv_cache.fp8`) with their scales.
 
     With `k_min`/`k_max` ((num_pages * page_size // logical_page_size, Hkv, D)) also keep key
@@ -222,7 +225,7 @@ def kv_append(
         raise ValueError(f"cache {tuple(k_cache.shape)} does not hold heads {hkv} x dim {d}")
     if k.stride(-1) != 1 or v.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
         raise ValueError("k, v need a contiguous last dim and the caches must be contiguous")
-    ks, vs, _, scale_stride = check_kv_scales(k_cache, k_scale, v_scale, slots)
+    ks, vs, *scale_strides = check_kv_scales(k_cache, k_scale, v_scale, slots)  # (per page, per head)
     quant = k_scale is not None
     if t == 0:
         return
@@ -245,9 +248,10 @@ def kv_append(
             k_label if k_label is not None else slots, label_channels if label_channels is not None else slots,
             ks, vs, t,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides,
-            k_label.stride(0) if k_label is not None else 0, scale_stride,
+            k_label.stride(0) if k_label is not None else 0, *scale_strides,
             HEAD_DIM=d, BLOCK_T=block_t, HAS_MAP=head_map is not None,
-            LABELS=label_channels.shape[1] if label_channels is not None else 0, QUANT=quant, **pdl_args(k.device),
+            LABELS=label_channels.shape[1] if label_channels is not None else 0, QUANT=quant, PAGE=k_cache.shape[1],
+            **pdl_args(k.device),
         )
         return
     if k_min.shape != k_max.shape or k_min.shape[1:] != (hkv, d) or not k_min.is_contiguous():
@@ -260,7 +264,7 @@ def kv_append(
         k, v, slots, k_cache, v_cache, k_min, k_max, seg.start, seg.length, heads,
         head_map if head_map is not None else slots, ks, vs,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides, k_min.stride(0), k_min.stride(1),
-        scale_stride,
+        *scale_strides,
         HEAD_DIM=d, LOGICAL=logical_page_size, ALL_STATS=stats_heads is None, HAS_MAP=head_map is not None,
-        SINGLE=seg.single, QUANT=quant, **pdl_args(k.device),
+        SINGLE=seg.single, QUANT=quant, PAGE=k_cache.shape[1], **pdl_args(k.device),
     )

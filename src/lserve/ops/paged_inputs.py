@@ -111,13 +111,15 @@ def check_paged_attention(
 def check_kv_scales(
     k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, placeholder: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """An FP8 cache's scales for a kernel: (k_scale, v_scale, stride per page, stride per token);
+    """An FP8 cache's (num_pages, Hkv, page_size) scales for a kernel: (k_scale, v_scale, stride per
+    page, stride per head);
     `placeholder` twice and zero strides for a cache in the model's dtype (never read)."""
     if (k_cache.dtype == FP8_DTYPE) != (k_scale is not None) or (k_scale is None) != (v_scale is None):
         raise ValueError(f"an FP8 cache needs k_scale and v_scale, another none (cache {k_cache.dtype})")
     if k_scale is None or v_scale is None:
         return placeholder, placeholder, 0, 0
-    if (k_scale.shape != k_cache.shape[:3] or v_scale.shape != k_scale.shape or k_scale.dtype != torch.float32
+    num_pages, page_size, hkv = k_cache.shape[:3]
+    if (k_scale.shape != (num_pages, hkv, page_size) or v_scale.shape != k_scale.shape or k_scale.dtype != torch.float32
             or v_scale.dtype != torch.float32 or not k_scale.is_contiguous() or not v_scale.is_contiguous()):
         raise ValueError(f"scales {tuple(k_scale.shape)} {k_scale.dtype} do not fit cache {tuple(k_cache.shape)}")
     return k_scale, v_scale, k_scale.stride(0), k_scale.stride(1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lserve.kv_cache.fp8 import quantize
+from lserve.kv_cache.fp8 import write_rows
 from lserve.ops.paged_inputs import PlanView, TopP
 
 
@@ -35,19 +35,15 @@ def kv_append_ref(
 ) -> None:
     """Write k, v (T, Hkv, D) at `slots` (T,); update min/max of the touched logical pages, or
     write the new keys' labels: `k_label[h, slot, j] = k[t, h, label_channels[h, j]]`.
-    FP8 caches (with `k_scale`/`v_scale` (num_pages, page_size, Hkv)) store `kv_cache.fp8.quantize`
+    FP8 caches (with `k_scale`/`v_scale` (num_pages, Hkv, page_size)) store `kv_cache.fp8.quantize`
     of each token's rows and their scales; statistics and labels come from the unquantized keys.
 
     A logical page whose offset-0 token is among the new tokens starts fresh (its old statistics
     are stale: they belong to whoever used the page before); otherwise the new keys are merged
     into the existing statistics. `stats_heads` (Hkv,) bool limits statistics to those heads.
     """
-    num_pages, page_size = k_cache.shape[:2]
-    for cache, scales, new in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
-        if scales is not None:
-            new, row_scales = quantize(new)
-            scales.view(num_pages * page_size, -1)[slots] = row_scales
-        cache.view(num_pages * page_size, *cache.shape[2:])[slots] = new
+    write_rows(k_cache, k_scale, k, slots)
+    write_rows(v_cache, v_scale, v, slots)
     if k_label is not None and label_channels is not None:
         for t, slot in enumerate(slots.tolist()):
             for h in range(k.shape[1]):

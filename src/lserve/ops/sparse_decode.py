@@ -42,7 +42,7 @@ def _decode_kernel(
     out_ptr, lse_ptr, dst_ptr, counts_ptr, ks_ptr, vs_ptr,
     sink, local, qk_scale, keep, stride_cnt,
     stride_qb, stride_qh,
-    stride_cp, stride_ct, stride_ch, stride_sp, stride_st,
+    stride_cp, stride_ct, stride_ch, stride_sp, stride_sh,
     stride_pt_b, stride_list_b, stride_list_h, stride_len_b,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_db, stride_dh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -123,7 +123,7 @@ def _decode_kernel(
         addr = page * stride_cp + (pos % PAGE_SIZE) * stride_ct + kvh * stride_ch
         k = tl.load(kc_ptr + addr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if QUANT:
-            s_addr = page * stride_sp + (pos % PAGE_SIZE) * stride_st + kvh
+            s_addr = page * stride_sp + kvh * stride_sh + pos % PAGE_SIZE
             k_scale = tl.load(ks_ptr + s_addr, mask=valid, other=0.0)
             s = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_scale * qk_scale)[None, :]
         else:
@@ -208,7 +208,7 @@ def sparse_decode(
     `selection` (instead of page_list) reads the page selector's store and plan directly: the
     same pages as `PageSelector.select`'s lists, without building them.
 
-    An FP8 cache takes its scales `k_scale`/`v_scale` (num_pages, page_size, Hkv) float32.
+    An FP8 cache takes its scales `k_scale`/`v_scale` (num_pages, Hkv, page_size) float32.
     """
     if selection is not None and page_list is not None:
         raise ValueError("give page_list or selection, not both")
@@ -234,7 +234,7 @@ def sparse_decode(
     else:  # written straight into dst; the partial buffers are not touched
         part, lse = dst.unsqueeze(2), dst
     stream, lst, lst_len = pack_sparse_args(q.device, streaming_heads, page_list, page_list_len)
-    ks, vs, stride_sp, stride_st = check_kv_scales(k_cache, k_scale, v_scale, seq_lens)
+    ks, vs, stride_sp, stride_sh = check_kv_scales(k_cache, k_scale, v_scale, seq_lens)
     keep = 0
     counts = lst_len
     if selection is not None:
@@ -248,7 +248,7 @@ def sparse_decode(
         kv_head_map if kv_head_map is not None else seq_lens, part, lse, dst, counts, ks, vs,
         sink, local, scale * 1.4426950408889634, keep, counts.stride(0),
         q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), stride_sp, stride_st,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), stride_sp, stride_sh,
         page_table.stride(0), lst.stride(0), lst.stride(1), lst_len.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), dst.stride(0), dst.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE_SIZE=page_size,

@@ -54,7 +54,7 @@ def plan_tiles(query_lens: list[int], block_m: int, device: torch.device, first_
 @triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
-    stride_cp, stride_ct, stride_ch, stride_sp, stride_st,
+    stride_cp, stride_ct, stride_ch, stride_sp, stride_sh,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr, CAUSAL: tl.constexpr,
     streaming, USE_TMA: tl.constexpr, QUANT: tl.constexpr,
 ):
@@ -81,7 +81,7 @@ def _attend_tile(
             k = tl.load(kc_ptr + addr[:, None] + d[None, :])
             v = tl.load(vc_ptr + addr[:, None] + d[None, :])
     if QUANT:  # per-token scales: on the scores (K) and on the probabilities (V)
-        s_addr = page.to(tl.int64) * stride_sp + (k_pos % PAGE_SIZE) * stride_st + kvh
+        s_addr = page.to(tl.int64) * stride_sp + kvh * stride_sh + k_pos % PAGE_SIZE
         k_scale = tl.load(ks_ptr + s_addr, mask=k_pos < seq_len, other=0.0)
         v_scale = tl.load(vs_ptr + s_addr, mask=k_pos < seq_len, other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_scale * qk_scale)[None, :]
@@ -113,7 +113,7 @@ def _prefill_kernel(
     stream_ptr, list_ptr, list_len_ptr, ks_ptr, vs_ptr,
     sink, local, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_cp, stride_ct, stride_ch, stride_pt_b, stride_list_t, stride_list_h, stride_len_t, stride_sp, stride_st,
+    stride_cp, stride_ct, stride_ch, stride_pt_b, stride_list_t, stride_list_h, stride_len_t, stride_sp, stride_sh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_STREAM: tl.constexpr, HAS_LIST: tl.constexpr, QUANT: tl.constexpr,
@@ -149,7 +149,7 @@ def _prefill_kernel(
             t = tl.load(list_ptr + tile * stride_list_t + kvh * stride_list_h + idx)
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh,
-                qk_scale, stride_cp, stride_ct, stride_ch, stride_sp, stride_st, HEAD_DIM, PAGE_SIZE, PAGE_SIZE, True,
+                qk_scale, stride_cp, stride_ct, stride_ch, stride_sp, stride_sh, HEAD_DIM, PAGE_SIZE, PAGE_SIZE, True,
                 False, USE_TMA, QUANT)
     else:
         # Two loops serve both head kinds (fewer loops: less shared memory for the pipeliner):
@@ -173,14 +173,14 @@ def _prefill_kernel(
         for t in range(u_lo, u_hi):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh,
-                qk_scale, stride_cp, stride_ct, stride_ch, stride_sp, stride_st, HEAD_DIM, PAGE_SIZE, BLOCK_N, False,
+                qk_scale, stride_cp, stride_ct, stride_ch, stride_sp, stride_sh, HEAD_DIM, PAGE_SIZE, BLOCK_N, False,
                 False, USE_TMA, QUANT)
         for idx in range(0, n_masked):
             t = tl.where(idx < len_a, idx,
                          tl.where(idx < len_a + len_b, b_start + idx - len_a, c_start + idx - len_a - len_b))
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh,
-                qk_scale, stride_cp, stride_ct, stride_ch, stride_sp, stride_st, HEAD_DIM, PAGE_SIZE, BLOCK_N, True,
+                qk_scale, stride_cp, stride_ct, stride_ch, stride_sp, stride_sh, HEAD_DIM, PAGE_SIZE, BLOCK_N, True,
                 is_stream, USE_TMA, QUANT)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
@@ -214,7 +214,7 @@ def sparse_prefill(
     page_table (B, max_pages) int32, seq_lens (B,) int32 (cached + new), query_start_loc (B + 1,)
     int32 offsets of each sequence's rows in q; tiles from `plan_tiles`. streaming_heads (Hkv,) or
     None; page_list (num_tiles, Hkv, max_list) int32 page indices with page_list_len (num_tiles, Hkv).
-    An FP8 cache takes its scales `k_scale`/`v_scale` (num_pages, page_size, Hkv) float32.
+    An FP8 cache takes its scales `k_scale`/`v_scale` (num_pages, Hkv, page_size) float32.
     """
     hq, d = q.shape[1:]
     page_size, hkv = check_paged_attention(q, k_cache, v_cache, page_table, page_list, page_list_len)
@@ -225,7 +225,7 @@ def sparse_prefill(
     if tiles.num_tiles == 0:
         return out
     stream, lst, lst_len = pack_sparse_args(q.device, streaming_heads, page_list, page_list_len)
-    ks, vs, stride_sp, stride_st = check_kv_scales(k_cache, k_scale, v_scale, seq_lens)
+    ks, vs, stride_sp, stride_sh = check_kv_scales(k_cache, k_scale, v_scale, seq_lens)
     k_src, v_src = k_cache, v_cache
     if use_tma:  # Hopper and newer: K/V pages through tensor descriptors, one page per KV tile
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -240,7 +240,7 @@ def sparse_prefill(
         sink, local, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), page_table.stride(0),
-        lst.stride(0), lst.stride(1), lst_len.stride(0), stride_sp, stride_st,
+        lst.stride(0), lst.stride(1), lst_len.stride(0), stride_sp, stride_sh,
         GROUP=hq // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, BLOCK_M=tiles.block_m,
         BLOCK_N=max(block_n, page_size), USE_TMA=use_tma,
         HAS_STREAM=streaming_heads is not None, HAS_LIST=page_list is not None, QUANT=k_scale is not None,
