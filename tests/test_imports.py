@@ -11,8 +11,8 @@ PACKAGE = Path(lserve.__file__).parent
 BASE = {"config", "errors", "sampling_params", "request"}
 # what each layer may import from lserve besides the base modules
 ALLOWED: dict[str, set[str]] = {
-    "ops": set(),
     "kv_cache": set(),
+    "ops": {"kv_cache"},  # the kernels write and read the cache's formats (kv_cache/fp8.py)
     "model": {"ops"},  # fused elementwise kernels (ops/fused_layers.py) on CUDA
     "sparse": {"ops", "kv_cache"},
     "attention": {"ops", "kv_cache", "sparse"},
