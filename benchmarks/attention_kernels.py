@@ -35,7 +35,6 @@ FP8 = False
 """--kv-cache-dtype fp8: the paged caches hold FP8 values and scales."""
 
 
-
 def paged_cache(batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """K, V pages, the page table and the kernels' scale arguments (empty unless FP8)."""
     pages_per_seq = -(-seq_len // PAGE)

@@ -28,7 +28,7 @@ from lserve.kv_cache.fp8 import (
     quantize_pages,
 )
 from lserve.ops import reference as ref
-from lserve.ops.fp8 import quantize_rows, round_e4m3
+from lserve.ops.fp8 import dequantize_listed_pages, quantize_rows, round_e4m3
 from lserve.ops.kv_append import kv_append, plan_segments
 from lserve.ops.sparse_decode import sparse_decode
 from lserve.ops.sparse_prefill import plan_tiles, sparse_prefill
@@ -277,3 +277,21 @@ def test_prefill_over_fp8_pages(page_size: int, use_tma: bool) -> None:
                    k_scale=ks, v_scale=torch.ones_like(vs))
     dense = ref.sparse_prefill_ref(q, k_deq, v_deq, starts, seq_lens, seqs.page_tables, d**-0.5)
     assert _rel_err(wrong, dense) > 0.1  # the V scales are applied
+
+
+def test_dequantize_listed_pages_copies_exactly_the_listed_pages() -> None:
+    """The FP8 prefill's staging copy: listed (row, logical page) pairs of a page table land
+    dequantized on their destination pages, equal to the reference; other pages are untouched."""
+    seqs = PagedSeqs([70, 33], 16, 2, 32, torch.float32, seed=3)
+    kq, vq, ks, vs, k_deq, v_deq = _quantized(seqs)
+    pairs = torch.tensor([[0, 4, 1], [1, 0, 2], [0, 0, 3], [1, 2, 4]], dtype=torch.int32, device=DEVICE)
+    out_k = torch.full((6, 16, 2, 32), 7.0, device=DEVICE)
+    out_v = out_k.clone()
+    dequantize_listed_pages(kq, vq, ks, vs, seqs.table, pairs, out_k, out_v)
+    for row, logical, dst in pairs.tolist():
+        src = seqs.page_tables[row][logical]
+        for got, want in ((out_k[dst], k_deq[src]), (out_v[dst], v_deq[src])):
+            written = want.isfinite()  # (a page's unwritten tail is poisoned with NaN)
+            assert written.any() and torch.equal(got[written], want[written])
+            assert not got[~written].isfinite().any()
+    assert (out_k[[0, 5]] == 7.0).all() and (out_v[[0, 5]] == 7.0).all()

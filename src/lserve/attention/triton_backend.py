@@ -3,14 +3,22 @@
 The default backend on CUDA. Per step, `prepare` plans the prefill query tiles once; every layer
 then, per pool, appends its K/V (and key statistics), selects decode pages, and runs the decode
 rows and the prefill rows of the flat batch.
+
+Prefill rows over an FP8 pool read a model-dtype copy of the pages they need, made per layer
+(`ops.fp8.dequantize_listed_pages`): on Hopper a tensor-core product takes its second operand
+from shared memory, and tiles converted in registers inside the attention loop made the prefill
+twice as slow; the copy costs one read of the FP8 pages and one write per layer and chunk.
+Decode rows read FP8 tiles directly (memory-bound: the conversion is cheaper than the bytes).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lserve.attention.backend import AttentionBackend, PoolCall
 from lserve.attention.metadata import AttentionMetadata
+from lserve.ops.fp8 import dequantize_listed_pages
 from lserve.ops.kv_append import AppendSegments, kv_append, plan_segments
 from lserve.ops.page_scores import channel_page_scores, page_scores, store_top_pages
 from lserve.ops.paged_inputs import StoredSelection
@@ -42,6 +50,7 @@ class TritonAttentionBackend(AttentionBackend):
     _tiles: PrefillTiles | None = None
     _prefill_kw: dict | None = None
     _segments: AppendSegments | None = None
+    _staging: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] | None = None
     _side: torch.cuda.Stream | None = None
     pool_streams: bool = True
     """Run a layer's ring pool on a side stream beside its paged pool in pure decode steps (GPU)."""
@@ -49,6 +58,7 @@ class TritonAttentionBackend(AttentionBackend):
     def prepare(self, md: AttentionMetadata) -> None:
         super().prepare(md)
         self._segments = None  # the paged pool's append segments, planned by the first layer
+        self._staging = {}  # FP8 prefill: which pages each pool's prefill rows read, planned once
         device = md.seq_lens.device
         if self._prefill_kw is None:
             self._prefill_kw = prefill_config(device)
@@ -193,8 +203,58 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> None:
         assert self._tiles is not None, "prepare() was not called for this step"
         sink, local = self.windows(call, decode=False)
+        k_cache, v_cache, table = call.k_cache, call.v_cache, call.page_table
+        if call.k_scale is not None and call.v_scale is not None:
+            k_cache, v_cache, table = self._staged_pages(call, md, q.dtype, sink, local)
         sparse_prefill(
-            q.contiguous(), call.k_cache, call.v_cache, call.page_table, md.seq_lens, md.query_start_loc,
+            q.contiguous(), k_cache, v_cache, table, md.seq_lens, md.query_start_loc,
             self._tiles, self.scale, streaming_heads=call.streaming, sink=sink, local=local,
-            out=out, k_scale=call.k_scale, v_scale=call.v_scale, **(self._prefill_kw or {}),
+            out=out, **(self._prefill_kw or {}),
         )
+
+    def _staged_pages(
+        self, call: PoolCall, md: AttentionMetadata, dtype: torch.dtype, sink: int, local: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A model-dtype copy of the FP8 pages this layer's prefill rows read, and the page table
+        that addresses it: (K pages, V pages, table). Page 0 of the copy is zeros: the table's
+        entries for pages nobody reads point there, so a tile that spans one reads finite values
+        (masked anyway)."""
+        assert self._staging is not None and call.k_scale is not None and call.v_scale is not None
+        windowed = call.ring or call.window is not None
+        key = (call.page_table.data_ptr(), windowed)
+        if key not in self._staging:
+            self._staging[key] = _plan_staging(md, call.page_table.shape[1], windowed, sink, local)
+        pairs, table, num_pages = self._staging[key]
+        out_k = torch.empty((num_pages, *call.k_cache.shape[1:]), dtype=dtype, device=call.k_cache.device)
+        out_v = torch.empty_like(out_k)
+        out_k[0].zero_()
+        out_v[0].zero_()
+        dequantize_listed_pages(call.k_cache, call.v_cache, call.k_scale, call.v_scale, call.page_table, pairs,
+                                out_k, out_v)
+        return out_k, out_v, table
+
+
+def _plan_staging(
+    md: AttentionMetadata, width: int, windowed: bool, sink: int, local: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Which logical pages of each prefill row its queries read (every page up to its length; a
+    streaming head or a sliding window only its sink pages and the window of its first query),
+    numbered from 1 in a staging copy: ((n, 3) int32 (row, logical page, copy page), the copy's
+    page table (rows, width) int32, pages in the copy)."""
+    page = md.page_size
+    pairs: list[tuple[int, int, int]] = []
+    table = np.zeros((md.num_seqs, width), dtype=np.int32)
+    for row in range(md.num_decodes, md.num_seqs):
+        seq_len, q_len = md.seq_lens_cpu[row], md.query_lens_cpu[row]
+        n = -(-seq_len // page)
+        needed: list[int] | range = range(n)
+        if windowed:
+            head = min(-(-sink // page), n)
+            first = max(seq_len - q_len - local + 1, 0) // page
+            needed = [*range(head), *range(max(first, head), n)]
+        for j in needed:
+            pairs.append((row, j, len(pairs) + 1))
+            table[row, j] = len(pairs)
+    device = md.seq_lens.device
+    flat = torch.tensor(pairs, dtype=torch.int32).view(-1, 3)
+    return flat.to(device), torch.from_numpy(table).to(device), len(pairs) + 1

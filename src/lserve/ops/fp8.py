@@ -1,5 +1,6 @@
 """Triton helpers for the FP8 KV cache: the format of `kv_cache.fp8` (E4M3 values, one
-power-of-two float32 scale per token and head), computed bit for bit as its PyTorch reference.
+power-of-two float32 scale per token and head), computed bit for bit as its PyTorch reference,
+and `dequantize_listed_pages`, which copies chosen pages of an FP8 cache into a model-dtype one.
 
 Rounding to E4M3 is done here in float32 arithmetic, and only the exact result is converted:
 the conversion instruction then never rounds, so the GPU and Triton's CPU interpreter (whose
@@ -8,8 +9,11 @@ float32 -> float8 conversion drops the carry into the exponent) store the same b
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from lserve.ops.paged_inputs import check_kv_scales
 
 
 @triton.jit
@@ -49,3 +53,50 @@ def quantize_rows(x, AXIS: tl.constexpr):
         inverse = inverse[:, None]
     y = tl.minimum(tl.maximum(x * inverse, -448.0), 448.0)
     return round_e4m3(y).to(tl.float8e4nv), scale
+
+
+@triton.jit
+def _dequantize_pages_kernel(
+    kc_ptr, vc_ptr, ks_ptr, vs_ptr, table_ptr, pairs_ptr, ok_ptr, ov_ptr,
+    stride_cp, stride_ct, stride_ch, stride_sp, stride_sh, stride_tb, stride_op, stride_ot, stride_oh,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """One (listed page, head): the page's K and V rows of the head, times their scales, into
+    the destination page of the output in its dtype."""
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    row = tl.load(pairs_ptr + 3 * i)
+    logical = tl.load(pairs_ptr + 3 * i + 1)
+    dst = tl.load(pairs_ptr + 3 * i + 2).to(tl.int64)
+    src = tl.load(table_ptr + row * stride_tb + logical).to(tl.int64)
+    t = tl.arange(0, PAGE)
+    d = tl.arange(0, HEAD_DIM)
+    at = src * stride_cp + t[:, None] * stride_ct + h * stride_ch + d[None, :]
+    to = dst * stride_op + t[:, None] * stride_ot + h * stride_oh + d[None, :]
+    scale_at = src * stride_sp + h * stride_sh + t
+    k = tl.load(kc_ptr + at).to(tl.float32) * tl.load(ks_ptr + scale_at)[:, None]
+    tl.store(ok_ptr + to, k.to(ok_ptr.dtype.element_ty))
+    v = tl.load(vc_ptr + at).to(tl.float32) * tl.load(vs_ptr + scale_at)[:, None]
+    tl.store(ov_ptr + to, v.to(ov_ptr.dtype.element_ty))
+
+
+def dequantize_listed_pages(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+    page_table: torch.Tensor, pairs: torch.Tensor, out_k: torch.Tensor, out_v: torch.Tensor,
+) -> None:
+    """For each row (r, j, p) of `pairs` ((n, 3) int32): page `page_table[r, j]` of the FP8 caches
+    (num_pages, page_size, H, D), dequantized, into page p of out_k / out_v (their own page
+    count, same page size and heads, the model's dtype). Reference: `kv_cache.fp8.dequantize_pages`."""
+    check_kv_scales(k_cache, k_scale, v_scale, page_table)
+    if out_k.shape[1:] != k_cache.shape[1:] or out_v.shape != out_k.shape or not out_k.is_contiguous() \
+            or not out_v.is_contiguous() or pairs.dtype != torch.int32 or pairs.shape[1:] != (3,):
+        raise ValueError(f"outputs {tuple(out_k.shape)} and pairs {tuple(pairs.shape)} do not fit cache "
+                         f"{tuple(k_cache.shape)}")
+    if not pairs.shape[0]:
+        return
+    _, page, heads, dim = k_cache.shape
+    _dequantize_pages_kernel[(pairs.shape[0], heads)](
+        k_cache, v_cache, k_scale, v_scale, page_table, pairs.contiguous(), out_k, out_v,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
+        page_table.stride(0), out_k.stride(0), out_k.stride(1), out_k.stride(2), PAGE=page, HEAD_DIM=dim,
+    )
