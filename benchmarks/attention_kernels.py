@@ -11,7 +11,9 @@ Decode: one query per sequence over S cached tokens; the sparse case adds a 4096
 TFLOP/s counts the causal FLOPs each variant must do; TB/s counts the K/V bytes each variant
 reads. Times are medians of `triton.testing.do_bench`. `--kv-cache-dtype fp8` runs lserve's kernels
 over FP8 pages (E4M3 values and a float32 scale per token and head, `kv_cache.fp8`) and counts
-their bytes; SDPA stays in bfloat16 (the ratio column is then FP8 lserve against BF16 SDPA).
+their bytes; SDPA stays in bfloat16 (the ratio column is then FP8 lserve against BF16 SDPA). An
+FP8 prefill is timed as the engine runs it: the sequence's pages dequantized into a bfloat16 copy
+(`ops.fp8.dequantize_listed_pages`), then the prefill kernel over the copy.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 import triton
 
 from lserve.kv_cache.fp8 import quantize_pages
+from lserve.ops.fp8 import dequantize_listed_pages
 from lserve.ops.sparse_decode import sparse_decode
 from lserve.ops.sparse_prefill import plan_tiles, sparse_prefill
 
@@ -97,14 +100,15 @@ def prefill_rows(lengths: list[int], cfg: dict) -> list[str]:
         qsl = torch.tensor([0, s], dtype=torch.int32, device=DEV)
         tiles = plan_tiles([s], cfg["block_m"], DEV)
         kw = dict(block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                  use_tma=cfg.get("use_tma", False), **scales)
+                  use_tma=cfg.get("use_tma", False))
+        prefill = staged_prefill(k, v, table, scales) if scales else sparse_prefill
         qs = q.transpose(0, 1).unsqueeze(0)
         ks = torch.randn((1, HKV, s, D), dtype=DT, device=DEV)
         vs = torch.randn_like(ks)
         t_sdpa = bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True))
         scale = D**-0.5
-        t_dense = bench(lambda: sparse_prefill(q, k, v, table, lens, qsl, tiles, scale, **kw))
-        t_stream = bench(lambda: sparse_prefill(q, k, v, table, lens, qsl, tiles, scale, streaming_heads=stream,
+        t_dense = bench(lambda: prefill(q, k, v, table, lens, qsl, tiles, scale, **kw))
+        t_stream = bench(lambda: prefill(q, k, v, table, lens, qsl, tiles, scale, streaming_heads=stream,
                                                 sink=sink, local=local, **kw))
         f_dense = causal_flops(s, HQ)
         f_stream = causal_flops(s, HQ // 2) + streaming_flops(s, HQ // 2, sink, local)
@@ -151,20 +155,37 @@ def decode_rows(lengths: list[int], batches: list[int], cfg: dict) -> list[str]:
     return rows
 
 
+def staged_prefill(k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, scales: dict):
+    """`sparse_prefill` over FP8 pages as the engine runs it: every page of row 0 dequantized into
+    a bfloat16 copy first (page 0 of the copy zero), then the prefill kernel over the copy."""
+    n = table.shape[1]
+    pairs = torch.stack([torch.zeros(n, dtype=torch.int32), torch.arange(n, dtype=torch.int32),
+                         torch.arange(1, n + 1, dtype=torch.int32)], 1).to(DEV)
+    copy_table = torch.arange(1, n + 1, dtype=torch.int32, device=DEV)[None]
+    k_copy = torch.zeros((n + 1, *k.shape[1:]), dtype=DT, device=DEV)
+    v_copy = torch.zeros_like(k_copy)
+
+    def run(q, _k, _v, _table, *args, **kw):
+        dequantize_listed_pages(k, v, scales["k_scale"], scales["v_scale"], table, pairs, k_copy, v_copy)
+        return sparse_prefill(q, k_copy, v_copy, copy_table, *args, **kw)
+
+    return run
+
+
 def sweep_prefill(s: int) -> dict:
     q = torch.randn((s, HQ, D), dtype=DT, device=DEV)
     k, v, table, scales = paged_cache(1, s)
     lens = torch.tensor([s], dtype=torch.int32, device=DEV)
     qsl = torch.tensor([0, s], dtype=torch.int32, device=DEV)
+    prefill = staged_prefill(k, v, table, scales) if scales else sparse_prefill
     best = None
     configs = [(128, 128, 8, 2, False), (128, 128, 8, 3, False)]
     configs += [(bm, 64, w, st, True) for bm in (64, 128) for w in (4, 8) for st in (2, 3, 4) if not (bm == 64 and w == 8)]
     for block_m, block_n, num_warps, num_stages, tma in configs:
         tiles = plan_tiles([s], block_m, DEV)
         try:
-            t = bench(lambda: sparse_prefill(q, k, v, table, lens, qsl, tiles, D**-0.5, block_n=block_n,
-                                             num_warps=num_warps, num_stages=num_stages, use_tma=tma, **scales),
-                      10, 30)
+            t = bench(lambda: prefill(q, k, v, table, lens, qsl, tiles, D**-0.5, block_n=block_n,
+                                      num_warps=num_warps, num_stages=num_stages, use_tma=tma), 10, 30)
         except Exception as exc:  # noqa: BLE001 (a config that does not fit is skipped)
             print(f"prefill block_m={block_m} block_n={block_n} warps={num_warps} stages={num_stages} tma={tma}: "
                   f"{type(exc).__name__}: {str(exc)[:200]}")

@@ -8,9 +8,7 @@ KV tiles are BLOCK_N keys (one page or several, looked up per key row). What a p
   j <= i and (j < sink or i - j < local);
 - with an explicit page list (per query tile and KV head): the listed pages, causal mask.
 Dense and streaming heads run in the same launch; the per-step plan (`plan_tiles`) only says
-which sequence and rows each tile covers. An FP8 cache's tiles are converted in registers, their
-per-token scales applied to the scores and probabilities (as in `ops.sparse_decode`).
-Reference: `ops.reference.sparse_prefill_ref`.
+which sequence and rows each tile covers. Reference: `ops.reference.sparse_prefill_ref`.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lserve.ops.paged_inputs import check_kv_scales, check_paged_attention, pack_sparse_args
+from lserve.ops.paged_inputs import check_paged_attention, pack_sparse_args
 
 
 @dataclass(frozen=True)
@@ -53,10 +51,10 @@ def plan_tiles(query_lens: list[int], block_m: int, device: torch.device, first_
 
 @triton.jit
 def _attend_tile(
-    acc, m_i, l_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
-    stride_cp, stride_ct, stride_ch, stride_sp, stride_sh,
+    acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
+    stride_cp, stride_ct, stride_ch,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, TILE: tl.constexpr, CAUSAL: tl.constexpr,
-    streaming, USE_TMA: tl.constexpr, QUANT: tl.constexpr,
+    streaming, USE_TMA: tl.constexpr,
 ):
     """Online-softmax update of one query tile with KV tile `t` (keys t*TILE..; a tile spans
     TILE / PAGE_SIZE pages, looked up per key row). Scores are in log2 units."""
@@ -80,13 +78,7 @@ def _attend_tile(
         else:
             k = tl.load(kc_ptr + addr[:, None] + d[None, :])
             v = tl.load(vc_ptr + addr[:, None] + d[None, :])
-    if QUANT:  # per-token scales: on the scores (K) and on the probabilities (V)
-        s_addr = page.to(tl.int64) * stride_sp + kvh * stride_sh + k_pos % PAGE_SIZE
-        k_scale = tl.load(ks_ptr + s_addr, mask=k_pos < seq_len, other=0.0)
-        v_scale = tl.load(vs_ptr + s_addr, mask=k_pos < seq_len, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_scale * qk_scale)[None, :]
-    else:
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.dot(q, tl.trans(k)) * qk_scale
     if CAUSAL:
         visible = k_pos[None, :] <= q_pos[:, None]
         in_window = (k_pos[None, :] < sink) | (q_pos[:, None] - k_pos[None, :] < local)
@@ -100,23 +92,20 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if QUANT:
-        acc = acc * alpha[:, None] + tl.dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype))
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, out_ptr, page_table_ptr, seq_lens_ptr, qsl_ptr, tile_seq_ptr, tile_row_ptr,
-    stream_ptr, list_ptr, list_len_ptr, ks_ptr, vs_ptr,
+    stream_ptr, list_ptr, list_len_ptr,
     sink, local, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_cp, stride_ct, stride_ch, stride_pt_b, stride_list_t, stride_list_h, stride_len_t, stride_sp, stride_sh,
+    stride_cp, stride_ct, stride_ch, stride_pt_b, stride_list_t, stride_list_h, stride_len_t,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
-    HAS_STREAM: tl.constexpr, HAS_LIST: tl.constexpr, QUANT: tl.constexpr,
+    HAS_STREAM: tl.constexpr, HAS_LIST: tl.constexpr,
 ):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # long tiles first: a shorter tail
     head = tl.program_id(1)
@@ -148,9 +137,8 @@ def _prefill_kernel(
         for idx in range(0, n_list):
             t = tl.load(list_ptr + tile * stride_list_t + kvh * stride_list_h + idx)
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh,
-                qk_scale, stride_cp, stride_ct, stride_ch, stride_sp, stride_sh, HEAD_DIM, PAGE_SIZE, PAGE_SIZE, True,
-                False, USE_TMA, QUANT)
+                acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
+                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, PAGE_SIZE, True, False, USE_TMA)
     else:
         # Two loops serve both head kinds (fewer loops: less shared memory for the pipeliner):
         # tiles every row of the query tile sees whole go unmasked; the rest go through the masked
@@ -172,16 +160,14 @@ def _prefill_kernel(
         n_masked = len_a + len_b + num_tiles - c_start
         for t in range(u_lo, u_hi):
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh,
-                qk_scale, stride_cp, stride_ct, stride_ch, stride_sp, stride_sh, HEAD_DIM, PAGE_SIZE, BLOCK_N, False,
-                False, USE_TMA, QUANT)
+                acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
+                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, False, USE_TMA)
         for idx in range(0, n_masked):
             t = tl.where(idx < len_a, idx,
                          tl.where(idx < len_a + len_b, b_start + idx - len_a, c_start + idx - len_a - len_b))
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh,
-                qk_scale, stride_cp, stride_ct, stride_ch, stride_sp, stride_sh, HEAD_DIM, PAGE_SIZE, BLOCK_N, True,
-                is_stream, USE_TMA, QUANT)
+                acc, m_i, l_i, q, kc_ptr, vc_ptr, page_row_ptr, t, q_pos, seq_len, sink, local, kvh, qk_scale,
+                stride_cp, stride_ct, stride_ch, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, is_stream, USE_TMA)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -206,15 +192,12 @@ def sparse_prefill(
     use_tma: bool = False,
     num_warps: int = 4,
     num_stages: int = 2,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q (T, Hq, D) of prefill chunks -> (T, Hq, D). The chunks' K/V must already be in the cache.
 
     page_table (B, max_pages) int32, seq_lens (B,) int32 (cached + new), query_start_loc (B + 1,)
     int32 offsets of each sequence's rows in q; tiles from `plan_tiles`. streaming_heads (Hkv,) or
     None; page_list (num_tiles, Hkv, max_list) int32 page indices with page_list_len (num_tiles, Hkv).
-    An FP8 cache takes its scales `k_scale`/`v_scale` (num_pages, Hkv, page_size) float32.
     """
     hq, d = q.shape[1:]
     page_size, hkv = check_paged_attention(q, k_cache, v_cache, page_table, page_list, page_list_len)
@@ -225,7 +208,6 @@ def sparse_prefill(
     if tiles.num_tiles == 0:
         return out
     stream, lst, lst_len = pack_sparse_args(q.device, streaming_heads, page_list, page_list_len)
-    ks, vs, stride_sp, stride_sh = check_kv_scales(k_cache, k_scale, v_scale, seq_lens)
     k_src, v_src = k_cache, v_cache
     if use_tma:  # Hopper and newer: K/V pages through tensor descriptors, one page per KV tile
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -236,14 +218,14 @@ def sparse_prefill(
         v_src = TensorDescriptor.from_tensor(v_cache.view(rows, hkv * d), [page_size, d])
     _prefill_kernel[(tiles.num_tiles, hq)](
         q, k_src, v_src, out, page_table, seq_lens, query_start_loc, tiles.seq, tiles.row_start,
-        stream, lst, lst_len, ks, vs,
+        stream, lst, lst_len,
         sink, local, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), page_table.stride(0),
-        lst.stride(0), lst.stride(1), lst_len.stride(0), stride_sp, stride_sh,
+        lst.stride(0), lst.stride(1), lst_len.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, BLOCK_M=tiles.block_m,
         BLOCK_N=max(block_n, page_size), USE_TMA=use_tma,
-        HAS_STREAM=streaming_heads is not None, HAS_LIST=page_list is not None, QUANT=k_scale is not None,
+        HAS_STREAM=streaming_heads is not None, HAS_LIST=page_list is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
