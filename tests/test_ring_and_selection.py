@@ -224,7 +224,7 @@ def test_triton_backend_matches_the_torch_backend(name: str) -> None:
         assert kept.numel() and int(kept.min()) < 3  # p = 0.3 keeps fewer pages than the budget's 3 somewhere
 
 
-@pytest.mark.parametrize("name", ["ring", "quest", "rope_mass", "top-p"])
+@pytest.mark.parametrize("name", ["quest", "rope_mass", "top-p"])
 def test_fp8_pools_select_the_same_pages_and_the_backends_agree(name: str) -> None:
     """Both pools in FP8, on the inputs of the model-dtype run: the selector stores exactly the
     same pages (its statistics and labels come from the unquantized keys), both backends give the
