@@ -51,7 +51,7 @@ class PoolCall:
     streaming heads' windows apply."""
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
-    """An FP8 pool's per-token scales (num_pages, page_size, pool heads) float32; None: K and V
+    """An FP8 pool's per-token scales (num_pages, pool heads, page_size) float32; None: K and V
     are stored in the model's dtype."""
 
     @property

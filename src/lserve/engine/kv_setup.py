@@ -46,13 +46,13 @@ class KVSetup:
 
 
 def fixed_blocks(
-    arch: ArchConfig, config: EngineConfig, dtype: torch.dtype, n_stream: tuple[int, ...] | None,
-    pooled: tuple[int | None, ...], max_chunk_tokens: int, max_model_len: int,
+    arch: ArchConfig, config: EngineConfig, dtype: torch.dtype, kv_dtype: torch.dtype,
+    n_stream: tuple[int, ...] | None, pooled: tuple[int | None, ...], max_chunk_tokens: int, max_model_len: int,
 ) -> dict[str, tuple[KVShape, RingGeometry]]:
     """The constant blocks per seat, as (shape, geometry): "ring" for streaming heads
-    (`n_stream` per layer), "window" for the layers with a window in `pooled`."""
+    (`n_stream` per layer), "window" for the layers with a window in `pooled`; K and V stored
+    in `kv_dtype`."""
     cache, sparse = config.cache, config.sparse
-    kv_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, dtype)
     blocks: dict[str, tuple[KVShape, RingGeometry]] = {}
     if n_stream is not None:
         blocks["ring"] = (
@@ -100,10 +100,11 @@ def build_kv_cache(
     n_stream = tuple(int(f.sum()) for f in flags) if use_ring and flags is not None else (0,) * arch.num_layers
     paged_heads = tuple(0 if w is not None else arch.num_kv_heads - n for w, n in zip(pooled, n_stream))
     split = use_ring or any(w is not None for w in pooled)
+    kv_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, dtype)
     shape = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, dtype,
-                    paged_heads if split else None, resolve_kv_cache_dtype(cache.kv_cache_dtype, dtype))
+                    paged_heads if split else None, kv_dtype)
     logical = config.sparse.logical_page_size if page_score is not None and not page_score.uses_labels else None
-    blocks = fixed_blocks(arch, config, dtype, n_stream if use_ring else None, pooled, max_chunk_tokens,
+    blocks = fixed_blocks(arch, config, dtype, kv_dtype, n_stream if use_ring else None, pooled, max_chunk_tokens,
                           max_model_len)
     per_seat = sum(geometry.pages_per_seq * bshape.bytes_per_page for bshape, geometry in blocks.values())
     seats = agree(_seats(config, device, per_seat))
@@ -128,7 +129,7 @@ def build_kv_cache(
     kv = KVCache(paged, fixed.get("ring"), flags if use_ring else None, blocks["ring"][1] if use_ring else None,
                  fixed.get("window"), blocks["window"][1] if "window" in blocks else None, windows)
     logger.info("KV cache: %d pages of %d tokens (%.1f MiB, %s)%s", num_pages, cache.page_size,
-                num_pages * shape.bytes_per_page / 2**20, "fp8" if shape.quantized else str(dtype).replace("torch.", ""),
+                num_pages * shape.bytes_per_page / 2**20, str(kv_dtype).replace("torch.", ""),
                 f" + {' and '.join(blocks)} pools for {seats} requests ({seats * per_seat / 2**20:.1f} MiB)"
                 if blocks else "")
     return KVSetup(kv, num_pages, seats)

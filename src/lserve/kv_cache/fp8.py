@@ -64,9 +64,10 @@ def pow2_scale(amax: torch.Tensor) -> torch.Tensor:
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., D) -> (E4M3 values (..., D), float32 scales (...)): one scale per row of D."""
-    scale = pow2_scale(x.float().abs().amax(-1))
+    x = x.float()
+    scale = pow2_scale(x.abs().amax(-1))
     inverse = (254 - (scale.view(torch.int32) >> 23) << 23).view(torch.float32)  # 1 / scale, exact
-    return (x.float() * inverse[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    return (x * inverse[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
