@@ -40,7 +40,9 @@ def round_e4m3(x):
     normal = ((bits + ((bits >> 20) & 1) + 0x7FFFF) & -1048576).to(tl.float32, bitcast=True)
     ax = tl.abs(x)
     small = (ax + 16384.0) - 16384.0
-    small = tl.where(bits < 0, -small, small)  # (the sign bit: -0.0 stays -0.0, as in torch)
+    # x's sign bit put back with an integer OR: a negation may compile to 0 - small, and then
+    # a negative x that rounds to zero would store +0.0 where torch stores -0.0
+    small = (small.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
     return tl.where(ax < 0.015625, small, normal)
 
 
