@@ -17,6 +17,7 @@ DType = Literal["auto", "bfloat16", "float16", "float32"]
 LoadFormat = Literal["auto", "hf", "gguf", "dummy"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
 KVCacheDType = Literal["auto", "fp8", "fp8_e4m3"]
+Quantization = Literal["fp8"]
 PageScoreName = Literal["auto", "quest", "midrange", "rope_channels", "label_channels", "rope_mass"]
 PAGE_SCORE_NAMES = ("auto", "quest", "midrange", "rope_channels", "label_channels", "rope_mass")
 
@@ -51,10 +52,15 @@ class ModelConfig:
     device: Device = _field("auto", "cpu, cuda or auto (cuda when available)")
     seed: int = _field(0, "seed for dummy weights and for requests without their own seed")
     enforce_eager: bool = _field(False, "run decode steps without CUDA graphs (graphs are used on CUDA only)")
+    quantization: Quantization | None = _field(
+        None, "fp8: the decoder layers' linear weights quantized to E4M3 at load time (a scale per output "
+        "channel; activations quantized per token; products by torch._scaled_mm, which needs a GPU of compute "
+        "capability 8.9+ or a CPU torch that has it). Embeddings and the LM head keep the model's dtype")
 
     def __post_init__(self) -> None:
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
+        _check_choice("quantization", self.quantization, (None, "fp8"))
         _check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         _check_choice("load_format", self.load_format, ("auto", "hf", "gguf", "dummy"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))

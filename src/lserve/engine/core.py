@@ -126,7 +126,7 @@ class EngineCore:
         """Under tensor parallelism with streaming heads, each layer's KV heads in the order whose
         equal slices go to the ranks (balanced streaming heads); None: the model's order."""
         self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed,
-                                tp=self.tp, kv_order=self.kv_order)
+                                tp=self.tp, kv_order=self.kv_order, quantization=config.model.quantization)
         self._init_kv_cache()
         if self.workers is not None:
             self.workers.wait_ready()

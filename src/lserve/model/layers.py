@@ -28,7 +28,11 @@ class Linear(nn.Linear):
     2.5-3.6 on an H200. The wide gate/up weight goes through `GatedMLP`'s fused form instead;
     the LM head stays on cuBLAS. Class settings, for A/B timing: `use_gemv`, `gemv_rows` (the
     most rows it serves; larger batches are not measured yet) and `gemv_kw` (keywords of
-    `gemv`, its tiling)."""
+    `gemv`, its tiling).
+
+    After `quantize_fp8_` the weight is E4M3 with a float32 scale per output channel
+    (`quantization="fp8"`, `lserve.ops.fp8_linear`): products quantize x per token and go through
+    `torch._scaled_mm`, or the GEMV kernel, which reads the FP8 weight, for one row."""
 
     use_gemv = True
     gemv_rows = 1
@@ -36,19 +40,39 @@ class Linear(nn.Linear):
     reduce: Any = None
     """Set on a row-parallel projection under tensor parallelism (`model.parallel`): sums the
     ranks' partial outputs."""
+    weight_scale: torch.Tensor | None = None
+    """FP8 weights: (out_features,) float32 scales. A plain attribute, not a buffer, so that
+    `model.to(dtype)` cannot round them."""
+    fp8_out_dtype: torch.dtype | None = None
+    """FP8 weights: what `torch._scaled_mm` writes on this device (`ops.fp8_linear.check_fp8_matmul`)."""
+
+    def quantize_fp8_(self, out_dtype: torch.dtype) -> None:
+        """Replace the weight, in place, by its E4M3 values and per-output-channel scales."""
+        from lserve.ops.fp8_linear import quantize_weight
+
+        values, scales = quantize_weight(self.weight.detach())
+        self.weight = nn.Parameter(values, requires_grad=False)
+        self.weight_scale = scales
+        self.fp8_out_dtype = out_dtype
 
     def serves_gemv(self, x: torch.Tensor) -> bool:
         """Whether `lserve.ops.gemv` can take x times this weight (whatever the weight's shape)."""
         return (self.use_gemv and use_fused_kernels(x) and not torch.is_autocast_enabled()
                 and x.dim() == 2 and 1 <= x.shape[0] <= self.gemv_rows
-                and x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == x.dtype
+                and x.dtype in (torch.bfloat16, torch.float16)
+                and (self.weight.dtype == x.dtype or self.weight_scale is not None)
                 and x.stride(1) == 1 and self.weight.stride(1) == 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if 2 * self.in_features >= self.out_features and self.serves_gemv(x):
             from lserve.ops.gemv import gemv
 
-            out = gemv(x, self.weight, self.bias, **self.gemv_kw)
+            out = gemv(x, self.weight, self.bias, weight_scale=self.weight_scale, **self.gemv_kw)
+        elif self.weight_scale is not None:
+            from lserve.ops.fp8_linear import fp8_linear
+
+            assert self.fp8_out_dtype is not None
+            out = fp8_linear(x, self.weight, self.weight_scale, self.bias, self.fp8_out_dtype)
         else:
             out = super().forward(x)
         return out if self.reduce is None else self.reduce(out)
@@ -189,7 +213,8 @@ class GatedMLP(nn.Module):
         if self.gated_gemv and self.gate_up_proj.bias is None and self.gate_up_proj.serves_gemv(x):
             from lserve.ops.gemv import gemv
 
-            return self.down_proj(gemv(x, self.gate_up_proj.weight, gated=True, **self.gate_up_proj.gemv_kw))
+            up = self.gate_up_proj
+            return self.down_proj(gemv(x, up.weight, gated=True, weight_scale=up.weight_scale, **up.gemv_kw))
         gate_up = self.gate_up_proj(x)
         if use_fused_kernels(gate_up):
             from lserve.ops.fused_layers import silu_and_mul

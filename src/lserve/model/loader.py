@@ -144,11 +144,18 @@ def load_model(
     seed: int = 0,
     tp: TensorParallel = SINGLE,
     kv_order: list[list[int]] | None = None,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
     """Build the registry's model class of `arch` on `device` in `dtype` and fill its weights
     (random for dummy). Under tensor parallelism (`tp`), this rank's shard: its heads, MLP and
     vocabulary slices, each weight sliced as it is read, after each layer's KV heads are put in
-    `kv_order` (so that the ranks hold equal numbers of streaming heads)."""
+    `kv_order` (so that the ranks hold equal numbers of streaming heads). `quantization="fp8"`:
+    the decoder's linear weights are then quantized in place (`model.quantization`); the device's
+    FP8 support is checked before anything is loaded."""
+    if quantization is not None:
+        from lserve.ops.fp8_linear import check_fp8_matmul
+
+        check_fp8_matmul(device, dtype)  # fail before minutes of loading, not after
     spec = spec_for(arch.architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build parameters directly in the target dtype
@@ -168,6 +175,10 @@ def load_model(
             load_named_tensors(model, iter_gguf_tensors(source.path, arch), tp=tp, kv_order=kv_order)
         else:
             load_named_tensors(model, _iter_safetensors(source.path), spec.hf_name, tp=tp, kv_order=kv_order)
+    if quantization is not None:
+        from lserve.model.quantization import quantize_model
+
+        quantize_model(model, quantization, device, dtype)
     return model.eval()
 
 

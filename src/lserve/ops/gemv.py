@@ -12,7 +12,13 @@ ops/launch.py) before reading anything. Accumulation is float32, per program in 
 The `gated` form takes a [gate | up] weight and writes silu(gate) * up: each program reads the
 matching gate and up rows, so the MLP's SiLU-and-mul needs no kernel of its own.
 
-Reference: `x.float() @ w.float().T`.
+An FP8 weight (`quantization="fp8"`: E4M3 with a scale per output channel, `ops.fp8_linear`)
+is read as it is stored, half the bytes of a bfloat16 one. Each program then quantizes x per row
+as `ops.fp8_linear.quantize_activations` does (a first pass over K finds the row's scale), so the
+product is the W8A8 one of the multi-row path: exact E4M3 values multiplied and summed in float32,
+the two scales applied after the sum.
+
+Reference: `x.float() @ w.float().T`; with an FP8 weight, `ops.fp8_linear.fp8_linear_reference`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lserve.kv_cache.fp8 import is_fp8
+from lserve.ops.fp8 import pow2_scale, round_e4m3
 from lserve.ops.launch import pdl_args, pdl_enter
 
 MAX_ROWS = 8
@@ -29,10 +37,10 @@ MAX_ROWS = 8
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K,
+    x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K,
     stride_xm, stride_wn, stride_om,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, W_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     n0 = tl.program_id(0) * BLOCK_N
@@ -45,22 +53,39 @@ def _gemv_kernel(
     up_rows = w_ptr + (n + N).to(tl.int64) * stride_wn  # GATED: rows N.. of [gate | up]
     acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
     acc_up = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)  # GATED: the up rows, N below
+    x_scale = tl.full([M_PAD, 1], 1.0, tl.float32)
+    x_inverse = tl.full([M_PAD, 1, 1], 1.0, tl.float32)
+    if W_FP8:  # x's per-row scale (ops.fp8_linear.quantize_activations), from its largest |element|
+        amax = tl.zeros([M_PAD, 1, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + m * stride_xm + k, mask=m_ok & (k < K), other=0.0)
+                                           .to(tl.float32)))
+        x_scale, inverse = pow2_scale(tl.max(amax, axis=2))  # (M_PAD, 1)
+        x_inverse = inverse[:, :, None]
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + kk
         k_ok = k < K
         x = tl.load(x_ptr + m * stride_xm + k, mask=m_ok & k_ok, other=0.0).to(tl.float32)  # (M_PAD, 1, BLOCK_K)
+        if W_FP8:
+            x = round_e4m3(tl.minimum(tl.maximum(x * x_inverse, -448.0), 448.0))
         acc += x * tl.load(w_rows + k, mask=n_ok & k_ok, other=0.0).to(tl.float32)  # (1, BLOCK_N, BLOCK_K)
         if GATED:
             acc_up += x * tl.load(up_rows + k, mask=n_ok & k_ok, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
+    y_up = tl.sum(acc_up, axis=2)
     n2 = n0 + tl.arange(0, BLOCK_N)
     m2 = tl.arange(0, M_PAD)
     dt = out_ptr.dtype.element_ty
+    if W_FP8:
+        y = y * x_scale * tl.load(ws_ptr + n2, mask=n2 < N, other=0.0)[None, :]
+        if GATED:
+            y_up = y_up * x_scale * tl.load(ws_ptr + N + n2, mask=n2 < N, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)[None, :]
     if GATED:  # silu(gate) * up, rounded where the unfused path stores (ops.fused_layers.silu_and_mul)
         g = y.to(dt).to(tl.float32)
-        u = tl.sum(acc_up, axis=2).to(dt).to(tl.float32)
+        u = y_up.to(dt).to(tl.float32)
         y = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
     tl.store(out_ptr + m2[:, None] * stride_om + n2[None, :], y.to(dt),
              mask=(m2 < M)[:, None] & (n2 < N)[None, :])
@@ -75,11 +100,15 @@ def gemv(
     num_warps: int = 4,
     num_stages: int = 3,
     gated: bool = False,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (M, K) with 1 <= M <= MAX_ROWS, weight (N, K) and bias (N,) of x's dtype -> (M, N).
 
     `gated`: the weight is [gate | up] (2I, K), with no bias, and the result is silu(gate) * up
     (M, I), rounded as `ops.fused_layers.silu_and_mul` rounds the unfused product.
+
+    `weight_scale` (N,) float32: the weight is E4M3 (`ops.fp8_linear.quantize_weight`) and x is
+    quantized per row in the kernel (the W8A8 product of `ops.fp8_linear.fp8_linear`).
 
     The default tiling (4 columns a program, 1024-wide K tiles for one row, 4 warps, 3 stages)
     was the fastest over Llama-3-8B's q/k/v, output and down shapes at one row on an H200."""
@@ -89,7 +118,14 @@ def gemv(
     n = weight.shape[0]
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"gemv serves 1..{MAX_ROWS} rows, got {rows}")
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+    if weight_scale is not None:
+        if not is_fp8(weight.dtype) or weight_scale.dtype != torch.float32 or weight_scale.shape != (n,) \
+                or weight_scale.stride(0) != 1:
+            raise ValueError(f"an FP8 product needs an E4M3 weight and (N,) float32 scales, got {weight.dtype} "
+                             f"and {weight_scale.dtype} {tuple(weight_scale.shape)}")
+        if bias is not None and bias.dtype != x.dtype:
+            raise ValueError(f"x ({x.dtype}) and bias ({bias.dtype}) need one dtype")
+    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"x ({x.dtype}), weight ({weight.dtype}) and bias need one dtype")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("x and weight need a contiguous last dimension")
@@ -108,10 +144,10 @@ def gemv(
         block_k = max(32, min(1024, triton.next_power_of_2(64 * 32 * num_warps // accumulators)))
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, rows, n, k,
-        x.stride(0), weight.stride(0), out.stride(0),
+        x, weight, weight_scale if weight_scale is not None else x, bias if bias is not None else x, out,
+        rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, HAS_BIAS=bias is not None,
-        GATED=gated,
+        GATED=gated, W_FP8=weight_scale is not None,
         num_warps=num_warps, **pdl_args(x.device),
     )
     return out
