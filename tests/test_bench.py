@@ -207,18 +207,18 @@ def test_arrivals_and_percentiles() -> None:
 
 
 def test_random_head_pattern_option(tmp_path: Path) -> None:
-    from lserve.bench.command import _with_random_pattern
+    from lserve.bench.command import with_random_pattern
     from lserve.eval.options import ConfigSpec, parse_compare
     from lserve.sparse.patterns import load_pattern
 
     arch, _ = read_arch_config(resolve_source("dummy:llama-3-8b", "auto"))
     spec = parse_compare("sparse:attn_pattern=random,streaming_sparsity=0.5")
-    made = _with_random_pattern(spec, arch, tmp_path, seed=0)
+    made = with_random_pattern(spec, arch, tmp_path, seed=0)
     assert made.overrides["streaming_sparsity"] == 0.5 and made.overrides["attn_pattern"] != "random"
     pattern = load_pattern(made.overrides["attn_pattern"])
     pattern.check_model(32, 8)
-    again = load_pattern(_with_random_pattern(ConfigSpec("b", spec.overrides), arch, tmp_path, seed=0)
+    again = load_pattern(with_random_pattern(ConfigSpec("b", spec.overrides), arch, tmp_path, seed=0)
                          .overrides["attn_pattern"])
     assert bool((pattern.scores == again.scores).all())  # seeded
     plain = ConfigSpec("dense")
-    assert _with_random_pattern(plain, arch, tmp_path, seed=0) is plain
+    assert with_random_pattern(plain, arch, tmp_path, seed=0) is plain

@@ -126,7 +126,7 @@ def _run_offline(
     _fit_max_model_len(base, specs, info, need, "input + output")
     cases = [Case(i, o, b) for i, o, b in itertools.product(inputs, outputs, batches)]
     with tempfile.TemporaryDirectory(prefix="lserve-bench-") as tmp:
-        run_specs = [_with_random_pattern(s, info.arch, Path(tmp), args.data_seed) for s in specs]
+        run_specs = [with_random_pattern(s, info.arch, Path(tmp), args.data_seed) for s in specs]
         return _report_offline(args, base, info, specs, run_specs, cases)
 
 
@@ -163,7 +163,7 @@ def _run_shared_prefix(
     need = work.prefix_len + work.question_len + work.output_len
     _fit_max_model_len(base, specs, info, need, "prefix + input + output")
     with tempfile.TemporaryDirectory(prefix="lserve-bench-") as tmp:
-        run_specs = [_with_random_pattern(s, info.arch, Path(tmp), args.data_seed) for s in specs]
+        run_specs = [with_random_pattern(s, info.arch, Path(tmp), args.data_seed) for s in specs]
         hardware = hardware_description(base.get("device", "auto"))
         print(f"hardware: {hardware}")
         print(f"model: {info.name} ({info.load_format}; {info.shape()})")
@@ -185,7 +185,7 @@ def _run_shared_prefix(
     return 0 if any(r.status == "ok" for r in results) else 1
 
 
-def _with_random_pattern(spec: ConfigSpec, arch: Any, folder: Path, seed: int) -> ConfigSpec:
+def with_random_pattern(spec: ConfigSpec, arch: Any, folder: Path, seed: int) -> ConfigSpec:
     """`attn_pattern=random`: a seeded random head pattern of the model's shape (speed does not
     depend on which heads stream), written to `folder` for the engine to load."""
     if spec.overrides.get("attn_pattern") != RANDOM_PATTERN:
