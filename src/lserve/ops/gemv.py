@@ -13,12 +13,13 @@ The `gated` form takes a [gate | up] weight and writes silu(gate) * up: each pro
 matching gate and up rows, so the MLP's SiLU-and-mul needs no kernel of its own.
 
 An FP8 weight (`quantization="fp8"`: E4M3 with a scale per output channel, `ops.fp8_linear`)
-is read as it is stored, half the bytes of a bfloat16 one. Each program then quantizes x per row
-as `ops.fp8_linear.quantize_activations` does (a first pass over K finds the row's scale), so the
-product is the W8A8 one of the multi-row path: exact E4M3 values multiplied and summed in float32,
-the two scales applied after the sum.
+is read as it is stored, half the bytes of a bfloat16 one, and multiplied with x as it is (W8A16):
+the weight's scale is applied after the sum. The multi-row path also quantizes x per token (W8A8,
+for the FP8 tensor cores); a one-row product is bound by the weight's bytes, so quantizing x would
+gain nothing, and finding its scale in the kernel (a first pass over K in every program) made the
+product slower on an H100 (docs/benchmarks.md).
 
-Reference: `x.float() @ w.float().T`; with an FP8 weight, `ops.fp8_linear.fp8_linear_reference`.
+Reference: `x.float() @ w.float().T`; with an FP8 weight, `x.float() @ (w.float() * scale[:, None]).T`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import triton
 import triton.language as tl
 
 from lserve.kv_cache.fp8 import is_fp8
-from lserve.ops.fp8 import pow2_scale, round_e4m3
 from lserve.ops.launch import pdl_args, pdl_enter
 
 MAX_ROWS = 8
@@ -53,22 +53,10 @@ def _gemv_kernel(
     up_rows = w_ptr + (n + N).to(tl.int64) * stride_wn  # GATED: rows N.. of [gate | up]
     acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
     acc_up = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)  # GATED: the up rows, N below
-    x_scale = tl.full([M_PAD, 1], 1.0, tl.float32)
-    x_inverse = tl.full([M_PAD, 1, 1], 1.0, tl.float32)
-    if W_FP8:  # x's per-row scale (ops.fp8_linear.quantize_activations), from its largest |element|
-        amax = tl.zeros([M_PAD, 1, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + kk
-            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + m * stride_xm + k, mask=m_ok & (k < K), other=0.0)
-                                           .to(tl.float32)))
-        x_scale, inverse = pow2_scale(tl.max(amax, axis=2))  # (M_PAD, 1)
-        x_inverse = inverse[:, :, None]
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + kk
         k_ok = k < K
         x = tl.load(x_ptr + m * stride_xm + k, mask=m_ok & k_ok, other=0.0).to(tl.float32)  # (M_PAD, 1, BLOCK_K)
-        if W_FP8:
-            x = round_e4m3(tl.minimum(tl.maximum(x * x_inverse, -448.0), 448.0))
         acc += x * tl.load(w_rows + k, mask=n_ok & k_ok, other=0.0).to(tl.float32)  # (1, BLOCK_N, BLOCK_K)
         if GATED:
             acc_up += x * tl.load(up_rows + k, mask=n_ok & k_ok, other=0.0).to(tl.float32)
@@ -77,10 +65,10 @@ def _gemv_kernel(
     n2 = n0 + tl.arange(0, BLOCK_N)
     m2 = tl.arange(0, M_PAD)
     dt = out_ptr.dtype.element_ty
-    if W_FP8:
-        y = y * x_scale * tl.load(ws_ptr + n2, mask=n2 < N, other=0.0)[None, :]
+    if W_FP8:  # each output channel's scale, after the sum
+        y = y * tl.load(ws_ptr + n2, mask=n2 < N, other=0.0)[None, :]
         if GATED:
-            y_up = y_up * x_scale * tl.load(ws_ptr + N + n2, mask=n2 < N, other=0.0)[None, :]
+            y_up = y_up * tl.load(ws_ptr + N + n2, mask=n2 < N, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)[None, :]
     if GATED:  # silu(gate) * up, rounded where the unfused path stores (ops.fused_layers.silu_and_mul)
@@ -107,8 +95,8 @@ def gemv(
     `gated`: the weight is [gate | up] (2I, K), with no bias, and the result is silu(gate) * up
     (M, I), rounded as `ops.fused_layers.silu_and_mul` rounds the unfused product.
 
-    `weight_scale` (N,) float32: the weight is E4M3 (`ops.fp8_linear.quantize_weight`) and x is
-    quantized per row in the kernel (the W8A8 product of `ops.fp8_linear.fp8_linear`).
+    `weight_scale` (N,) float32: the weight is E4M3 (`ops.fp8_linear.quantize_weight`), read as
+    stored; each output is scaled after its sum (x is not quantized).
 
     The default tiling (4 columns a program, 1024-wide K tiles for one row, 4 warps, 3 stages)
     was the fastest over Llama-3-8B's q/k/v, output and down shapes at one row on an H200."""
