@@ -15,9 +15,10 @@ matching gate and up rows, so the MLP's SiLU-and-mul needs no kernel of its own.
 An FP8 weight (`quantization="fp8"`: E4M3 with a scale per output channel, `ops.fp8_linear`)
 is read as it is stored, half the bytes of a bfloat16 one, and multiplied with x as it is (W8A16):
 the weight's scale is applied after the sum. The multi-row path also quantizes x per token (W8A8,
-for the FP8 tensor cores); a one-row product is bound by the weight's bytes, so quantizing x would
-gain nothing, and finding its scale in the kernel (a first pass over K in every program) made the
-product slower on an H100 (docs/benchmarks.md).
+for the FP8 tensor cores); a one-row product is bound by the weight's bytes, so quantizing x
+gains nothing there. A version that did (a first pass over K in every program for x's scale)
+read its one-byte weights at only 1.9-2.7 TB/s on an H100 (docs/benchmarks.md); this one skips
+that pass.
 
 Reference: `x.float() @ w.float().T`; with an FP8 weight, `x.float() @ (w.float() * scale[:, None]).T`.
 """
