@@ -32,7 +32,8 @@ class Linear(nn.Linear):
 
     After `quantize_fp8_` the weight is E4M3 with a float32 scale per output channel
     (`quantization="fp8"`, `lserve.ops.fp8_linear`): products quantize x per token and go through
-    `torch._scaled_mm`, or the GEMV kernel, which reads the FP8 weight, for one row."""
+    `torch._scaled_mm`; a one-row product goes through the GEMV kernel, which reads the FP8 weight
+    and keeps x as it is."""
 
     use_gemv = True
     gemv_rows = 1
