@@ -17,7 +17,10 @@ tokens are on the CPU, so GPU work is finished):
   its constant ring block when there are streaming heads. The peak of `EngineStats.kv_pages_used`
   is reported beside it (`kv_pages_peak`, paged pool, whole batch) as a measured cross-check;
 - pages-read fraction: decode KV pages read / pages a dense decode would read, from the engine's
-  counters over the timed case (`EngineStats.decode_pages_read` and `decode_pages_dense`).
+  counters over the timed case (`EngineStats.decode_pages_read` and `decode_pages_dense`);
+- peak GPU memory: the most memory torch's allocator held during the timed case
+  (`torch.cuda.max_memory_allocated`: weights, the preallocated KV cache and the largest
+  activations; a GPU only).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class CaseResult:
     kv_bytes_per_seq_full: int | None = None
     """What a contiguous dense cache needs for input + output tokens (no paging, no sparsity)."""
     decode_pages_read_fraction: float | None = None
+    peak_gpu_memory_bytes: int | None = None
     ratios: dict[str, float | None] = field(default_factory=dict)
     """Against the first configuration: speedups (>1 = faster) and the KV memory ratio (<1 = smaller)."""
 
@@ -82,6 +86,8 @@ def random_prompts(vocab_size: int, case: Case, seed: int) -> list[list[int]]:
 
 def run_case(llm: Any, case: Case, seed: int) -> dict[str, Any]:
     """Time one static batch through the engine's step loop; returns the measured fields."""
+    import torch
+
     from lserve.sampling_params import SamplingParams
 
     engine = llm.llm_engine
@@ -92,6 +98,9 @@ def run_case(llm: Any, case: Case, seed: int) -> dict[str, Any]:
     peak_pages = 0
     all_first: float | None = None
     ids: list[str] = []
+    cuda = engine.core.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(engine.core.device)
     start = time.perf_counter()
     try:
         for prompt in prompts:
@@ -130,6 +139,7 @@ def run_case(llm: Any, case: Case, seed: int) -> dict[str, Any]:
         "kv_bytes_per_seq": engine.core.kv_bytes_per_sequence(n_in + n_out - 1),
         "kv_bytes_per_seq_full": (n_in + n_out) * arch.kv_bytes_per_token * elem,
         "decode_pages_read_fraction": (after.decode_pages_read - before.decode_pages_read) / dense if dense else None,
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(engine.core.device) if cuda else None,
     }
 
 
@@ -194,6 +204,9 @@ def format_results(results: list[CaseResult]) -> str:
     """A Markdown table: one row per (case, configuration), ratios against the first configuration."""
     head = ["input", "output", "batch", "config", "prefill ms", "TTFT ms", "TPOT ms", "out tok/s", "total tok/s",
             "KV MiB/seq", "pages read", "prefill x", "TPOT x", "KV ratio"]
+    peak = any(r.peak_gpu_memory_bytes is not None for r in results)
+    if peak:
+        head.append("peak GiB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cases = list(dict.fromkeys((r.input_len, r.output_len, r.batch_size) for r in results))
     for r in sorted(results, key=lambda r: cases.index((r.input_len, r.output_len, r.batch_size))):  # stable
@@ -207,7 +220,7 @@ def format_results(results: list[CaseResult]) -> str:
             format_number(r.decode_pages_read_fraction, 1, 3),
             format_number(r.ratios.get("prefill_speedup"), 1, 2), format_number(r.ratios.get("tpot_speedup"), 1, 2),
             format_number(r.ratios.get("kv_memory_ratio"), 1, 3),
-        ]
+        ] + ([format_number(r.peak_gpu_memory_bytes, 2**-30, 1)] if peak else [])
         lines.append("| " + " | ".join(case + cells) + " |")
     return "\n".join(lines)
 
