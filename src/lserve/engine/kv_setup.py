@@ -5,7 +5,8 @@ Which heads go where: a full-attention layer's dense heads are paged, its stream
 ring; a sliding-window layer's heads in the window pool. With the prefix cache on
 (`fixed_pools` False) there are no blocks: every head is paged (a ring cannot be rebuilt from
 cached pages) and the windows apply as masks. The blocks are sized first, for `max_num_seqs`
-seats but at most half of the KV memory; the paged pool takes the rest.
+seats but at most the share of the KV memory that keeping those heads out of the paged pool
+saves (`_seats`); the paged pool takes the rest.
 """
 
 from __future__ import annotations
@@ -69,16 +70,19 @@ def fixed_blocks(
     return blocks
 
 
-def _seats(config: EngineConfig, device: torch.device, per_seat: int) -> int:
-    """`max_num_seqs`, or fewer when their blocks would take more than half of the KV memory."""
+def _seats(config: EngineConfig, device: torch.device, per_seat: int, saved_share: float) -> int:
+    """`max_num_seqs`, or fewer when their blocks would take more than `saved_share` of the KV
+    memory: the share of a page's bytes that the paged pool no longer holds (the streaming heads'
+    and the window layers'). Then the paged pool keeps at least the tokens an all-paged cache of
+    the same memory would hold, so the blocks never lower the longest request that fits."""
     cache, wanted = config.cache, config.scheduler.max_num_seqs
     if per_seat == 0 or cache.num_kv_pages is not None:
         return wanted
-    half = memory_budget_bytes(device, cache.kv_cache_memory_fraction, cache.kv_cache_memory_bytes) // 2
-    seats = max(1, min(wanted, half // per_seat))
+    budget = memory_budget_bytes(device, cache.kv_cache_memory_fraction, cache.kv_cache_memory_bytes)
+    seats = max(1, min(wanted, int(budget * saved_share) // per_seat))
     if seats < wanted:  # (not a fault: vLLM too reports the concurrency its KV memory allows)
-        logger.info("%d requests run at once (max_num_seqs=%d): the ring and window blocks take at most half "
-                    "of the KV memory", seats, wanted)
+        logger.info("%d requests run at once (max_num_seqs=%d): the ring and window blocks take at most the "
+                    "%.0f%% of the KV memory that they save from the paged pool", seats, wanted, 100 * saved_share)
     return seats
 
 
@@ -107,7 +111,8 @@ def build_kv_cache(
     blocks = fixed_blocks(arch, config, dtype, kv_dtype, n_stream if use_ring else None, pooled, max_chunk_tokens,
                           max_model_len)
     per_seat = sum(geometry.pages_per_seq * bshape.bytes_per_page for bshape, geometry in blocks.values())
-    seats = agree(_seats(config, device, per_seat))
+    all_paged = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, dtype, None, kv_dtype)
+    seats = agree(_seats(config, device, per_seat, 1.0 - shape.bytes_per_page / all_paged.bytes_per_page))
     # one more block than seats: the scratch seat of captured decode graphs' padded rows
     fixed = {name: KVCacheTensors(bshape, (seats + 1) * geometry.pages_per_seq, device)
              for name, (bshape, geometry) in blocks.items()}
