@@ -313,3 +313,15 @@ def write_llama_gguf(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def has_fp8_matmul(device: torch.device) -> bool:
+    """Whether `quantization="fp8"` can run on `device` (torch has FP8 products with per-row scales there)."""
+    from lserve.errors import NotSupportedError
+    from lserve.ops.fp8_linear import check_fp8_matmul
+
+    try:
+        check_fp8_matmul(device, torch.float32)
+    except NotSupportedError:
+        return False
+    return True

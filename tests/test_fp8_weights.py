@@ -27,21 +27,13 @@ from lserve.ops.fp8_linear import (
     quantize_weight,
 )
 from lserve.ops.gemv import gemv
-from tests.helpers_models import hf_config, hf_model, random_ids, save_hf, save_word_tokenizer
+from tests.helpers_models import has_fp8_matmul, hf_config, hf_model, random_ids, save_hf, save_word_tokenizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _has_fp8_matmul(device: torch.device) -> bool:
-    try:
-        check_fp8_matmul(device, torch.float32)
-    except NotSupportedError:
-        return False
-    return True
-
-
-cpu_fp8 = pytest.mark.skipif(not _has_fp8_matmul(torch.device("cpu")),
+cpu_fp8 = pytest.mark.skipif(not has_fp8_matmul(torch.device("cpu")),
                              reason="this CPU build of torch has no FP8 products with per-row scales (2.13 has)")
 
 
@@ -129,7 +121,7 @@ def test_the_gemv_rejects_bad_fp8_arguments() -> None:
         gemv(x, w8.to(DEVICE))
 
 
-@pytest.mark.skipif(not _has_fp8_matmul(DEVICE), reason="no FP8 products with per-row scales here")
+@pytest.mark.skipif(not has_fp8_matmul(DEVICE), reason="no FP8 products with per-row scales here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_scaled_mm_product_matches_the_reference(dtype: torch.dtype) -> None:
     w8, ws = quantize_weight(_randn(48, 80, seed=4))

@@ -152,10 +152,11 @@ def load_model(
     `kv_order` (so that the ranks hold equal numbers of streaming heads). `quantization="fp8"`:
     the decoder's linear weights are then quantized in place (`model.quantization`); the device's
     FP8 support is checked before anything is loaded."""
-    if quantization is not None:
+    fp8_out_dtype = None
+    if quantization is not None:  # ("fp8", the one method: the config checked the name)
         from lserve.ops.fp8_linear import check_fp8_matmul
 
-        check_fp8_matmul(device, dtype)  # fail before minutes of loading, not after
+        fp8_out_dtype = check_fp8_matmul(device, dtype)  # fail before minutes of loading, not after
     spec = spec_for(arch.architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build parameters directly in the target dtype
@@ -175,10 +176,10 @@ def load_model(
             load_named_tensors(model, iter_gguf_tensors(source.path, arch), tp=tp, kv_order=kv_order)
         else:
             load_named_tensors(model, _iter_safetensors(source.path), spec.hf_name, tp=tp, kv_order=kv_order)
-    if quantization is not None:
+    if fp8_out_dtype is not None:
         from lserve.model.quantization import quantize_model
 
-        quantize_model(model, quantization, device, dtype)
+        quantize_model(model, fp8_out_dtype, device, dtype)
     return model.eval()
 
 

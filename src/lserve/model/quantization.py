@@ -16,21 +16,16 @@ import logging
 import torch
 from torch import nn
 
-from lserve.errors import NotSupportedError
 from lserve.model.layers import Linear
-from lserve.ops.fp8_linear import can_quantize, check_fp8_matmul
+from lserve.ops.fp8_linear import can_quantize
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATION_METHODS = ("fp8",)
 
-
-def quantize_model(model: nn.Module, method: str, device: torch.device, dtype: torch.dtype) -> int:
-    """Quantize the model's decoder linear layers in place; returns how many were quantized.
-    A clear error where the device has no FP8 matrix product (nothing is quantized then)."""
-    if method not in QUANTIZATION_METHODS:
-        raise NotSupportedError(f"quantization={method!r} is not one of {', '.join(QUANTIZATION_METHODS)}")
-    out_dtype = check_fp8_matmul(device, dtype)
+def quantize_model(model: nn.Module, out_dtype: torch.dtype, device: torch.device, dtype: torch.dtype) -> int:
+    """Quantize the model's decoder linear layers to FP8 in place; returns how many were quantized.
+    `out_dtype`: what `torch._scaled_mm` writes on `device` (`ops.fp8_linear.check_fp8_matmul`,
+    which the caller runs before loading, so that a device without FP8 products fails early)."""
     done, kept = 0, []
     with torch.no_grad():
         for name, module in model.named_modules():

@@ -47,14 +47,21 @@ def round_e4m3(x):
 
 
 @triton.jit
+def to_e4m3(x, inverse):
+    """float32 x times its scale's inverse, clipped to +-448, rounded (`round_e4m3`) and stored
+    as E4M3: the conversion gets an exact value and never rounds."""
+    y = tl.minimum(tl.maximum(x * inverse, -448.0), 448.0)
+    return round_e4m3(y).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+
+
+@triton.jit
 def quantize_rows(x, AXIS: tl.constexpr):
     """x float32 -> (E4M3 values, float32 scales): one scale per slice along `AXIS` (the head
     dimension: 1 for a (tokens, D) tile, 0 for one token's (D,) row)."""
     scale, inverse = pow2_scale(tl.max(tl.abs(x), axis=AXIS))
     if AXIS == 1:
         inverse = inverse[:, None]
-    y = tl.minimum(tl.maximum(x * inverse, -448.0), 448.0)
-    return round_e4m3(y).to(tl.float8e4nv, fp_downcast_rounding="rtne"), scale
+    return to_e4m3(x, inverse), scale
 
 
 @triton.jit

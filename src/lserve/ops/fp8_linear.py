@@ -26,7 +26,7 @@ import triton.language as tl
 
 from lserve.errors import NotSupportedError
 from lserve.kv_cache.fp8 import FP8_DTYPE, is_fp8, quantize
-from lserve.ops.fp8 import pow2_scale, round_e4m3
+from lserve.ops.fp8 import pow2_scale, to_e4m3
 
 FP8_GEMM_ALIGN = 16
 """`torch._scaled_mm` needs both dimensions of the weight to be multiples of 16."""
@@ -58,9 +58,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(x * inverse, -448.0), 448.0)
-        tl.store(q_ptr + row * stride_q + k, round_e4m3(y).to(tl.float8e4nv, fp_downcast_rounding="rtne"),
-                 mask=k < K)
+        tl.store(q_ptr + row * stride_q + k, to_e4m3(x, inverse), mask=k < K)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

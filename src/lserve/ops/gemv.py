@@ -62,19 +62,19 @@ def _gemv_kernel(
         if GATED:
             acc_up += x * tl.load(up_rows + k, mask=n_ok & k_ok, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
-    y_up = tl.sum(acc_up, axis=2)
     n2 = n0 + tl.arange(0, BLOCK_N)
     m2 = tl.arange(0, M_PAD)
     dt = out_ptr.dtype.element_ty
     if W_FP8:  # each output channel's scale, after the sum
         y = y * tl.load(ws_ptr + n2, mask=n2 < N, other=0.0)[None, :]
-        if GATED:
-            y_up = y_up * tl.load(ws_ptr + N + n2, mask=n2 < N, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(b_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)[None, :]
     if GATED:  # silu(gate) * up, rounded where the unfused path stores (ops.fused_layers.silu_and_mul)
+        u = tl.sum(acc_up, axis=2)
+        if W_FP8:
+            u = u * tl.load(ws_ptr + N + n2, mask=n2 < N, other=0.0)[None, :]
         g = y.to(dt).to(tl.float32)
-        u = y_up.to(dt).to(tl.float32)
+        u = u.to(dt).to(tl.float32)
         y = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
     tl.store(out_ptr + m2[:, None] * stride_om + n2[None, :], y.to(dt),
              mask=(m2 < M)[:, None] & (n2 < N)[None, :])
