@@ -170,7 +170,8 @@ def _run_shared_prefix(
         print(f"workload: {num} requests one after another, each a shared {work.prefix_len}-token document + "
               f"{work.question_len} tokens of its own, {work.output_len} output tokens; configurations: "
               f"{', '.join(s.describe() for s in specs)}", flush=True)
-        results = bench_shared_prefix(run_specs, base, work, args.data_seed, args.num_warmups)
+        results = bench_shared_prefix(run_specs, base, work, args.data_seed, args.num_warmups,
+                                      on_result=_print_prefix_progress)
     print()
     print(format_prefix_results(results))
     for r in results:
@@ -183,6 +184,16 @@ def _run_shared_prefix(
             "results": [r.to_dict() for r in results],
         })
     return 0 if any(r.status == "ok" for r in results) else 1
+
+
+def _print_prefix_progress(r: Any) -> None:
+    """One line per configuration as it finishes (a run cut short still shows what it measured)."""
+    if r.status != "ok":
+        print(f"{r.config}: failed: {r.error}", file=sys.stderr, flush=True)
+        return
+    rest = "-" if r.ttft_rest_median_s is None else f"{r.ttft_rest_median_s:.3f} s"
+    print(f"{r.config}: TTFT request 1 {r.ttft_first_s:.3f} s, requests 2..N median {rest}, "
+          f"total {r.total_time_s:.2f} s, hit rate {r.hit_rate:.3f}", file=sys.stderr, flush=True)
 
 
 def with_random_pattern(spec: ConfigSpec, arch: Any, folder: Path, seed: int) -> ConfigSpec:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -114,9 +115,11 @@ def run_sequential(llm: Any, prompts: list[list[int]], output_len: int) -> dict[
 
 
 def bench_shared_prefix(
-    specs: list[ConfigSpec], base_kwargs: dict[str, Any], work: Workload, seed: int, num_warmups: int
+    specs: list[ConfigSpec], base_kwargs: dict[str, Any], work: Workload, seed: int, num_warmups: int,
+    on_result: Callable[[PrefixResult], None] | None = None,
 ) -> list[PrefixResult]:
-    """Each configuration's engine runs the workload (after warm-ups on another document)."""
+    """Each configuration's engine runs the workload (after warm-ups on another document);
+    `on_result` sees each configuration's result as soon as it is measured."""
     from lserve.engine.llm import LLM
 
     results = []
@@ -138,6 +141,8 @@ def bench_shared_prefix(
             llm = None
             free_memory()
         results.append(result)
+        if on_result is not None:
+            on_result(result)
     ok = [r for r in results if r.status == "ok"]
     for r in ok[1:]:
         r.outputs_equal_first = r.outputs == ok[0].outputs
