@@ -162,6 +162,13 @@ class AttentionBackend(ABC):
             self.selector.prepare(md)
         self.last_page_counts = self._count_pages(md)
 
+    def prepare_for_capture(self, md: AttentionMetadata, mode: str) -> None:
+        """Step 1 for a start-up graph capture: `md`'s rows are inert (the graph buffers' scratch
+        rows) and the page selector takes `mode`'s path."""
+        if self.selector is not None:
+            self.selector.inert_plan(md.num_decodes, mode)
+        self.last_page_counts = StepPageCounts((), ())
+
     def collect_stored_pages(self, md: AttentionMetadata) -> None:
         """After the step's forward is queued: attach the pages a top-p selection stored (known
         on the device only) to `last_page_counts`, copied to the host without waiting."""

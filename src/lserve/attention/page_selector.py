@@ -165,6 +165,18 @@ class PageSelector:
     def mode(self) -> str:
         return self.plan.mode if self.plan is not None else "none"
 
+    def inert_plan(self, rows: int, mode: str) -> None:
+        """A step of `rows` inert decoding rows that takes `mode`'s path on the host (what a CUDA
+        graph captured at start-up records); on the device every row fits and reads one page of
+        the spare seat, as a captured graph's padded rows do."""
+        assert mode in ("none", "reuse", "select")
+        fits = mode == "none"
+        self.plan = DecodePlan((mode == "select",) * rows, (fits,) * rows, (1,) * rows, (0,) * rows)
+        inert = {PlanRow.RECOMPUTE: 0, PlanRow.FITS: 1, PlanRow.NUM_PAGES: 1, PlanRow.ANCHOR: 0,
+                 PlanRow.SEAT: self.scratch_seat}
+        for row, value in inert.items():
+            self._plan_dev[row].fill_(value)
+
     def forget(self, request_id: str) -> None:
         self._state.pop(request_id, None)
         self.num_selections.pop(request_id, None)

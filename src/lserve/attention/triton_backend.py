@@ -67,6 +67,11 @@ class TritonAttentionBackend(AttentionBackend):
         self._tiles = plan_tiles(prefill_lens, prefill_block_m(device), device, first_seq=md.num_decodes) \
             if prefill_lens else None
 
+    def prepare_for_capture(self, md: AttentionMetadata, mode: str) -> None:
+        super().prepare_for_capture(md, mode)
+        self._segments = None
+        self._tiles = None
+
     def _attend(
         self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata
     ) -> torch.Tensor:

@@ -216,6 +216,7 @@ class EngineCore:
             self.runner.graphs = DecodeGraphs(self.model, backend, seats, self.max_model_len, cache.page_size,
                                               scratch_page=setup.num_pages, ring=ring_geometry, scratch_seat=seats,
                                               device=self.device)
+            self.runner.graphs.capture_all(("none", "reuse", "select") if selector is not None else ("none",))
 
     def kv_bytes_per_sequence(self, num_tokens: int) -> int:
         """KV memory one sequence of `num_tokens` tokens holds: its pages, plus its ring and window blocks."""

@@ -8,14 +8,18 @@ into them and replays. Rows past the step's batch (up to the bucket size) are in
 write their K/V into a scratch page no request owns and read only that page.
 
 The page selector has three modes ("none", "reuse", "select"); each (bucket, mode) pair is its own
-graph, captured the first time it is needed.
+graph. The engine captures them all at start-up (`capture_all`), so no request pays for a capture;
+a pair that is missing is captured the first time it is needed.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from lserve.attention.backend import AttentionBackend
 from lserve.attention.metadata import AttentionMetadata
@@ -139,6 +143,23 @@ class DecodeGraphs:
             logits = self._forward(b)
         logger.debug("captured a decode graph for batch %d (%s)", b, mode)
         return graph, logits
+
+    def capture_all(self, modes: Sequence[str]) -> None:
+        """Capture every (bucket, mode) graph now, on the buffers' inert scratch rows; logs the
+        time and GPU memory they took."""
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        start = time.perf_counter()
+        pairs = [(b, mode) for b in self.buckets for mode in modes]
+        for b, mode in tqdm(pairs, desc="Capturing decode graphs", leave=False):
+            if (b, mode) in self._graphs:
+                continue
+            self.backend.prepare_for_capture(self._metadata(b), mode)
+            self._graphs[(b, mode)] = self._capture(b, mode)
+        torch.cuda.synchronize(self.device)
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        logger.info("captured %d decode graphs (batch sizes %s x %s) in %.1f s, %.2f GiB",
+                    len(pairs), ",".join(map(str, self.buckets)), "/".join(modes), time.perf_counter() - start,
+                    used / 2**30)
 
     def run(self, md: AttentionMetadata, input_ids: torch.Tensor, positions: torch.Tensor, mode: str) -> torch.Tensor:
         """Logits (md.num_seqs, vocab) of a pure decode step; the backend's `prepare(md)` ran already."""
