@@ -100,9 +100,10 @@ def test_decode_gemv_gives_the_same_tokens_eager_and_in_graphs(tmp_path: Path) -
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outs = {}
     for eager in (True, False):
-        llm = LLM(str(tmp_path), load_format="dummy", dtype="bfloat16", num_kv_pages=100,
-                  max_num_batched_tokens=512, max_num_seqs=4, enforce_eager=eager)
+        # (the spy covers start-up too: that is where the decode graphs are captured)
         with mock.patch.object(gemv_module, "gemv", wraps=gemv_module.gemv) as spy:
+            llm = LLM(str(tmp_path), load_format="dummy", dtype="bfloat16", num_kv_pages=100,
+                      max_num_batched_tokens=512, max_num_seqs=4, enforce_eager=eager)
             outs[eager] = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
         assert Linear.use_gemv and spy.call_count > 0
     assert outs[True] == outs[False]
@@ -115,7 +116,7 @@ def test_gemma3_window_pool_forks_and_prefix_hits_on_the_gpu(tmp_path: Path) -> 
     gives the cold tokens."""
     from tests.helpers_models import hf_config, hf_model, random_ids, save_hf, save_word_tokenizer
 
-    folder = save_hf(hf_model(hf_config("gemma3", sliding_window=24), seed=5), tmp_path / "gemma")
+    folder = save_hf(hf_model(hf_config("gemma3", sliding_window=24, head_dim=32), seed=5), tmp_path / "gemma")
     save_word_tokenizer(folder)
     prompts = [random_ids(n, seed=n).tolist() for n in (150, 9, 77)]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -6,10 +6,14 @@ page tables with gaps; under TRITON_INTERPRET=1 on a CPU, compiled on a GPU.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
+from lserve.attention.backend import resolve_backend_name, triton_head_dim_supported
 from lserve.attention.triton_backend import TritonAttentionBackend
+from lserve.errors import NotSupportedError
 from tests.test_torch_backend import run_scenario
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -50,3 +54,17 @@ def test_triton_backend_bfloat16_fp8_cache_on_gpu() -> None:
         hq=8, hkv=2, head_dim=128, page_size=64, dtype=torch.bfloat16, atol=3e-2, rtol=3e-2,
         seed=4, num_layers=2, steps=5, backend_cls=TritonAttentionBackend, device=DEVICE, fp8=True,
     )
+
+
+def test_backend_choice_follows_the_head_size(caplog: pytest.LogCaptureFixture) -> None:
+    """auto takes the Triton kernels on a GPU only where they support the head size (a power of
+    two from 16 to 256) and says so when it does not; asking for Triton there is a clear error."""
+    cuda = torch.device("cuda")
+    assert resolve_backend_name("auto", cuda, 128) == "triton"
+    assert resolve_backend_name("auto", torch.device("cpu"), 128) == "torch"
+    with caplog.at_level(logging.WARNING, logger="lserve.attention.backend"):
+        assert resolve_backend_name("auto", cuda, 96) == "torch"
+    assert "head_dim=96" in caplog.text
+    with pytest.raises(NotSupportedError, match="head_dim to be a power of two"):
+        resolve_backend_name("triton", cuda, 24)
+    assert [d for d in (8, 16, 24, 64, 96, 256, 512) if triton_head_dim_supported(d)] == [16, 64, 256]

@@ -10,6 +10,7 @@ streaming heads and the page lists of the page selector, and counts the pages de
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from lserve.attention.sparsity import HeadSparsity
 from lserve.errors import NotSupportedError
 from lserve.kv_cache.layout import KVCache, KVCacheTensors
 from lserve.ops.paged_inputs import StoredSelection
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -385,14 +388,31 @@ def _scales(pool: KVCacheTensors, layer: int) -> dict[str, torch.Tensor]:
     return {"k_scale": pool.k_scale[layer], "v_scale": pool.v_scale[layer]}
 
 
-def resolve_backend_name(name: str, device: torch.device) -> str:
-    """auto: Triton kernels on a CUDA GPU, the PyTorch reference elsewhere."""
+def triton_head_dim_supported(head_dim: int) -> bool:
+    """The Triton kernels hold a head's channels in one block: a power of two from 16 to 256."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def resolve_backend_name(name: str, device: torch.device, head_dim: int = 128) -> str:
+    """auto: Triton kernels on a CUDA GPU where they support the head size, the PyTorch
+    reference elsewhere."""
     if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if device.type != "cuda":
+            return "torch"
+        if not triton_head_dim_supported(head_dim):
+            logger.warning("head_dim=%d is not a power of two from 16 to 256: attention runs on the PyTorch "
+                           "backend (slower than the Triton kernels)", head_dim)
+            return "torch"
+        return "triton"
     if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise NotSupportedError(
             "attention_backend='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for slow testing); "
             "use 'torch' on the CPU"
+        )
+    if name == "triton" and not triton_head_dim_supported(head_dim):
+        raise NotSupportedError(
+            f"attention_backend='triton' needs head_dim to be a power of two from 16 to 256, the model's is "
+            f"{head_dim}; use 'torch' (or 'auto')"
         )
     return name
 

@@ -94,9 +94,9 @@ class EngineCore:
         size = config.parallel.tensor_parallel_size
         self.tp = tp if tp is not None else TensorParallel(0, size)
         self.device = resolve_device(config.model.device)
-        self.backend_name = resolve_backend_name(config.attention_backend, self.device)
         self.source: ModelSource = resolve_source(config.model.model, config.model.load_format)
         self.arch, rope_factors = read_arch_config(self.source)
+        self.backend_name = resolve_backend_name(config.attention_backend, self.device, self.arch.head_dim)
         self.local_arch = shard_config(self.arch, self.tp)
         """This rank's shard of the model: its heads (the KV cache and attention see only these)."""
         self.workers: WorkerGroup | None = None

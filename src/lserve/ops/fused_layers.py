@@ -69,17 +69,18 @@ def rms_norm(
 def _rotary_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, num_q_heads, num_k_heads,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     t = tl.program_id(0)
-    d = tl.arange(0, HALF)
+    d = tl.arange(0, BLOCK_D)  # HALF rounded up to a power of two (a head of 24 or 96 channels)
+    dm = d < HALF
     h = tl.arange(0, BLOCK_H)
     dt = q_ptr.dtype.element_ty
     # cos/sin repeat over the two halves (the frequencies are concatenated twice)
-    c = _round(tl.load(cos_ptr + t * stride_ct + d), dt)[None, :]
-    s = _round(tl.load(sin_ptr + t * stride_ct + d), dt)[None, :]
+    c = _round(tl.load(cos_ptr + t * stride_ct + d, mask=dm, other=0.0), dt)[None, :]
+    s = _round(tl.load(sin_ptr + t * stride_ct + d, mask=dm, other=0.0), dt)[None, :]
     for which in tl.static_range(2):
         ptr = q_ptr if which == 0 else k_ptr
         st = stride_qt if which == 0 else stride_kt
@@ -87,7 +88,7 @@ def _rotary_kernel(
         nh = num_q_heads if which == 0 else num_k_heads
         for h0 in range(0, nh, BLOCK_H):
             rows = h0 + h
-            m = (rows < nh)[:, None]
+            m = (rows < nh)[:, None] & dm[None, :]
             a1 = ptr + t * st + rows[:, None] * sh + d[None, :]
             x1 = tl.load(a1, mask=m, other=0.0).to(tl.float32)
             x2 = tl.load(a1 + HALF, mask=m, other=0.0).to(tl.float32)
@@ -111,7 +112,7 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         return
     _rotary_kernel[(t,)](
         q, k, cos, sin, hq, k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-        HALF=d // 2, BLOCK_H=min(16, triton.next_power_of_2(max(hq, k.shape[1]))), **pdl_args(q.device),
+        HALF=d // 2, BLOCK_D=triton.next_power_of_2(d // 2), BLOCK_H=min(16, triton.next_power_of_2(max(hq, k.shape[1]))), **pdl_args(q.device),
     )
 
 

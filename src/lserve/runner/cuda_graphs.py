@@ -144,9 +144,11 @@ class DecodeGraphs:
         logger.debug("captured a decode graph for batch %d (%s)", b, mode)
         return graph, logits
 
+    @torch.inference_mode()
     def capture_all(self, modes: Sequence[str]) -> None:
         """Capture every (bucket, mode) graph now, on the buffers' inert scratch rows; logs the
-        time and GPU memory they took."""
+        time and GPU memory they took. Under inference mode, as the runner's steps are: with
+        autograd on, the model would take its PyTorch paths instead of the fused kernels."""
         free_before = torch.cuda.mem_get_info(self.device)[0]
         start = time.perf_counter()
         pairs = [(b, mode) for b in self.buckets for mode in modes]
