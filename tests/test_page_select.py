@@ -15,6 +15,7 @@ import torch
 from lserve.attention.metadata import build_metadata
 from lserve.attention.page_selector import PageSelector
 from lserve.ops import reference as ref
+from lserve.ops.reference import store_top_pages_ref
 from lserve.ops.sparse_decode import sparse_decode
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,3 +70,45 @@ def test_decode_reading_the_store_equals_the_explicit_lists(num_splits: int) -> 
     dense = sparse_decode(*args, num_splits=num_splits)
     assert _rel(got[0], dense[0]) > 10 * TOL  # negative: row 0 really reads fewer pages
     assert _rel(got[1], dense[1]) < TOL  # row 1 fits: every page
+
+
+@pytest.mark.parametrize("store", ["reference", "kernel"])
+def test_local_window_and_sink_page_are_kept_whatever_their_scores(store: str) -> None:
+    """`selection_local_tokens`: page 0 and the pages of the last N tokens before the newest page
+    are stored first, out of the same budget, by the reference store and by the kernel; without
+    the window the same scores keep other pages (negative test); a row that fits reads all."""
+    from lserve.ops.page_scores import store_top_pages
+
+    store_fn = store_top_pages_ref if store == "reference" else store_top_pages
+    hkv, budget = 3, 6 * PAGE  # keep = 5 older pages besides the newest
+    seq_lens = [13 * PAGE + 3, 7 * PAGE + 2, 3 * PAGE]  # newest pages 13 and 7; row 2 fits
+    scores = torch.randn((3, hkv, 14), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    scores[:, :, 0] = -50.0  # the sink and the local pages score lowest of all
+    scores[0, :, 11:13] = -60.0
+    scores[1, :, 5:7] = -60.0
+    stored = {}
+    for local in (0, 2 * PAGE - 5):  # 27 tokens: two pages
+        sel = PageSelector([hkv], PAGE, budget, 1, 3, DEVICE, local_tokens=local)
+        _plan(sel, seq_lens, [2, 0, 1], ["a", "b", "c"])
+        got = sel.update(0, 3, lambda: scores.clone(), store_fn=store_fn)
+        assert got is not None
+        stored[local] = got.store[[2, 0]].tolist()  # the seats of rows 0 and 1
+    for h in range(hkv):
+        best0 = scores[0, h, 1:11].topk(2).indices.add(1).tolist()
+        assert stored[27][0][h] == sorted([0, 11, 12, *best0])
+        best1 = scores[1, h, 1:5].topk(2).indices.add(1).tolist()
+        assert stored[27][1][h] == sorted([0, 5, 6, *best1])
+        assert not {0, 11, 12} & set(stored[0][0][h])  # negative: the plain top-k drops them
+        assert stored[0][0][h] == sorted(scores[0, h, :13].topk(5).indices.tolist())
+
+
+def test_local_window_needs_room_in_the_budget() -> None:
+    from lserve.config import SparseConfig
+
+    with pytest.raises(ValueError, match="too few for the first page and selection_local_tokens=64"):
+        PageSelector([2], PAGE, 4 * PAGE, 1, 2, DEVICE, local_tokens=4 * PAGE)
+    PageSelector([2], PAGE, 6 * PAGE, 1, 2, DEVICE, local_tokens=4 * PAGE)  # 1 + 4 of 5: fits
+    with pytest.raises(ValueError, match="does not combine with selection_top_p"):
+        SparseConfig(token_budget=512, selection_top_p=0.9, selection_local_tokens=128)
+    with pytest.raises(ValueError, match="selection_local_tokens"):
+        SparseConfig(token_budget=512, selection_local_tokens=-1)

@@ -99,6 +99,21 @@ def test_page_selection_with_a_small_budget_reads_fewer_pages(default_llm, patte
     assert stats.decode_pages_read_fraction < both.decode_pages_read_fraction < 0.25
 
 
+def test_local_window_setting_reaches_the_selector_and_changes_the_pages() -> None:
+    """`selection_local_tokens` flows from LLM(...) to the selector; with the same budget it reads
+    the same number of pages but other ones, so the text differs from the plain selection."""
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    outs, fractions = {}, {}
+    for local in (0, 32):
+        llm = LLM(dtype="float32", device="cpu", page_size=16, token_budget=96, selector_interval=1,
+                  selection_local_tokens=local)
+        assert llm.engine.core.runner.backend.selector.local_pages == local // 16
+        outs[local] = llm.generate(LONG, greedy, use_tqdm=False)[0].outputs[0].token_ids
+        fractions[local] = llm.llm_engine.get_stats().decode_pages_read_fraction
+    assert fractions[0] == fractions[32] < 0.25
+    assert outs[0] != outs[32]
+
+
 def test_preemption_with_ring_pool_and_selection_matches_one_at_a_time(pattern_path: Path) -> None:
     """Streaming heads in the ring, page selection, a pool too small for the batch: preempted
     requests recompute into new pages (and maybe another seat) and give the same tokens.

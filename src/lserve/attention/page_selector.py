@@ -74,6 +74,7 @@ class PageSelector:
         top_p: float | None = None,
         min_tokens: int = 0,
         temperature: float = 1.0,
+        local_tokens: int = 0,
     ) -> None:
         self.page_size = page_size
         self.score = score
@@ -82,6 +83,14 @@ class PageSelector:
         self.budget_pages = max(1, token_budget // page_size)
         self.keep = self.budget_pages - 1
         """Older pages kept per head besides the newest page."""
+        self.local_pages = cdiv(local_tokens, page_size)
+        """Older pages always kept when `local_tokens` > 0: the ones right before the anchor (with
+        page 0, the sink: one more), whatever their scores."""
+        if self.local_pages and self.local_pages + 1 > self.keep:
+            raise ValueError(
+                f"token_budget={token_budget} keeps {self.keep} older pages of {page_size} tokens: too few for "
+                f"the first page and selection_local_tokens={local_tokens} ({self.local_pages} pages); raise "
+                f"token_budget to at least {(self.local_pages + 2) * page_size} or lower selection_local_tokens")
         self.interval = interval
         self.num_dense_layers = num_dense_layers
         self.aggregate = aggregate
@@ -238,9 +247,19 @@ class PageSelector:
         store = self._store[layer]
         top_p = self._top_p[layer] if self._top_p is not None else None
         if self.keep and mode == "select":
-            store_fn(scores_fn(), self._plan_dev[:, :nd], store, self.keep, top_p=top_p)
+            store_fn(self._force_local(scores_fn(), nd), self._plan_dev[:, :nd], store, self.keep, top_p=top_p)
         return StoredSelection(store, self._plan_dev, self.keep, self.keep + self.tail_width,
                                top_p.counts if top_p is not None else None)
+
+    def _force_local(self, scores: torch.Tensor, nd: int) -> torch.Tensor:
+        """With a local window: page 0 and the `local_pages` pages before each row's anchor get the
+        largest finite score, so that the top-k keeps them first (device ops only: safe in a graph)."""
+        if not self.local_pages:
+            return scores
+        anchor = PlanView.of(self._plan_dev, nd).anchor[:, None]
+        pages = torch.arange(scores.shape[2], device=scores.device)[None, :]
+        forced = (pages == 0) | ((pages < anchor) & (pages >= anchor - self.local_pages))
+        return scores.masked_fill(forced[:, None, :], torch.finfo(scores.dtype).max)
 
     def select(self, layer: int, nd: int, scores_fn) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Page lists (nd, H, W) int32 and counts (nd, H) int32 of this layer, or None to read every page

@@ -197,6 +197,7 @@ class EngineCore:
                 self.page_score.interval, seats, self.device, sparse.num_dense_layers,
                 score=self.page_score.kind,
                 top_p=sparse.selection_top_p, min_tokens=sparse.selection_min_tokens,
+                local_tokens=sparse.selection_local_tokens,
                 # a score summed over a GQA group is about `group` logits: their mean's softmax scale;
                 # rope_mass is a log-mass already
                 temperature=1.0 if self.page_score.kind == "rope_mass"
