@@ -159,8 +159,7 @@ class PageSelector:
         # the block must not change before the copy ran, and earlier steps may still be running
         host = torch.empty((PLAN_ROWS, self._plan_dev.shape[1]), dtype=torch.int64,
                            pin_memory=self.device.type == "cuda")
-        inert = {PlanRow.RECOMPUTE: 0, PlanRow.FITS: 1, PlanRow.NUM_PAGES: 1, PlanRow.ANCHOR: 0,
-                 PlanRow.SEAT: self.scratch_seat}
+        inert = self._inert_row()
         rows = {PlanRow.RECOMPUTE: recompute, PlanRow.FITS: fits, PlanRow.NUM_PAGES: num_pages,
                 PlanRow.ANCHOR: anchor, PlanRow.SEAT: list(md.seats[:nd])}
         for row in PlanRow:
@@ -181,10 +180,14 @@ class PageSelector:
         assert mode in ("none", "reuse", "select")
         fits = mode == "none"
         self.plan = DecodePlan((mode == "select",) * rows, (fits,) * rows, (1,) * rows, (0,) * rows)
-        inert = {PlanRow.RECOMPUTE: 0, PlanRow.FITS: 1, PlanRow.NUM_PAGES: 1, PlanRow.ANCHOR: 0,
-                 PlanRow.SEAT: self.scratch_seat}
-        for row, value in inert.items():
+        for row, value in self._inert_row().items():
             self._plan_dev[row].fill_(value)
+
+    def _inert_row(self) -> dict[PlanRow, int]:
+        """The plan of a row no request owns (a captured graph's padding): it fits, reads one
+        page, and belongs to the spare seat."""
+        return {PlanRow.RECOMPUTE: 0, PlanRow.FITS: 1, PlanRow.NUM_PAGES: 1, PlanRow.ANCHOR: 0,
+                PlanRow.SEAT: self.scratch_seat}
 
     def forget(self, request_id: str) -> None:
         self._state.pop(request_id, None)
@@ -213,6 +216,7 @@ class PageSelector:
     def begin_forward(self) -> None:
         """Forget the tensors shared by the layers of one forward (called before its first layer)."""
         self._shared: tuple[torch.Tensor, ...] | None = None
+        self._forced: torch.Tensor | None = None
 
     def _shared_tensors(self, nd: int) -> tuple[torch.Tensor, ...]:
         """What every selecting layer of this forward reads the same way: (fit (nd, 1, 1) bool,
@@ -256,10 +260,13 @@ class PageSelector:
         largest finite score, so that the top-k keeps them first (device ops only: safe in a graph)."""
         if not self.local_pages:
             return scores
-        anchor = PlanView.of(self._plan_dev, nd).anchor[:, None]
-        pages = torch.arange(scores.shape[2], device=scores.device)[None, :]
-        forced = (pages == 0) | ((pages < anchor) & (pages >= anchor - self.local_pages))
-        return scores.masked_fill(forced[:, None, :], torch.finfo(scores.dtype).max)
+        forced = getattr(self, "_forced", None)  # the same for every layer of a forward
+        if forced is None or forced.shape != (nd, 1, scores.shape[2]):
+            anchor = PlanView.of(self._plan_dev, nd).anchor[:, None]
+            pages = torch.arange(scores.shape[2], device=scores.device)[None, :]
+            forced = ((pages == 0) | ((pages < anchor) & (pages >= anchor - self.local_pages)))[:, None, :]
+            self._forced = forced
+        return scores.masked_fill(forced, torch.finfo(scores.dtype).max)
 
     def select(self, layer: int, nd: int, scores_fn) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Page lists (nd, H, W) int32 and counts (nd, H) int32 of this layer, or None to read every page

@@ -112,7 +112,8 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         return
     _rotary_kernel[(t,)](
         q, k, cos, sin, hq, k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-        HALF=d // 2, BLOCK_D=triton.next_power_of_2(d // 2), BLOCK_H=min(16, triton.next_power_of_2(max(hq, k.shape[1]))), **pdl_args(q.device),
+        HALF=d // 2, BLOCK_D=triton.next_power_of_2(d // 2),
+        BLOCK_H=min(16, triton.next_power_of_2(max(hq, k.shape[1]))), **pdl_args(q.device),
     )
 
 
