@@ -78,9 +78,14 @@ class CacheConfig:
 
     page_size: int = _field(64, "tokens per KV page (a power of two, 16..128)")
     num_kv_pages: int | None = _field(None, "number of KV pages (default: sized from free memory)")
+    gpu_memory_utilization: float = _field(
+        0.9, "share of the GPU's total memory the engine may use (vLLM's meaning): weights, activations and "
+        "decode graphs (both measured at start-up) and the KV cache, which gets the rest. GPU only; "
+        "kv_cache_memory_fraction, kv_cache_memory_bytes or num_kv_pages replace it"
+    )
     kv_cache_memory_fraction: float | None = _field(
-        None, "share of free memory after loading weights for the KV cache (default: 0.9 on a GPU; on a CPU "
-        "0.5, at most 4 GiB)"
+        None, "share of free memory after loading weights for the KV cache, unprofiled (default on a GPU: "
+        "gpu_memory_utilization; on a CPU 0.5, at most 4 GiB)"
     )
     kv_cache_memory_bytes: int | None = _field(
         None, "bytes for the KV cache, ring pool and page-selection labels included (instead of a share of "
@@ -106,6 +111,9 @@ class CacheConfig:
             raise ValueError(f"page_size must be a power of two from 16 to 128, got {ps!r}")
         _check_int("num_kv_pages", self.num_kv_pages, 1, allow_none=True)
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "fp8", "fp8_e4m3"))
+        util = self.gpu_memory_utilization
+        if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
         frac = self.kv_cache_memory_fraction
         if frac is not None and not (isinstance(frac, (int, float)) and 0.0 < frac <= 1.0):
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {frac!r}")

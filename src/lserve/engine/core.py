@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -21,7 +22,17 @@ from lserve.attention.backend import (
 from lserve.attention.page_selector import PageSelector
 from lserve.attention.sparsity import HeadSparsity
 from lserve.config import EngineConfig
-from lserve.engine.kv_setup import build_kv_cache
+from lserve.engine.kv_setup import KVSetup, build_kv_cache
+from lserve.engine.memory_profile import (
+    MemoryProfile,
+    graph_pool_bytes,
+    memory_in_use,
+    profiling_step,
+    provisional_cache_config,
+    release,
+    sampling_bytes,
+    step_activation_bytes,
+)
 from lserve.engine.scheduler import Scheduler, SchedulerOutput
 from lserve.engine.stats import EngineStats
 from lserve.engine.step_builder import StepBuilder
@@ -172,29 +183,51 @@ class EngineCore:
         return wanted
 
     def _init_kv_cache(self) -> None:
-        """Size and allocate the KV memory (`engine.kv_setup`), then build the page selector, the
-        attention backend, the runner and (on a GPU) its decode graphs."""
-        cache, sparse, arch = self.config.cache, self.config.sparse, self.arch
+        """Size and allocate the KV memory (`engine.kv_setup`; on a GPU from a start-up memory
+        profile, `engine.memory_profile`), then build the page selector, the attention backend,
+        the runner and (on a GPU) its decode graphs."""
+        cache, sparse = self.config.cache, self.config.sparse
         sparsity = self._head_sparsity()
         self.streaming_head_fraction = sparsity.streaming_fraction if sparsity is not None else 0.0
         self.page_score = self._page_score() if sparse.uses_page_selection else None
-        agree = (lambda n: agree_min(n, self.device)) if self.tp.size > 1 else (lambda n: n)
-        setup = build_kv_cache(self.local_arch, self.config, self.dtype, self.device,
-                               sparsity.streaming_heads if sparsity is not None else None, self.page_score,
-                               fixed_pools=self.fixed_pools, max_chunk_tokens=self.max_chunk_tokens,
-                               max_model_len=self.max_model_len, agree=agree)
+        config = self.config
+        if self._profiles_memory():
+            budget = self._profile_memory(sparsity)
+            config = dataclasses.replace(config, cache=dataclasses.replace(cache, kv_cache_memory_bytes=budget))
+        setup = self._build_kv(config, sparsity)
         self.kv_cache = setup.cache
         self.kv_tensors = setup.cache.paged
         self.num_seats = seats = setup.num_seats
         self.kv_manager = KVCacheManager(setup.num_pages, cache.page_size, seats,
                                          enable_caching=self.prefix_caching)
+        self.runner = self._build_runner(setup, sparsity, seats)
+        self.step_builder = StepBuilder(self.kv_manager, self.arch.vocab_size)
+        if self._uses_graphs():
+            self.runner.graphs = self._decode_graphs(self.runner, setup, seats)
+            start = time.perf_counter()
+            modes = self._graph_modes()
+            used = self.runner.graphs.capture_all(modes)
+            logger.info("captured %d decode graphs (batch sizes %s x %s) in %.1f s, %.2f GiB",
+                        len(self.runner.graphs.buckets) * len(modes), ",".join(map(str, self.runner.graphs.buckets)),
+                        "/".join(modes), time.perf_counter() - start, used / 2**30)
+
+    def _build_kv(self, config: EngineConfig, sparsity: HeadSparsity | None) -> KVSetup:
+        agree = (lambda n: agree_min(n, self.device)) if self.tp.size > 1 else (lambda n: n)
+        return build_kv_cache(self.local_arch, config, self.dtype, self.device,
+                              sparsity.streaming_heads if sparsity is not None else None, self.page_score,
+                              fixed_pools=self.fixed_pools, max_chunk_tokens=self.max_chunk_tokens,
+                              max_model_len=self.max_model_len, agree=agree)
+
+    def _build_runner(self, setup: KVSetup, sparsity: HeadSparsity | None, selector_seats: int) -> ModelRunner:
+        """The page selector (for `selector_seats` requests), attention backend and runner over `setup`."""
+        cache, sparse, arch = self.config.cache, self.config.sparse, self.arch
         selector = None
         if sparse.uses_page_selection:
             assert self.page_score is not None
             shape = setup.cache.shape
             selector = PageSelector(
                 [shape.layer_heads(i) for i in range(arch.num_layers)], cache.page_size, sparse.token_budget,
-                self.page_score.interval, seats, self.device, sparse.num_dense_layers,
+                self.page_score.interval, selector_seats, self.device, sparse.num_dense_layers,
                 score=self.page_score.kind,
                 top_p=sparse.selection_top_p, min_tokens=sparse.selection_min_tokens,
                 local_tokens=sparse.selection_local_tokens,
@@ -203,21 +236,55 @@ class EngineCore:
                 temperature=1.0 if self.page_score.kind == "rope_mass"
                 else arch.attention_scale / (arch.num_heads // arch.num_kv_heads),
             )
-        backend = create_backend(self.backend_name, self.kv_cache, self.local_arch.num_heads, arch.attention_scale,
+        backend = create_backend(self.backend_name, setup.cache, self.local_arch.num_heads, arch.attention_scale,
                                  sparsity, selector)
-        ring_geometry = self.kv_cache.ring_geometry
-        self.runner = ModelRunner(self.model, backend, cache.page_size, self.device, self.config.model.seed,
-                                  ring_geometry)
-        self.step_builder = StepBuilder(self.kv_manager, arch.vocab_size)
         if self.backend_name == "triton":
             backend.decode_split_len = self.max_model_len
+        return ModelRunner(self.model, backend, cache.page_size, self.device, self.config.model.seed,
+                           setup.cache.ring_geometry)
+
+    def _uses_graphs(self) -> bool:
         # (decode graphs with collectives inside are not validated yet: tensor-parallel steps run eagerly)
-        if self.device.type == "cuda" and self.backend_name == "triton" and not self.config.model.enforce_eager \
-                and self.tp.size == 1:
-            self.runner.graphs = DecodeGraphs(self.model, backend, seats, self.max_model_len, cache.page_size,
-                                              scratch_page=setup.num_pages, ring=ring_geometry, scratch_seat=seats,
-                                              device=self.device)
-            self.runner.graphs.capture_all(("none", "reuse", "select") if selector is not None else ("none",))
+        return self.device.type == "cuda" and self.backend_name == "triton" and not self.config.model.enforce_eager \
+            and self.tp.size == 1
+
+    def _graph_modes(self) -> tuple[str, ...]:
+        return ("none", "reuse", "select") if self.config.sparse.uses_page_selection else ("none",)
+
+    def _decode_graphs(self, runner: ModelRunner, setup: KVSetup, max_batch: int) -> DecodeGraphs:
+        """Decode graphs over `setup`'s cache for batches up to `max_batch` (not captured yet)."""
+        return DecodeGraphs(self.model, runner.backend, max_batch, self.max_model_len, self.config.cache.page_size,
+                            scratch_page=setup.num_pages, ring=setup.cache.ring_geometry,
+                            scratch_seat=setup.num_seats, device=self.device)
+
+    def _profiles_memory(self) -> bool:
+        """The KV cache is sized from `gpu_memory_utilization` and a start-up profile: on one GPU
+        when no explicit size (pages, bytes or a share of free memory) is given."""
+        cache = self.config.cache
+        explicit = (cache.num_kv_pages, cache.kv_cache_memory_bytes, cache.kv_cache_memory_fraction)
+        return self.device.type == "cuda" and self.tp.size == 1 and all(v is None for v in explicit)
+
+    def _profile_memory(self, sparsity: HeadSparsity | None) -> int:
+        """The KV cache's bytes under `gpu_memory_utilization`, from a provisional runtime's
+        largest step, widest sampling and largest decode graphs (`engine.memory_profile`)."""
+        in_use, total = memory_in_use(self.device)
+        sched = self.config.scheduler
+        chunk = min(self.max_chunk_tokens, self.max_model_len - 1)
+        setup = self._build_kv(provisional_cache_config(self.config, sched.max_num_batched_tokens, chunk), sparsity)
+        runner = self._build_runner(setup, sparsity, max(setup.num_seats, sched.max_num_seqs))
+        step = profiling_step(sched.max_num_batched_tokens, chunk, self.config.cache.page_size, self.arch.vocab_size,
+                              self.config.model.seed)
+        activations = step_activation_bytes(runner, step, self.device) + sampling_bytes(
+            runner, sched.max_num_seqs, self.arch.hidden_size, self.dtype, self.device)
+        graphs = 0
+        if self._uses_graphs():
+            graphs = graph_pool_bytes(self._decode_graphs(runner, setup, sched.max_num_seqs), self._graph_modes(),
+                                      sched.max_num_seqs, self.arch.vocab_size, self.device)
+        del runner, setup
+        release(self.device)
+        profile = MemoryProfile(total, self.config.cache.gpu_memory_utilization, in_use, activations, graphs)
+        logger.info("%s", profile.describe())
+        return profile.check()
 
     def kv_bytes_per_sequence(self, num_tokens: int) -> int:
         """KV memory one sequence of `num_tokens` tokens holds: its pages, plus its ring and window blocks."""

@@ -15,7 +15,6 @@ a pair that is missing is captured the first time it is needed.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 
 import torch
@@ -145,23 +144,24 @@ class DecodeGraphs:
         return graph, logits
 
     @torch.inference_mode()
-    def capture_all(self, modes: Sequence[str]) -> None:
-        """Capture every (bucket, mode) graph now, on the buffers' inert scratch rows; logs the
-        time and GPU memory they took. Under inference mode, as the runner's steps are: with
-        autograd on, the model would take its PyTorch paths instead of the fused kernels."""
+    def capture_all(self, modes: Sequence[str], buckets: Sequence[int] | None = None) -> int:
+        """Capture every (bucket, mode) graph now (of `buckets`; default every bucket), on the
+        buffers' inert scratch rows, with a progress bar; return the GPU memory they took (the
+        caller logs it). Under inference mode, as the runner's steps are: with autograd on, the
+        model would take its PyTorch paths instead of the fused kernels."""
         free_before = torch.cuda.mem_get_info(self.device)[0]
-        start = time.perf_counter()
-        pairs = [(b, mode) for b in self.buckets for mode in modes]
+        pairs = [(b, mode) for b in (self.buckets if buckets is None else buckets) for mode in modes]
         for b, mode in tqdm(pairs, desc="Capturing decode graphs", leave=False):
             if (b, mode) in self._graphs:
                 continue
             self.backend.prepare_for_capture(self._metadata(b), mode)
             self._graphs[(b, mode)] = self._capture(b, mode)
         torch.cuda.synchronize(self.device)
-        used = free_before - torch.cuda.mem_get_info(self.device)[0]
-        logger.info("captured %d decode graphs (batch sizes %s x %s) in %.1f s, %.2f GiB",
-                    len(pairs), ",".join(map(str, self.buckets)), "/".join(modes), time.perf_counter() - start,
-                    used / 2**30)
+        return max(free_before - torch.cuda.mem_get_info(self.device)[0], 0)
+
+    def logits_itemsize(self) -> int:
+        """Bytes per logit of the captured graphs' outputs (each graph keeps its logits alive)."""
+        return next(iter(self._graphs.values()))[1].element_size()
 
     def run(self, md: AttentionMetadata, input_ids: torch.Tensor, positions: torch.Tensor, mode: str) -> torch.Tensor:
         """Logits (md.num_seqs, vocab) of a pure decode step; the backend's `prepare(md)` ran already."""
