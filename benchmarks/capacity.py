@@ -67,7 +67,7 @@ def main() -> None:
         assert admits(core, longest) and (longest == limit or not admits(core, longest + page)), spec.name
         per_token = core.kv_bytes_per_sequence(longest) / longest
         row = {"name": spec.name, "overrides": spec.overrides, "weight_bytes": weight_bytes(core.model),
-               "kv_pages": core.kv_manager.num_pages, "kv_bytes_per_token": per_token, "longest_request": longest,
+               "kv_pages": core.kv_manager.num_pages, "seats": core.num_seats, "kv_bytes_per_token": per_token, "longest_request": longest,
                "kv_dtype": str(core.kv_cache.shape.kv_dtype).replace("torch.", "")}
         rows.append(row)
         print(f"{spec.describe()}: {row}", flush=True)

@@ -49,6 +49,7 @@ def test_the_shipped_pattern_chooses_rope_mass() -> None:
     selection = load_pattern(path).selection
     assert selection is not None and selection["page_score"] == "rope_mass" and selection["score_channels"] == 16
     assert selection["selector_interval"] == 1  # re-selecting every step keeps NIAH answers (docs/accuracy.md)
+    assert selection["selection_local_tokens"] == 128  # keeps passkey answers (docs/accuracy.md)
     assert torch.tensor(selection["channels"]).shape == (30, 3, 8)  # the calibrated label channels
     kept = selection["measured"]["answers_kept"]
     assert kept["alone"][selection["page_score"]] >= kept["alone"]["quest"]
@@ -78,8 +79,15 @@ def test_engine_resolves_auto_from_the_shipped_pattern_and_sizes_the_labels(tmp_
     assert paged.label_channels[0].tolist() == [list(range(24, 32)) + list(range(56, 64))] * 3
     assert core.runner.backend.selector.score == "rope_mass"
     assert core.page_score.interval == core.runner.backend.selector.interval == 1  # the pattern's
-    every3 = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, selector_interval=3)
-    assert every3.llm_engine.core.runner.backend.selector.interval == 3  # the setting wins
+    assert core.page_score.local_tokens == 128 and core.runner.backend.selector.local_pages == 2  # the pattern's
+    every3 = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, selector_interval=3,
+                 selection_local_tokens=0)
+    assert every3.llm_engine.core.runner.backend.selector.interval == 3  # the settings win
+    assert every3.llm_engine.core.runner.backend.selector.local_pages == 0
+    # the pattern's local window yields where it does not combine: top-p, or a budget with no page to spare
+    for extra in ({"selection_top_p": 0.9}, {"token_budget": 256}):
+        other = LLM(dtype="float32", device="cpu", num_kv_pages=40, **{"token_budget": 512, **extra})
+        assert other.llm_engine.core.runner.backend.selector.local_pages == 0
     quest = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, page_score="quest")
     qcore = quest.llm_engine.core
     assert qcore.kv_cache.paged.k_label is None and qcore.kv_cache.paged.k_min is not None
@@ -106,7 +114,7 @@ def test_cli_selection_step_writes_the_choice(tiny_with_tokenizer: Path, tmp_pat
                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sel"
     rc = main(["calibrate", "--selection", "--model", str(tiny_with_tokenizer), "--output", str(out), "--device", "cpu",
-               "--dtype", "float32", "--token-budget", "128", "--score-channels", "4", "--passkey-lengths", "500",
+               "--dtype", "float32", "--token-budget", "320", "--score-channels", "4", "--passkey-lengths", "500",
                "--passkey-samples", "1"])
     assert rc == 0, capsys.readouterr().err
     pattern = load_pattern(out / f"{tiny_with_tokenizer.name}.json")
@@ -118,11 +126,15 @@ def test_cli_selection_step_writes_the_choice(tiny_with_tokenizer: Path, tmp_pat
     by_interval = measured["answers_kept_by_interval"]
     assert sel["selector_interval"] in (4, 1) and set(by_interval["alone"]) == {"every 4", "every 1"}
     assert by_interval["alone"]["every 4"] == measured["answers_kept"]["alone"][sel["page_score"]]
+    by_local = measured["answers_kept_by_local_tokens"]
+    assert set(by_local["alone"]) == {"local 0", "local 128"} and sel["selection_local_tokens"] in (0, 128)
+    assert by_local["streaming"]["local 0"] == by_interval["streaming"][f"every {sel['selector_interval']}"]
     assert set(measured["recall"]) == {"quest", "midrange", "rope_channels", "label_channels", "rope_mass", "oracle"}
     assert measured["calibration_tokens"] == 1024  # clamped to the model's window
     assert pattern.scores.shape == (2, 2) and bool((pattern.scores == 1).all())  # no pattern: all dense
     printed = capsys.readouterr().out
     assert "page_score=" in printed and "oracle" in printed and "re-selected every 1 steps" in printed
+    assert "selection_local_tokens=" in printed and "local 128 tokens: answers" in printed
     # the engine takes the choice from the file (`auto`)
     from lserve import LLM
 
@@ -137,3 +149,7 @@ def test_cli_selection_bad_input_is_one_line(tiny_with_tokenizer: Path, tmp_path
                "--device", "cpu", "--passkey-lengths", "5000"])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "limit" in err, err
+    rc = main(["calibrate", "--selection", "--model", str(tiny_with_tokenizer), "--output", str(tmp_path / "o"),
+               "--device", "cpu", "--token-budget", "256"])  # no room for the default 128-token local window
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "local_tokens" in err, err

@@ -168,9 +168,10 @@ class SparseConfig:
         None, "keep each head's best pages until their estimated share of attention reaches p (within "
         "token_budget; off by default)")
     selection_min_tokens: int = _field(256, "with selection_top_p: the fewest tokens of selected pages")
-    selection_local_tokens: int = _field(
-        0, "with token_budget: every selecting head also reads the first page (the attention sink) and the "
-        "pages of its last N tokens before the newest page, out of the same budget (0 = off)")
+    selection_local_tokens: int | None = _field(
+        None, "with token_budget: every selecting head also reads the first page (the attention sink) and the "
+        "pages of its last N tokens before the newest page, out of the same budget (0 = off; default: the model "
+        "pattern's calibrated value with page_score=auto when the budget has room for it, else 0)")
 
     def __post_init__(self) -> None:
         s = self.streaming_sparsity
@@ -196,7 +197,7 @@ class SparseConfig:
         _check_int("selection_min_tokens", self.selection_min_tokens, 1)
         if p is not None and not self.token_budget:
             raise ValueError("selection_top_p needs token_budget > 0 (the most tokens a selection may read)")
-        _check_int("selection_local_tokens", self.selection_local_tokens, 0)
+        _check_int("selection_local_tokens", self.selection_local_tokens, 0, allow_none=True)
         if self.selection_local_tokens and p is not None:
             raise ValueError("selection_local_tokens does not combine with selection_top_p (a top-p selection "
                              "keeps the first page already; its local window is not built)")

@@ -90,6 +90,9 @@ def add_calibrate_parser(sub: Any) -> None:
     sel.add_argument("--selector-intervals", default="4,1",
                      help="re-selection intervals: every score is measured at the first, the chosen one at each, "
                      "and the one keeping the most answers is written (default: 4,1)")
+    sel.add_argument("--selection-local-tokens", default="0,128",
+                     help="local windows (selection_local_tokens) the chosen score is then measured with at its "
+                     "interval; the one keeping the most answers is written (default: 0,128)")
     sel.add_argument("--streaming-sparsity", type=float, default=0.5,
                      help="answers are also compared with this share of the pattern's heads streaming (0: not; default 0.5)")
     p.set_defaults(func=cmd_calibrate)
@@ -104,11 +107,13 @@ def cmd_calibrate_selection(args: argparse.Namespace) -> int:
         lengths=parse_context_lengths(args.passkey_lengths, 1), num_samples=args.passkey_samples, seed=args.seed,
         device=args.device, dtype=args.dtype, streaming_sparsity=args.streaming_sparsity,
         intervals=parse_int_list(args.selector_intervals, "--selector-intervals"),
+        local_tokens=parse_int_list(args.selection_local_tokens, "--selection-local-tokens"),
     )
     result = calibrate_selection(cfg)
     measured = result.selection["measured"]
     print(f"wrote {result.pattern_path}: page_score={result.selection['page_score']}, "
-          f"selector_interval={result.selection['selector_interval']} (token budget {measured['token_budget']})")
+          f"selector_interval={result.selection['selector_interval']}, "
+          f"selection_local_tokens={result.selection['selection_local_tokens']} (token budget {measured['token_budget']})")
     kept = measured["answers_kept"]
     n = measured["samples"]
     for name in kept["alone"]:
@@ -120,6 +125,10 @@ def cmd_calibrate_selection(args: argparse.Namespace) -> int:
     for name in by_interval["alone"]:
         print(f"  {result.selection['page_score']}, re-selected {name} steps: answers "
               + ", ".join(f"{by_interval[s][name]}/{n} {s}" for s in by_interval))
+    by_local = measured["answers_kept_by_local_tokens"]
+    for name in by_local["alone"]:
+        print(f"  {result.selection['page_score']}, {name} tokens: answers "
+              + ", ".join(f"{by_local[s][name]}/{n} {s}" for s in by_local))
     print(f"  wall time {result.wall_time_s / 60:.1f} min")
     return 0
 

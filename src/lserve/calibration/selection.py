@@ -37,6 +37,7 @@ import torch
 
 from lserve.calibration import selection_recall as sr
 from lserve.calibration.data import make_dataset
+from lserve.config import CacheConfig
 from lserve.errors import LServeError
 from lserve.sparse.patterns import HeadPattern, load_pattern, save_pattern, shipped_pattern
 from lserve.sparse.selection import (
@@ -83,6 +84,9 @@ class SelectionCalibrationConfig:
     candidates: tuple[str, ...] = CANDIDATES
     intervals: tuple[int, ...] = (DEFAULT_SELECTOR_INTERVAL, 1)
     """Re-selection intervals: the candidates are measured at the first, the chosen score at every one."""
+    local_tokens: tuple[int, ...] = (0, 128)
+    """Local windows (`selection_local_tokens`) the chosen score is measured with at its chosen
+    interval (0: none, as every other run); the one keeping the most answers is written."""
 
     def __post_init__(self) -> None:
         bad = [c for c in self.candidates if c not in CANDIDATES]
@@ -95,6 +99,12 @@ class SelectionCalibrationConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.intervals or min(self.intervals) < 1 or len(set(self.intervals)) != len(self.intervals):
             raise ValueError(f"intervals must be distinct step counts >= 1, got {list(self.intervals)}")
+        page = CacheConfig().page_size  # (the engines here use the default pages)
+        roomy = [n for n in self.local_tokens if n < 0 or (n and (-(-n // page) + 3) * page > self.token_budget)]
+        if not self.local_tokens or roomy or len(set(self.local_tokens)) != len(self.local_tokens):
+            raise ValueError(f"local_tokens must be distinct token counts >= 0 that leave token_budget="
+                             f"{self.token_budget} at least one page of {page} tokens for the score beside the first, "
+                             f"the local and the newest pages, got {list(self.local_tokens)}")
         if not self.lengths or min(self.lengths) < 1:
             raise ValueError(f"lengths must be positive token counts, got {list(self.lengths)}")
 
@@ -188,10 +198,11 @@ def measure_answers(cfg: SelectionCalibrationConfig, tok: Any, pattern: HeadPatt
     return answers
 
 
-def selection_settings(cfg: SelectionCalibrationConfig, score: str, interval: int) -> dict[str, Any]:
-    """Engine settings of page selection with `score`, re-selected every `interval` steps."""
+def selection_settings(cfg: SelectionCalibrationConfig, score: str, interval: int, local: int = 0) -> dict[str, Any]:
+    """Engine settings of page selection with `score`, re-selected every `interval` steps, with a
+    local window of `local` tokens."""
     return dict(token_budget=cfg.token_budget, page_score=score, score_channels=cfg.score_channels,
-                selector_interval=interval)
+                selector_interval=interval, selection_local_tokens=local)
 
 
 def choose_interval(cfg: SelectionCalibrationConfig, chosen: str, answers: dict[str, dict[str, int]],
@@ -205,6 +216,19 @@ def choose_interval(cfg: SelectionCalibrationConfig, chosen: str, answers: dict[
         by_interval[setting] = {f"every {first}": kept[chosen], **by_interval[setting]}
     best = max(cfg.intervals, key=lambda i: (sum(a[f"every {i}"] for a in by_interval.values()), i))
     return best, by_interval
+
+
+def choose_local(cfg: SelectionCalibrationConfig, chosen: str, interval: int, by_interval: dict[str, dict[str, int]],
+                 tok: Any, pattern: HeadPattern, pattern_path: Path) -> tuple[int, dict[str, dict[str, int]]]:
+    """The chosen score's answers at its interval with each of `local_tokens` (no window's from
+    `by_interval`), and the window that keeps the most (ties: the smallest)."""
+    runs = {f"local {n}": selection_settings(cfg, chosen, interval, n) for n in cfg.local_tokens if n}
+    by_local = measure_answers(cfg, tok, pattern, pattern_path, runs) if runs else {s: {} for s in by_interval}
+    if 0 in cfg.local_tokens:
+        for setting, kept in by_interval.items():
+            by_local[setting] = {"local 0": kept[f"every {interval}"], **by_local[setting]}
+    best = max(cfg.local_tokens, key=lambda n: (sum(a[f"local {n}"] for a in by_local.values()), -n))
+    return best, by_local
 
 
 def choose(candidates: tuple[str, ...], answers: dict[str, dict[str, int]]) -> str:
@@ -235,13 +259,15 @@ def calibrate_selection(cfg: SelectionCalibrationConfig) -> SelectionResult:
         answers = measure_answers(cfg, tok, base, probe)
         chosen = choose(cfg.candidates, answers)
         interval, by_interval = choose_interval(cfg, chosen, answers, tok, base, probe)
+        local, by_local = choose_local(cfg, chosen, interval, by_interval, tok, base, probe)
     entry = {
         "page_score": chosen, "channels": labels.tolist(),
         "score_channels": cfg.score_channels or DEFAULT_CHANNELS.get(chosen, DEFAULT_CHANNELS["label_channels"]),
         "selector_interval": interval,
+        "selection_local_tokens": local,
         "measured": {
             "token_budget": cfg.token_budget, "recall": recalls, "answers_kept": answers,
-            "answers_kept_by_interval": by_interval,
+            "answers_kept_by_interval": by_interval, "answers_kept_by_local_tokens": by_local,
             "samples": cfg.num_samples * len(cfg.lengths) * (1 + len(cfg.niah_depths)),
             "lengths": list(cfg.lengths), "niah_depths": list(cfg.niah_depths),
             "calibration_tokens": min(cfg.calib_tokens, core.arch.max_position_embeddings), "seed": cfg.seed,

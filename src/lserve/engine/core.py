@@ -230,7 +230,7 @@ class EngineCore:
                 self.page_score.interval, selector_seats, self.device, sparse.num_dense_layers,
                 score=self.page_score.kind,
                 top_p=sparse.selection_top_p, min_tokens=sparse.selection_min_tokens,
-                local_tokens=sparse.selection_local_tokens,
+                local_tokens=self._selection_local_tokens(),
                 # a score summed over a GQA group is about `group` logits: their mean's softmax scale;
                 # rope_mass is a log-mass already
                 temperature=1.0 if self.page_score.kind == "rope_mass"
@@ -294,6 +294,22 @@ class EngineCore:
         label_r = self.page_score.num_channels if self.page_score is not None else 0
         paged += pages * stats_bytes_per_page(cache.shape, cache.paged.logical_page_size, label_r)
         return paged + cache.ring_bytes_per_sequence()
+
+    def _selection_local_tokens(self) -> int:
+        """`selection_local_tokens`, or unset: the pattern's calibrated value for its page score,
+        where it combines with the other settings (no top-p; the budget keeps at least one page
+        for the score beside the first, the local and the newest pages), else 0."""
+        sparse, page = self.config.sparse, self.config.cache.page_size
+        if sparse.selection_local_tokens is not None:
+            return sparse.selection_local_tokens
+        assert self.page_score is not None
+        local = self.page_score.local_tokens or 0
+        if local and (sparse.selection_top_p is not None or sparse.token_budget < (-(-local // page) + 3) * page):
+            logger.info("page selection: the pattern's selection_local_tokens=%d is not used (%s)", local,
+                        "top-p selection" if sparse.selection_top_p is not None
+                        else f"token_budget={sparse.token_budget} leaves no page for the score beside it")
+            return 0
+        return local
 
     def _head_pattern(self) -> HeadPattern | None:
         """The model's head pattern: `attn_pattern`, else the one shipped for the model, else None."""

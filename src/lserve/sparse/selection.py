@@ -49,6 +49,8 @@ class ScoreSpec:
     """Where the choice came from (for the log)."""
     interval: int = DEFAULT_SELECTOR_INTERVAL
     """Decode steps between re-selections of a request's pages."""
+    local_tokens: int | None = None
+    """The pattern's calibrated `selection_local_tokens` when `auto` took its choice (None: none given)."""
 
     @property
     def uses_labels(self) -> bool:
@@ -103,37 +105,42 @@ def resolve_page_score(
     r is `num_channels` if given, else the pattern's `score_channels` when `auto` takes its
     choice, else the score's default (`DEFAULT_CHANNELS`). Likewise the re-selection interval:
     `interval` if given, else the pattern's `selector_interval` when `auto` takes its choice (it
-    was measured with that score), else `DEFAULT_SELECTOR_INTERVAL`."""
+    was measured with that score), else `DEFAULT_SELECTOR_INTERVAL`; and the pattern's
+    `selection_local_tokens` when `auto` takes its choice (`ScoreSpec.local_tokens`; the engine
+    decides whether it applies)."""
     head_dim = 2 * int(inv_freq.shape[0])
     kind, origin = requested, "setting"
+    local: int | None = None
     if requested == "auto":
         if selection is not None and selection.get("page_score") in (*STATISTICS_SCORES, *CHANNEL_SCORES):
             kind, origin = str(selection["page_score"]), f"calibrated ({source})"
             if num_channels is None and "score_channels" in selection:
                 num_channels = int(selection["score_channels"])
             if interval is None and "selector_interval" in selection:
-                interval = _pattern_interval(selection["selector_interval"], source)
+                interval = _pattern_int(selection["selector_interval"], "selector_interval", 1, source)
+            if "selection_local_tokens" in selection:
+                local = _pattern_int(selection["selection_local_tokens"], "selection_local_tokens", 0, source)
         else:
             kind, origin = DEFAULT_PAGE_SCORE, "default"
     if interval is None:
         interval = DEFAULT_SELECTOR_INTERVAL
     if kind in STATISTICS_SCORES:
-        return ScoreSpec(kind, None, origin, interval)
+        return ScoreSpec(kind, None, origin, interval, local)
     if num_channels is None:
         num_channels = DEFAULT_CHANNELS[kind]
     if kind in ("rope_channels", "rope_mass"):
         chans = torch.tensor(rope_slow_channels(inv_freq, num_channels), dtype=torch.int64)
-        return ScoreSpec(kind, chans.expand(num_layers, num_kv_heads, -1).contiguous(), origin, interval)
+        return ScoreSpec(kind, chans.expand(num_layers, num_kv_heads, -1).contiguous(), origin, interval, local)
     if selection is None or "channels" not in selection:
         raise LServeError(
             "page_score='label_channels' needs label channels calibrated for the model (`lserve calibrate "
             "--selection` writes them into its pattern file; pass it as attn_pattern)"
         )
     return ScoreSpec(kind, _channels_from_choice(selection, num_layers, num_kv_heads, head_dim, source), origin,
-                     interval)
+                     interval, local)
 
 
-def _pattern_interval(value: Any, source: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LServeError(f"{source}: the selection's selector_interval must be an integer >= 1, got {value!r}")
+def _pattern_int(value: Any, name: str, low: int, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise LServeError(f"{source}: the selection's {name} must be an integer >= {low}, got {value!r}")
     return value
