@@ -39,7 +39,13 @@ from lserve.calibration import selection_recall as sr
 from lserve.calibration.data import make_dataset
 from lserve.config import CacheConfig
 from lserve.errors import LServeError
-from lserve.sparse.patterns import HeadPattern, load_pattern, save_pattern, shipped_pattern
+from lserve.sparse.patterns import (
+    STREAMING_NOT_CALIBRATED,
+    HeadPattern,
+    load_pattern,
+    save_pattern,
+    shipped_pattern,
+)
 from lserve.sparse.selection import (
     CHANNEL_SCORES,
     DEFAULT_CHANNELS,
@@ -124,7 +130,8 @@ def _engine_kwargs(cfg: SelectionCalibrationConfig) -> dict[str, Any]:
 def _base_pattern(cfg: SelectionCalibrationConfig, source_name: str, num_layers: int, num_kv_heads: int) -> HeadPattern:
     path = cfg.pattern or shipped_pattern(source_name)
     if path is None:
-        return HeadPattern(torch.ones(num_layers, num_kv_heads), {"model": source_name, "note": "all heads dense"})
+        return HeadPattern(torch.ones(num_layers, num_kv_heads), {"model": source_name, "note": "all heads dense",
+                                                                  "streaming_heads": STREAMING_NOT_CALIBRATED})
     pattern = load_pattern(path)
     pattern.check_model(num_layers, num_kv_heads)
     return pattern
@@ -182,7 +189,7 @@ def measure_answers(cfg: SelectionCalibrationConfig, tok: Any, pattern: HeadPatt
     if cfg.niah_depths:
         samples += make_niah_samples(fmt, list(cfg.lengths), list(cfg.niah_depths), cfg.num_samples, seed=cfg.seed)
     settings: dict[str, dict[str, Any]] = {"alone": dict(attn_pattern=str(pattern_path))}
-    if cfg.streaming_sparsity > 0:
+    if cfg.streaming_sparsity > 0 and pattern.calibrated_for_streaming:  # (else no heads are known to stream)
         settings["streaming"] = streaming_settings(cfg, pattern, pattern_path)
     if runs is None:
         runs = {"dense": {}, **{name: selection_settings(cfg, name, cfg.intervals[0]) for name in cfg.candidates}}

@@ -340,11 +340,12 @@ class EngineCore:
         if not sparse.uses_streaming_heads:
             return None
         pattern = self._head_pattern()
-        if pattern is None:
+        if pattern is None or (sparse.streaming_sparsity > 0 and not pattern.calibrated_for_streaming):
+            found = "none ships" if pattern is None else f"{pattern.source} has no streaming-head calibration"
             raise LServeError(
-                f"streaming_sparsity={sparse.streaming_sparsity} needs a head pattern and none ships for "
+                f"streaming_sparsity={sparse.streaming_sparsity} needs a head pattern and {found} for "
                 f"{self.source.name}: pass attn_pattern (a DuoAttention full_attention_heads.tsv or an lserve "
-                "pattern .json)"
+                "pattern .json from `lserve calibrate`)"
             )
         full = self.arch.full_attention_layers  # sliding-window layers keep their own window
         return binarize(pattern.scores, sparse.streaming_sparsity, full)

@@ -34,6 +34,10 @@ class PatternError(LServeError):
     """A head pattern file that cannot be used."""
 
 
+STREAMING_NOT_CALIBRATED = "not calibrated"
+"""The metadata's `streaming_heads` value of a pattern whose scores were not calibrated (all dense)."""
+
+
 @dataclass(frozen=True)
 class HeadPattern:
     scores: torch.Tensor
@@ -43,6 +47,13 @@ class HeadPattern:
     selection: dict[str, Any] | None = None
     """The page-score choice `lserve calibrate --selection` wrote, if any (read by
     `lserve.sparse.selection.resolve_page_score`)."""
+
+    @property
+    def calibrated_for_streaming(self) -> bool:
+        """False for a pattern that carries only a page-selection choice (all heads dense, as
+        `lserve calibrate --selection` writes for a model without a head pattern): its equal
+        scores say nothing about which heads may stream."""
+        return self.metadata.get("streaming_heads") != STREAMING_NOT_CALIBRATED
 
     @property
     def shape(self) -> tuple[int, int]:
