@@ -190,6 +190,7 @@ class EngineCore:
         sparsity = self._head_sparsity()
         self.streaming_head_fraction = sparsity.streaming_fraction if sparsity is not None else 0.0
         self.page_score = self._page_score() if sparse.uses_page_selection else None
+        self.selection_local_tokens = self._selection_local_tokens() if self.page_score is not None else 0
         config = self.config
         if self._profiles_memory():
             budget = self._profile_memory(sparsity)
@@ -211,12 +212,12 @@ class EngineCore:
                         len(self.runner.graphs.buckets) * len(modes), ",".join(map(str, self.runner.graphs.buckets)),
                         "/".join(modes), time.perf_counter() - start, used / 2**30)
 
-    def _build_kv(self, config: EngineConfig, sparsity: HeadSparsity | None) -> KVSetup:
+    def _build_kv(self, config: EngineConfig, sparsity: HeadSparsity | None, log: bool = True) -> KVSetup:
         agree = (lambda n: agree_min(n, self.device)) if self.tp.size > 1 else (lambda n: n)
         return build_kv_cache(self.local_arch, config, self.dtype, self.device,
                               sparsity.streaming_heads if sparsity is not None else None, self.page_score,
                               fixed_pools=self.fixed_pools, max_chunk_tokens=self.max_chunk_tokens,
-                              max_model_len=self.max_model_len, agree=agree)
+                              max_model_len=self.max_model_len, agree=agree, log=log)
 
     def _build_runner(self, setup: KVSetup, sparsity: HeadSparsity | None, selector_seats: int) -> ModelRunner:
         """The page selector (for `selector_seats` requests), attention backend and runner over `setup`."""
@@ -230,7 +231,7 @@ class EngineCore:
                 self.page_score.interval, selector_seats, self.device, sparse.num_dense_layers,
                 score=self.page_score.kind,
                 top_p=sparse.selection_top_p, min_tokens=sparse.selection_min_tokens,
-                local_tokens=self._selection_local_tokens(),
+                local_tokens=self.selection_local_tokens,
                 # a score summed over a GQA group is about `group` logits: their mean's softmax scale;
                 # rope_mass is a log-mass already
                 temperature=1.0 if self.page_score.kind == "rope_mass"
@@ -270,7 +271,8 @@ class EngineCore:
         in_use, total = memory_in_use(self.device)
         sched = self.config.scheduler
         chunk = min(self.max_chunk_tokens, self.max_model_len - 1)
-        setup = self._build_kv(provisional_cache_config(self.config, sched.max_num_batched_tokens, chunk), sparsity)
+        setup = self._build_kv(provisional_cache_config(self.config, sched.max_num_batched_tokens, chunk), sparsity,
+                               log=False)
         runner = self._build_runner(setup, sparsity, max(setup.num_seats, sched.max_num_seqs))
         step = profiling_step(sched.max_num_batched_tokens, chunk, self.config.cache.page_size, self.arch.vocab_size,
                               self.config.model.seed)

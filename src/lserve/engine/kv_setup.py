@@ -90,11 +90,13 @@ def build_kv_cache(
     arch: ArchConfig, config: EngineConfig, dtype: torch.dtype, device: torch.device,
     streaming_flags: tuple[torch.Tensor, ...] | None, page_score: ScoreSpec | None, *,
     fixed_pools: bool, max_chunk_tokens: int, max_model_len: int, agree: Callable[[int], int] = lambda n: n,
+    log: bool = True,
 ) -> KVSetup:
     """Size and allocate the pools for the model, its streaming heads (flags per layer, or None)
     and its page score (None: no page selection). `agree` turns a count this process planned
     into the one every tensor-parallel rank uses (the smallest), so that one page table and one
-    set of seats serve them all."""
+    set of seats serve them all. `log`: say what was allocated at INFO level (else DEBUG: the
+    start-up profile's provisional cache)."""
     cache = config.cache
     windows = arch.layer_windows
     # the layers kept in the window pool (none with window_pool off: they are paged, windowed)
@@ -133,8 +135,8 @@ def build_kv_cache(
     paged = KVCacheTensors(shape, num_pages + 1, device, logical, label_channels)
     kv = KVCache(paged, fixed.get("ring"), flags if use_ring else None, blocks["ring"][1] if use_ring else None,
                  fixed.get("window"), blocks["window"][1] if "window" in blocks else None, windows)
-    logger.info("KV cache: %d pages of %d tokens (%.1f MiB, %s)%s", num_pages, cache.page_size,
-                num_pages * shape.bytes_per_page / 2**20, str(kv_dtype).replace("torch.", ""),
-                f" + {' and '.join(blocks)} pools for {seats} requests ({seats * per_seat / 2**20:.1f} MiB)"
-                if blocks else "")
+    say = logger.info if log else logger.debug
+    say("KV cache: %d pages of %d tokens (%.1f MiB, %s)%s", num_pages, cache.page_size,
+        num_pages * shape.bytes_per_page / 2**20, str(kv_dtype).replace("torch.", ""),
+        f" + {' and '.join(blocks)} pools for {seats} requests ({seats * per_seat / 2**20:.1f} MiB)" if blocks else "")
     return KVSetup(kv, num_pages, seats)
