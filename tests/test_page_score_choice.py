@@ -155,3 +155,21 @@ def test_cli_selection_bad_input_is_one_line(tiny_with_tokenizer: Path, tmp_path
                "--device", "cpu", "--token-budget", "256"])  # no room for the default 128-token local window
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "local_tokens" in err, err
+
+
+def test_a_selection_only_pattern_is_refused_for_streaming_heads(tiny_with_tokenizer: Path, tmp_path: Path) -> None:
+    """A pattern whose heads were not calibrated (`lserve calibrate --selection` on a model without
+    one) carries a page-score choice only: it serves page selection, and streaming heads from it are
+    a clear error rather than an arbitrary half of its equal scores."""
+    from lserve import LLM
+    from lserve.sparse.patterns import STREAMING_NOT_CALIBRATED
+
+    path = save_pattern(HeadPattern(torch.ones(2, 2), {"streaming_heads": STREAMING_NOT_CALIBRATED},
+                                    selection={"page_score": "midrange", "selector_interval": 2}),
+                        tmp_path / "selection-only.json")
+    llm = LLM(model=str(tiny_with_tokenizer), dtype="float32", device="cpu", token_budget=128, num_kv_pages=16,
+              attn_pattern=str(path))
+    assert llm.llm_engine.core.page_score.kind == "midrange" and llm.llm_engine.core.page_score.interval == 2
+    with pytest.raises(LServeError, match="selection-only.json has no streaming-head calibration"):
+        LLM(model=str(tiny_with_tokenizer), dtype="float32", device="cpu", streaming_sparsity=0.5,
+            attn_pattern=str(path))
