@@ -8,6 +8,7 @@ cache is sized from what was "measured".
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,13 +31,39 @@ PROMPTS = [list(range(5, 200)), list(range(7, 60))]
 
 
 def test_the_budget_is_the_share_less_what_was_measured() -> None:
-    p = mp.MemoryProfile(total=80 * GiB, utilization=0.9, in_use=16 * GiB, activations=2 * GiB, graphs=GiB // 2)
+    p = mp.MemoryProfile(total=80 * GiB, utilization=0.9, in_use=16 * GiB, free=64 * GiB, activations=2 * GiB,
+                         graphs=GiB // 2)
     assert p.kv_budget == int(72 * GiB) - 16 * GiB - 2 * GiB - GiB // 2
     assert p.check() == p.kv_budget
     assert "0.90 of 80.0 GiB" in p.describe() and "KV cache 53.50 GiB" in p.describe()
-    spent = mp.MemoryProfile(total=80 * GiB, utilization=0.3, in_use=16 * GiB, activations=8 * GiB, graphs=0)
+    assert "other processes" not in p.describe()
+    spent = mp.MemoryProfile(total=80 * GiB, utilization=0.3, in_use=16 * GiB, free=64 * GiB, activations=8 * GiB,
+                             graphs=0)
     with pytest.raises(LServeError, match="no GPU memory left for the KV cache.*gpu_memory_utilization"):
         spent.check()
+
+
+def test_other_processes_memory_is_theirs() -> None:
+    """The share is this engine's: another process's memory does not count against it (two engines
+    at 0.45 share a GPU), but the cache never takes more than is free."""
+    alone = mp.MemoryProfile(total=80 * GiB, utilization=0.45, in_use=4 * GiB, free=72 * GiB, activations=GiB,
+                             graphs=0)
+    beside = dataclasses.replace(alone, free=36 * GiB - 4 * GiB)  # another engine holds 40 GiB
+    assert alone.kv_budget == beside.kv_budget == int(36 * GiB) - 5 * GiB
+    crowded = dataclasses.replace(alone, free=20 * GiB)
+    assert crowded.kv_budget == 19 * GiB and "limited to the 20.00 GiB free" in crowded.describe()
+
+
+def test_context_copies_are_bounded_by_the_context_and_by_the_cache() -> None:
+    base = dict(total=80 * GiB, utilization=0.9, in_use=8 * GiB, free=70 * GiB, activations=GiB, graphs=0)
+    short = mp.MemoryProfile(**base, context_bytes_per_token=4096, kv_bytes_per_token=65536, max_context=131072)
+    assert short.context_copies == 131072 * 4096 and short.kv_budget == int(72 * GiB) - 9 * GiB - 512 * 2**20
+    # a window longer than the cache could hold: the copies of as many tokens as the cache keeps
+    long = dataclasses.replace(short, max_context=1 << 30)
+    room = long.before_context
+    assert long.context_copies == room * 4096 // (65536 + 4096)
+    assert long.kv_budget // 65536 * 4096 <= long.context_copies
+    assert mp.MemoryProfile(**base).context_copies == 0
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, 1.5, -0.1, True, "0.9"])
@@ -70,12 +97,14 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return path, pattern
 
 
-def _fake_gpu(monkeypatch: pytest.MonkeyPatch, total: int, in_use: int, peak: int) -> list[int]:
-    """The engine profiles on the CPU with fake counters: each measured piece of work runs for
-    real and reports `peak` bytes. Returns the list of the steps' token counts it saw."""
+def _fake_gpu(monkeypatch: pytest.MonkeyPatch, total: int, at_start: int, in_use: int, peak: int) -> list[int]:
+    """The engine profiles on the CPU with fake counters: the GPU holds `at_start` bytes before the
+    engine and `at_start + in_use` once it has loaded; each measured piece of work runs for real
+    and reports `peak` bytes. Returns the list of the steps' token counts it saw."""
     seen: list[int] = []
+    readings = iter([at_start, at_start + in_use])
     monkeypatch.setattr(core_module.EngineCore, "_profiles_memory", lambda self: True)
-    monkeypatch.setattr(core_module, "memory_in_use", lambda device: (in_use, total))
+    monkeypatch.setattr(core_module, "gpu_memory", lambda device: (next(readings), total))
     monkeypatch.setattr(core_module, "release", lambda device: None)
 
     def peak_during(device: torch.device, work) -> int:
@@ -96,25 +125,35 @@ def _fake_gpu(monkeypatch: pytest.MonkeyPatch, total: int, in_use: int, peak: in
 def test_the_engine_sizes_its_cache_from_the_profile(monkeypatch: pytest.MonkeyPatch, folder) -> None:
     path, pattern = folder
     greedy = SamplingParams(temperature=0, max_tokens=8)
-    reference = LLM(model=str(path), attn_pattern=str(pattern), kv_cache_memory_bytes=2_000_000, **SETTINGS)
-    want = [o.outputs[0].token_ids for o in reference.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy,
-                                                               use_tqdm=False)]
-    seen = _fake_gpu(monkeypatch, total=10_000_000, in_use=5_000_000, peak=500_000)
+    seen = _fake_gpu(monkeypatch, total=10_000_000, at_start=1_000_000, in_use=5_000_000, peak=500_000)
+    profiles: list[mp.MemoryProfile] = []
+    check = mp.MemoryProfile.check
+    monkeypatch.setattr(mp.MemoryProfile, "check", lambda self: profiles.append(self) or check(self))
     llm = LLM(model=str(path), attn_pattern=str(pattern), gpu_memory_utilization=0.8, **SETTINGS)
     assert seen == [100]  # one profiling step of max_num_batched_tokens prompt tokens
-    # 0.8 x 10 MB - 5 MB in use - 0.5 MB step - 0.5 MB sampling (no graphs on the CPU): the same plan as 2 MB
+    (profile,) = profiles
+    # 0.8 x 10 MB - 5 MB loaded - 0.5 MB step - 0.5 MB head (no graphs on the CPU; the 1 MB held before
+    # the engine is not its own, and 4 MB are free) = 2 MB for the cache and the context copies: the torch
+    # backend gathers K and V (float32) of the paged pool's heads per token of a row's context
     core = llm.engine.core
+    assert profile.in_use == 5_000_000 and profile.free == 4_000_000 and profile.before_context == 2_000_000
+    assert profile.context_bytes_per_token == 2 * max(core.kv_cache.shape.heads_per_layer) * 16 * 4
+    assert profile.context_copies == min(core.max_model_len * profile.context_bytes_per_token,
+                                         2_000_000 * profile.context_bytes_per_token
+                                         // (profile.kv_bytes_per_token + profile.context_bytes_per_token))
+    monkeypatch.undo()
+    reference = LLM(model=str(path), attn_pattern=str(pattern), kv_cache_memory_bytes=profile.kv_budget, **SETTINGS)
     assert core.kv_manager.num_pages == reference.engine.core.kv_manager.num_pages
     assert core.num_seats == reference.engine.core.num_seats
     # the provisional runtime leaves nothing behind: the same tokens as an engine that never profiled
-    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy,
-                                                        use_tqdm=False)]
-    assert got == want
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    want = [o.outputs[0].token_ids for o in reference.generate(prompts, greedy, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == want
 
 
 def test_an_engine_without_room_for_its_cache_says_so(monkeypatch: pytest.MonkeyPatch, folder) -> None:
     path, pattern = folder
-    _fake_gpu(monkeypatch, total=10_000_000, in_use=8_500_000, peak=500_000)
+    _fake_gpu(monkeypatch, total=10_000_000, at_start=500_000, in_use=8_500_000, peak=500_000)
     with pytest.raises(LServeError, match="no GPU memory left for the KV cache"):
         LLM(model=str(path), attn_pattern=str(pattern), gpu_memory_utilization=0.9, **SETTINGS)
 

@@ -79,9 +79,9 @@ class CacheConfig:
     page_size: int = _field(64, "tokens per KV page (a power of two, 16..128)")
     num_kv_pages: int | None = _field(None, "number of KV pages (default: sized from free memory)")
     gpu_memory_utilization: float = _field(
-        0.9, "share of the GPU's total memory the engine may use (vLLM's meaning): weights, activations and "
-        "decode graphs (both measured at start-up) and the KV cache, which gets the rest. GPU only; "
-        "kv_cache_memory_fraction, kv_cache_memory_bytes or num_kv_pages replace it"
+        0.9, "share of the GPU's total memory this engine may use (vLLM's meaning, per engine): weights, "
+        "activations and decode graphs (measured at start-up) and the KV cache, which gets the rest, never more "
+        "than is free. GPU only; kv_cache_memory_fraction, kv_cache_memory_bytes or num_kv_pages replace it"
     )
     kv_cache_memory_fraction: float | None = _field(
         None, "share of free memory after loading weights for the KV cache, unprofiled (default on a GPU: "

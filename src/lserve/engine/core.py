@@ -25,12 +25,12 @@ from lserve.config import EngineConfig
 from lserve.engine.kv_setup import KVSetup, build_kv_cache
 from lserve.engine.memory_profile import (
     MemoryProfile,
+    gpu_memory,
     graph_pool_bytes,
-    memory_in_use,
+    head_bytes,
     profiling_step,
     provisional_cache_config,
     release,
-    sampling_bytes,
     step_activation_bytes,
 )
 from lserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -136,6 +136,8 @@ class EngineCore:
         self.kv_order = self._kv_head_order()
         """Under tensor parallelism with streaming heads, each layer's KV heads in the order whose
         equal slices go to the ranks (balanced streaming heads); None: the model's order."""
+        # (what the GPU held before this engine: the start-up profile counts only what it takes)
+        self._gpu_used_at_start = gpu_memory(self.device)[0] if self._profiles_memory() else 0
         self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed,
                                 tp=self.tp, kv_order=self.kv_order, quantization=config.model.quantization)
         self._init_kv_cache()
@@ -195,6 +197,11 @@ class EngineCore:
         if self._profiles_memory():
             budget = self._profile_memory(sparsity)
             config = dataclasses.replace(config, cache=dataclasses.replace(cache, kv_cache_memory_bytes=budget))
+        elif self.device.type == "cuda" and cache.num_kv_pages is None and cache.kv_cache_memory_bytes is None \
+                and cache.kv_cache_memory_fraction is None:
+            # tensor-parallel ranks are not profiled: gpu_memory_utilization of the memory free after loading
+            config = dataclasses.replace(config, cache=dataclasses.replace(
+                cache, kv_cache_memory_fraction=cache.gpu_memory_utilization))
         setup = self._build_kv(config, sparsity)
         self.kv_cache = setup.cache
         self.kv_tensors = setup.cache.paged
@@ -267,24 +274,33 @@ class EngineCore:
 
     def _profile_memory(self, sparsity: HeadSparsity | None) -> int:
         """The KV cache's bytes under `gpu_memory_utilization`, from a provisional runtime's
-        largest step, widest sampling and largest decode graphs (`engine.memory_profile`)."""
-        in_use, total = memory_in_use(self.device)
-        sched = self.config.scheduler
+        largest step, widest head work and largest decode graphs (`engine.memory_profile`)."""
+        used, total = gpu_memory(self.device)
+        sched, page = self.config.scheduler, self.config.cache.page_size
         chunk = min(self.max_chunk_tokens, self.max_model_len - 1)
         setup = self._build_kv(provisional_cache_config(self.config, sched.max_num_batched_tokens, chunk), sparsity,
                                log=False)
         runner = self._build_runner(setup, sparsity, max(setup.num_seats, sched.max_num_seqs))
-        step = profiling_step(sched.max_num_batched_tokens, chunk, self.config.cache.page_size, self.arch.vocab_size,
-                              self.config.model.seed)
-        activations = step_activation_bytes(runner, step, self.device) + sampling_bytes(
+        step = profiling_step(sched.max_num_batched_tokens, chunk, page, self.arch.vocab_size, self.config.model.seed)
+        activations = step_activation_bytes(runner, step, self.device) + head_bytes(
             runner, sched.max_num_seqs, self.arch.hidden_size, self.dtype, self.device)
         graphs = 0
         if self._uses_graphs():
             graphs = graph_pool_bytes(self._decode_graphs(runner, setup, sched.max_num_seqs), self._graph_modes(),
                                       sched.max_num_seqs, self.arch.vocab_size, self.device)
+        shape = setup.cache.shape
+        label_r = self.page_score.num_channels if self.page_score is not None else 0
+        kv_per_token = (shape.bytes_per_page + stats_bytes_per_page(shape, setup.cache.paged.logical_page_size,
+                                                                     label_r)) // page
+        # copies per layer that grow with a prefill row's context: an FP8 cache's pages staged in
+        # the model's dtype (Triton), or the torch backend's gathered K and V
+        copies = self.backend_name == "torch" or shape.quantized
+        heads = max(shape.layer_heads(i) for i in range(self.arch.num_layers))
+        context = 2 * heads * self.arch.head_dim * self.dtype.itemsize if copies else 0
         del runner, setup
         release(self.device)
-        profile = MemoryProfile(total, self.config.cache.gpu_memory_utilization, in_use, activations, graphs)
+        profile = MemoryProfile(total, self.config.cache.gpu_memory_utilization, max(used - self._gpu_used_at_start, 0),
+                                total - used, activations, graphs, context, max(kv_per_token, 1), self.max_model_len)
         logger.info("%s", profile.describe())
         return profile.check()
 

@@ -149,8 +149,15 @@ class DecodeGraphs:
         buffers' inert scratch rows, with a progress bar; return the GPU memory they took (the
         caller logs it). Under inference mode, as the runner's steps are: with autograd on, the
         model would take its PyTorch paths instead of the fused kernels."""
+        # (entering a capture empties the allocator's cache: empty it first, or its free blocks
+        # would be counted against the graphs)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         free_before = torch.cuda.mem_get_info(self.device)[0]
-        pairs = [(b, mode) for b in (self.buckets if buckets is None else buckets) for mode in modes]
+        # largest batch first, as vLLM: the graphs share one pool, and the smaller ones then fit
+        # in what the largest one's activations left free
+        pairs = [(b, mode) for b in sorted(self.buckets if buckets is None else buckets, reverse=True)
+                 for mode in modes]
         for b, mode in tqdm(pairs, desc="Capturing decode graphs", leave=False):
             if (b, mode) in self._graphs:
                 continue

@@ -146,7 +146,8 @@ def _load_json(path: Path) -> HeadPattern:
 
 
 def save_pattern(pattern: HeadPattern, path: str | Path) -> Path:
-    """Write lserve's JSON format (and a DuoAttention TSV beside it, for other tools)."""
+    """Write lserve's JSON format (and a DuoAttention TSV beside it, for other tools, unless the
+    heads were not calibrated: a TSV cannot say so, and a folder's TSV is read before its JSON)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     body = {"format": FORMAT, "version": 1, "metadata": pattern.metadata,
@@ -154,8 +155,9 @@ def save_pattern(pattern: HeadPattern, path: str | Path) -> Path:
     if pattern.selection is not None:
         body["selection"] = pattern.selection
     p.write_text(json.dumps(body, indent=1) + "\n")
-    rows = ["\t".join(f"{float(x):.6f}" for x in row) for row in pattern.scores.tolist()]
-    p.with_name(DUO_FILE).write_text("\n".join(rows) + "\n")
+    if pattern.calibrated_for_streaming:
+        rows = ["\t".join(f"{float(x):.6f}" for x in row) for row in pattern.scores.tolist()]
+        p.with_name(DUO_FILE).write_text("\n".join(rows) + "\n")
     return p
 
 
