@@ -142,8 +142,8 @@ def profiling_step(step_tokens: int, chunk_tokens: int, page_size: int, vocab_si
 
 def _peak_during(device: torch.device, work: Callable[[], object]) -> int:
     """Bytes the caching allocator reserved at its peak during `work` beyond what it reserved
-    before: reserved, not allocated, so that its rounding and fragmentation count (measured on an
-    H100 with allocated bytes, serving then took 0.5 GiB more than the share)."""
+    before: reserved, not allocated, so that its rounding and fragmentation count (with allocated
+    bytes a served engine went past its share: docs/benchmarks.md, the start-up memory profile)."""
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # (cached free blocks would hide part of the work's peak)
     before = torch.cuda.memory_reserved(device)
