@@ -51,6 +51,7 @@ from lserve.sparse.selection import (
     DEFAULT_CHANNELS,
     DEFAULT_SELECTOR_INTERVAL,
     STATISTICS_SCORES,
+    local_window_fits,
     rope_slow_channels,
 )
 
@@ -106,7 +107,7 @@ class SelectionCalibrationConfig:
         if not self.intervals or min(self.intervals) < 1 or len(set(self.intervals)) != len(self.intervals):
             raise ValueError(f"intervals must be distinct step counts >= 1, got {list(self.intervals)}")
         page = CacheConfig().page_size  # (the engines here use the default pages)
-        roomy = [n for n in self.local_tokens if n < 0 or (n and (-(-n // page) + 3) * page > self.token_budget)]
+        roomy = [n for n in self.local_tokens if n < 0 or (n and not local_window_fits(n, self.token_budget, page))]
         if not self.local_tokens or roomy or len(set(self.local_tokens)) != len(self.local_tokens):
             raise ValueError(f"local_tokens must be distinct token counts >= 0 that leave token_budget="
                              f"{self.token_budget} at least one page of {page} tokens for the score beside the first, "

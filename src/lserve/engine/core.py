@@ -45,7 +45,7 @@ from lserve.engine.tp_workers import (
     init_distributed,
 )
 from lserve.errors import LServeError, RequestRejected
-from lserve.kv_cache.layout import stats_bytes_per_page
+from lserve.kv_cache.layout import KVCache, stats_bytes_per_page
 from lserve.kv_cache.manager import KVCacheManager
 from lserve.model.config import ArchConfig
 from lserve.model.loader import (
@@ -61,7 +61,7 @@ from lserve.runner.model_runner import LaunchedStep, ModelRunner
 from lserve.runner.step import StepData
 from lserve.sampling_params import SamplingParams
 from lserve.sparse.patterns import HeadPattern, binarize, load_pattern, shipped_pattern
-from lserve.sparse.selection import ScoreSpec, resolve_page_score
+from lserve.sparse.selection import ScoreSpec, local_window_fits, resolve_page_score
 
 logger = logging.getLogger(__name__)
 
@@ -289,9 +289,7 @@ class EngineCore:
             graphs = graph_pool_bytes(self._decode_graphs(runner, setup, sched.max_num_seqs), self._graph_modes(),
                                       sched.max_num_seqs, self.arch.vocab_size, self.device)
         shape = setup.cache.shape
-        label_r = self.page_score.num_channels if self.page_score is not None else 0
-        kv_per_token = (shape.bytes_per_page + stats_bytes_per_page(shape, setup.cache.paged.logical_page_size,
-                                                                     label_r)) // page
+        kv_per_token = self._paged_page_bytes(setup.cache) // page
         # copies per layer that grow with a prefill row's context: an FP8 cache's pages staged in
         # the model's dtype (Triton), or the torch backend's gathered K and V
         copies = self.backend_name == "torch" or shape.quantized
@@ -307,11 +305,13 @@ class EngineCore:
     def kv_bytes_per_sequence(self, num_tokens: int) -> int:
         """KV memory one sequence of `num_tokens` tokens holds: its pages, plus its ring and window blocks."""
         cache = self.kv_cache
-        pages = -(-num_tokens // cache.shape.page_size)
-        paged = pages * cache.shape.bytes_per_page
+        return -(-num_tokens // cache.shape.page_size) * self._paged_page_bytes(cache) + cache.ring_bytes_per_sequence()
+
+    def _paged_page_bytes(self, cache: KVCache) -> int:
+        """Bytes of one page of `cache`'s paged pool: K and V (scales included) and the page
+        score's statistics or labels."""
         label_r = self.page_score.num_channels if self.page_score is not None else 0
-        paged += pages * stats_bytes_per_page(cache.shape, cache.paged.logical_page_size, label_r)
-        return paged + cache.ring_bytes_per_sequence()
+        return cache.shape.bytes_per_page + stats_bytes_per_page(cache.shape, cache.paged.logical_page_size, label_r)
 
     def _selection_local_tokens(self) -> int:
         """`selection_local_tokens`, or unset: the pattern's calibrated value for its page score,
@@ -322,7 +322,7 @@ class EngineCore:
             return sparse.selection_local_tokens
         assert self.page_score is not None
         local = self.page_score.local_tokens or 0
-        if local and (sparse.selection_top_p is not None or sparse.token_budget < (-(-local // page) + 3) * page):
+        if local and (sparse.selection_top_p is not None or not local_window_fits(local, sparse.token_budget, page)):
             logger.info("page selection: the pattern's selection_local_tokens=%d is not used (%s)", local,
                         "top-p selection" if sparse.selection_top_p is not None
                         else f"token_budget={sparse.token_budget} leaves no page for the score beside it")

@@ -62,6 +62,13 @@ class ScoreSpec:
         return int(self.channels.shape[2]) if self.channels is not None else 0
 
 
+def local_window_fits(local_tokens: int, token_budget: int, page_size: int) -> bool:
+    """Whether a `selection_local_tokens` window leaves the budget at least one page for the score
+    beside the first page, the window's pages and the newest page (what a calibrated window
+    needs to be worth applying)."""
+    return (-(-local_tokens // page_size) + 3) * page_size <= token_budget
+
+
 def rope_slow_channels(inv_freq: torch.Tensor, r: int) -> list[int]:
     """The r key channels of the r/2 slowest-rotating RoPE frequencies, ascending.
 
