@@ -61,3 +61,17 @@ def test_the_window_pool_never_shortens_the_longest_request(tmp_path: Path) -> N
     pooled = LLM(model=str(folder), window_pool=True, **MEMORY)
     assert pooled.engine.core.kv_cache.window is not None
     assert _longest(pooled) >= paged
+
+
+def test_streaming_heads_almost_double_the_longest_request_when_the_windows_fit(tmp_path: Path) -> None:
+    """With the memory for 64 requests' sinks and windows (and one step's chunks), half of the
+    heads streaming leaves the paged pool nearly twice the tokens: ring pages are taken as the
+    windows need them, not reserved for a prefill chunk per request."""
+    folder = _folder(tmp_path, "llama")
+    pattern = save_pattern(HeadPattern(torch.rand((2, 4), generator=torch.Generator().manual_seed(1)),
+                                       {"method": "random, for tests"}), tmp_path / "pattern.json")
+    memory = {**MEMORY, "kv_cache_memory_bytes": 80_000_000}
+    dense = _longest(LLM(model=str(folder), **memory))
+    streaming = LLM(model=str(folder), streaming_sparsity=0.5, attn_pattern=str(pattern), **WINDOWS, **memory)
+    assert streaming.engine.core.num_seats == 64
+    assert _longest(streaming) >= 1.8 * dense

@@ -1,7 +1,8 @@
 """The ring pool for streaming heads and decode page selection, in both backends, against references.
 
 An engine-like simulation: two sequences prefill in chunks and then decode, their streaming heads
-wrapping around a ring of a few pages and their dense heads reading pages chosen by the selector
+in ring pages taken and returned as their windows move (pages one sequence returns, the other
+takes) and their dense heads reading pages chosen by the selector
 (re-selected every `INTERVAL` steps). Every layer's output is compared with a brute-force
 reference computed on a separate cache that keeps the whole history of every head: the Λ mask
 for streaming heads, and for dense heads the pages a from-scratch Quest selection would pick.
@@ -26,6 +27,7 @@ from lserve.attention.torch_backend import (
 from lserve.attention.triton_backend import TritonAttentionBackend
 from lserve.kv_cache.fp8 import FP8_DTYPE, as_bytes
 from lserve.kv_cache.layout import KVCache, KVCacheTensors, KVShape, RingGeometry
+from lserve.kv_cache.ring_pages import RingPages, pool_tensor_pages
 from lserve.ops import reference as ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,8 +71,7 @@ class RingSim:
         rng = random.Random(seed)
         flags = tuple(torch.tensor(f, device=DEVICE) for f in FLAGS)
         self.sparsity = HeadSparsity(flags, **WINDOWS)
-        self.geometry = RingGeometry.plan(PAGE, 5, 20, MAX_CHUNK, max_model_len=400)
-        assert self.geometry.ring_pages and self.geometry.pages_per_seq * PAGE < 100  # it must wrap
+        self.geometry = RingGeometry(PAGE, 5, WINDOWS["decode_local"], WINDOWS["prefill_local"])
         n_stream = tuple(sum(f) for f in FLAGS)
         kv_dtype = FP8_DTYPE if fp8 else None
         shape = KVShape(3, HKV, D, PAGE, torch.float32, tuple(HKV - n for n in n_stream), kv_dtype)
@@ -81,12 +82,15 @@ class RingSim:
                      .view(-1, 4) for f in FLAGS]
             paged = KVCacheTensors(shape, 30, DEVICE, label_channels=chans)
         ring = KVCacheTensors(KVShape(3, HKV, D, PAGE, torch.float32, n_stream, kv_dtype),
-                              2 * self.geometry.pages_per_seq, DEVICE)
+                              pool_tensor_pages(self.geometry.pool_pages(2, 2 * MAX_CHUNK, 400)), DEVICE)
         for t in (*paged.k, *paged.v, *ring.k, *ring.v):
             as_bytes(t).fill_(0x7F if fp8 else float("nan"))  # (0x7F: E4M3's NaN)
         for t in (*(paged.k_scale or []), *(paged.v_scale or []), *(ring.k_scale or []), *(ring.v_scale or [])):
             t.fill_(float("nan"))
         self.cache = KVCache(paged, ring, flags, self.geometry)
+        self.ring_pages = RingPages(self.geometry, ring)  # (zeroes its null page: the rest stays NaN)
+        self.ring_uses: set[tuple[int, int, int]] = set()
+        """(sequence, logical page, ring page) of every page a sequence held"""
         self.selector = None
         if token_budget:
             self.selector = PageSelector([HKV - n for n in n_stream], PAGE, token_budget, INTERVAL, 2, DEVICE,
@@ -105,9 +109,16 @@ class RingSim:
         qlens = [n for _, _, n in plan]
         seq_lens = [b + n for _, b, n in plan]
         seqs = [s for s, _, _ in plan]
+        seats = [self.seats[s] for s in seqs]
+        for i, (seat, (_, before, n)) in enumerate(zip(seats, plan)):
+            self.ring_pages.prepare(seat, before, before + n, prefill=i >= num_decodes)
+        ring_table = self.ring_pages.rows(seats, 8)
+        for seq, seat, (_, before, n) in zip(seqs, seats, plan):
+            self.ring_uses.update((seq, logical, page) for logical, page in self.ring_pages.held(seat).items())
+            self.ring_pages.trim(seat, before + n, prefill_next=before + n < PROMPTS[seq] - 1)
+        self.ring_pages.check_invariants()
         md = build_metadata(qlens, seq_lens, [self.tables[s] for s in seqs], num_decodes, PAGE, DEVICE,
-                            seats=[self.seats[s] for s in seqs], ring=self.geometry,
-                            request_ids=[f"r{s}" for s in seqs])
+                            seats=seats, ring_table=ring_table, request_ids=[f"r{s}" for s in seqs])
         self.backend.prepare(md)
         t = sum(qlens)
         per_layer = []
@@ -118,6 +129,9 @@ class RingSim:
             write_kv(self.full.k[layer], self.full.v[layer], k, v, md.slot_mapping)
             per_layer.append((q, self.backend.forward(q, k, v, layer, md)))
         return md, seqs, seq_lens, per_layer
+
+
+PROMPTS = (80, 30)  # each sequence's prompt length: it prefills until then, then decodes
 
 
 def _schedule() -> list[tuple[list[tuple[int, int, int]], int]]:
@@ -192,6 +206,12 @@ def _check_against_reference(sim: RingSim, steps, token_budget: int) -> list[dic
 def test_torch_backend_ring_pool_and_selection_match_the_reference(token_budget: int) -> None:
     sim, steps = _run(TorchAttentionBackend, token_budget)
     log = _check_against_reference(sim, steps, token_budget)
+    # pages returned behind a window were taken again, one of them by the other sequence
+    assert len({page for _, _, page in sim.ring_uses}) < len(sim.ring_uses)
+    holders = {}
+    for seq, _, page in sim.ring_uses:
+        holders.setdefault(page, set()).add(seq)
+    assert any(len(seqs) == 2 for seqs in holders.values())
     if token_budget:
         # seq 0 decodes 14 steps past the budget: selections on steps 0, 3, 6, 9, 12 of its own count
         recomputes = [e["recompute"] for e in log if e["seq"] == 0]
@@ -279,13 +299,16 @@ def test_top_p_of_one_keeps_the_budget_and_a_low_p_reads_less() -> None:
 
 
 def test_ring_pool_memory_is_constant_in_context_length() -> None:
-    geo = RingGeometry.plan(64, sink=128, local=8192, max_chunk=8192, max_model_len=262144)
-    assert geo.pages_per_seq == 2 + 256  # sink pages + ring pages; independent of the context
-    mapping = geo.logical_to_ring(4096).tolist()
-    assert max(mapping) == geo.pages_per_seq - 1 and mapping[:2] == [0, 1]
-    assert mapping[2] == mapping[2 + 256] == 2  # the ring wraps after 256 local pages
-    short = RingGeometry.plan(64, sink=128, local=8192, max_chunk=8192, max_model_len=8192)
-    assert short.ring_pages == 0 and short.pages_per_seq == 128  # a short model: no wrap needed
+    geo = RingGeometry(64, sink_tokens=128, local_tokens=256, prefill_local_tokens=8192)
+    assert geo.pages_per_seq == 2 + 4 + 1  # sink pages + the decode window's; independent of the context
+    assert geo.pages_between_steps(prefill=True) == 2 + 128 + 1
+    assert geo.live_pages(200_000, 200_001, prefill=False) == (2, (200_000 - 255) // 64, -(-200_001 // 64))
+    assert geo.live_pages(200_000, 208_192, prefill=True) == (2, (200_000 - 8191) // 64, 208_192 // 64)
+    assert geo.live_pages(10, 100, prefill=True) == (2, 2, 2)  # a short sequence: its pages are sink pages
+    # 64 sequences and steps of 8,192 new tokens: their decode windows, one prefill window and one
+    # step's chunks, not a prefill window and a chunk per sequence
+    assert geo.pool_pages(64, 8192, 262_144) == 64 * 7 + 131 + 128
+    assert geo.pool_pages(4, 8192, 1024) == 4 * 16  # never more than the whole contexts
 
 
 def test_key_statistics_across_page_boundaries_in_decode() -> None:

@@ -680,3 +680,28 @@ def test_random_scenarios(seed):
             still = [rid for rid, _ in e["scheduled"]]
             assert all(h.order[s] < h.order[p] for s in still for p in e["preempted"])
     h.assert_all_pages_free()
+
+
+def test_at_most_one_request_is_part_way_through_its_prefill_between_steps():
+    """The ring and window pools are sized for one prefill window (`RingGeometry.pool_pages`):
+    between steps at most one running request has two or more known tokens left to compute,
+    under a small budget, many prompts, preemptions and requests arriving mid-run."""
+    rng = random.Random(3)
+    for trial in range(6):
+        h = Harness(make_scheduler(num_pages=60 + 20 * trial, page_size=4, max_num_seqs=6, max_num_batched_tokens=9))
+        lengths = [rng.randint(1, 40) for _ in range(12)]
+        requests = make_requests(lengths, max_tokens=[rng.randint(1, 8) for _ in lengths])
+        h.add(*requests[:6])
+        late = requests[6:]
+
+        def check(h: Harness) -> None:
+            part_way = [r.request_id for r in h.sched.running if r.num_pending_tokens >= 2]
+            assert len(part_way) <= 1, part_way
+            if late and rng.random() < 0.3:
+                h.add(late.pop())
+
+        h.drive(before_step=check)
+        while late:
+            h.add(late.pop())
+            h.drive(before_step=check)
+        h.assert_all_pages_free()

@@ -63,10 +63,12 @@ def test_ring_pool_memory_per_sequence_is_constant(pattern_path: Path) -> None:
     assert core.kv_cache.shape.bytes_per_page == dense_page // 2  # half of the KV heads left the paged pool
     ring = core.kv_bytes_per_sequence(4000) - 250 * core.kv_cache.shape.bytes_per_page
     assert ring == core.kv_bytes_per_sequence(8000) - 500 * core.kv_cache.shape.bytes_per_page > 0
-    assert core.kv_cache.ring_geometry.pages_per_seq * 16 < 400  # sink + local + chunk, not the context
+    assert core.kv_cache.ring_geometry.pages_per_seq * 16 < 400  # sink + local window, not the context
     out = llm.generate(LONG, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4
     assert core.kv_manager.num_free_pages == core.kv_manager.num_pages and not core.kv_manager.seats
+    ring = core.runner.ring_pages["ring"]
+    assert ring.num_free_pages == ring.num_pages  # every ring page came back
 
 
 def test_page_selection_with_a_budget_over_the_context_is_dense(default_llm) -> None:

@@ -24,13 +24,16 @@ def test_window_layers_triton_equals_torch(tmp_path, window: int) -> None:
     greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     outs = {}
     for backend in ("torch", "triton"):
-        # chunks of 24 tokens: a ring of window + 24 tokens wraps several times per prompt
+        # chunks of 24 tokens, two requests at once: the window pool's pages are returned behind the
+        # windows and taken again several times per prompt
         llm = LLM(model=str(folder), dtype="float32", device=DEVICE, attention_backend=backend, page_size=16,
-                  max_num_batched_tokens=24, enforce_eager=True)
+                  max_num_batched_tokens=24, max_num_seqs=2, enforce_eager=True)
         core = llm.engine.core
-        assert core.kv_cache.window is not None and core.kv_cache.window_geometry.ring_pages > 0
+        pool = core.runner.ring_pages["window"]
+        assert core.kv_cache.window is not None and pool.num_pages * 16 < 83 + 150  # less than the prompts hold
         outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
         assert core.kv_manager.num_free_pages == core.kv_manager.num_pages
+        assert pool.num_free_pages == pool.num_pages
     assert outs["triton"] == outs["torch"]
 
 

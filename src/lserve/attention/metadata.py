@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lserve.kv_cache.layout import RingGeometry
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,8 @@ class AttentionMetadata:
     request_ids: tuple[str, ...] = ()
     """Each sequence's request id, when known (per-request state such as page selections)."""
     ring_page_table: torch.Tensor | None = None
-    """(num_seqs, max_pages) int32: for the ring pool, the ring page holding each logical page."""
+    """(num_seqs, max_pages) int32: for the ring pool, the ring page holding each logical page
+    (its null page for the pages the sequence no longer holds)."""
     ring_slot_mapping: torch.Tensor | None = None
     """(num_tokens,) int64: ring-pool slot of every new token."""
     window_page_table: torch.Tensor | None = None
@@ -99,16 +99,16 @@ def build_metadata(
     page_size: int,
     device: torch.device,
     seats: list[int] | None = None,
-    ring: RingGeometry | None = None,
+    ring_table: np.ndarray | None = None,
     request_ids: list[str] | None = None,
-    window: RingGeometry | None = None,
+    window_table: np.ndarray | None = None,
 ) -> AttentionMetadata:
     """Pack host-side per-sequence values into device tensors (one copy for all of them).
 
     `page_tables`: each sequence's page ids, as lists or as one (num_seqs, width) int32 array
-    (rows of `SeatPageRows`, 0-padded). With `ring` (and `seats`), also map every logical page to
-    its ring page: seat s owns ring pages s * pages_per_seq .. (s + 1) * pages_per_seq - 1; the
-    same with `window` for the sliding-window layers' pool.
+    (rows of `SeatPageRows`, 0-padded). `ring_table` / `window_table`: the same for the ring and
+    window pools, (num_seqs, width) int32 (`RingPages.rows`), at least as wide as the sequences'
+    pages; their slots are mapped here too.
     """
     num_seqs = len(query_lens)
     if isinstance(page_tables, np.ndarray):
@@ -126,15 +126,14 @@ def build_metadata(
     starts = np.zeros(num_seqs + 1, dtype=np.int32)
     np.cumsum(qlens, out=starts[1:])
     arrays = [starts, lens.astype(np.int32), table, _slots(table, qlens, lens, page_size)]
-    for geometry in (g for g in (ring, window) if g is not None):
-        assert seats is not None, "a ring pool needs seats"
-        offsets = geometry.logical_to_ring(max_pages)
-        ring_table = np.asarray(seats, dtype=np.int32)[:, None] * geometry.pages_per_seq + offsets[None, :]
-        arrays += [ring_table, _slots(ring_table, qlens, lens, page_size)]
+    for pool_table in (t for t in (ring_table, window_table) if t is not None):
+        pool_table = pool_table.astype(np.int32, copy=False)
+        assert pool_table.shape[0] == num_seqs and pool_table.shape[1] >= max_pages, "a pool table is too narrow"
+        arrays += [pool_table, _slots(pool_table, qlens, lens, page_size)]
     on_device = to_device(arrays, device)
     tables = iter(on_device[4:])  # (page table, slots) of the ring, then of the window pool
-    ring_pair = (next(tables), next(tables)) if ring is not None else (None, None)
-    window_pair = (next(tables), next(tables)) if window is not None else (None, None)
+    ring_pair = (next(tables), next(tables)) if ring_table is not None else (None, None)
+    window_pair = (next(tables), next(tables)) if window_table is not None else (None, None)
     return AttentionMetadata(
         num_seqs=num_seqs,
         num_decodes=num_decodes,

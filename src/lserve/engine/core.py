@@ -65,12 +65,6 @@ from lserve.sparse.selection import ScoreSpec, local_window_fits, resolve_page_s
 
 logger = logging.getLogger(__name__)
 
-WINDOW_PREFILL_CHUNK = 2048
-"""A model with sliding-window layers prefills at most this many tokens of one request per step:
-its window pool then holds the window plus 2,048 tokens per request, not plus
-`max_num_batched_tokens` (8,192 by default), so four times as many requests fit beside it. Other
-requests' chunks still fill the step's token budget."""
-
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -129,9 +123,6 @@ class EngineCore:
         # with the prefix cache, streaming heads and sliding-window layers keep their whole
         # history in the paged pool (their windows still apply; their memory savings do not)
         self.fixed_pools = not self.prefix_caching
-        windowed = self.fixed_pools and config.cache.window_pool and any(w is not None for w in self.arch.layer_windows)
-        self.max_chunk_tokens = min(config.scheduler.max_num_batched_tokens, WINDOW_PREFILL_CHUNK) if windowed \
-            else config.scheduler.max_num_batched_tokens
         self._pattern: HeadPattern | None = None
         self.kv_order = self._kv_head_order()
         """Under tensor parallelism with streaming heads, each layer's KV heads in the order whose
@@ -144,8 +135,7 @@ class EngineCore:
         if self.workers is not None:
             self.workers.wait_ready()
         sched = config.scheduler
-        self.scheduler = Scheduler(self.kv_manager, self.num_seats, sched.max_num_batched_tokens,
-                                   self.max_chunk_tokens)
+        self.scheduler = Scheduler(self.kv_manager, self.num_seats, sched.max_num_batched_tokens)
         self.async_scheduling = sched.async_scheduling
         self._pending: list[tuple[SchedulerOutput, LaunchedStep, StepPageCounts]] = []
         """Launched steps whose tokens have not been read yet, oldest first (async scheduling keeps
@@ -223,7 +213,7 @@ class EngineCore:
         agree = (lambda n: agree_min(n, self.device)) if self.tp.size > 1 else (lambda n: n)
         return build_kv_cache(self.local_arch, config, self.dtype, self.device,
                               sparsity.streaming_heads if sparsity is not None else None, self.page_score,
-                              fixed_pools=self.fixed_pools, max_chunk_tokens=self.max_chunk_tokens,
+                              fixed_pools=self.fixed_pools,
                               max_model_len=self.max_model_len, agree=agree, log=log)
 
     def _build_runner(self, setup: KVSetup, sparsity: HeadSparsity | None, selector_seats: int) -> ModelRunner:
@@ -248,8 +238,7 @@ class EngineCore:
                                  sparsity, selector)
         if self.backend_name == "triton":
             backend.decode_split_len = self.max_model_len
-        return ModelRunner(self.model, backend, cache.page_size, self.device, self.config.model.seed,
-                           setup.cache.ring_geometry)
+        return ModelRunner(self.model, backend, cache.page_size, self.device, self.config.model.seed)
 
     def _uses_graphs(self) -> bool:
         # (decode graphs with collectives inside are not validated yet: tensor-parallel steps run eagerly)
@@ -262,8 +251,9 @@ class EngineCore:
     def _decode_graphs(self, runner: ModelRunner, setup: KVSetup, max_batch: int) -> DecodeGraphs:
         """Decode graphs over `setup`'s cache for batches up to `max_batch` (not captured yet)."""
         return DecodeGraphs(self.model, runner.backend, max_batch, self.max_model_len, self.config.cache.page_size,
-                            scratch_page=setup.num_pages, ring=setup.cache.ring_geometry,
-                            scratch_seat=setup.num_seats, device=self.device)
+                            scratch_page=setup.num_pages,
+                            pool_scratch_pages={name: pages.scratch_page for name, pages in runner.ring_pages.items()},
+                            device=self.device)
 
     def _profiles_memory(self) -> bool:
         """The KV cache is sized from `gpu_memory_utilization` and a start-up profile: on one GPU
@@ -277,7 +267,7 @@ class EngineCore:
         largest step, widest head work and largest decode graphs (`engine.memory_profile`)."""
         used, total = gpu_memory(self.device)
         sched, page = self.config.scheduler, self.config.cache.page_size
-        chunk = min(self.max_chunk_tokens, self.max_model_len - 1)
+        chunk = min(sched.max_num_batched_tokens, self.max_model_len - 1)
         setup = self._build_kv(provisional_cache_config(self.config, sched.max_num_batched_tokens, chunk), sparsity,
                                log=False)
         runner = self._build_runner(setup, sparsity, max(setup.num_seats, sched.max_num_seqs))
@@ -303,7 +293,8 @@ class EngineCore:
         return profile.check()
 
     def kv_bytes_per_sequence(self, num_tokens: int) -> int:
-        """KV memory one sequence of `num_tokens` tokens holds: its pages, plus its ring and window blocks."""
+        """KV memory one decoding sequence of `num_tokens` tokens holds: its pages, plus its ring and
+        window pages (at most their sinks and windows)."""
         cache = self.kv_cache
         return -(-num_tokens // cache.shape.page_size) * self._paged_page_bytes(cache) + cache.ring_bytes_per_sequence()
 

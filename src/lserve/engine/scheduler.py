@@ -8,6 +8,12 @@ a preemption), then chunks to waiting requests in arrival order, while there are
 newest running request is preempted: its pages are freed and it is recomputed later. The oldest
 request is never preempted by a newer one, so it always progresses, and a request that fits the
 pool alone (checked on admission by the engine) always finishes.
+
+At most one request is part-way through its prefill between steps (two or more of its known
+tokens still to compute): a waiting request is admitted only with budget left after every running
+one got all it asked for, and one that would be cut short waits while another request is part-way
+(the admission loop checks it). The ring and window pools are sized on this
+(`RingGeometry.pool_pages`: one prefill window, the other requests' decode windows).
 """
 
 from __future__ import annotations
@@ -53,14 +59,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_chunk_tokens: int | None = None
+        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_chunk_tokens = max_chunk_tokens or max_num_batched_tokens
-        """The longest prefill chunk one request gets in a step (a ring pool holds its window plus
-        one chunk, so a sliding-window model keeps chunks short)."""
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -144,14 +147,18 @@ class Scheduler:
                     continue
                 if not req.needs_more_tokens:  # its last token is in flight: it finishes when that arrives
                     continue
-                n = min(req.num_pending_tokens, budget, self.max_chunk_tokens)
+                n = min(req.num_pending_tokens, budget)
                 if not self._allocate_or_preempt(req, n, decodes, prefills, preempted):
                     continue
                 (decodes if want_decode else prefills).append(ScheduledRequest(req, n))
                 budget -= n
             budget = self.max_num_batched_tokens - sum(s.num_new_tokens for s in decodes + prefills)
         forks: list[ForkCopy] = []
+        given = {s.request.request_id: s.num_new_tokens for s in decodes + prefills}
+        part_way = any(req.num_pending_tokens - given.get(req.request_id, 0) >= 2 for req in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            if part_way and self.waiting[0].num_pending_tokens - budget >= 2:
+                break  # it would be a second request part-way through its prefill
             admitted = self._admit(self.waiting[0], budget, forks)
             if admitted is None:
                 break
@@ -177,7 +184,7 @@ class Scheduler:
             num_pages = (req.num_tokens - req.num_inflight_tokens - 1) // self.kv.page_size
             extend_page_keys(req.page_keys, req.token_ids, num_pages, self.kv.page_size)
             cached = req.num_computed_tokens = self.kv.cached_prefix(req.request_id, req.page_keys[:num_pages])
-        n = min(req.num_pending_tokens, budget, self.max_chunk_tokens)
+        n = min(req.num_pending_tokens, budget)
         if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
             if fork is not None or cached:  # it waits on, without the shared pages
                 self.kv.free(req.request_id)

@@ -5,24 +5,28 @@ A page id indexes the same page in every layer, so one page table serves all lay
 `page_id * page_size + offset` addresses one token's K/V in a layer.
 
 With streaming heads there are two pools (`KVCache`): the paged pool holds only each layer's dense
-heads (so a page costs less and more context fits), and the ring pool holds the streaming heads in
-a fixed number of pages per running sequence (sink pages + a ring of local pages, constant in
-context length). The pools' head counts differ per layer, as the head pattern decides.
+heads (so a page costs less and more context fits), and the ring pool holds the streaming heads:
+a sequence holds ring pages only for its sink and its local window (`RingGeometry`), taken from
+the pool's free list as the window moves and returned behind it (`kv_cache.ring_pages`), so its
+share is constant in context length. The pools' head counts differ per layer, as the head
+pattern decides.
 
 A model with sliding-window layers (Gemma 3, Mistral, Qwen2 with `use_sliding_window`) keeps
-those layers in a third pool, the window pool: a ring like the streaming heads' (no sink, the
-window plus a prefill chunk), with its own geometry, so that they too cost constant memory per
-sequence. The paged pool then holds the full-attention layers only (zero heads elsewhere).
+those layers in a third pool, the window pool, kept like the ring pool (no sink, the window),
+so that they too cost constant memory per sequence. The paged pool then holds the
+full-attention layers only (zero heads elsewhere).
+
+A ring or window pool's tensors hold two pages past those it hands out: a scratch page (the
+padded rows of captured decode graphs write there) and a null page of zeros, which the page
+tables name for the pages a sequence no longer holds (kernels that read a whole tile mask those
+keys; zeros keep a masked key from turning the output into NaN).
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from lserve.errors import LServeError
@@ -135,6 +139,13 @@ class KVCacheTensors:
             ) from exc
 
 
+    def zero_pages(self, pages: list[int]) -> None:
+        """Fill these pages' K, V and FP8 scales with zeros in every layer."""
+        index = torch.tensor(pages, dtype=torch.long, device=self.k[0].device)
+        for tensors in (self.k, self.v, self.k_scale or [], self.v_scale or []):
+            for t in tensors:
+                as_bytes(t).index_fill_(0, index, 0)
+
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Copy pages `src` onto pages `dst` in every layer, with their FP8 scales and what page
         selection keeps of them (their logical pages' key statistics, or their slots' key labels)."""
@@ -163,40 +174,57 @@ class KVCacheTensors:
 
 @dataclass(frozen=True)
 class RingGeometry:
-    """Where a streaming head keeps token `pos` of a sequence: its sink pages never move; the
-    pages after them form a ring that the local window wraps around."""
+    """Which pages of a sequence a pool of windowed heads keeps: streaming heads read the sink
+    tokens and a local window (a wider one in prefill rows than in decode rows), sliding-window
+    layers a window (no sink). Every other page of the sequence is dead for them. The pool's
+    pages are taken on demand from a free list (`kv_cache.ring_pages.RingPages`), so it holds only
+    live pages: per running sequence its sink and window pages, plus the pages of the step's
+    prefill chunks."""
 
-    sink_pages: int
-    ring_pages: int
-    """Local pages in the ring (0: the ring is as long as the longest sequence, no wrap)."""
+    page_size: int
+    sink_tokens: int
+    local_tokens: int
+    """The window of decode rows (one new token)."""
+    prefill_local_tokens: int
+    """The window of prefill rows."""
+
+    def _window(self, prefill: bool) -> int:
+        # a sequence still in its prefill keeps the decode window too (its decode rows come later)
+        return max(self.prefill_local_tokens, self.local_tokens) if prefill else self.local_tokens
+
+    @property
+    def sink_pages(self) -> int:
+        return -(-self.sink_tokens // self.page_size)
+
+    def pages_between_steps(self, prefill: bool) -> int:
+        """The most pages a sequence holds between steps when its next row is a prefill row (or a
+        decode row): its sink pages and the pages its window touches (one more than the window
+        fills when it does not start on a page boundary)."""
+        return self.sink_pages + -(-self._window(prefill) // self.page_size) + 1
 
     @property
     def pages_per_seq(self) -> int:
-        return self.sink_pages + self.ring_pages
+        """The most pages a decoding sequence holds."""
+        return self.pages_between_steps(prefill=False)
 
-    @staticmethod
-    def plan(page_size: int, sink: int, local: int, max_chunk: int, max_model_len: int) -> RingGeometry:
-        """Sink pages cover `sink` tokens; the ring holds `local + max_chunk` tokens, so that every
-        key a prefill chunk's queries can see is still there after the chunk is written."""
-        max_pages = -(-max_model_len // page_size)
-        sink_pages = -(-sink // page_size)
-        ring = -(-(local + max_chunk) // page_size)
-        if sink_pages + ring >= max_pages:
-            return RingGeometry(max_pages, 0)
-        return RingGeometry(sink_pages, ring)
+    def live_pages(self, first_pos: int, seq_len: int, prefill: bool) -> tuple[int, int, int]:
+        """(sink end, lo, hi): the logical pages a prefill (or decode) row reads and writes when
+        its first new token is at `first_pos` and the sequence has `seq_len` tokens after it:
+        pages 0 .. sink end - 1 and lo .. hi - 1 (from its first query's window to its last token)."""
+        hi = -(-seq_len // self.page_size)
+        sink_end = min(self.sink_pages, hi)
+        lo = max(max(first_pos - self._window(prefill) + 1, 0) // self.page_size, sink_end)
+        return sink_end, min(lo, hi), hi
 
-    def logical_to_ring(self, num_logical_pages: int) -> np.ndarray:
-        """Ring page index (0 .. pages_per_seq - 1) of each logical page of a sequence, (n,) int32.
-        Cached per length (a decode step asks for the same table again and again): do not modify."""
-        return _ring_index(self.sink_pages, self.ring_pages, num_logical_pages)
-
-
-@functools.lru_cache(maxsize=64)
-def _ring_index(sink_pages: int, ring_pages: int, n: int) -> np.ndarray:
-    idx = np.arange(n, dtype=np.int32)
-    if ring_pages == 0:
-        return idx
-    return np.where(idx < sink_pages, idx, sink_pages + (idx - sink_pages) % ring_pages).astype(np.int32)
+    def pool_pages(self, num_seqs: int, step_tokens: int, max_model_len: int) -> int:
+        """Pages a pool needs at most for `num_seqs` running sequences and steps of at most
+        `step_tokens` new tokens, when at most one sequence is prefilled across steps (the
+        scheduler's rule): each sequence holds at most `pages_per_seq` between steps, the one
+        partly prefilled sequence its prefill window, and a step's chunks (they add up to
+        `step_tokens`) the pages they write. Never more than the sequences' whole contexts."""
+        whole = -(-max_model_len // self.page_size)
+        need = num_seqs * self.pages_per_seq + self.pages_between_steps(prefill=True) + -(-step_tokens // self.page_size)
+        return min(need, num_seqs * whole)
 
 
 def dense_head_ids(streaming_flags: tuple[torch.Tensor, ...]) -> list[list[int]]:
@@ -224,6 +252,7 @@ class KVCache:
     ) -> None:
         self.paged = paged
         self.ring = ring
+        """The streaming heads' pool, or None."""
         self.ring_geometry = ring_geometry
         self.window = window
         """The sliding-window layers' pool (every head of such a layer), or None."""
@@ -246,22 +275,16 @@ class KVCache:
             if w is not None and window is not None:
                 self.dense_heads[layer], self.streaming_heads[layer] = [], []
 
-    def copy_fork(self, page_pairs: Sequence[tuple[int, int]], src_seat: int, dst_seat: int) -> None:
-        """A forked sequence's own copies: paged pages (`page_pairs`: source, destination) and
-        the source seat's ring and window blocks onto the destination seat's."""
-        self.paged.copy_pages([a for a, _ in page_pairs], [b for _, b in page_pairs])
-        for pool, geometry in self.seat_pools():
-            n = geometry.pages_per_seq
-            pool.copy_pages(list(range(src_seat * n, (src_seat + 1) * n)), list(range(dst_seat * n, (dst_seat + 1) * n)))
-
-    def seat_pools(self) -> list[tuple[KVCacheTensors, RingGeometry]]:
-        """The pools with a constant block per seat (ring, window) that this cache has."""
-        pools = ((self.ring, self.ring_geometry), (self.window, self.window_geometry))
-        return [(pool, geometry) for pool, geometry in pools if pool is not None and geometry is not None]
+    def seat_pools(self) -> dict[str, tuple[KVCacheTensors, RingGeometry]]:
+        """The pools whose pages a sequence holds only while they are in its windows ("ring",
+        "window"), that this cache has."""
+        pools = {"ring": (self.ring, self.ring_geometry), "window": (self.window, self.window_geometry)}
+        return {name: (pool, geometry) for name, (pool, geometry) in pools.items()
+                if pool is not None and geometry is not None}
 
     def ring_bytes_per_sequence(self) -> int:
-        """What one sequence holds in the ring and window pools (constant in its length)."""
-        return sum(geometry.pages_per_seq * pool.shape.bytes_per_page for pool, geometry in self.seat_pools())
+        """The most one decoding sequence holds in the ring and window pools (constant in its length)."""
+        return sum(geometry.pages_per_seq * pool.shape.bytes_per_page for pool, geometry in self.seat_pools().values())
 
     @property
     def k(self) -> list[torch.Tensor]:

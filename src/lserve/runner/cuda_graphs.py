@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from lserve.attention.backend import AttentionBackend
 from lserve.attention.metadata import AttentionMetadata
-from lserve.kv_cache.layout import RingGeometry
 from lserve.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -43,8 +42,7 @@ class DecodeGraphs:
         max_model_len: int,
         page_size: int,
         scratch_page: int,
-        ring: RingGeometry | None,
-        scratch_seat: int,
+        pool_scratch_pages: dict[str, int],
         device: torch.device,
     ) -> None:
         self.model = model
@@ -53,8 +51,6 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.page_size = page_size
         self.scratch_page = scratch_page
-        self.ring = ring
-        self.scratch_seat = scratch_seat
         self.device = device
         n = max_batch
         width = -(-max_model_len // page_size)
@@ -66,13 +62,11 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, **i32)
         self.page_table = torch.full((n, width), scratch_page, **i32)
         self.slot_mapping = torch.full((n,), scratch_page * page_size, dtype=torch.long, device=device)
-        # (page table, slots) buffers of the ring pools: the streaming heads' and the window layers'
-        self.rings: dict[str, tuple[RingGeometry, torch.Tensor, torch.Tensor]] = {}
-        for name, geometry in (("ring", ring), ("window", backend.cache.window_geometry)):
-            if geometry is not None:
-                first = scratch_seat * geometry.pages_per_seq  # the scratch seat's first ring page
-                self.rings[name] = (geometry, torch.full((n, width), first, **i32),
-                                    torch.full((n,), first * page_size, dtype=torch.long, device=device))
+        # (scratch page, page table, slots) buffers of the ring and window pools ("ring", "window")
+        self.rings: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {
+            name: (scratch, torch.full((n, width), scratch, **i32),
+                   torch.full((n,), scratch * page_size, dtype=torch.long, device=device))
+            for name, scratch in pool_scratch_pages.items()}
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
 
@@ -109,15 +103,14 @@ class DecodeGraphs:
             self.seq_lens[n:b].fill_(1)
             self.slot_mapping[n:b].fill_(self.scratch_page * self.page_size)
             self.page_table[n:b, 0].fill_(self.scratch_page)
-        for name, (geometry, table, slots) in self.rings.items():
+        for name, (scratch, table, slots) in self.rings.items():
             step_table, step_slots = getattr(md, f"{name}_page_table"), getattr(md, f"{name}_slot_mapping")
             assert step_table is not None and step_slots is not None, f"the step has no {name} tables"
             table[:n, :w].copy_(step_table)
             slots[:n].copy_(step_slots)
             if n < b:
-                first = self.scratch_seat * geometry.pages_per_seq
-                table[n:b, 0].fill_(first)
-                slots[n:b].fill_(first * self.page_size)
+                table[n:b, 0].fill_(scratch)
+                slots[n:b].fill_(scratch * self.page_size)
 
     def _forward(self, b: int) -> torch.Tensor:
         md = self._metadata(b)

@@ -15,7 +15,7 @@ import torch
 
 from lserve.attention.backend import AttentionBackend, StepPageCounts
 from lserve.attention.metadata import AttentionMetadata, build_metadata, to_device
-from lserve.kv_cache.layout import RingGeometry
+from lserve.kv_cache.ring_pages import RingPages
 from lserve.kv_cache.manager import SeatPageRows
 from lserve.model.llama import LlamaForCausalLM
 from lserve.request import INFLIGHT_TOKEN, TokenLogprobEntry
@@ -178,10 +178,8 @@ class ModelRunner:
         page_size: int,
         device: torch.device,
         seed: int,
-        ring: RingGeometry | None = None,
     ) -> None:
         self.model = model
-        self.ring = ring
         self.backend = backend
         self.page_size = page_size
         self.device = device
@@ -195,6 +193,9 @@ class ModelRunner:
         self.seat_rows = SeatPageRows()
         """Every seat's page table as rows of one array, kept from the steps' page ids: a step's
         tables are a slice of rows, not a conversion of lists."""
+        self.ring_pages = {name: RingPages(geometry, tensors)
+                           for name, (tensors, geometry) in backend.cache.seat_pools().items()}
+        """Per ring or window pool, the pages each seat holds (taken as its window moves)."""
 
     @torch.inference_mode()
     def execute(self, step: StepData) -> dict[str, int]:
@@ -203,18 +204,24 @@ class ModelRunner:
 
     def update_states(self, step: StepData) -> None:
         """Apply the step's changes to the runner's per-request state: drop ended and preempted
-        requests, take new ones whole and running ones' new tokens and pages; then the fork copies."""
+        requests, take new ones whole and running ones' new tokens and pages; then the fork copies.
+
+        A fork's source may have ended in this very step (a shared prefix is released once its
+        last sequence forked) and its seat been given to a new request: the ring and window
+        pages of fork sources are returned only after the copies."""
+        sources = {fork.src_seat for fork in step.forks}
+        after_forks: list[int] = []
         for rid in (*step.preempted_ids, *step.finished_ids):
             state = self.requests.pop(rid, None)
             if state is not None:
-                self.seat_rows.clear(state.seat)
+                self._clear_seat(state.seat, after_forks if state.seat in sources else None)
         for rid in step.finished_ids:
             self.sampler.forget(rid)
             if self.backend.selector is not None:
                 self.backend.selector.forget(rid)
         for new in step.new_requests:
             self.requests[new.request_id] = RequestState.of(new)
-            self.seat_rows.clear(new.seat)
+            self._clear_seat(new.seat, after_forks if new.seat in sources else None)
             self.seat_rows.append(new.seat, 0, new.page_ids)
         for chunk in step.scheduled:
             state = self.requests[chunk.request_id]
@@ -222,8 +229,24 @@ class ModelRunner:
             if chunk.new_page_ids:
                 self.seat_rows.append(state.seat, chunk.page_start, chunk.new_page_ids)
                 state.num_pages = chunk.page_start + len(chunk.new_page_ids)
+        cache = self.backend.cache
         for fork in step.forks:  # queued before the step, after the prefix's own steps
-            self.backend.cache.copy_fork(fork.page_pairs, fork.src_seat, fork.dst_seat)
+            cache.paged.copy_pages([a for a, _ in fork.page_pairs], [b for _, b in fork.page_pairs])
+            for name, pages in self.ring_pages.items():
+                cache.seat_pools()[name][0].copy_pages(*pages.fork(fork.src_seat, fork.dst_seat))
+        for seat in after_forks:
+            for pages in self.ring_pages.values():
+                pages.release(seat)
+
+    def _clear_seat(self, seat: int, defer_pools: list[int] | None = None) -> None:
+        """Drop what a seat holds: its page table row and its ring and window pages (those are
+        left for later when `defer_pools` is given: the seat goes on that list)."""
+        self.seat_rows.clear(seat)
+        if defer_pools is not None:
+            defer_pools.append(seat)
+            return
+        for pages in self.ring_pages.values():
+            pages.release(seat)
 
     @torch.inference_mode()
     def launch(self, step: StepData) -> LaunchedStep:
@@ -341,17 +364,30 @@ class ModelRunner:
 
     def plan(self, chunks: Sequence[ScheduledChunk], states: Sequence[RequestState], num_decodes: int
              ) -> AttentionMetadata:
-        """Attention metadata of the step, built once and shared by every layer."""
+        """Attention metadata of the step, built once and shared by every layer. The ring and
+        window pools' pages: each sequence takes those its row reads and writes, and right after
+        the tables are built returns those its next row's window no longer reaches (the device
+        runs this step before any later one can reuse them)."""
         seats = [state.seat for state in states]
+        width = max(state.num_pages for state in states)
+        tables = {}
+        for name, pages in self.ring_pages.items():
+            for i, (c, seat) in enumerate(zip(chunks, seats)):
+                pages.prepare(seat, c.start, c.start + c.num_tokens, prefill=i >= num_decodes)
+            tables[name] = pages.rows(seats, width)
+            for c, state in zip(chunks, states):
+                # a request with two or more known tokens left continues its prefill; else it decodes
+                end = c.start + c.num_tokens
+                pages.trim(state.seat, end, prefill_next=len(state.token_ids) - end >= 2)
         return build_metadata(
             query_lens=[c.num_tokens for c in chunks],
             seq_lens=[c.start + c.num_tokens for c in chunks],
-            page_tables=self.seat_rows.rows(seats, max(state.num_pages for state in states)),
+            page_tables=self.seat_rows.rows(seats, width),
             num_decodes=num_decodes,
             page_size=self.page_size,
             device=self.device,
             seats=seats,
-            ring=self.ring,
+            ring_table=tables.get("ring"),
             request_ids=[c.request_id for c in chunks],
-            window=self.backend.cache.window_geometry,
+            window_table=tables.get("window"),
         )
