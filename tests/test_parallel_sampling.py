@@ -84,14 +84,19 @@ def pattern_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_pattern(HeadPattern(torch.rand((30, 3), generator=gen), {"method": "random, for tests"}), path)
 
 
-@pytest.mark.parametrize("sparse", ["streaming", "selection", "both"])
+@pytest.mark.parametrize("sparse", ["streaming", "streaming-wide-prefill", "selection", "both"])
 def test_forks_copy_ring_blocks_and_page_statistics(pattern_path: Path, sparse: str) -> None:
-    """Streaming heads keep a ring per seat (copied on fork) and page selection statistics per
-    page (the partly filled page's copied): each sequence equals its single run."""
+    """Streaming heads' ring pages (the full ones shared on fork, the partly filled one copied)
+    and page selection statistics per page (the partly filled page's copied): each sequence
+    equals its single run. With a prefill window wider than the decode window, each sequence's
+    first row (its last prompt token, a prefill row) reads the prefix's prefill window."""
     kw: dict = dict(dtype="float32", device="cpu", page_size=16)
     if sparse in ("streaming", "both"):
         kw.update(streaming_sparsity=0.5, attn_pattern=str(pattern_path), prefill_sink_tokens=16,
                   prefill_local_tokens=48, decode_sink_tokens=16, decode_local_tokens=48)
+    if sparse == "streaming-wide-prefill":
+        kw.update(streaming_sparsity=0.5, attn_pattern=str(pattern_path), prefill_sink_tokens=16,
+                  prefill_local_tokens=128, decode_sink_tokens=16, decode_local_tokens=32)
     if sparse in ("selection", "both"):
         kw.update(token_budget=64, page_score="quest", logical_page_size=16, selector_interval=1)
     llm = LLM(**kw)

@@ -10,10 +10,12 @@ request is never preempted by a newer one, so it always progresses, and a reques
 pool alone (checked on admission by the engine) always finishes.
 
 At most one request is part-way through its prefill between steps (two or more of its known
-tokens still to compute): a waiting request is admitted only with budget left after every running
-one got all it asked for, and one that would be cut short waits while another request is part-way
-(the admission loop checks it). The ring and window pools are sized on this
-(`RingGeometry.pool_pages`: one prefill window, the other requests' decode windows).
+tokens still to compute) or is a computed prefix whose sequences have not all forked: a waiting
+request is admitted only with budget left after every running one got all it asked for, one that
+would be cut short waits while another request is part-way (the admission loop checks it), and a
+prefix's sequences are queued right behind it, so nothing behind them is admitted before the last
+one forked. The ring and window pools are sized on this (`RingGeometry.pool_pages`: one prefill
+window, the other requests' decode windows).
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ class StepBuilder:
             sent = self._sent.get(rid)
             if sent is None:
                 new.append(NewRequestData(rid, req.token_ids(0, known), req.num_prompt_tokens, req.sampling_params,
-                                          req.eos_token_ids, seats[rid], list(pages), len(req.prompt_logprobs)))
+                                          req.eos_token_ids, seats[rid], list(pages), len(req.prompt_logprobs),
+                                          req.prefill_only))
                 self._sent[rid] = _Sent(known, len(pages))
                 chunks.append(ScheduledChunk(rid, req.num_computed_tokens, n, samples))
                 continue

@@ -218,10 +218,11 @@ class RingGeometry:
 
     def pool_pages(self, num_seqs: int, step_tokens: int, max_model_len: int) -> int:
         """Pages a pool needs at most for `num_seqs` running sequences and steps of at most
-        `step_tokens` new tokens, when at most one sequence is prefilled across steps (the
-        scheduler's rule): each sequence holds at most `pages_per_seq` between steps, the one
-        partly prefilled sequence its prefill window, and a step's chunks (they add up to
-        `step_tokens`) the pages they write. Never more than the sequences' whole contexts."""
+        `step_tokens` new tokens, when at most one sequence is prefilled across steps or is a
+        computed prefix waiting for its forks (the scheduler's rule): each sequence holds at most
+        `pages_per_seq` between steps, that one sequence its prefill window, and a step's chunks
+        (they add up to `step_tokens`) the pages they write; forked sequences share their prefix's
+        full pages. Never more than the sequences' whole contexts."""
         whole = -(-max_model_len // self.page_size)
         need = num_seqs * self.pages_per_seq + self.pages_between_steps(prefill=True) + -(-step_tokens // self.page_size)
         return min(need, num_seqs * whole)

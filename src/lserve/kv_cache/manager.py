@@ -64,12 +64,15 @@ class SeatPageRows:
 @dataclass(frozen=True)
 class ForkCopy:
     """The device copies that give a forked sequence its own state: the pages it cannot share
-    (a partly filled last page: its next tokens go there), and its seat's ring and window blocks."""
+    (a partly filled last page: its next tokens go there), in the paged pool and in the ring and
+    window pools (`RingPages.fork`)."""
 
     page_pairs: tuple[tuple[int, int], ...]
     """(source page, new page) of the paged pool."""
     src_seat: int
     dst_seat: int
+    num_tokens: int
+    """The source's tokens the fork takes."""
 
 
 TokenRange = Callable[[int, int], list[int]]
@@ -160,7 +163,7 @@ class KVCacheManager:
             pairs = ((src[full], table[-1]),)
         seat = self._seat_with(dst_id, table)
         self._registered[dst_id] = min(self._registered.get(src_id, 0), full)
-        return ForkCopy(pairs, self.seats[src_id], seat)
+        return ForkCopy(pairs, self.seats[src_id], seat, num_tokens)
 
     def _seat_with(self, request_id: str, table: list[int]) -> int:
         """Give a request without pages a free seat and `table` as its pages; returns the seat."""

@@ -13,12 +13,22 @@ Pages go back when the step that last needs them is planned, before it runs: the
 steps in order, so a page handed to another sequence in a later step is written only after the
 step that read it finished.
 
+A forked sequence shares its source's full pages (a reference count per page, as the paged pool
+does): only the partly filled last page, which its own tokens go on to fill, is copied. A shared
+prefix keeps its prefill window until its last sequence forked (each sequence's first row, its
+last prompt token, is a prefill row over it); at most one computed prefix waits at a time, as
+the queue admits a prefix's sequences before anything behind them, so it takes the pool's one
+prefill window (`RingGeometry.pool_pages`).
+
 Pure host bookkeeping, like the paged pool's page tables (`kv_cache.manager`); the runner owns one
 per pool and builds the step's tables from it. Tensor-parallel ranks each keep their own and make
 the same choices, as they see the same steps.
 """
 
 from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -63,6 +73,7 @@ class RingPages:
         """Zeros; what the tables name for pages a sequence does not hold."""
         tensors.zero_pages([self.null_page])
         self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: the pages freed last go first
+        self._refs = [0] * self.num_pages
         self._seats: dict[int, _SeatPages] = {}
         self._rows = np.full((0, 0), self.null_page, dtype=np.int32)
 
@@ -80,6 +91,9 @@ class RingPages:
         first new token at `first_pos`, `seq_len` tokens after it) and return those before its window."""
         sink_end, lo, hi = self.geometry.live_pages(first_pos, seq_len, prefill)
         state = self._seats.setdefault(seat, _SeatPages())
+        if lo < state.base and any(sink_end <= p for p in state.pages):
+            raise RuntimeError(f"ring pages of seat {seat} from logical page {lo} were returned before a row that "
+                               f"reads them (held from {state.base})")
         self._drop_before(seat, state, lo)
         wanted = [p for p in range(sink_end) if p not in state.pages]
         start = max(lo, state.top)
@@ -90,7 +104,7 @@ class RingPages:
         state.top = max(state.top, hi)
         self._grow(seat, hi)
         for logical in wanted:
-            page = state.pages[logical] = self._free.pop()
+            page = state.pages[logical] = self._take()
             self._rows[seat, logical] = page
 
     def trim(self, seat: int, seq_len: int, prefill_next: bool) -> None:
@@ -104,24 +118,31 @@ class RingPages:
         """Return every page of the seat (its request ended or was preempted)."""
         state = self._seats.pop(seat, None)
         if state is not None and state.pages:
-            self._free.extend(state.pages.values())
+            self._give_back(state.pages.values())
             self._rows[seat, list(state.pages)] = self.null_page
 
-    def fork(self, src_seat: int, dst_seat: int) -> tuple[list[int], list[int]]:
-        """Give `dst_seat` pages for the logical pages `src_seat` holds; returns (source pages,
+    def fork(self, src_seat: int, dst_seat: int, num_tokens: int) -> tuple[list[int], list[int]]:
+        """Give `dst_seat` the first `num_tokens` tokens of `src_seat`'s pages: its full pages
+        shared, the partly filled last page (if held) in a page of its own; returns (source pages,
         destination pages) for the caller to copy on the device."""
         self.release(dst_seat)
         src = self._seats.get(src_seat, _SeatPages())
-        if len(src.pages) > len(self._free):
-            raise RuntimeError(f"the ring pool ran out of pages for a fork: {len(src.pages)} needed, "
+        full = num_tokens // self.geometry.page_size
+        copied = [p for p in src.pages if p >= full]
+        if len(copied) > len(self._free):
+            raise RuntimeError(f"the ring pool ran out of pages for a fork: {len(copied)} needed, "
                                f"{len(self._free)} free")
         dst = self._seats[dst_seat] = _SeatPages()
         dst.base, dst.top = src.base, src.top
         self._grow(dst_seat, src.top)
-        for logical in src.pages:
-            dst.pages[logical] = self._free.pop()
+        for logical, page in src.pages.items():
+            if logical >= full:
+                dst.pages[logical] = self._take()
+            else:
+                dst.pages[logical] = page
+                self._refs[page] += 1
             self._rows[dst_seat, logical] = dst.pages[logical]
-        return list(src.pages.values()), list(dst.pages.values())
+        return [src.pages[p] for p in copied], [dst.pages[p] for p in copied]
 
     def rows(self, seats: list[int], width: int) -> np.ndarray:
         """(len(seats), width) int32: each seat's pool page per logical page (the null page where it
@@ -137,11 +158,22 @@ class RingPages:
         """Return the seat's window pages before logical page `lo` (its sink pages stay)."""
         first = max(state.base, self.geometry.sink_pages)
         gone = [p for p in range(first, min(lo, state.top)) if p in state.pages]
-        for logical in gone:
-            self._free.append(state.pages.pop(logical))
+        self._give_back([state.pages.pop(logical) for logical in gone])
         if gone:
             self._rows[seat, gone] = self.null_page
         state.base = max(state.base, lo)
+
+    def _take(self) -> int:
+        page = self._free.pop()
+        self._refs[page] = 1
+        return page
+
+    def _give_back(self, pages: Iterable[int]) -> None:
+        """Drop one reference to each page; a page without references returns to the free list."""
+        for page in pages:
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                self._free.append(page)
 
     def _grow(self, seat: int, width: int) -> None:
         rows, cols = self._rows.shape
@@ -154,8 +186,8 @@ class RingPages:
         self._rows = grown
 
     def check_invariants(self) -> None:
-        held = [p for state in self._seats.values() for p in state.pages.values()]
-        assert len(set(held)) == len(held), "a ring page is held twice"
+        held = Counter(p for state in self._seats.values() for p in state.pages.values())
+        assert all(self._refs[p] == n for p, n in held.items()), "reference counts and held pages disagree"
         assert not set(held) & set(self._free), "a ring page is both held and free"
         assert len(held) + len(self._free) == self.num_pages, "a ring page was lost"
         sink = self.geometry.sink_pages

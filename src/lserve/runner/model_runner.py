@@ -134,11 +134,12 @@ class RequestState:
     seat: int
     num_pages: int
     num_prompt_logprobs: int
+    prefill_only: bool = False
 
     @classmethod
     def of(cls, new: NewRequestData) -> RequestState:
         return cls(list(new.token_ids), new.num_prompt_tokens, new.sampling_params, new.eos_token_ids, new.seat,
-                   len(new.page_ids), new.num_prompt_logprobs)
+                   len(new.page_ids), new.num_prompt_logprobs, new.prefill_only)
 
     def apply(self, chunk: ScheduledChunk) -> None:
         """Take the chunk's new token ids (idempotent: they are written at their own index)."""
@@ -233,7 +234,7 @@ class ModelRunner:
         for fork in step.forks:  # queued before the step, after the prefix's own steps
             cache.paged.copy_pages([a for a, _ in fork.page_pairs], [b for _, b in fork.page_pairs])
             for name, pages in self.ring_pages.items():
-                cache.seat_pools()[name][0].copy_pages(*pages.fork(fork.src_seat, fork.dst_seat))
+                cache.seat_pools()[name][0].copy_pages(*pages.fork(fork.src_seat, fork.dst_seat, fork.num_tokens))
         for seat in after_forks:
             for pages in self.ring_pages.values():
                 pages.release(seat)
@@ -376,9 +377,11 @@ class ModelRunner:
                 pages.prepare(seat, c.start, c.start + c.num_tokens, prefill=i >= num_decodes)
             tables[name] = pages.rows(seats, width)
             for c, state in zip(chunks, states):
-                # a request with two or more known tokens left continues its prefill; else it decodes
+                # a request with two or more known tokens left continues its prefill, else it decodes;
+                # a shared prefix keeps its prefill window: each forked sequence's first row (its last
+                # prompt token) is a prefill row over it
                 end = c.start + c.num_tokens
-                pages.trim(state.seat, end, prefill_next=len(state.token_ids) - end >= 2)
+                pages.trim(state.seat, end, prefill_next=state.prefill_only or len(state.token_ids) - end >= 2)
         return build_metadata(
             query_lens=[c.num_tokens for c in chunks],
             seq_lens=[c.start + c.num_tokens for c in chunks],

@@ -35,6 +35,8 @@ class NewRequestData:
     page_ids: list[int]
     num_prompt_logprobs: int = 0
     """Prompt log-probabilities the engine already has (prompt positions 1..n are not scored again)."""
+    prefill_only: bool = False
+    """A shared prefix: computed once, then the sequences of one prompt fork from it."""
 
 
 @dataclass(frozen=True)
