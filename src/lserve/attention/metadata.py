@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 
-
 @dataclass(frozen=True)
 class AttentionMetadata:
     num_seqs: int

@@ -72,11 +72,6 @@ def window_pools(
     return pools
 
 
-def _pool_bytes(pools: dict[str, tuple[KVShape, RingGeometry]], seats: int, step_tokens: int,
-                max_model_len: int) -> int:
-    """What the ring and window pools take for `seats` running requests (their spare pages included)."""
-    return sum(pool_tensor_pages(geometry.pool_pages(seats, step_tokens, max_model_len)) * shape.bytes_per_page
-               for shape, geometry in pools.values())
 
 
 def _seats(config: EngineConfig, device: torch.device, pool_bytes: Callable[[int], int], saved_share: float) -> int:
@@ -125,13 +120,16 @@ def build_kv_cache(
     pools = window_pools(arch, config, dtype, kv_dtype, n_stream if use_ring else None, pooled)
     step_tokens = config.scheduler.max_num_batched_tokens
 
+    def tensor_pages(geometry: RingGeometry, n: int) -> int:
+        """A ring or window pool's pages for `n` running requests (its spare pages included)."""
+        return pool_tensor_pages(geometry.pool_pages(n, step_tokens, max_model_len))
+
     def pool_bytes(n: int) -> int:
-        return _pool_bytes(pools, n, step_tokens, max_model_len)
+        return sum(tensor_pages(geometry, n) * pshape.bytes_per_page for pshape, geometry in pools.values())
 
     all_paged = KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.page_size, dtype, None, kv_dtype)
     seats = agree(_seats(config, device, pool_bytes, 1.0 - shape.bytes_per_page / all_paged.bytes_per_page))
-    windowed = {name: KVCacheTensors(pshape, pool_tensor_pages(geometry.pool_pages(seats, step_tokens, max_model_len)),
-                                     device)
+    windowed = {name: KVCacheTensors(pshape, tensor_pages(geometry, seats), device)
                 for name, (pshape, geometry) in pools.items()}
     num_pages = agree(plan_num_pages(
         shape, device, num_kv_pages=cache.num_kv_pages, memory_fraction=cache.kv_cache_memory_fraction,

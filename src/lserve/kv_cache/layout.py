@@ -138,7 +138,6 @@ class KVCacheTensors:
                 f"on {device}; lower num_kv_pages"
             ) from exc
 
-
     def zero_pages(self, pages: list[int]) -> None:
         """Fill these pages' K, V and FP8 scales with zeros in every layer."""
         index = torch.tensor(pages, dtype=torch.long, device=self.k[0].device)

@@ -28,11 +28,11 @@ the same choices, as they see the same steps.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
 
 import numpy as np
 
 from lserve.kv_cache.layout import KVCacheTensors, RingGeometry
+from lserve.kv_cache.page_pool import PagePool
 
 SPARE_PAGES = 2
 """Pages a ring or window pool's tensors hold past those handed out: the scratch page, then the
@@ -72,14 +72,14 @@ class RingPages:
         self.null_page = self.num_pages + 1
         """Zeros; what the tables name for pages a sequence does not hold."""
         tensors.zero_pages([self.null_page])
-        self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: the pages freed last go first
-        self._refs = [0] * self.num_pages
+        self._pool = PagePool(self.num_pages)
+        """Free list (a stack: the pages freed last go first) and reference counts (forks share pages)."""
         self._seats: dict[int, _SeatPages] = {}
         self._rows = np.full((0, 0), self.null_page, dtype=np.int32)
 
     @property
     def num_free_pages(self) -> int:
-        return len(self._free)
+        return self._pool.num_free_pages
 
     def held(self, seat: int) -> dict[int, int]:
         """The seat's pages (logical -> pool page); do not modify."""
@@ -98,13 +98,13 @@ class RingPages:
         wanted = [p for p in range(sink_end) if p not in state.pages]
         start = max(lo, state.top)
         wanted += range(start, hi)
-        if len(wanted) > len(self._free):
+        if len(wanted) > self.num_free_pages:
             raise RuntimeError(f"the ring pool ran out of pages: seat {seat} needs {len(wanted)} more, "
-                               f"{len(self._free)} of {self.num_pages} are free (its size is planned too small)")
+                               f"{self.num_free_pages} of {self.num_pages} are free (its size is planned too small)")
         state.top = max(state.top, hi)
         self._grow(seat, hi)
-        for logical in wanted:
-            page = state.pages[logical] = self._take()
+        for logical, page in zip(wanted, self._pool.allocate(len(wanted))):
+            state.pages[logical] = page
             self._rows[seat, logical] = page
 
     def trim(self, seat: int, seq_len: int, prefill_next: bool) -> None:
@@ -118,7 +118,7 @@ class RingPages:
         """Return every page of the seat (its request ended or was preempted)."""
         state = self._seats.pop(seat, None)
         if state is not None and state.pages:
-            self._give_back(state.pages.values())
+            self._pool.free(list(state.pages.values()))
             self._rows[seat, list(state.pages)] = self.null_page
 
     def fork(self, src_seat: int, dst_seat: int, num_tokens: int) -> tuple[list[int], list[int]]:
@@ -129,18 +129,17 @@ class RingPages:
         src = self._seats.get(src_seat, _SeatPages())
         full = num_tokens // self.geometry.page_size
         copied = [p for p in src.pages if p >= full]
-        if len(copied) > len(self._free):
+        if len(copied) > self.num_free_pages:
             raise RuntimeError(f"the ring pool ran out of pages for a fork: {len(copied)} needed, "
-                               f"{len(self._free)} free")
+                               f"{self.num_free_pages} free")
         dst = self._seats[dst_seat] = _SeatPages()
         dst.base, dst.top = src.base, src.top
         self._grow(dst_seat, src.top)
+        shared = [page for logical, page in src.pages.items() if logical < full]
+        self._pool.share(shared)
+        new = iter(self._pool.allocate(len(copied)))
         for logical, page in src.pages.items():
-            if logical >= full:
-                dst.pages[logical] = self._take()
-            else:
-                dst.pages[logical] = page
-                self._refs[page] += 1
+            dst.pages[logical] = page if logical < full else next(new)
             self._rows[dst_seat, logical] = dst.pages[logical]
         return [src.pages[p] for p in copied], [dst.pages[p] for p in copied]
 
@@ -158,22 +157,10 @@ class RingPages:
         """Return the seat's window pages before logical page `lo` (its sink pages stay)."""
         first = max(state.base, self.geometry.sink_pages)
         gone = [p for p in range(first, min(lo, state.top)) if p in state.pages]
-        self._give_back([state.pages.pop(logical) for logical in gone])
+        self._pool.free([state.pages.pop(logical) for logical in gone])
         if gone:
             self._rows[seat, gone] = self.null_page
         state.base = max(state.base, lo)
-
-    def _take(self) -> int:
-        page = self._free.pop()
-        self._refs[page] = 1
-        return page
-
-    def _give_back(self, pages: Iterable[int]) -> None:
-        """Drop one reference to each page; a page without references returns to the free list."""
-        for page in pages:
-            self._refs[page] -= 1
-            if self._refs[page] == 0:
-                self._free.append(page)
 
     def _grow(self, seat: int, width: int) -> None:
         rows, cols = self._rows.shape
@@ -186,10 +173,10 @@ class RingPages:
         self._rows = grown
 
     def check_invariants(self) -> None:
+        self._pool.check_invariants()
         held = Counter(p for state in self._seats.values() for p in state.pages.values())
-        assert all(self._refs[p] == n for p, n in held.items()), "reference counts and held pages disagree"
-        assert not set(held) & set(self._free), "a ring page is both held and free"
-        assert len(held) + len(self._free) == self.num_pages, "a ring page was lost"
+        assert all(self._pool.refs(p) == n for p, n in held.items()), "reference counts and held pages disagree"
+        assert len(held) == self._pool.num_used_pages, "a ring page was lost"
         sink = self.geometry.sink_pages
         for seat, state in self._seats.items():
             window = sorted(p for p in state.pages if p >= sink)

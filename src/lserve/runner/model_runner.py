@@ -231,10 +231,11 @@ class ModelRunner:
                 self.seat_rows.append(state.seat, chunk.page_start, chunk.new_page_ids)
                 state.num_pages = chunk.page_start + len(chunk.new_page_ids)
         cache = self.backend.cache
+        pools = cache.seat_pools()
         for fork in step.forks:  # queued before the step, after the prefix's own steps
             cache.paged.copy_pages([a for a, _ in fork.page_pairs], [b for _, b in fork.page_pairs])
             for name, pages in self.ring_pages.items():
-                cache.seat_pools()[name][0].copy_pages(*pages.fork(fork.src_seat, fork.dst_seat, fork.num_tokens))
+                pools[name][0].copy_pages(*pages.fork(fork.src_seat, fork.dst_seat, fork.num_tokens))
         for seat in after_forks:
             for pages in self.ring_pages.values():
                 pages.release(seat)
