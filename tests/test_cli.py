@@ -59,7 +59,10 @@ def test_unknown_architecture(tmp_path: Path) -> None:
 
 
 def test_token_budget_below_two_pages() -> None:
-    _one_line_error(run_cli("generate", "--prompt", "hi", "--token-budget", "100"), "token_budget")
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--token-budget", "100", "--page-size", "64"),
+                    "token_budget")
+    # page_size unset: the default model's pattern chooses 16-token pages, checked once chosen
+    _one_line_error(run_cli("generate", "--prompt", "hi", "--token-budget", "20"), "at page_size 16")
 
 
 def test_streaming_without_a_pattern(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from lserve.cli import main
 from lserve.config import EngineConfig
 from lserve.errors import LServeError
 from lserve.sparse.patterns import HeadPattern, PatternError, load_pattern, save_pattern, shipped_pattern
-from lserve.sparse.selection import DEFAULT_SELECTOR_INTERVAL
+from lserve.sparse.selection import DEFAULT_SELECTOR_INTERVAL, pattern_page_size
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -50,9 +50,18 @@ def test_the_shipped_pattern_chooses_rope_mass() -> None:
     assert selection is not None and selection["page_score"] == "rope_mass" and selection["score_channels"] == 16
     assert selection["selector_interval"] == 1  # re-selecting every step keeps NIAH answers (docs/accuracy.md)
     assert selection["selection_local_tokens"] == 128  # keeps passkey answers (docs/accuracy.md)
+    assert selection["page_size"] == 16  # keeps passkey answers with the streaming heads (docs/accuracy.md)
     assert torch.tensor(selection["channels"]).shape == (30, 3, 8)  # the calibrated label channels
     kept = selection["measured"]["answers_kept"]
     assert kept["alone"][selection["page_score"]] >= kept["alone"]["quest"]
+
+
+@pytest.mark.parametrize("bad", [24, 8, 256, True, "16"])
+def test_pattern_page_size_is_checked(bad: object) -> None:
+    assert pattern_page_size(None) is None and pattern_page_size({"page_score": "quest"}) is None
+    assert pattern_page_size({"page_size": 32}) == 32
+    with pytest.raises(LServeError, match="page_size"):
+        pattern_page_size({"page_size": bad}, "p.json")
 
 
 def test_choice_takes_the_most_answers_then_the_preference() -> None:
@@ -74,28 +83,32 @@ def test_engine_resolves_auto_from_the_shipped_pattern_and_sizes_the_labels(tmp_
     auto = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40)
     core = auto.llm_engine.core
     assert core.page_score.kind == "rope_mass" and "calibrated" in core.page_score.source
+    assert core.config.cache.page_size == core.kv_cache.shape.page_size == 16  # the pattern's pages
     paged = core.kv_cache.paged
-    assert paged.k_min is None and paged.k_label is not None and paged.k_label[0].shape == (3, 41 * 64, 16)
+    assert paged.k_min is None and paged.k_label is not None and paged.k_label[0].shape == (3, 41 * 16, 16)
     assert paged.label_channels[0].tolist() == [list(range(24, 32)) + list(range(56, 64))] * 3
     assert core.runner.backend.selector.score == "rope_mass"
     assert core.page_score.interval == core.runner.backend.selector.interval == 1  # the pattern's
-    assert core.page_score.local_tokens == 128 and core.runner.backend.selector.local_pages == 2  # the pattern's
+    assert core.page_score.local_tokens == 128 and core.runner.backend.selector.local_pages == 8  # the pattern's
     every3 = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, selector_interval=3,
-                 selection_local_tokens=0)
-    assert every3.llm_engine.core.runner.backend.selector.interval == 3  # the settings win
-    assert every3.llm_engine.core.runner.backend.selector.local_pages == 0
+                 selection_local_tokens=0, page_size=64)
+    e3core = every3.llm_engine.core
+    assert e3core.runner.backend.selector.interval == 3 and e3core.kv_cache.shape.page_size == 64  # the settings win
+    assert e3core.runner.backend.selector.local_pages == 0
     # the pattern's local window yields where it does not combine: top-p, or a budget with no page to spare
-    for extra in ({"selection_top_p": 0.9}, {"token_budget": 256}):
+    for extra in ({"selection_top_p": 0.9}, {"token_budget": 160}):
         other = LLM(dtype="float32", device="cpu", num_kv_pages=40, **{"token_budget": 512, **extra})
         assert other.llm_engine.core.runner.backend.selector.local_pages == 0
     quest = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, page_score="quest")
     qcore = quest.llm_engine.core
     assert qcore.kv_cache.paged.k_label is None and qcore.kv_cache.paged.k_min is not None
     assert qcore.runner.backend.selector.interval == DEFAULT_SELECTOR_INTERVAL  # not calibrated for quest
-    pages = 2  # 100 tokens: KV, plus 64 tokens' labels of 16 channels or 4 logical pages' min and max of 64
-    kv = pages * 64 * 30 * 3 * 64 * 2 * 4
-    assert core.kv_bytes_per_sequence(100) == kv + pages * 64 * 30 * 3 * 16 * 4
-    assert qcore.kv_bytes_per_sequence(100) == kv + pages * 4 * 30 * 3 * 64 * 2 * 4
+    assert qcore.kv_cache.shape.page_size == 64  # the pattern's pages go with its score only
+    assert LLM(dtype="float32", device="cpu", num_kv_pages=40).llm_engine.core.kv_cache.shape.page_size == 64
+    # 100 tokens: KV, plus each token's labels of 16 channels, or 4 logical pages' min and max per 64-token page
+    kv = 30 * 3 * 64 * 2 * 4
+    assert core.kv_bytes_per_sequence(100) == 7 * 16 * (kv + 30 * 3 * 16 * 4)
+    assert qcore.kv_bytes_per_sequence(100) == 2 * 64 * kv + 2 * 4 * 30 * 3 * 64 * 2 * 4
     # with streaming heads the paged pool holds each layer's dense heads: their label channels
     label = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, page_score="label_channels",
                 streaming_sparsity=0.5, max_num_seqs=2)

@@ -18,6 +18,9 @@ LoadFormat = Literal["auto", "hf", "gguf", "dummy"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
 KVCacheDType = Literal["auto", "fp8", "fp8_e4m3"]
 Quantization = Literal["fp8"]
+DEFAULT_PAGE_SIZE = 64
+"""Tokens per KV page where neither the setting nor a model pattern chooses."""
+
 PageScoreName = Literal["auto", "quest", "midrange", "rope_channels", "label_channels", "rope_mass"]
 PAGE_SCORE_NAMES = ("auto", "quest", "midrange", "rope_channels", "label_channels", "rope_mass")
 
@@ -76,7 +79,9 @@ class ModelConfig:
 class CacheConfig:
     """The paged KV cache."""
 
-    page_size: int = _field(64, "tokens per KV page (a power of two, 16..128)")
+    page_size: int | None = _field(
+        None, f"tokens per KV page (a power of two, 16..128; default {DEFAULT_PAGE_SIZE}, or the model pattern's "
+        "calibrated page size when page selection takes the pattern's choice: token_budget > 0, page_score=auto)")
     num_kv_pages: int | None = _field(None, "number of KV pages (default: sized from free memory)")
     gpu_memory_utilization: float = _field(
         0.9, "share of the GPU's total memory this engine may use (vLLM's meaning, per engine): weights, "
@@ -107,7 +112,7 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         ps = self.page_size
-        if isinstance(ps, bool) or not isinstance(ps, int) or ps < 16 or ps > 128 or ps & (ps - 1):
+        if ps is not None and (isinstance(ps, bool) or not isinstance(ps, int) or ps < 16 or ps > 128 or ps & (ps - 1)):
             raise ValueError(f"page_size must be a power of two from 16 to 128, got {ps!r}")
         _check_int("num_kv_pages", self.num_kv_pages, 1, allow_none=True)
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "fp8", "fp8_e4m3"))
@@ -236,17 +241,20 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check_choice("attention_backend", self.attention_backend, ("auto", "torch", "triton"))
-        budget = self.sparse.token_budget
-        if budget and budget < 2 * self.cache.page_size:
+        budget, page = self.sparse.token_budget, self.cache.page_size
+        if page is None:
+            return  # checked again once the engine has chosen the page size (`with_page_size`)
+        if budget and budget < 2 * page:
             raise ValueError(
-                f"token_budget ({budget}) must be 0 (off) or at least two pages ({2 * self.cache.page_size} "
-                f"tokens at page_size {self.cache.page_size}): the newest page plus one selected page"
+                f"token_budget ({budget}) must be 0 (off) or at least two pages ({2 * page} "
+                f"tokens at page_size {page}): the newest page plus one selected page"
             )
-        if self.sparse.logical_page_size > self.cache.page_size:
-            raise ValueError(
-                f"logical_page_size ({self.sparse.logical_page_size}) must not exceed "
-                f"page_size ({self.cache.page_size})"
-            )
+        if self.sparse.logical_page_size > page:
+            raise ValueError(f"logical_page_size ({self.sparse.logical_page_size}) must not exceed page_size ({page})")
+
+    def with_page_size(self, page_size: int) -> EngineConfig:
+        """This config with `page_size` set (validated against the sparse settings)."""
+        return dataclasses.replace(self, cache=dataclasses.replace(self.cache, page_size=page_size))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -33,10 +33,15 @@ GPU_PREFILL = dict(block_n=128, num_warps=8, num_stages=2)
 GPU_DECODE = dict(block_n=128, num_warps=4, num_stages=3)
 
 
-def prefill_config(device: torch.device) -> dict:
+def prefill_config(device: torch.device, page_size: int) -> dict:
+    """The prefill kernel's tiling for pages of `page_size` tokens on `device`. A tensor-descriptor
+    tile is one page, so pages shorter than its tuned tile (16 or 32 tokens) gather rows into
+    wider tiles instead."""
     if device.type != "cuda":
         return {}
-    return HOPPER_PREFILL if torch.cuda.get_device_capability(device)[0] >= 9 else GPU_PREFILL
+    if torch.cuda.get_device_capability(device)[0] >= 9 and page_size >= HOPPER_PREFILL["block_n"]:
+        return HOPPER_PREFILL
+    return GPU_PREFILL
 
 
 def prefill_block_m(device: torch.device) -> int:
@@ -48,7 +53,8 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
 
     _tiles: PrefillTiles | None = None
-    _prefill_kw: dict | None = None
+    _prefill_kw: dict[int, dict] | None = None
+    """The prefill kernel's options per page size (`prefill_config`), chosen on first use."""
     _segments: AppendSegments | None = None
     _staging: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] | None = None
     _side: torch.cuda.Stream | None = None
@@ -60,8 +66,6 @@ class TritonAttentionBackend(AttentionBackend):
         self._segments = None  # the paged pool's append segments, planned by the first layer
         self._staging = {}  # FP8 prefill: which pages each pool's prefill rows read, planned once
         device = md.seq_lens.device
-        if self._prefill_kw is None:
-            self._prefill_kw = prefill_config(device)
         prefill_lens = list(md.query_lens_cpu[md.num_decodes :])
         # (a pure decode step has no prefill tiles: no copy to the device that would wait for it)
         self._tiles = plan_tiles(prefill_lens, prefill_block_m(device), device, first_seq=md.num_decodes) \
@@ -214,8 +218,15 @@ class TritonAttentionBackend(AttentionBackend):
         sparse_prefill(
             q.contiguous(), k_cache, v_cache, table, md.seq_lens, md.query_start_loc,
             self._tiles, self.scale, streaming_heads=call.streaming, sink=sink, local=local,
-            out=out, **(self._prefill_kw or {}),
+            out=out, **self._prefill_options(q.device, k_cache.shape[1]),
         )
+
+    def _prefill_options(self, device: torch.device, page_size: int) -> dict:
+        if self._prefill_kw is None:
+            self._prefill_kw = {}
+        if page_size not in self._prefill_kw:
+            self._prefill_kw[page_size] = prefill_config(device, page_size)
+        return self._prefill_kw[page_size]
 
     def _staged_pages(
         self, call: PoolCall, md: AttentionMetadata, dtype: torch.dtype, sink: int, local: int

@@ -37,7 +37,7 @@ import torch
 
 from lserve.calibration import selection_recall as sr
 from lserve.calibration.data import make_dataset
-from lserve.config import CacheConfig
+from lserve.config import DEFAULT_PAGE_SIZE
 from lserve.errors import LServeError
 from lserve.sparse.patterns import (
     STREAMING_NOT_CALIBRATED,
@@ -106,7 +106,7 @@ class SelectionCalibrationConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.intervals or min(self.intervals) < 1 or len(set(self.intervals)) != len(self.intervals):
             raise ValueError(f"intervals must be distinct step counts >= 1, got {list(self.intervals)}")
-        page = CacheConfig().page_size  # (the engines here use the default pages)
+        page = DEFAULT_PAGE_SIZE  # (the engines here set no page size, and their scores are not `auto`)
         roomy = [n for n in self.local_tokens if n < 0 or (n and not local_window_fits(n, self.token_budget, page))]
         if not self.local_tokens or roomy or len(set(self.local_tokens)) != len(self.local_tokens):
             raise ValueError(f"local_tokens must be distinct token counts >= 0 that leave token_budget="

@@ -21,7 +21,7 @@ from lserve.attention.backend import (
 )
 from lserve.attention.page_selector import PageSelector
 from lserve.attention.sparsity import HeadSparsity
-from lserve.config import EngineConfig
+from lserve.config import DEFAULT_PAGE_SIZE, EngineConfig
 from lserve.engine.kv_setup import KVSetup, build_kv_cache
 from lserve.engine.memory_profile import (
     MemoryProfile,
@@ -61,7 +61,7 @@ from lserve.runner.model_runner import LaunchedStep, ModelRunner
 from lserve.runner.step import StepData
 from lserve.sampling_params import SamplingParams
 from lserve.sparse.patterns import HeadPattern, binarize, load_pattern, shipped_pattern
-from lserve.sparse.selection import ScoreSpec, local_window_fits, resolve_page_score
+from lserve.sparse.selection import ScoreSpec, local_window_fits, pattern_page_size, resolve_page_score
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ class EngineCore:
         self.device = resolve_device(config.model.device)
         self.source: ModelSource = resolve_source(config.model.model, config.model.load_format)
         self.arch, rope_factors = read_arch_config(self.source)
+        self._pattern: HeadPattern | None = None
+        self.config = config = self._resolve_page_size(config)
         self.backend_name = resolve_backend_name(config.attention_backend, self.device, self.arch.head_dim)
         self.local_arch = shard_config(self.arch, self.tp)
         """This rank's shard of the model: its heads (the KV cache and attention see only these)."""
@@ -123,7 +125,6 @@ class EngineCore:
         # with the prefix cache, streaming heads and sliding-window layers keep their whole
         # history in the paged pool (their windows still apply; their memory savings do not)
         self.fixed_pools = not self.prefix_caching
-        self._pattern: HeadPattern | None = None
         self.kv_order = self._kv_head_order()
         """Under tensor parallelism with streaming heads, each layer's KV heads in the order whose
         equal slices go to the ranks (balanced streaming heads); None: the model's order."""
@@ -149,6 +150,22 @@ class EngineCore:
         self.decode_pages_read = 0
         self.decode_pages_dense = 0
         self.last_decode_pages_read_fraction = 1.0
+
+    def _resolve_page_size(self, config: EngineConfig) -> EngineConfig:
+        """`config` with its page size chosen: the setting, else the model pattern's calibrated one
+        where page selection takes the pattern's choice (`token_budget` > 0, `page_score=auto`),
+        else `DEFAULT_PAGE_SIZE`. Everything after reads `config.cache.page_size`."""
+        if config.cache.page_size is not None:
+            return config
+        sparse, page = config.sparse, DEFAULT_PAGE_SIZE
+        if sparse.uses_page_selection and sparse.page_score == "auto":
+            pattern = self._head_pattern()
+            chosen = pattern_page_size(pattern.selection, pattern.source) if pattern is not None else None
+            if chosen is not None:
+                page = chosen
+                logger.info("KV pages of %d tokens: the page size %s's page selection was calibrated with "
+                            "(page_size sets another)", page, pattern.source if pattern else "")
+        return config.with_page_size(page)
 
     def _resolve_prefix_caching(self) -> bool:
         """`enable_prefix_caching`, or unset: on unless it would cost the ring or window pool's

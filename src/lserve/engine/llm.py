@@ -42,7 +42,7 @@ class LLM:
         max_model_len: int | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 8192,
-        page_size: int = 64,
+        page_size: int | None = None,
         num_kv_pages: int | None = None,
         seed: int = 0,
         enforce_eager: bool = False,

@@ -147,6 +147,17 @@ def resolve_page_score(
                      interval, local)
 
 
+def pattern_page_size(selection: dict[str, Any] | None, source: str = "") -> int | None:
+    """The KV page size the pattern's selection choice was measured with (`page_size`), None if
+    it names none (the engine's default pages)."""
+    if selection is None or "page_size" not in selection:
+        return None
+    page = _pattern_int(selection["page_size"], "page_size", 16, source)
+    if page > 128 or page & (page - 1):
+        raise LServeError(f"{source}: the selection's page_size must be a power of two from 16 to 128, got {page}")
+    return page
+
+
 def _pattern_int(value: Any, name: str, low: int, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise LServeError(f"{source}: the selection's {name} must be an integer >= {low}, got {value!r}")
