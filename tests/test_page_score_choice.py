@@ -59,9 +59,10 @@ def test_the_shipped_pattern_chooses_rope_mass() -> None:
 @pytest.mark.parametrize("bad", [24, 8, 256, True, "16"])
 def test_pattern_page_size_is_checked(bad: object) -> None:
     assert pattern_page_size(None) is None and pattern_page_size({"page_score": "quest"}) is None
-    assert pattern_page_size({"page_size": 32}) == 32
+    assert pattern_page_size({"page_score": "rope_mass", "page_size": 32}) == 32
+    assert pattern_page_size({"page_score": "exact", "page_size": 32}) is None  # `auto` would not take it
     with pytest.raises(LServeError, match="page_size"):
-        pattern_page_size({"page_size": bad}, "p.json")
+        pattern_page_size({"page_score": "quest", "page_size": bad}, "p.json")
 
 
 def test_choice_takes_the_most_answers_then_the_preference() -> None:

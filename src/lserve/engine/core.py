@@ -161,10 +161,10 @@ class EngineCore:
         if sparse.uses_page_selection and sparse.page_score == "auto":
             pattern = self._head_pattern()
             chosen = pattern_page_size(pattern.selection, pattern.source) if pattern is not None else None
-            if chosen is not None:
+            if chosen is not None and pattern is not None:
                 page = chosen
-                logger.info("KV pages of %d tokens: the page size %s's page selection was calibrated with "
-                            "(page_size sets another)", page, pattern.source if pattern else "")
+                logger.info("KV pages of %d tokens, as the page selection of %s was calibrated (set page_size "
+                            "for another)", page, pattern.source)
         return config.with_page_size(page)
 
     def _resolve_prefix_caching(self) -> bool:

@@ -149,8 +149,9 @@ def resolve_page_score(
 
 def pattern_page_size(selection: dict[str, Any] | None, source: str = "") -> int | None:
     """The KV page size the pattern's selection choice was measured with (`page_size`), None if
-    it names none (the engine's default pages)."""
-    if selection is None or "page_size" not in selection:
+    it names none or `auto` would not take its choice (the engine's default pages)."""
+    if selection is None or "page_size" not in selection \
+            or selection.get("page_score") not in (*STATISTICS_SCORES, *CHANNEL_SCORES):
         return None
     page = _pattern_int(selection["page_size"], "page_size", 16, source)
     if page > 128 or page & (page - 1):
