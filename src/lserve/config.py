@@ -34,6 +34,12 @@ def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+def check_page_size(value: Any) -> None:
+    """A KV page size: a power of two from 16 to 128 tokens (ValueError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value > 128 or value & (value - 1):
+        raise ValueError(f"page_size must be a power of two from 16 to 128, got {value!r}")
+
+
 def _check_int(name: str, value: Any, low: int, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -111,9 +117,8 @@ class CacheConfig:
     )
 
     def __post_init__(self) -> None:
-        ps = self.page_size
-        if ps is not None and (isinstance(ps, bool) or not isinstance(ps, int) or ps < 16 or ps > 128 or ps & (ps - 1)):
-            raise ValueError(f"page_size must be a power of two from 16 to 128, got {ps!r}")
+        if self.page_size is not None:
+            check_page_size(self.page_size)
         _check_int("num_kv_pages", self.num_kv_pages, 1, allow_none=True)
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "fp8", "fp8_e4m3"))
         util = self.gpu_memory_utilization

@@ -13,6 +13,8 @@ Decode rows read FP8 tiles directly (memory-bound: the conversion is cheaper tha
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -33,6 +35,7 @@ GPU_PREFILL = dict(block_n=128, num_warps=8, num_stages=2)
 GPU_DECODE = dict(block_n=128, num_warps=4, num_stages=3)
 
 
+@functools.cache
 def prefill_config(device: torch.device, page_size: int) -> dict:
     """The prefill kernel's tiling for pages of `page_size` tokens on `device`. A tensor-descriptor
     tile is one page, so pages shorter than its tuned tile (16 or 32 tokens) gather rows into
@@ -53,8 +56,6 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
 
     _tiles: PrefillTiles | None = None
-    _prefill_kw: dict[int, dict] | None = None
-    """The prefill kernel's options per page size (`prefill_config`), chosen on first use."""
     _segments: AppendSegments | None = None
     _staging: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] | None = None
     _side: torch.cuda.Stream | None = None
@@ -218,15 +219,8 @@ class TritonAttentionBackend(AttentionBackend):
         sparse_prefill(
             q.contiguous(), k_cache, v_cache, table, md.seq_lens, md.query_start_loc,
             self._tiles, self.scale, streaming_heads=call.streaming, sink=sink, local=local,
-            out=out, **self._prefill_options(q.device, k_cache.shape[1]),
+            out=out, **prefill_config(q.device, k_cache.shape[1]),
         )
-
-    def _prefill_options(self, device: torch.device, page_size: int) -> dict:
-        if self._prefill_kw is None:
-            self._prefill_kw = {}
-        if page_size not in self._prefill_kw:
-            self._prefill_kw[page_size] = prefill_config(device, page_size)
-        return self._prefill_kw[page_size]
 
     def _staged_pages(
         self, call: PoolCall, md: AttentionMetadata, dtype: torch.dtype, sink: int, local: int

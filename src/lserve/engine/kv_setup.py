@@ -72,8 +72,6 @@ def window_pools(
     return pools
 
 
-
-
 def _seats(config: EngineConfig, device: torch.device, pool_bytes: Callable[[int], int], saved_share: float) -> int:
     """`max_num_seqs`, or fewer when the ring and window pools for them (`pool_bytes(seats)`)
     would take more than `saved_share` of the KV memory: the share of a page's bytes that the

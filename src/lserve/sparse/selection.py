@@ -22,10 +22,11 @@ re-selection interval (`selector_interval`) when the setting is left unset.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
+from lserve.config import check_page_size
 from lserve.errors import LServeError
 
 CHANNEL_SCORES = ("rope_channels", "label_channels", "rope_mass")
@@ -119,7 +120,7 @@ def resolve_page_score(
     kind, origin = requested, "setting"
     local: int | None = None
     if requested == "auto":
-        if selection is not None and selection.get("page_score") in (*STATISTICS_SCORES, *CHANNEL_SCORES):
+        if _auto_takes(selection):
             kind, origin = str(selection["page_score"]), f"calibrated ({source})"
             if num_channels is None and "score_channels" in selection:
                 num_channels = int(selection["score_channels"])
@@ -150,13 +151,19 @@ def resolve_page_score(
 def pattern_page_size(selection: dict[str, Any] | None, source: str = "") -> int | None:
     """The KV page size the pattern's selection choice was measured with (`page_size`), None if
     it names none or `auto` would not take its choice (the engine's default pages)."""
-    if selection is None or "page_size" not in selection \
-            or selection.get("page_score") not in (*STATISTICS_SCORES, *CHANNEL_SCORES):
+    if not _auto_takes(selection) or "page_size" not in selection:
         return None
-    page = _pattern_int(selection["page_size"], "page_size", 16, source)
-    if page > 128 or page & (page - 1):
-        raise LServeError(f"{source}: the selection's page_size must be a power of two from 16 to 128, got {page}")
+    page = selection["page_size"]
+    try:
+        check_page_size(page)
+    except ValueError as exc:
+        raise LServeError(f"{source}: the selection's {exc}") from None
     return page
+
+
+def _auto_takes(selection: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
+    """Whether `page_score=auto` takes this pattern selection's choice (it names a known score)."""
+    return selection is not None and selection.get("page_score") in (*STATISTICS_SCORES, *CHANNEL_SCORES)
 
 
 def _pattern_int(value: Any, name: str, low: int, source: str) -> int:
