@@ -144,6 +144,9 @@ def test_cli_selection_step_writes_the_choice(tiny_with_tokenizer: Path, tmp_pat
     by_local = measured["answers_kept_by_local_tokens"]
     assert set(by_local["alone"]) == {"local 0", "local 128"} and sel["selection_local_tokens"] in (0, 128)
     assert by_local["alone"]["local 0"] == by_interval["alone"][f"every {sel['selector_interval']}"]
+    by_page = measured["answers_kept_by_page_size"]
+    assert set(by_page["alone"]) == {"pages of 64", "pages of 16"} and sel["page_size"] in (64, 16)
+    assert by_page["alone"]["pages of 64"] == by_local["alone"][f"local {sel['selection_local_tokens']}"]
     assert set(measured["recall"]) == {"quest", "midrange", "rope_channels", "label_channels", "rope_mass", "oracle"}
     assert measured["calibration_tokens"] == 1024  # clamped to the model's window
     assert pattern.scores.shape == (2, 2) and bool((pattern.scores == 1).all())  # no pattern: all dense
@@ -151,12 +154,14 @@ def test_cli_selection_step_writes_the_choice(tiny_with_tokenizer: Path, tmp_pat
     printed = capsys.readouterr().out
     assert "page_score=" in printed and "oracle" in printed and "re-selected every 1 steps" in printed
     assert "selection_local_tokens=" in printed and "local 128 tokens: answers" in printed
+    assert f"page_size={sel['page_size']}" in printed and "pages of 16: answers" in printed
     # the engine takes the choice from the file (`auto`)
     from lserve import LLM
 
     llm = LLM(model=str(tiny_with_tokenizer), dtype="float32", device="cpu", token_budget=128,
               attn_pattern=str(out / f"{tiny_with_tokenizer.name}.json"), num_kv_pages=16)
     assert llm.llm_engine.core.page_score.kind == sel["page_score"]
+    assert llm.llm_engine.core.kv_cache.shape.page_size == sel["page_size"]
 
 
 def test_cli_selection_bad_input_is_one_line(tiny_with_tokenizer: Path, tmp_path: Path,
@@ -169,6 +174,10 @@ def test_cli_selection_bad_input_is_one_line(tiny_with_tokenizer: Path, tmp_path
                "--device", "cpu", "--token-budget", "256"])  # no room for the default 128-token local window
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "local_tokens" in err, err
+    rc = main(["calibrate", "--selection", "--model", str(tiny_with_tokenizer), "--output", str(tmp_path / "o"),
+               "--device", "cpu", "--selection-page-sizes", "64,24"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "page_size must be a power of two" in err, err
 
 
 def test_a_selection_only_pattern_is_refused_for_streaming_heads(tiny_with_tokenizer: Path, tmp_path: Path) -> None:

@@ -93,6 +93,9 @@ def add_calibrate_parser(sub: Any) -> None:
     sel.add_argument("--selection-local-tokens", default="0,128",
                      help="local windows (selection_local_tokens) the chosen score is then measured with at its "
                      "interval; the one keeping the most answers is written (default: 0,128)")
+    sel.add_argument("--selection-page-sizes", default="64,16",
+                     help="KV page sizes: every run before uses the first; the chosen score, interval and window "
+                     "are then measured at each, and the one keeping the most answers is written (default: 64,16)")
     sel.add_argument("--streaming-sparsity", type=float, default=0.5,
                      help="answers are also compared with this share of the pattern's heads streaming (0: not; default 0.5)")
     p.set_defaults(func=cmd_calibrate)
@@ -108,12 +111,14 @@ def cmd_calibrate_selection(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, streaming_sparsity=args.streaming_sparsity,
         intervals=parse_int_list(args.selector_intervals, "--selector-intervals"),
         local_tokens=parse_int_list(args.selection_local_tokens, "--selection-local-tokens"),
+        page_sizes=parse_int_list(args.selection_page_sizes, "--selection-page-sizes"),
     )
     result = calibrate_selection(cfg)
     measured = result.selection["measured"]
     print(f"wrote {result.pattern_path}: page_score={result.selection['page_score']}, "
           f"selector_interval={result.selection['selector_interval']}, "
-          f"selection_local_tokens={result.selection['selection_local_tokens']} (token budget {measured['token_budget']})")
+          f"selection_local_tokens={result.selection['selection_local_tokens']}, "
+          f"page_size={result.selection['page_size']} (token budget {measured['token_budget']})")
     kept = measured["answers_kept"]
     n = measured["samples"]
     for name in kept["alone"]:
@@ -125,10 +130,11 @@ def cmd_calibrate_selection(args: argparse.Namespace) -> int:
     for name in by_interval["alone"]:
         print(f"  {result.selection['page_score']}, re-selected {name} steps: answers "
               + ", ".join(f"{by_interval[s][name]}/{n} {s}" for s in by_interval))
-    by_local = measured["answers_kept_by_local_tokens"]
-    for name in by_local["alone"]:
-        print(f"  {result.selection['page_score']}, {name} tokens: answers "
-              + ", ".join(f"{by_local[s][name]}/{n} {s}" for s in by_local))
+    for key, unit in (("answers_kept_by_local_tokens", " tokens"), ("answers_kept_by_page_size", "")):
+        by = measured[key]
+        for name in by["alone"]:
+            print(f"  {result.selection['page_score']}, {name}{unit}: answers "
+                  + ", ".join(f"{by[s][name]}/{n} {s}" for s in by))
     print(f"  wall time {result.wall_time_s / 60:.1f} min")
     return 0
 

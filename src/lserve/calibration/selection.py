@@ -19,7 +19,10 @@ calibrated on the same text first (DoubleSparsity's choice of channels,
 interval (LServe's 4 decode steps); the chosen score is then measured at the other `intervals`
 too, and the interval that keeps the most answers (ties: the longest, the cheapest) is written as
 the pattern's `selector_interval`: on the default model, reusing a selection for 4 steps loses
-needle-in-a-haystack answers that re-selecting every step keeps (docs/accuracy.md). The choice,
+needle-in-a-haystack answers that re-selecting every step keeps (docs/accuracy.md). At that
+interval the score is measured with each local window (`local_tokens`), and then with the
+chosen window at each KV page size (`page_sizes`; ties: the larger pages, fewer to rank): on the
+default model 16-token pages keep passkeys with streaming heads that 64-token pages lose. The choice,
 the channels and every measurement go into the pattern file's `selection` object; the engine's
 `page_score="auto"` takes them from there.
 """
@@ -37,7 +40,7 @@ import torch
 
 from lserve.calibration import selection_recall as sr
 from lserve.calibration.data import make_dataset
-from lserve.config import DEFAULT_PAGE_SIZE
+from lserve.config import DEFAULT_PAGE_SIZE, check_page_size
 from lserve.errors import LServeError
 from lserve.sparse.patterns import (
     STREAMING_NOT_CALIBRATED,
@@ -94,6 +97,9 @@ class SelectionCalibrationConfig:
     local_tokens: tuple[int, ...] = (0, 128)
     """Local windows (`selection_local_tokens`) the chosen score is measured with at its chosen
     interval (0: none, as every other run); the one keeping the most answers is written."""
+    page_sizes: tuple[int, ...] = (DEFAULT_PAGE_SIZE, 16)
+    """KV page sizes: every run before uses the first; the chosen score, interval and window are
+    then measured at each, and the one keeping the most answers is written as `page_size`."""
 
     def __post_init__(self) -> None:
         bad = [c for c in self.candidates if c not in CANDIDATES]
@@ -106,12 +112,16 @@ class SelectionCalibrationConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.intervals or min(self.intervals) < 1 or len(set(self.intervals)) != len(self.intervals):
             raise ValueError(f"intervals must be distinct step counts >= 1, got {list(self.intervals)}")
-        page = DEFAULT_PAGE_SIZE  # (the engines here set no page size, and their scores are not `auto`)
-        roomy = [n for n in self.local_tokens if n < 0 or (n and not local_window_fits(n, self.token_budget, page))]
-        if not self.local_tokens or roomy or len(set(self.local_tokens)) != len(self.local_tokens):
-            raise ValueError(f"local_tokens must be distinct token counts >= 0 that leave token_budget="
-                             f"{self.token_budget} at least one page of {page} tokens for the score beside the first, "
-                             f"the local and the newest pages, got {list(self.local_tokens)}")
+        if not self.page_sizes or len(set(self.page_sizes)) != len(self.page_sizes):
+            raise ValueError(f"page_sizes must be distinct, got {list(self.page_sizes)}")
+        for page in self.page_sizes:
+            check_page_size(page)
+            roomy = [n for n in self.local_tokens
+                     if n < 0 or (n and not local_window_fits(n, self.token_budget, page))]
+            if not self.local_tokens or roomy or len(set(self.local_tokens)) != len(self.local_tokens):
+                raise ValueError(f"local_tokens must be distinct token counts >= 0 that leave token_budget="
+                                 f"{self.token_budget} at least one page of {page} tokens for the score beside the "
+                                 f"first, the local and the newest pages, got {list(self.local_tokens)}")
         if not self.lengths or min(self.lengths) < 1:
             raise ValueError(f"lengths must be positive token counts, got {list(self.lengths)}")
 
@@ -206,11 +216,13 @@ def measure_answers(cfg: SelectionCalibrationConfig, tok: Any, pattern: HeadPatt
     return answers
 
 
-def selection_settings(cfg: SelectionCalibrationConfig, score: str, interval: int, local: int = 0) -> dict[str, Any]:
+def selection_settings(cfg: SelectionCalibrationConfig, score: str, interval: int, local: int = 0,
+                       page_size: int | None = None) -> dict[str, Any]:
     """Engine settings of page selection with `score`, re-selected every `interval` steps, with a
-    local window of `local` tokens."""
+    local window of `local` tokens, on KV pages of `page_size` tokens (default: the first of
+    `page_sizes`)."""
     return dict(token_budget=cfg.token_budget, page_score=score, score_channels=cfg.score_channels,
-                selector_interval=interval, selection_local_tokens=local)
+                selector_interval=interval, selection_local_tokens=local, page_size=page_size or cfg.page_sizes[0])
 
 
 def choose_interval(cfg: SelectionCalibrationConfig, chosen: str, answers: dict[str, dict[str, int]],
@@ -237,6 +249,20 @@ def choose_local(cfg: SelectionCalibrationConfig, chosen: str, interval: int, by
             by_local[setting] = {"local 0": kept[f"every {interval}"], **by_local[setting]}
     best = max(cfg.local_tokens, key=lambda n: (sum(a[f"local {n}"] for a in by_local.values()), -n))
     return best, by_local
+
+
+def choose_page_size(cfg: SelectionCalibrationConfig, chosen: str, interval: int, local: int,
+                     by_local: dict[str, dict[str, int]], tok: Any, pattern: HeadPattern,
+                     pattern_path: Path) -> tuple[int, dict[str, dict[str, int]]]:
+    """The chosen score's answers at its interval and window on each of `page_sizes` (the
+    first's from `by_local`), and the page size that keeps the most (ties: the largest)."""
+    first = cfg.page_sizes[0]
+    runs = {f"pages of {p}": selection_settings(cfg, chosen, interval, local, p) for p in cfg.page_sizes[1:]}
+    by_page = measure_answers(cfg, tok, pattern, pattern_path, runs) if runs else {s: {} for s in by_local}
+    for setting, kept in by_local.items():
+        by_page[setting] = {f"pages of {first}": kept[f"local {local}"], **by_page[setting]}
+    best = max(cfg.page_sizes, key=lambda p: (sum(a[f"pages of {p}"] for a in by_page.values()), p))
+    return best, by_page
 
 
 def choose(candidates: tuple[str, ...], answers: dict[str, dict[str, int]]) -> str:
@@ -268,14 +294,17 @@ def calibrate_selection(cfg: SelectionCalibrationConfig) -> SelectionResult:
         chosen = choose(cfg.candidates, answers)
         interval, by_interval = choose_interval(cfg, chosen, answers, tok, base, probe)
         local, by_local = choose_local(cfg, chosen, interval, by_interval, tok, base, probe)
+        page_size, by_page = choose_page_size(cfg, chosen, interval, local, by_local, tok, base, probe)
     entry = {
         "page_score": chosen, "channels": labels.tolist(),
         "score_channels": cfg.score_channels or DEFAULT_CHANNELS.get(chosen, DEFAULT_CHANNELS["label_channels"]),
         "selector_interval": interval,
         "selection_local_tokens": local,
+        "page_size": page_size,
         "measured": {
             "token_budget": cfg.token_budget, "recall": recalls, "answers_kept": answers,
             "answers_kept_by_interval": by_interval, "answers_kept_by_local_tokens": by_local,
+            "answers_kept_by_page_size": by_page,
             "samples": cfg.num_samples * len(cfg.lengths) * (1 + len(cfg.niah_depths)),
             "lengths": list(cfg.lengths), "niah_depths": list(cfg.niah_depths),
             "calibration_tokens": min(cfg.calib_tokens, core.arch.max_position_embeddings), "seed": cfg.seed,
