@@ -169,20 +169,22 @@ def layer_parts(seq_len: int, batch: int, splits: list[int]) -> list[str]:
 
         t_hot = bench_graph(call) * 1e3
         t_cold = bench_graph(lambda call=call: (flush.zero_(), call())) * 1e3 - t_flush
-        label = " (engine)" if (block_tokens, warps) == (1024, 4) else ""
+        label = " (engine)" if (block_tokens, warps) == (512, 4) else ""
         rows_out.append(f"| {seq_len // 1024}K | {batch} | rope_mass scores, {block_tokens} tokens x {warps} warps{label}, "
                         f"in L2 / from HBM | {t_hot:.1f} / {t_cold:.1f} |")
     counts = torch.zeros((batch + 1, h), dtype=torch.int32, device=DEV)
     top_p = TopP(0.9, scale / GROUP, 4, counts)
     t_p = bench_graph(lambda: store_top_pages(s, plan, store, keep, top_p=top_p)) * 1e3
     rows_out.append(f"| {seq_len // 1024}K | {batch} | store_top_pages alone with top-p 0.9, Quest scores | {t_p:.1f} |")
-    # the bisection's rounds depend on the scores: the Quest scores above, and close scores
+    # the search's rounds depend on the scores: the Quest scores above, and close scores; a
+    # bisection (fanout 2) against the engine's 4 thresholds a round
     s_close = 1.0 + torch.rand(s.shape, device=DEV, generator=gen) * 1e-3
     for label, data in (("Quest scores", s), ("close scores", s_close)):
-        times = [bench_graph(lambda w=warps: store_top_pages(data, plan, store, keep, num_warps=w)) * 1e3
-                 for warps in (4, 8, 16)]
-        rows_out.append(f"| {seq_len // 1024}K | {batch} | store_top_pages alone, {label}, 4/8/16 warps | "
-                        f"{' / '.join(f'{t:.1f}' for t in times)} |")
+        for fanout in (2, 4):
+            times = [bench_graph(lambda w=warps, f=fanout: store_top_pages(data, plan, store, keep, num_warps=w,
+                                                                           fanout=f)) * 1e3 for warps in (4, 8, 16)]
+            rows_out.append(f"| {seq_len // 1024}K | {batch} | store_top_pages alone, {label}, fanout {fanout}, "
+                            f"4/8/16 warps | {' / '.join(f'{t:.1f}' for t in times)} |")
     return rows_out
 
 

@@ -33,7 +33,7 @@ def _labels(num_pages: int, page_size: int, hkv: int, d: int, r: int, gen: torch
 @pytest.mark.parametrize("page_size", [16, 32, 128])
 @pytest.mark.parametrize("hq,hkv", [(3, 3), (8, 2), (8, 1)])
 @pytest.mark.parametrize("aggregate", ["sum", "max", "mass"])
-@pytest.mark.parametrize("r", [2, 8])
+@pytest.mark.parametrize("r", [2, 8, 32])
 def test_channel_scores_match_the_reference(page_size: int, hq: int, hkv: int, aggregate: str, r: int) -> None:
     """`aggregate="mass"` stands for the rope_mass score (log-sum-exp over heads and tokens)."""
     d = 32
@@ -209,3 +209,27 @@ def test_calibration_takes_the_interval_that_keeps_most_answers(monkeypatch: pyt
     assert cs.choose_interval(cfg, "rope_mass", first, None, None, None)[0] == 4
     with pytest.raises(ValueError, match="intervals"):
         cs.SelectionCalibrationConfig(output="x", intervals=(0,))
+
+
+@pytest.mark.parametrize("dtype", [
+    pytest.param(torch.bfloat16, marks=pytest.mark.gpu),  # the CPU interpreter's bf16 matmul is wrong
+    torch.float16,
+])
+@pytest.mark.parametrize("page_size,hq,hkv,r", [(16, 9, 3, 16), (64, 8, 2, 16), (32, 8, 1, 8)])
+def test_rope_mass_in_half_precision_equals_the_reference(dtype: torch.dtype, page_size: int, hq: int, hkv: int,
+                                                          r: int) -> None:
+    """The engine's labels and queries are bf16/fp16: rope_mass's matmul of them (channels and
+    heads padded to 16) keeps the float64 reference's scores, over blocks of several pages."""
+    gen = torch.Generator().manual_seed(page_size + r)
+    rng = random.Random(page_size)
+    seq_lens = [rng.randint(1, 9 * page_size) for _ in range(2)] + [7 * page_size + 3]
+    tables, num_pages, table = shuffled_tables(seq_lens, page_size, rng)
+    labels, channels = _labels(num_pages, page_size, hkv, 64, r, gen, tables, seq_lens)
+    labels, q = labels.clamp(max=50.0).to(dtype), torch.randn((len(seq_lens), hq, 64), generator=gen).to(dtype)
+    want = ref.channel_page_scores_ref(q, labels, channels, tables, seq_lens, page_size, mass=True)
+    got = channel_page_scores(q.to(DEVICE), labels.to(DEVICE), channels.to(DEVICE), table.to(DEVICE),
+                              torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), page_size, mass=True,
+                              block_tokens=4 * page_size).cpu()
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite)
+    torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-4, atol=1e-4)

@@ -86,8 +86,9 @@ def _plan(redo: list[int], anchor: list[int], seats: list[int], spare: int = 2) 
     return plan
 
 
-@pytest.mark.parametrize("width,keep", [(37, 5), (130, 1), (9, 7), (1030, 63)])
-def test_store_top_pages_equals_the_reference_and_brute_force(width: int, keep: int) -> None:
+@pytest.mark.parametrize("width,keep,fanout", [(37, 5, 8), (130, 1, 8), (9, 7, 8), (1030, 63, 8), (1030, 63, 2),
+                                               (130, 20, 4), (300, 40, 32)])
+def test_store_top_pages_equals_the_reference_and_brute_force(width: int, keep: int, fanout: int) -> None:
     from lserve.ops.page_scores import store_top_pages
 
     gen = torch.Generator().manual_seed(width)
@@ -115,7 +116,7 @@ def test_store_top_pages_equals_the_reference_and_brute_force(width: int, keep: 
     want = store.clone()
     ref.store_top_pages_ref(scores, plan, want, keep)
     got = store.clone().to(DEVICE)  # (a copy: `store` stays the "before" state)
-    store_top_pages(scores.to(DEVICE), plan.to(DEVICE), got, keep)
+    store_top_pages(scores.to(DEVICE), plan.to(DEVICE), got, keep, fanout=fanout)
     assert torch.equal(got.cpu(), want)
     for b in range(rows):
         for h in range(heads):

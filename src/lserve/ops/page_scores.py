@@ -149,24 +149,42 @@ def page_scores(
 
 
 @triton.jit
-def _mass_scores(lab, ok, q_label_row, q_full_row, stride_qh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_P: tl.constexpr):
-    """rope_mass of a block of pages: log sum over the group's heads g and the pages' tokens of
-    exp(q_gC . k_C / tau_g), an online log-sum-exp over the heads; tau_g = sqrt(D |q_gC|_1 / |q_g|_1)
-    (SparQ's temperature, from the head's full query row). lab (BLOCK_P, PAGE, R) float32."""
+def _mass_scores(q_head, stride_qh, label_head, chan_ptr, page_table_row, seq_len, pblock,
+                 GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_P: tl.constexpr, IEEE: tl.constexpr):
+    """rope_mass of a block of pages: log sum over the group's heads g and the pages' tokens t of
+    exp(q_gC . k_tC / tau_g), tau_g = sqrt(D |q_gC|_1 / |q_g|_1) (SparQ's temperature, from the
+    head's full query row). The block's tokens are the rows of one (tokens, channels) tile, so
+    every head's partial logits come from one matmul with the group's queries (heads and
+    channels padded to the 16 a tensor-core product needs), then a log-sum-exp per page."""
+    rows = tl.arange(0, BLOCK_P * PAGE_SIZE)
+    p = pblock * BLOCK_P + rows // PAGE_SIZE
+    t = rows % PAGE_SIZE
+    ok = p * PAGE_SIZE + t < seq_len
+    page = tl.load(page_table_row + p, mask=ok, other=0).to(tl.int64)
+    c = tl.arange(0, R_PAD)
+    c_ok = c < R
+    lab = tl.load(label_head + ((page * PAGE_SIZE + t) * R)[:, None] + c[None, :], mask=ok[:, None] & c_ok[None, :],
+                  other=0.0)  # (tokens, channels), the store's dtype
+    chans = tl.load(chan_ptr + c, mask=c_ok, other=0)
+    g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP
+    qc = tl.load(q_head + g[:, None] * stride_qh + chans[None, :], mask=g_ok[:, None] & c_ok[None, :], other=0.0)
     d = tl.arange(0, HEAD_DIM)
-    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    acc = tl.zeros([BLOCK_P], tl.float32)
-    for g in tl.static_range(GROUP):
-        qg = tl.load(q_label_row + g * stride_qh).to(tl.float32)
-        l1 = tl.sum(tl.abs(tl.load(q_full_row + g * stride_qh + d).to(tl.float32)), axis=0)
-        tau = tl.maximum(tl.sqrt(HEAD_DIM * tl.sum(tl.abs(qg), axis=0) / tl.maximum(l1, 1e-30)), 1e-20)
-        s = tl.where(ok, tl.sum(lab * qg[None, None, :], axis=2) / tau, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
-        m = m_new
-    return tl.where(acc > 0, m + tl.log(tl.where(acc > 0, acc, 1.0)), float("-inf"))
+    l1 = tl.sum(tl.abs(tl.load(q_head + g[:, None] * stride_qh + d[None, :], mask=g_ok[:, None],
+                               other=0.0).to(tl.float32)), axis=1)
+    tau = tl.maximum(tl.sqrt(HEAD_DIM * tl.sum(tl.abs(qc.to(tl.float32)), axis=1) / tl.maximum(l1, 1e-30)), 1e-20)
+    inv = tl.where(g_ok, 1.4426950408889634 / tau, 0.0)  # log2(e) / tau_g: base-2 logits
+    if IEEE:
+        s = tl.dot(lab, tl.trans(qc.to(lab.dtype)), input_precision="ieee")
+    else:
+        s = tl.dot(lab, tl.trans(qc.to(lab.dtype)))  # (the model's bf16/fp16 queries: exact in the label dtype)
+    s = tl.where(ok[:, None] & g_ok[None, :], s * inv[None, :], float("-inf"))
+    s = tl.reshape(s, (BLOCK_P, PAGE_SIZE * GROUP_PAD))  # each page's tokens x heads in one row
+    m = tl.max(s, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+    return tl.where(acc > 0, (m + tl.log2(tl.where(acc > 0, acc, 1.0))) * 0.6931471805599453, float("-inf"))
 
 
 @triton.jit
@@ -175,7 +193,7 @@ def _channel_scores_kernel(
     stride_qb, stride_qh, stride_lh, stride_pt_b, stride_ob, stride_oh,
     GROUP: tl.constexpr, R: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
     USE_SUM: tl.constexpr, HAS_MAP: tl.constexpr, MASS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PDL: tl.constexpr,
+    GROUP_PAD: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     b = tl.program_id(0)
@@ -192,6 +210,12 @@ def _channel_scores_kernel(
     if pblock * BLOCK_P >= num_pages:  # past the sequence: as in `_page_scores_kernel`
         tl.store(out_row + p, tl.full([BLOCK_P], float("-inf"), tl.float32), mask=p < width)
         return
+    if MASS:
+        best = _mass_scores(q_ptr + b * stride_qb + (src * GROUP) * stride_qh, stride_qh, label_ptr + kvh * stride_lh,
+                            chan_ptr + kvh * R, page_table_ptr + b * stride_pt_b, seq_len, pblock, GROUP, GROUP_PAD,
+                            R, R_PAD, HEAD_DIM, PAGE_SIZE, BLOCK_P, IEEE)
+        tl.store(out_row + p, best, mask=p < width)
+        return
     c = tl.arange(0, R)
     chans = tl.load(chan_ptr + kvh * R + c)
     q_row = q_ptr + b * stride_qb + (src * GROUP) * stride_qh + chans
@@ -202,11 +226,6 @@ def _channel_scores_kernel(
     # one head's labels are contiguous (heads, slots, R): a page is PAGE_SIZE * R values in a row
     lab = tl.load(label_ptr + kvh * stride_lh + slot[:, :, None] * R + c[None, None, :],
                   mask=ok[:, :, None], other=0.0).to(tl.float32)
-    if MASS:
-        best = _mass_scores(lab, ok, q_row, q_ptr + b * stride_qb + (src * GROUP) * stride_qh, stride_qh,
-                            GROUP, HEAD_DIM, BLOCK_P)
-        tl.store(out_row + p, best, mask=p < width)
-        return
     if USE_SUM:
         # sum over the group of q_g . k_C = (sum_g q_g)_C . k_C: one product per key
         qs = tl.zeros([R], tl.float32)
@@ -232,7 +251,7 @@ def channel_page_scores(
     aggregate: str = "sum",
     kv_head_map: torch.Tensor | None = None,
     group: int | None = None,
-    block_tokens: int = 1024,
+    block_tokens: int | None = None,
     num_warps: int = 4,
     mass: bool = False,
 ) -> torch.Tensor:
@@ -243,7 +262,8 @@ def channel_page_scores(
     tau_g = sqrt(D |q_gC|_1 / |q_g|_1) (`aggregate` does not apply).
 
     `kv_head_map` and `group` as for `page_scores` (labels of one pool of several). A program
-    scores `block_tokens` tokens' worth of pages of one (sequence, head)."""
+    scores `block_tokens` tokens' worth of pages of one (sequence, head) (default: 512 for
+    rope_mass, the fastest of 512-4,096 on an H100 at 256K; else 1,024)."""
     bsz, hq, _ = q.shape
     hkv, slots, r = k_label.shape
     if aggregate not in ("max", "sum"):
@@ -260,14 +280,15 @@ def channel_page_scores(
     if kv_head_map is None:
         group = hq // hkv
     max_pages = page_table.shape[1]
-    block_p = max(1, block_tokens // page_size)
+    block_p = max(1, (block_tokens or (512 if mass else 1024)) // page_size)
     out = torch.empty((bsz, hkv, max_pages), dtype=torch.float32, device=q.device)
     _channel_scores_kernel[(bsz, hkv, triton.cdiv(max_pages, block_p))](
         q, k_label, label_channels, page_table, seq_lens, kv_head_map if kv_head_map is not None else seq_lens,
         out, max_pages, q.stride(0), q.stride(1), k_label.stride(0), page_table.stride(0), out.stride(0),
         out.stride(1), GROUP=group, R=r, PAGE_SIZE=page_size, BLOCK_P=block_p, USE_SUM=aggregate == "sum",
-        HAS_MAP=kv_head_map is not None, MASS=mass, HEAD_DIM=q.shape[2], num_warps=num_warps,
-        **pdl_args(q.device),
+        HAS_MAP=kv_head_map is not None, MASS=mass, HEAD_DIM=q.shape[2],
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), R_PAD=max(16, r), IEEE=k_label.dtype == torch.float32,
+        num_warps=num_warps, **pdl_args(q.device),
     )
     return out
 
@@ -302,7 +323,7 @@ def _count_pages_kept(s, key, older, p, anchor, top_p, temp, min_keep, keep):
 def _store_top_pages_kernel(
     scores_ptr, plan_ptr, store_ptr, counts_ptr, keep, width, top_p, temp, min_keep,
     stride_sb, stride_sh, stride_plan, stride_tb, stride_th, stride_cb,
-    BLOCK_P: tl.constexpr, TOP_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, TOP_P: tl.constexpr, FANOUT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -327,16 +348,23 @@ def _store_top_pages_kernel(
         tl.store(counts_ptr + seat * stride_cb + h, keep)
         key = tl.where(p == 0, 2147483647, key)  # the sink page is always kept
     key = tl.where(older, key, -2147483648)
-    # the keep-th largest key by bisection, count(key >= lo) >= keep > count(key > hi), between
-    # the smallest and largest older key; it stops as soon as exactly `keep` keys are >= mid
-    # (with distinct scores, after about log2(pages) rounds of one compare-and-count each)
+    # the keep-th largest key by a FANOUT-ary search, count(key >= lo) >= keep > count(key > hi),
+    # between the smallest and largest older key: each round counts the keys at or above FANOUT - 1
+    # thresholds spread over (lo, hi] at once and keeps the interval where the count crosses
+    # `keep`; it stops as soon as exactly `keep` keys are at or above one. A round costs a few
+    # compares per key but one reduction, so fewer, wider rounds than a bisection's
     lo = tl.min(tl.where(older, key, 2147483647), axis=0).to(tl.int64)
     hi = tl.max(key, axis=0).to(tl.int64)
+    j = tl.arange(0, FANOUT)
     while lo < hi:
-        mid = lo + (hi - lo + 1) // 2
-        count = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
-        lo = tl.where(count >= keep, mid, lo)
-        hi = tl.where(count > keep, hi, tl.where(count == keep, mid, mid - 1))
+        mids = lo + ((hi - lo) * j + FANOUT - 1) // FANOUT  # mids[0] = lo, then FANOUT - 1 above it
+        counts = tl.sum((key[None, :] >= mids.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+        best = tl.max(tl.where(counts >= keep, j, 0), axis=0)  # count(key >= lo) >= keep: j = 0 qualifies
+        lo_next = tl.sum(tl.where(j == best, mids, 0), axis=0)
+        exact = tl.sum(tl.where(j == best, counts, 0), axis=0) == keep
+        above = tl.where(best == FANOUT - 1, hi + 1, tl.sum(tl.where(j == best + 1, mids, 0), axis=0))
+        hi = tl.where(exact, lo_next, above - 1)
+        lo = lo_next
     threshold = lo.to(tl.int32)
     above = key > threshold
     tie = key == threshold
@@ -349,7 +377,7 @@ def _store_top_pages_kernel(
 
 def store_top_pages(
     scores: torch.Tensor, plan: torch.Tensor, store: torch.Tensor, keep: int, num_warps: int | None = None,
-    top_p: TopP | None = None,
+    top_p: TopP | None = None, fanout: int = 4,
 ) -> None:
     """Page selection into the selector's store, in one kernel (no sort).
 
@@ -363,12 +391,16 @@ def store_top_pages(
 
     With `top_p`, each (row, head) keeps page 0 and the fewest best older pages whose estimated
     share of the softmax mass reaches p (`TopP`), at least `min_keep` and at most `keep` in all,
-    and writes how many into `top_p.counts[seat, h]`. Reference: `ops.reference.store_top_pages_ref`.
+    and writes how many into `top_p.counts[seat, h]`. `fanout`: thresholds tried per round of the
+    search for the keep-th best score, a power of two >= 2 (2: a bisection).
+    Reference: `ops.reference.store_top_pages_ref`.
     """
     bsz, heads, width = scores.shape
     if store.shape[1] != heads or store.shape[2] < keep or plan.shape[0] != PLAN_ROWS or plan.shape[1] < bsz:
         raise ValueError(f"scores {tuple(scores.shape)}, plan {tuple(plan.shape)} and store "
                          f"{tuple(store.shape)} do not fit (keep {keep})")
+    if fanout < 2 or fanout & (fanout - 1):
+        raise ValueError(f"fanout must be a power of two >= 2, got {fanout}")
     if top_p is not None and top_p.counts.shape != store.shape[:2]:
         raise ValueError(f"top-p counts {tuple(top_p.counts.shape)} do not fit store {tuple(store.shape)}")
     if keep == 0 or bsz == 0:
@@ -381,7 +413,7 @@ def store_top_pages(
         top_p.p if top_p else 1.0, top_p.temperature * 1.4426950408889634 if top_p else 1.0,
         top_p.min_keep if top_p else 0,
         scores.stride(0), scores.stride(1), plan.stride(0), store.stride(0), store.stride(1), counts.stride(0),
-        BLOCK_P=block_p, TOP_P=top_p is not None,
+        BLOCK_P=block_p, TOP_P=top_p is not None, FANOUT=fanout,
         num_warps=num_warps or (4 if block_p <= 2048 else 8 if block_p <= 16384 else 16),
         **pdl_args(scores.device),
     )
