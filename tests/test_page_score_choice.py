@@ -47,7 +47,7 @@ def test_the_shipped_pattern_chooses_rope_mass() -> None:
     path = shipped_pattern("SmolLM2-135M-Instruct")
     assert path is not None
     selection = load_pattern(path).selection
-    assert selection is not None and selection["page_score"] == "rope_mass" and selection["score_channels"] == 16
+    assert selection is not None and selection["page_score"] == "rope_mass" and selection["score_channels"] == 32
     assert selection["selector_interval"] == 1  # re-selecting every step keeps NIAH answers (docs/accuracy.md)
     assert selection["selection_local_tokens"] == 128  # keeps passkey answers (docs/accuracy.md)
     assert selection["page_size"] == 16  # keeps passkey answers with the streaming heads (docs/accuracy.md)
@@ -86,8 +86,8 @@ def test_engine_resolves_auto_from_the_shipped_pattern_and_sizes_the_labels(tmp_
     assert core.page_score.kind == "rope_mass" and "calibrated" in core.page_score.source
     assert core.config.cache.page_size == core.kv_cache.shape.page_size == 16  # the pattern's pages
     paged = core.kv_cache.paged
-    assert paged.k_min is None and paged.k_label is not None and paged.k_label[0].shape == (3, 41 * 16, 16)
-    assert paged.label_channels[0].tolist() == [list(range(24, 32)) + list(range(56, 64))] * 3
+    assert paged.k_min is None and paged.k_label is not None and paged.k_label[0].shape == (3, 41 * 16, 32)
+    assert paged.label_channels[0].tolist() == [list(range(16, 32)) + list(range(48, 64))] * 3
     assert core.runner.backend.selector.score == "rope_mass"
     assert core.page_score.interval == core.runner.backend.selector.interval == 1  # the pattern's
     assert core.page_score.local_tokens == 128 and core.runner.backend.selector.local_pages == 8  # the pattern's
@@ -106,9 +106,9 @@ def test_engine_resolves_auto_from_the_shipped_pattern_and_sizes_the_labels(tmp_
     assert qcore.runner.backend.selector.interval == DEFAULT_SELECTOR_INTERVAL  # not calibrated for quest
     assert qcore.kv_cache.shape.page_size == 64  # the pattern's pages go with its score only
     assert LLM(dtype="float32", device="cpu", num_kv_pages=40).llm_engine.core.kv_cache.shape.page_size == 64
-    # 100 tokens: KV, plus each token's labels of 16 channels, or 4 logical pages' min and max per 64-token page
+    # 100 tokens: KV, plus each token's labels of 32 channels, or 4 logical pages' min and max per 64-token page
     kv = 30 * 3 * 64 * 2 * 4
-    assert core.kv_bytes_per_sequence(100) == 7 * 16 * (kv + 30 * 3 * 16 * 4)
+    assert core.kv_bytes_per_sequence(100) == 7 * 16 * (kv + 30 * 3 * 32 * 4)
     assert qcore.kv_bytes_per_sequence(100) == 2 * 64 * kv + 2 * 4 * 30 * 3 * 64 * 2 * 4
     # with streaming heads the paged pool holds each layer's dense heads: their label channels
     label = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, page_score="label_channels",
