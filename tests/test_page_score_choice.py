@@ -147,6 +147,11 @@ def test_cli_selection_step_writes_the_choice(tiny_with_tokenizer: Path, tmp_pat
     by_page = measured["answers_kept_by_page_size"]
     assert set(by_page["alone"]) == {"pages of 64", "pages of 16"} and sel["page_size"] in (64, 16)
     assert by_page["alone"]["pages of 64"] == by_local["alone"][f"local {sel['selection_local_tokens']}"]
+    by_count = measured["answers_kept_by_channels"]
+    assert by_count["alone"]["4 channels"] == by_page["alone"][f"pages of {sel['page_size']}"]
+    rope = sel["page_score"] in ("rope_channels", "rope_mass")  # only RoPE channels are measured at other counts
+    assert set(by_count["alone"]) == ({"4 channels", "8 channels"} if rope else {"4 channels"})
+    assert sel["score_channels"] in ((4, 8) if rope else (4,))
     assert set(measured["recall"]) == {"quest", "midrange", "rope_channels", "label_channels", "rope_mass", "oracle"}
     assert measured["calibration_tokens"] == 1024  # clamped to the model's window
     assert pattern.scores.shape == (2, 2) and bool((pattern.scores == 1).all())  # no pattern: all dense
@@ -155,6 +160,7 @@ def test_cli_selection_step_writes_the_choice(tiny_with_tokenizer: Path, tmp_pat
     assert "page_score=" in printed and "oracle" in printed and "re-selected every 1 steps" in printed
     assert "selection_local_tokens=" in printed and "local 128 tokens: answers" in printed
     assert f"page_size={sel['page_size']}" in printed and "pages of 16: answers" in printed
+    assert f"score_channels={sel['score_channels']}" in printed and "4 channels: answers" in printed
     # the engine takes the choice from the file (`auto`)
     from lserve import LLM
 
@@ -178,6 +184,11 @@ def test_cli_selection_bad_input_is_one_line(tiny_with_tokenizer: Path, tmp_path
                "--device", "cpu", "--selection-page-sizes", "64,24"])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "page_size must be a power of two" in err, err
+    for counts, message in (("4,6", "powers of two"), ("4,128", "head dimension")):
+        rc = main(["calibrate", "--selection", "--model", str(tiny_with_tokenizer), "--output", str(tmp_path / "o"),
+                   "--device", "cpu", "--passkey-lengths", "500", "--selection-channel-counts", counts])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.count("\n") == 1 and message in err, err
 
 
 def test_a_selection_only_pattern_is_refused_for_streaming_heads(tiny_with_tokenizer: Path, tmp_path: Path) -> None:
@@ -196,3 +207,29 @@ def test_a_selection_only_pattern_is_refused_for_streaming_heads(tiny_with_token
     with pytest.raises(LServeError, match="selection-only.json has no streaming-head calibration"):
         LLM(model=str(tiny_with_tokenizer), dtype="float32", device="cpu", streaming_sparsity=0.5,
             attn_pattern=str(path))
+
+
+def test_calibration_takes_the_channel_count_that_keeps_most_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lserve.calibration import selection as cs
+
+    cfg = cs.SelectionCalibrationConfig(output="x")
+    assert cs.channel_counts(cfg, "rope_mass", 64) == (16, 32)  # its r and twice that
+    assert cs.channel_counts(cfg, "rope_mass", 16) == (16,)  # no more channels than the head has
+    assert cs.channel_counts(cfg, "quest", 64) == (8,) and cs.channel_counts(cfg, "label_channels", 64) == (8,)
+    assert cs.channel_counts(cs.SelectionCalibrationConfig(output="x", channel_counts=(8, 4, 32)), "rope_channels",
+                             64) == (8, 4, 32)
+    by_page = {"alone": {"pages of 16": 6}, "streaming": {"pages of 16": 5}}
+    kept = {32: (8, 7)}
+
+    def fake(cfg, tok, pattern, path, runs):  # noqa: ANN001, ANN202
+        assert [r["score_channels"] for r in runs.values()] == [32]
+        assert all(r["page_size"] == 16 and r["selection_local_tokens"] == 128 for r in runs.values())
+        return {s: {"32 channels": kept[32][k]} for k, s in enumerate(("alone", "streaming"))}
+
+    monkeypatch.setattr(cs, "measure_answers", fake)
+    best, by_count = cs.choose_channels(cfg, "rope_mass", (16, 32), 1, 128, 16, by_page, None, None, None)
+    assert best == 32 and by_count["alone"] == {"16 channels": 6, "32 channels": 8}
+    kept[32] = (6, 5)  # a tie: the fewer channels cost less
+    assert cs.choose_channels(cfg, "rope_mass", (16, 32), 1, 128, 16, by_page, None, None, None)[0] == 16
+    with pytest.raises(ValueError, match="channel_counts"):
+        cs.SelectionCalibrationConfig(output="x", channel_counts=(16, 16))

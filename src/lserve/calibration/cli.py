@@ -96,6 +96,9 @@ def add_calibrate_parser(sub: Any) -> None:
     sel.add_argument("--selection-page-sizes", default="64,16",
                      help="KV page sizes: every run before uses the first; the chosen score, interval and window "
                      "are then measured at each, and the one keeping the most answers is written (default: 64,16)")
+    sel.add_argument("--selection-channel-counts", default="auto",
+                     help="channel counts a chosen RoPE channel score is measured with last; the one keeping the "
+                     "most answers is written (default auto: its r and twice that)")
     sel.add_argument("--streaming-sparsity", type=float, default=0.5,
                      help="answers are also compared with this share of the pattern's heads streaming (0: not; default 0.5)")
     p.set_defaults(func=cmd_calibrate)
@@ -112,13 +115,16 @@ def cmd_calibrate_selection(args: argparse.Namespace) -> int:
         intervals=parse_int_list(args.selector_intervals, "--selector-intervals"),
         local_tokens=parse_int_list(args.selection_local_tokens, "--selection-local-tokens"),
         page_sizes=parse_int_list(args.selection_page_sizes, "--selection-page-sizes"),
+        channel_counts=None if args.selection_channel_counts == "auto"
+        else parse_int_list(args.selection_channel_counts, "--selection-channel-counts"),
     )
     result = calibrate_selection(cfg)
     measured = result.selection["measured"]
     print(f"wrote {result.pattern_path}: page_score={result.selection['page_score']}, "
           f"selector_interval={result.selection['selector_interval']}, "
           f"selection_local_tokens={result.selection['selection_local_tokens']}, "
-          f"page_size={result.selection['page_size']} (token budget {measured['token_budget']})")
+          f"page_size={result.selection['page_size']}, score_channels={result.selection['score_channels']} "
+          f"(token budget {measured['token_budget']})")
     kept = measured["answers_kept"]
     n = measured["samples"]
     for name in kept["alone"]:
@@ -130,7 +136,8 @@ def cmd_calibrate_selection(args: argparse.Namespace) -> int:
     for name in by_interval["alone"]:
         print(f"  {result.selection['page_score']}, re-selected {name} steps: answers "
               + ", ".join(f"{by_interval[s][name]}/{n} {s}" for s in by_interval))
-    for key, unit in (("answers_kept_by_local_tokens", " tokens"), ("answers_kept_by_page_size", "")):
+    for key, unit in (("answers_kept_by_local_tokens", " tokens"), ("answers_kept_by_page_size", ""),
+                      ("answers_kept_by_channels", "")):
         by = measured[key]
         for name in by["alone"]:
             print(f"  {result.selection['page_score']}, {name}{unit}: answers "

@@ -22,7 +22,10 @@ the pattern's `selector_interval`: on the default model, reusing a selection for
 needle-in-a-haystack answers that re-selecting every step keeps (docs/accuracy.md). At that
 interval the score is measured with each local window (`local_tokens`), and then with the
 chosen window at each KV page size (`page_sizes`; ties: the larger pages, fewer to rank): on the
-default model 16-token pages keep passkeys with streaming heads that 64-token pages lose. The choice,
+default model 16-token pages keep passkeys with streaming heads that 64-token pages lose. A RoPE
+channel score is last measured with each of `channel_counts` channels (default: its r and twice
+that; ties: fewer, the cheaper labels): on the default model 32 channels keep RULER answers that
+16 lose (docs/accuracy.md). The choice,
 the channels and every measurement go into the pattern file's `selection` object; the engine's
 `page_score="auto"` takes them from there.
 """
@@ -100,6 +103,9 @@ class SelectionCalibrationConfig:
     page_sizes: tuple[int, ...] = (DEFAULT_PAGE_SIZE, 16)
     """KV page sizes: every run before uses the first; the chosen score, interval and window are
     then measured at each, and the one keeping the most answers is written as `page_size`."""
+    channel_counts: tuple[int, ...] | None = None
+    """Channel counts (r) a chosen RoPE channel score is measured with last (default: its r and
+    twice that, within the head dimension); the one keeping the most answers is written."""
 
     def __post_init__(self) -> None:
         bad = [c for c in self.candidates if c not in CANDIDATES]
@@ -122,6 +128,10 @@ class SelectionCalibrationConfig:
                 raise ValueError(f"local_tokens must be distinct token counts >= 0 that leave token_budget="
                                  f"{self.token_budget} at least one page of {page} tokens for the score beside the "
                                  f"first, the local and the newest pages, got {list(self.local_tokens)}")
+        counts = self.channel_counts
+        if counts is not None and (not counts or len(set(counts)) != len(counts)
+                                   or any(r < 2 or r & (r - 1) for r in counts)):
+            raise ValueError(f"channel_counts must be distinct powers of two >= 2, got {list(counts)}")
         if not self.lengths or min(self.lengths) < 1:
             raise ValueError(f"lengths must be positive token counts, got {list(self.lengths)}")
 
@@ -217,11 +227,11 @@ def measure_answers(cfg: SelectionCalibrationConfig, tok: Any, pattern: HeadPatt
 
 
 def selection_settings(cfg: SelectionCalibrationConfig, score: str, interval: int, local: int = 0,
-                       page_size: int | None = None) -> dict[str, Any]:
-    """Engine settings of page selection with `score`, re-selected every `interval` steps, with a
-    local window of `local` tokens, on KV pages of `page_size` tokens (default: the first of
-    `page_sizes`)."""
-    return dict(token_budget=cfg.token_budget, page_score=score, score_channels=cfg.score_channels,
+                       page_size: int | None = None, channels: int | None = None) -> dict[str, Any]:
+    """Engine settings of page selection with `score` (on `channels` channels, default
+    `score_channels`), re-selected every `interval` steps, with a local window of `local` tokens,
+    on KV pages of `page_size` tokens (default: the first of `page_sizes`)."""
+    return dict(token_budget=cfg.token_budget, page_score=score, score_channels=channels or cfg.score_channels,
                 selector_interval=interval, selection_local_tokens=local, page_size=page_size or cfg.page_sizes[0])
 
 
@@ -265,6 +275,31 @@ def choose_page_size(cfg: SelectionCalibrationConfig, chosen: str, interval: int
     return best, by_page
 
 
+def channel_counts(cfg: SelectionCalibrationConfig, chosen: str, head_dim: int) -> tuple[int, ...]:
+    """The channel counts the chosen score is measured with: its own r first, then the others of
+    `channel_counts` (default: twice r, if the head has that many channels); none but r for
+    scores whose labels are not RoPE channels (Quest's and midrange's statistics, label channels
+    calibrated at one r)."""
+    first = cfg.score_channels or DEFAULT_CHANNELS.get(chosen, DEFAULT_CHANNELS["label_channels"])
+    if chosen not in ("rope_channels", "rope_mass"):
+        return (first,)
+    wanted = cfg.channel_counts if cfg.channel_counts is not None else (first, 2 * first)
+    return (first, *[r for r in wanted if r != first and r <= head_dim])
+
+
+def choose_channels(cfg: SelectionCalibrationConfig, chosen: str, counts: tuple[int, ...], interval: int, local: int,
+                    page_size: int, by_page: dict[str, dict[str, int]], tok: Any, pattern: HeadPattern,
+                    pattern_path: Path) -> tuple[int, dict[str, dict[str, int]]]:
+    """The chosen score's answers at its interval, window and page size with each channel count
+    of `counts` (the first's from `by_page`), and the count that keeps the most (ties: the fewest)."""
+    runs = {f"{r} channels": selection_settings(cfg, chosen, interval, local, page_size, r) for r in counts[1:]}
+    by_count = measure_answers(cfg, tok, pattern, pattern_path, runs) if runs else {s: {} for s in by_page}
+    for setting, kept in by_page.items():
+        by_count[setting] = {f"{counts[0]} channels": kept[f"pages of {page_size}"], **by_count[setting]}
+    best = max(counts, key=lambda r: (sum(a[f"{r} channels"] for a in by_count.values()), -r))
+    return best, by_count
+
+
 def choose(candidates: tuple[str, ...], answers: dict[str, dict[str, int]]) -> str:
     """Most answers kept over every setting; ties to the earliest in `PREFERENCE`."""
     return max(candidates, key=lambda c: (sum(a[c] for a in answers.values()), -PREFERENCE.index(c)))
@@ -283,6 +318,9 @@ def calibrate_selection(cfg: SelectionCalibrationConfig) -> SelectionResult:
     llm = LLM(**_engine_kwargs(cfg))
     core = llm.llm_engine.core
     base = _base_pattern(cfg, core.source.name, core.arch.num_layers, core.arch.num_kv_heads)
+    head_dim = core.arch.head_dim
+    if cfg.channel_counts is not None and max(cfg.channel_counts) > head_dim:  # (before the long measurements)
+        raise LServeError(f"channel counts {list(cfg.channel_counts)} exceed the model's head dimension {head_dim}")
     with torch.inference_mode():
         labels, recalls = measure_recall(llm, cfg)
     tok = llm.get_tokenizer()
@@ -295,9 +333,12 @@ def calibrate_selection(cfg: SelectionCalibrationConfig) -> SelectionResult:
         interval, by_interval = choose_interval(cfg, chosen, answers, tok, base, probe)
         local, by_local = choose_local(cfg, chosen, interval, by_interval, tok, base, probe)
         page_size, by_page = choose_page_size(cfg, chosen, interval, local, by_local, tok, base, probe)
+        counts = channel_counts(cfg, chosen, head_dim)
+        channels, by_channels = choose_channels(cfg, chosen, counts, interval, local, page_size, by_page, tok, base,
+                                                probe)
     entry = {
         "page_score": chosen, "channels": labels.tolist(),
-        "score_channels": cfg.score_channels or DEFAULT_CHANNELS.get(chosen, DEFAULT_CHANNELS["label_channels"]),
+        "score_channels": channels,
         "selector_interval": interval,
         "selection_local_tokens": local,
         "page_size": page_size,
@@ -305,6 +346,7 @@ def calibrate_selection(cfg: SelectionCalibrationConfig) -> SelectionResult:
             "token_budget": cfg.token_budget, "recall": recalls, "answers_kept": answers,
             "answers_kept_by_interval": by_interval, "answers_kept_by_local_tokens": by_local,
             "answers_kept_by_page_size": by_page,
+            "answers_kept_by_channels": by_channels,
             "samples": cfg.num_samples * len(cfg.lengths) * (1 + len(cfg.niah_depths)),
             "lengths": list(cfg.lengths), "niah_depths": list(cfg.niah_depths),
             "calibration_tokens": min(cfg.calib_tokens, core.arch.max_position_embeddings), "seed": cfg.seed,
