@@ -1,7 +1,13 @@
-"""Scratch GPU micro-benchmark: rope_mass score and top-page store variants at 256K (Llama-3-8B shape)."""
+"""Scratch GPU micro-benchmark: rope_mass score and top-page store variants at 256K (Llama-3-8B shape).
+
+    PYTHONPATH=src:. python benchmarks/results/selection_kernels_ruler_gpu_2026-12-06/bench_mass.py
+
+(run from the repository root; it ran from a copy in another folder, with the engine of commit 659d57d
+and the store's fanout of 752ecb3: "engine rope_mass" is the kernel before 752ecb3.)"""
 import sys
+from pathlib import Path
 import torch
-sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".gpu")
+sys.path.insert(0, "benchmarks"); sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_kernels import bench_graph
 from mass_variants import mass2d
 from lserve.ops.page_scores import channel_page_scores, store_top_pages

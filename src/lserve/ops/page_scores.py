@@ -263,7 +263,7 @@ def channel_page_scores(
 
     `kv_head_map` and `group` as for `page_scores` (labels of one pool of several). A program
     scores `block_tokens` tokens' worth of pages of one (sequence, head) (default: 512 for
-    rope_mass, the fastest of 512-4,096 on an H100 at 256K; else 1,024)."""
+    rope_mass, else 1,024; docs/benchmarks.md has the tilings measured)."""
     bsz, hq, _ = q.shape
     hkv, slots, r = k_label.shape
     if aggregate not in ("max", "sum"):
@@ -362,8 +362,8 @@ def _store_top_pages_kernel(
         best = tl.max(tl.where(counts >= keep, j, 0), axis=0)  # count(key >= lo) >= keep: j = 0 qualifies
         lo_next = tl.sum(tl.where(j == best, mids, 0), axis=0)
         exact = tl.sum(tl.where(j == best, counts, 0), axis=0) == keep
-        above = tl.where(best == FANOUT - 1, hi + 1, tl.sum(tl.where(j == best + 1, mids, 0), axis=0))
-        hi = tl.where(exact, lo_next, above - 1)
+        upper = tl.where(best == FANOUT - 1, hi + 1, tl.sum(tl.where(j == best + 1, mids, 0), axis=0))
+        hi = tl.where(exact, lo_next, upper - 1)
         lo = lo_next
     threshold = lo.to(tl.int32)
     above = key > threshold
