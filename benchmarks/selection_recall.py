@@ -1,7 +1,7 @@
 """How much true attention each page score's selection keeps, on the default model (CPU, minutes).
 
     python benchmarks/selection_recall.py [--fillers 80,130,170] [--depths 0.25,0.6] [--queries 8]
-        [--budgets 256,512,1024] [--rope-r 4,8,16] [--label-r 8] [--calib-source haystack|passkey]
+        [--budgets 256,512,1024] [--rope-r 4,8,16] [--label-r 8] [--mass-r 16,32] [--calib-source haystack|passkey]
         [--json PATH] [--plot PATH]
 
 Runs the default model (SmolLM2-135M-Instruct, float32, CPU) once per passkey prompt
@@ -10,8 +10,8 @@ appended after the prompt (teacher forcing, so the queries of the answer steps e
 captures every layer's keys and the last queries (`lserve.calibration.selection_recall`).
 
 For each page score the engine has (quest, midrange, rope_channels with r = `--rope-r`,
-label_channels with r = `--label-r` calibrated on a different prompt, rope_mass with its default
-16 channels) and the oracle (pages by
+label_channels with r = `--label-r` calibrated on a different prompt, rope_mass with r =
+`--mass-r`, by default 16 and 32) and the oracle (pages by
 true attention mass), with the engine's own score functions, 64-token pages, logical pages of 16,
 scores summed over each GQA group, it prints:
 
@@ -84,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budgets", type=ints, default=[256, 512, 1024], help="token budgets")
     p.add_argument("--rope-r", type=ints, default=[4, 8, 16], help="channel counts of rope_channels")
     p.add_argument("--label-r", type=int, default=8, help="channel count of label_channels")
+    p.add_argument("--mass-r", type=ints, default=[DEFAULT_CHANNELS["rope_mass"], 32],
+                   help="channel counts of rope_mass")
     p.add_argument("--calib-source", choices=("haystack", "passkey"), default="haystack")
     p.add_argument("--calib-tokens", type=int, default=3000, help="length of the haystack calibration sample")
     p.add_argument("--calib-queries", type=int, default=512, help="last positions of the calibration prompt used")
@@ -129,8 +131,9 @@ def score_table(args: argparse.Namespace, inv_freq: torch.Tensor, labels: torch.
         chans = torch.tensor(rope_slow_channels(inv_freq, r), dtype=torch.int64)
         scores[f"rope{r}"] = ("rope_channels", chans.expand(layers, hkv, -1).contiguous())
     scores[f"label{labels.shape[2]}"] = ("label_channels", labels)
-    mass = torch.tensor(rope_slow_channels(inv_freq, DEFAULT_CHANNELS["rope_mass"]), dtype=torch.int64)
-    scores[f"mass{mass.shape[0]}"] = ("rope_mass", mass.expand(layers, hkv, -1).contiguous())
+    for r in args.mass_r:
+        mass = torch.tensor(rope_slow_channels(inv_freq, r), dtype=torch.int64)
+        scores[f"mass{r}"] = ("rope_mass", mass.expand(layers, hkv, -1).contiguous())
     scores["oracle"] = ("oracle", None)
     return scores
 
