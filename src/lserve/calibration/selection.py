@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,30 +236,39 @@ def selection_settings(cfg: SelectionCalibrationConfig, score: str, interval: in
                 selector_interval=interval, selection_local_tokens=local, page_size=page_size or cfg.page_sizes[0])
 
 
+def _sweep(cfg: SelectionCalibrationConfig, values: tuple[int, ...], name: Callable[[int], str],
+           settings: Callable[[int], dict[str, Any]], known: int, known_kept: dict[str, int],
+           prefer: Callable[[int], int], tok: Any, pattern: HeadPattern,
+           pattern_path: Path) -> tuple[int, dict[str, dict[str, int]]]:
+    """Answers (per setting, "alone"/"streaming") of the chosen score with each of `values` of one
+    engine setting, each run as `settings(v)` and named `name(v)`, except `known`, whose answers
+    are already measured (`known_kept`, per setting) and are taken where it is among `values`;
+    and the value that keeps the most over every setting (ties: the largest `prefer(v)`)."""
+    runs = {name(v): settings(v) for v in values if v != known}
+    by_value = measure_answers(cfg, tok, pattern, pattern_path, runs) if runs else {s: {} for s in known_kept}
+    if known in values:
+        for setting, kept in known_kept.items():
+            by_value[setting] = {name(known): kept, **by_value[setting]}
+    best = max(values, key=lambda v: (sum(a[name(v)] for a in by_value.values()), prefer(v)))
+    return best, by_value
+
+
 def choose_interval(cfg: SelectionCalibrationConfig, chosen: str, answers: dict[str, dict[str, int]],
                     tok: Any, pattern: HeadPattern, pattern_path: Path) -> tuple[int, dict[str, dict[str, int]]]:
     """The chosen score's answers at each of `intervals` (the first's from `answers`), and the
     interval that keeps the most (ties: the longest)."""
-    first = cfg.intervals[0]
-    runs = {f"every {i}": selection_settings(cfg, chosen, i) for i in cfg.intervals[1:]}
-    by_interval = measure_answers(cfg, tok, pattern, pattern_path, runs) if runs else {s: {} for s in answers}
-    for setting, kept in answers.items():
-        by_interval[setting] = {f"every {first}": kept[chosen], **by_interval[setting]}
-    best = max(cfg.intervals, key=lambda i: (sum(a[f"every {i}"] for a in by_interval.values()), i))
-    return best, by_interval
+    return _sweep(cfg, cfg.intervals, lambda i: f"every {i}", lambda i: selection_settings(cfg, chosen, i),
+                  cfg.intervals[0], {s: kept[chosen] for s, kept in answers.items()}, lambda i: i,
+                  tok, pattern, pattern_path)
 
 
 def choose_local(cfg: SelectionCalibrationConfig, chosen: str, interval: int, by_interval: dict[str, dict[str, int]],
                  tok: Any, pattern: HeadPattern, pattern_path: Path) -> tuple[int, dict[str, dict[str, int]]]:
     """The chosen score's answers at its interval with each of `local_tokens` (no window's from
     `by_interval`), and the window that keeps the most (ties: the smallest)."""
-    runs = {f"local {n}": selection_settings(cfg, chosen, interval, n) for n in cfg.local_tokens if n}
-    by_local = measure_answers(cfg, tok, pattern, pattern_path, runs) if runs else {s: {} for s in by_interval}
-    if 0 in cfg.local_tokens:
-        for setting, kept in by_interval.items():
-            by_local[setting] = {"local 0": kept[f"every {interval}"], **by_local[setting]}
-    best = max(cfg.local_tokens, key=lambda n: (sum(a[f"local {n}"] for a in by_local.values()), -n))
-    return best, by_local
+    return _sweep(cfg, cfg.local_tokens, lambda n: f"local {n}", lambda n: selection_settings(cfg, chosen, interval, n),
+                  0, {s: kept[f"every {interval}"] for s, kept in by_interval.items()}, lambda n: -n,
+                  tok, pattern, pattern_path)
 
 
 def choose_page_size(cfg: SelectionCalibrationConfig, chosen: str, interval: int, local: int,
@@ -266,13 +276,9 @@ def choose_page_size(cfg: SelectionCalibrationConfig, chosen: str, interval: int
                      pattern_path: Path) -> tuple[int, dict[str, dict[str, int]]]:
     """The chosen score's answers at its interval and window on each of `page_sizes` (the
     first's from `by_local`), and the page size that keeps the most (ties: the largest)."""
-    first = cfg.page_sizes[0]
-    runs = {f"pages of {p}": selection_settings(cfg, chosen, interval, local, p) for p in cfg.page_sizes[1:]}
-    by_page = measure_answers(cfg, tok, pattern, pattern_path, runs) if runs else {s: {} for s in by_local}
-    for setting, kept in by_local.items():
-        by_page[setting] = {f"pages of {first}": kept[f"local {local}"], **by_page[setting]}
-    best = max(cfg.page_sizes, key=lambda p: (sum(a[f"pages of {p}"] for a in by_page.values()), p))
-    return best, by_page
+    return _sweep(cfg, cfg.page_sizes, lambda p: f"pages of {p}",
+                  lambda p: selection_settings(cfg, chosen, interval, local, p), cfg.page_sizes[0],
+                  {s: kept[f"local {local}"] for s, kept in by_local.items()}, lambda p: p, tok, pattern, pattern_path)
 
 
 def channel_counts(cfg: SelectionCalibrationConfig, chosen: str, head_dim: int) -> tuple[int, ...]:
@@ -292,12 +298,10 @@ def choose_channels(cfg: SelectionCalibrationConfig, chosen: str, counts: tuple[
                     pattern_path: Path) -> tuple[int, dict[str, dict[str, int]]]:
     """The chosen score's answers at its interval, window and page size with each channel count
     of `counts` (the first's from `by_page`), and the count that keeps the most (ties: the fewest)."""
-    runs = {f"{r} channels": selection_settings(cfg, chosen, interval, local, page_size, r) for r in counts[1:]}
-    by_count = measure_answers(cfg, tok, pattern, pattern_path, runs) if runs else {s: {} for s in by_page}
-    for setting, kept in by_page.items():
-        by_count[setting] = {f"{counts[0]} channels": kept[f"pages of {page_size}"], **by_count[setting]}
-    best = max(counts, key=lambda r: (sum(a[f"{r} channels"] for a in by_count.values()), -r))
-    return best, by_count
+    return _sweep(cfg, counts, lambda r: f"{r} channels",
+                  lambda r: selection_settings(cfg, chosen, interval, local, page_size, r), counts[0],
+                  {s: kept[f"pages of {page_size}"] for s, kept in by_page.items()}, lambda r: -r,
+                  tok, pattern, pattern_path)
 
 
 def choose(candidates: tuple[str, ...], answers: dict[str, dict[str, int]]) -> str:

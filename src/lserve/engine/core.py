@@ -158,10 +158,9 @@ class EngineCore:
         if config.cache.page_size is not None:
             return config
         sparse, page = config.sparse, DEFAULT_PAGE_SIZE
-        if sparse.uses_page_selection and sparse.page_score == "auto":
-            pattern = self._head_pattern()
-            chosen = pattern_page_size(pattern.selection, pattern.source) if pattern is not None else None
-            if chosen is not None and pattern is not None:
+        if sparse.uses_page_selection and sparse.page_score == "auto" and (pattern := self._head_pattern()) is not None:
+            chosen = pattern_page_size(pattern.selection, pattern.source)
+            if chosen is not None:
                 page = chosen
                 logger.info("KV pages of %d tokens, as the page selection of %s was calibrated (set page_size "
                             "for another)", page, pattern.source)
