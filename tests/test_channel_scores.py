@@ -10,6 +10,7 @@ import torch
 
 from lserve.attention.torch_backend import channel_page_scores_torch, page_scores_torch, write_labels
 from lserve.errors import LServeError
+from lserve.kv_cache.fp8 import FP8_DTYPE, quantize
 from lserve.ops import reference as ref
 from lserve.ops.kv_append import kv_append
 from lserve.ops.page_scores import channel_page_scores, page_scores
@@ -101,8 +102,10 @@ def test_midrange_scores_match_the_reference(page_size: int, logical: int, hq: i
 
 
 @pytest.mark.parametrize("mapped", [False, True])
-def test_kv_append_writes_key_labels(mapped: bool) -> None:
-    """Labels of prefill runs and decode rows, through a head map or not, equal the reference's."""
+@pytest.mark.parametrize("fp8", [False, True])
+def test_kv_append_writes_key_labels(mapped: bool, fp8: bool) -> None:
+    """Labels of prefill runs and decode rows, through a head map or not, in the model's dtype or
+    FP8 with per-token scales, equal the reference's (bit for bit)."""
     gen = torch.Generator().manual_seed(11)
     page_size, d, r = 16, 32, 4
     hkv_model = 3
@@ -111,23 +114,89 @@ def test_kv_append_writes_key_labels(mapped: bool) -> None:
     channels = torch.stack([torch.randperm(d, generator=gen)[:r] for _ in range(pool_heads)]).to(torch.int32)
     k_cache = torch.zeros((5, page_size, pool_heads, d))
     labels = torch.full((pool_heads, 5 * page_size, r), float("nan"))
+    scale = torch.full((pool_heads, 5 * page_size), float("nan")) if fp8 else None
+    if fp8:
+        labels = torch.zeros((pool_heads, 5 * page_size, r), dtype=FP8_DTYPE)
     want_k, want_labels = k_cache.clone(), labels.clone()
+    want_scale = scale.clone() if scale is not None else None
     dk, dv, dl = k_cache.to(DEVICE), k_cache.clone().to(DEVICE), labels.to(DEVICE)
+    ds = scale.to(DEVICE) if scale is not None else None
     for slots in ([17, 18, 19, 20, 21, 3, 4, 70], [22], [5, 71, 40]):
         s = torch.tensor(slots)
-        k = torch.randn((len(slots), hkv_model, d), generator=gen)
+        k = torch.randn((len(slots), hkv_model, d), generator=gen) * 3.0
         pool_k = k[:, head_map] if head_map is not None else k
-        ref.kv_append_ref(pool_k, pool_k, s, want_k, want_k.clone(), k_label=want_labels, label_channels=channels)
+        ref.kv_append_ref(pool_k, pool_k, s, want_k, want_k.clone(), k_label=want_labels, label_channels=channels,
+                          label_scale=want_scale)
         kv_append(k.to(DEVICE), k.to(DEVICE), s.to(DEVICE), dk, dv, k_label=dl, label_channels=channels.to(DEVICE),
-                  head_map=head_map.to(DEVICE) if head_map is not None else None)
+                  head_map=head_map.to(DEVICE) if head_map is not None else None, label_scale=ds)
     assert torch.equal(dk.cpu(), want_k)
-    assert torch.equal(dl.cpu().nan_to_num(-1), want_labels.nan_to_num(-1))
+    assert torch.equal(dl.cpu().float().nan_to_num(-1), want_labels.float().nan_to_num(-1))
+    if ds is not None and want_scale is not None:
+        assert torch.equal(ds.cpu().nan_to_num(-1), want_scale.nan_to_num(-1))
+        written = want_scale[0].isfinite()
+        dequantized = want_labels[0, written].float() * want_scale[0, written, None]
+        exact = want_k.view(-1, pool_heads, d)[written.nonzero()[:, 0], 0][:, channels[0].long()]
+        assert not torch.equal(dequantized, exact)  # E4M3 rounds...
+        torch.testing.assert_close(dequantized, exact, rtol=2**-4, atol=0)  # ...to within half its 3-bit step
     # the torch backend's writer, over the same tokens in one go
-    torch_labels = torch.full_like(labels, float("nan"))
+    torch_labels = torch.full_like(labels, float("nan")) if not fp8 else torch.zeros_like(labels)
+    torch_scale = torch.full_like(scale, float("nan")) if scale is not None else None
     written = torch.tensor([17, 18, 19, 20, 21, 3, 4, 70, 22, 5, 71, 40])
     keys = want_k.view(-1, pool_heads, d)[written]
-    write_labels(torch_labels, channels, keys, written)
-    assert torch.equal(torch_labels.nan_to_num(-1), want_labels.nan_to_num(-1))
+    write_labels(torch_labels, channels, keys, written, torch_scale)
+    assert torch.equal(torch_labels.float().nan_to_num(-1), want_labels.float().nan_to_num(-1))
+    if torch_scale is not None and want_scale is not None:
+        assert torch.equal(torch_scale.nan_to_num(-1), want_scale.nan_to_num(-1))
+
+
+@pytest.mark.parametrize("dtype", [
+    pytest.param(torch.bfloat16, marks=pytest.mark.gpu),  # the CPU interpreter's bf16 matmul is wrong
+    torch.float16, torch.float32,
+])
+@pytest.mark.parametrize("page_size,hq,hkv,r", [(16, 9, 3, 16), (64, 8, 2, 64), (32, 8, 1, 8)])
+@pytest.mark.parametrize("aggregate", ["sum", "max", "mass"])
+def test_fp8_labels_match_the_reference(dtype: torch.dtype, page_size: int, hq: int, hkv: int, r: int,
+                                        aggregate: str) -> None:
+    """FP8 labels (E4M3 with a power-of-two scale per token and head) score as the reference's
+    dequantized labels, in the kernel and the torch backend; the scales are read (scores with
+    the scales dropped differ) and the scores are within FP8 rounding of the exact labels'."""
+    gen = torch.Generator().manual_seed(page_size + r + hq)
+    rng = random.Random(page_size + hq)
+    seq_lens = [rng.randint(1, 9 * page_size) for _ in range(2)] + [7 * page_size + 3]
+    tables, num_pages, table = shuffled_tables(seq_lens, page_size, rng)
+    exact, channels = _labels(num_pages, page_size, hkv, 64, r, gen, tables, seq_lens)
+    exact = exact.clamp(max=50.0) * torch.rand((hkv, exact.shape[1], 1), generator=gen) * 8  # scales vary by token
+    labels, scale = quantize(exact)
+    q = torch.randn((len(seq_lens), hq, 64), generator=gen).to(dtype)
+    mass = aggregate == "mass"
+    agg = "sum" if mass else aggregate
+    want = ref.channel_page_scores_ref(q, labels, channels, tables, seq_lens, page_size, agg, mass=mass,
+                                       label_scale=scale)
+    args = (channels.to(DEVICE), table.to(DEVICE), torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+            page_size, agg)
+    got = channel_page_scores(q.to(DEVICE), labels.to(DEVICE), *args, mass=mass, block_tokens=4 * page_size,
+                              label_scale=scale.to(DEVICE)).cpu()
+    torch_got = channel_page_scores_torch(q, labels, channels, table, torch.tensor(seq_lens, dtype=torch.int32),
+                                          page_size, agg, mass=mass, label_scale=scale)
+    finite = torch.isfinite(want)
+    for out in (got, torch_got):
+        assert torch.equal(torch.isfinite(out), finite)
+        torch.testing.assert_close(out[finite].double(), want[finite], rtol=1e-4, atol=1e-3)
+    unscaled = ref.channel_page_scores_ref(q, labels, channels, tables, seq_lens, page_size, agg, mass=mass)
+    assert not torch.allclose(unscaled[finite], want[finite], rtol=0.1)
+    unquantized = ref.channel_page_scores_ref(q, exact, channels, tables, seq_lens, page_size, agg, mass=mass)
+    torch.testing.assert_close(want[finite], unquantized[finite], rtol=0.1, atol=2.0)
+
+
+def test_channel_scores_reject_fp8_labels_without_scales() -> None:
+    labels = torch.zeros((1, 16, 2), dtype=FP8_DTYPE, device=DEVICE)
+    args = (torch.zeros((1, 2), dtype=torch.int32, device=DEVICE), torch.zeros((1, 1), dtype=torch.int32,
+            device=DEVICE), torch.ones(1, dtype=torch.int32, device=DEVICE), 16)
+    q = torch.zeros((1, 1, 16), device=DEVICE)
+    with pytest.raises(ValueError, match="FP8 labels need label_scale"):
+        channel_page_scores(q, labels, *args)
+    with pytest.raises(ValueError, match="do not fit labels"):
+        channel_page_scores(q, labels, *args, label_scale=torch.zeros((1, 15), device=DEVICE))
 
 
 def test_kv_append_rejects_labels_with_statistics() -> None:
@@ -170,6 +239,14 @@ def test_page_score_resolution() -> None:
         resolve_page_score("label_channels", 8, {"channels": [[[0, 1]]]}, inv_freq, 2, 3)
     with pytest.raises(LServeError, match=r"\[0, 16\)"):
         resolve_page_score("label_channels", 8, {"channels": [[[0, 99]] * 3] * 2}, inv_freq, 2, 3)
+    # the labels' dtype: the setting, else the pattern's with auto, else the model's
+    fp8_choice = {"page_score": "rope_mass", "label_dtype": "fp8"}
+    assert resolve_page_score("auto", None, fp8_choice, inv_freq, 2, 3).label_fp8
+    assert not resolve_page_score("auto", None, fp8_choice, inv_freq, 2, 3, label_dtype="auto").label_fp8
+    assert not resolve_page_score("rope_mass", None, fp8_choice, inv_freq, 2, 3).label_fp8  # not auto's choice
+    assert resolve_page_score("rope_channels", None, None, inv_freq, 2, 3, label_dtype="fp8").label_fp8
+    with pytest.raises(LServeError, match="p.json: the selection's label_dtype"):
+        resolve_page_score("auto", None, {"page_score": "rope_mass", "label_dtype": "fp4"}, inv_freq, 2, 3, "p.json")
 
 
 def test_reselection_interval_resolution() -> None:

@@ -37,6 +37,15 @@ SPARSE = dict(streaming_sparsity=0.5, prefill_sink_tokens=5, prefill_local_token
 """Windows that cross 16-token pages; a budget of three pages."""
 
 
+def _sparse_settings(tiny: Path, sparse: str) -> dict:
+    """dense; streaming heads and page selection (rope_channels on labels in the model's dtype);
+    the same with rope_mass on FP8 labels."""
+    if sparse == "dense":
+        return {}
+    extra = dict(SPARSE, attn_pattern=str(tiny / "pattern.json"))
+    return extra if sparse == "static+dynamic" else dict(extra, page_score="rope_mass", label_dtype="fp8")
+
+
 def _tokens(llm: LLM, prompts: list, params: list[SamplingParams]) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
 
@@ -60,9 +69,9 @@ def test_fp8_cache_needs_about_a_quarter_of_float32_and_keeps_the_greedy_text(de
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernels on the CPU run in the interpreter only "
                     "without a GPU; the GPU test below compares them with the CPU")
-@pytest.mark.parametrize("sparse", ["dense", "static+dynamic"])
+@pytest.mark.parametrize("sparse", ["dense", "static+dynamic", "fp8 labels"])
 def test_torch_backend_and_triton_kernels_give_the_same_tokens(tiny: Path, sparse: str) -> None:
-    extra = dict(SPARSE, attn_pattern=str(tiny / "pattern.json")) if sparse != "dense" else {}
+    extra = _sparse_settings(tiny, sparse)
     prompts = [{"prompt_token_ids": random_ids(n, seed=n).tolist()} for n in (90, 7, 61)]
     params = [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
               SamplingParams(temperature=0.8, seed=3, max_tokens=10, ignore_eos=True),
@@ -79,6 +88,8 @@ def test_torch_backend_and_triton_kernels_give_the_same_tokens(tiny: Path, spars
             assert core.kv_cache.ring is not None and core.kv_cache.ring.k_scale is not None
             stats = llm.engine.get_stats()
             assert stats.decode_pages_read < stats.decode_pages_dense
+        labels = core.kv_cache.paged.k_label
+        assert (labels is not None and labels[0].dtype == FP8_DTYPE) == (sparse == "fp8 labels")
         assert core.kv_manager.num_free_pages == core.kv_manager.num_pages
     assert outs["triton"] == outs["torch"]
 
@@ -111,16 +122,31 @@ def test_page_copies_carry_the_scales() -> None:
         assert torch.equal(raw[4], raw[1]) and torch.equal(raw[0], raw[3])
 
 
+def test_page_copies_carry_the_fp8_labels_and_their_scales() -> None:
+    channels = [torch.tensor([[0, 3], [1, 2]], dtype=torch.int32)] * 2
+    pool = KVCacheTensors(KVShape(2, 2, 16, 16, torch.float32), 5, torch.device("cpu"), label_channels=channels,
+                          label_fp8=True)
+    assert pool.k_label is not None and pool.label_scale is not None and pool.k_label[0].dtype == FP8_DTYPE
+    for t in pool.k_label:
+        t.view(torch.uint8).copy_(torch.randint(0, 120, t.shape, dtype=torch.uint8))
+    for t in pool.label_scale:
+        t.copy_(torch.rand(t.shape))
+    pool.copy_pages([1], [4])
+    for t in (*pool.k_label, *pool.label_scale):
+        raw = t.view(torch.uint8) if t.dtype == FP8_DTYPE else t
+        assert torch.equal(raw[:, 64:80], raw[:, 16:32]) and not torch.equal(raw[:, 0:16], raw[:, 16:32])
+
+
 def test_bad_kv_cache_dtype_is_one_clear_error() -> None:
     with pytest.raises(ValueError, match="kv_cache_dtype='fp16' is not one of 'auto', 'fp8', 'fp8_e4m3'"):
         LLM(dtype="float32", device="cpu", kv_cache_dtype="fp16")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sparse", ["dense", "static+dynamic"])
+@pytest.mark.parametrize("sparse", ["dense", "static+dynamic", "fp8 labels"])
 def test_the_gpu_kernels_give_the_cpu_tokens(tiny: Path, sparse: str) -> None:
     """Triton on the GPU (decode graphs included) and the torch backend on the CPU, both float32."""
-    extra = dict(SPARSE, attn_pattern=str(tiny / "pattern.json")) if sparse != "dense" else {}
+    extra = _sparse_settings(tiny, sparse)
     prompts = [{"prompt_token_ids": random_ids(n, seed=n).tolist()} for n in (90, 7, 61)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     kw = dict(model=str(tiny), dtype="float32", page_size=16, max_num_batched_tokens=40, kv_cache_dtype="fp8",

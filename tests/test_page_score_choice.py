@@ -25,6 +25,7 @@ from lserve.sparse.selection import DEFAULT_SELECTOR_INTERVAL, pattern_page_size
     (dict(token_budget=512, selection_top_p=1.5), "selection_top_p must be in"),
     (dict(token_budget=512, selection_top_p=0.0), "selection_top_p must be in"),
     (dict(token_budget=512, selection_min_tokens=0), "selection_min_tokens"),
+    (dict(token_budget=512, label_dtype="int8"), "label_dtype='int8' is not one of"),
 ])
 def test_bad_selection_settings_name_the_field(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -118,6 +119,12 @@ def test_engine_resolves_auto_from_the_shipped_pattern_and_sizes_the_labels(tmp_
     for layer, heads in enumerate(lcore.kv_cache.dense_heads):
         assert lcore.kv_cache.paged.label_channels[layer].tolist() == chosen[layer, heads].tolist()
     assert any(len(h) < 3 for h in lcore.kv_cache.dense_heads)
+    # FP8 labels: one byte per channel and a float32 scale per token and head
+    fp8 = LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, label_dtype="fp8", score_channels=64)
+    fcore = fp8.llm_engine.core
+    assert fcore.page_score.label_fp8 and fcore.kv_cache.paged.k_label[0].dtype == torch.float8_e4m3fn
+    assert fcore.kv_cache.paged.label_scale is not None and fcore.kv_cache.paged.label_scale[0].shape == (3, 41 * 16)
+    assert fcore.kv_bytes_per_sequence(100) == 7 * 16 * (kv + 30 * 3 * (64 + 4))
     plain = save_pattern(HeadPattern(torch.ones(30, 3)), tmp_path / "plain.json")  # no selection in it
     with pytest.raises(LServeError, match="calibrate --selection"):
         LLM(dtype="float32", device="cpu", token_budget=512, num_kv_pages=40, page_score="label_channels",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lserve import LLM, SamplingParams
+from lserve.kv_cache.fp8 import quantize
 from lserve.kv_cache.layout import KVShape
 from lserve.sparse.patterns import HeadPattern, save_pattern
 from tests.passkey import FILLER
@@ -139,12 +140,14 @@ def test_preemption_with_ring_pool_and_selection_matches_one_at_a_time(pattern_p
     assert core.runner.backend.selector.num_selections == {}
 
 
-def test_key_labels_match_the_cached_keys_through_preemption_and_chunked_prefill(pattern_path: Path) -> None:
-    """The channel scores' per-token labels stay the cached keys' channels for every computed
-    token of every running request, step after step, while requests are chunk-prefilled,
-    preempted and recomputed into other pages (and seats)."""
+@pytest.mark.parametrize("label_dtype", ["auto", "fp8"])
+def test_key_labels_match_the_cached_keys_through_preemption_and_chunked_prefill(pattern_path: Path,
+                                                                                 label_dtype: str) -> None:
+    """The channel scores' per-token labels stay the cached keys' channels (FP8 labels: those
+    quantized, with their scales) for every computed token of every running request, step after
+    step, while requests are chunk-prefilled, preempted and recomputed into other pages (and seats)."""
     llm = _streaming_llm(pattern_path, page_size=16, num_kv_pages=48, max_num_batched_tokens=64,
-                         token_budget=64, selector_interval=2, page_score="rope_mass")
+                         token_budget=64, selector_interval=2, page_score="rope_mass", label_dtype=label_dtype)
     engine = llm.engine
     core = engine.core
     paged = core.kv_cache.paged
@@ -164,7 +167,12 @@ def test_key_labels_match_the_cached_keys_through_preemption_and_chunked_prefill
             for layer in (0, 17, 29):
                 keys = paged.k[layer].view(-1, *paged.k[layer].shape[2:])[slots]  # (n, heads, D)
                 want = torch.gather(keys, 2, paged.label_channels[layer].long()[None].expand(n, -1, -1))
-                assert torch.equal(paged.k_label[layer][:, slots].transpose(0, 1), want), (req.request_id, layer)
+                got = paged.k_label[layer][:, slots].transpose(0, 1)
+                if paged.label_scale is not None:
+                    values, scale = quantize(want)
+                    assert torch.equal(paged.label_scale[layer][:, slots].transpose(0, 1), scale)
+                    got, want = got.float(), values.float()
+                assert torch.equal(got, want), (req.request_id, layer)
             checked += 1
     assert core.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
     assert checked > 50 and not engine.has_unfinished_requests()

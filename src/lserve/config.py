@@ -23,6 +23,8 @@ DEFAULT_PAGE_SIZE = 64
 
 PageScoreName = Literal["auto", "quest", "midrange", "rope_channels", "label_channels", "rope_mass"]
 PAGE_SCORE_NAMES = ("auto", "quest", "midrange", "rope_channels", "label_channels", "rope_mass")
+LabelDType = Literal["auto", "fp8"]
+LABEL_DTYPES = ("auto", "fp8")
 
 
 def _field(default: Any, help: str) -> Any:
@@ -173,7 +175,12 @@ class SparseConfig:
         "auto", "how pages are ranked: auto (the model pattern's calibrated choice, else rope_channels), quest, "
         "midrange, rope_channels, label_channels or rope_mass (docs/sparsity.md)")
     score_channels: int | None = _field(
-        None, "key channels per KV head kept per token for the channel scores (default: 16 for rope_mass, else 8)")
+        None, "key channels per KV head kept per token for the channel scores (default: the model pattern's "
+        "calibrated value with page_score=auto, else 16 for rope_mass and 8 for the others)")
+    label_dtype: LabelDType | None = _field(
+        None, "what the channel scores' per-token key labels are stored in: auto (the model's dtype) or fp8 "
+        "(E4M3 with a scale per token and KV head: twice the channels in about the same bytes; default: the model "
+        "pattern's choice with page_score=auto, else auto)")
     selection_top_p: float | None = _field(
         None, "keep each head's best pages until their estimated share of attention reaches p (within "
         "token_budget; off by default)")
@@ -201,6 +208,7 @@ class SparseConfig:
         r = self.score_channels
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 2 or r & (r - 1)):
             raise ValueError(f"score_channels must be a power of two >= 2, got {r!r}")
+        _check_choice("label_dtype", self.label_dtype, (None, *LABEL_DTYPES))
         p = self.selection_top_p
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0):
             raise ValueError(f"selection_top_p must be in (0, 1] or None, got {p!r}")

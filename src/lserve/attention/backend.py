@@ -49,6 +49,8 @@ class PoolCall:
     """Per-token key labels (channel scores), or None."""
     label_channels: torch.Tensor | None = None
     """(pool heads, r) int32: which key channels the labels are."""
+    label_scale: torch.Tensor | None = None
+    """FP8 labels' per-token scales (pool heads, slots) float32; None: labels in the model's dtype."""
     window: tuple[int, int] | None = None
     """(sink, local) of a sliding-window layer (the same in prefill and decode); None: the
     streaming heads' windows apply."""
@@ -245,7 +247,8 @@ class AttentionBackend(ABC):
         paged = self.cache.paged
         k_min = paged.k_min[layer_idx] if paged.k_min is not None else None
         k_max = paged.k_max[layer_idx] if paged.k_max is not None else None
-        labels = dict(k_label=paged.k_label[layer_idx], label_channels=paged.label_channels[layer_idx]) \
+        labels = dict(k_label=paged.k_label[layer_idx], label_channels=paged.label_channels[layer_idx],
+                      label_scale=paged.label_scale[layer_idx] if paged.label_scale is not None else None) \
             if paged.k_label is not None and paged.label_channels is not None else {}
         labels.update(_scales(paged, layer_idx))
         dense_route, stream_route = self._routes[layer_idx]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lserve.attention.backend import AttentionBackend, PoolCall
 from lserve.attention.metadata import AttentionMetadata
-from lserve.kv_cache.fp8 import dequantize, write_rows
+from lserve.kv_cache.fp8 import as_bytes, dequantize, quantize, write_rows
 
 
 def write_kv(
@@ -86,25 +86,39 @@ def update_key_stats(k_min: torch.Tensor, k_max: torch.Tensor, k: torch.Tensor, 
     k_max.scatter_reduce_(0, idx, k.to(k_max.dtype), "amax", include_self=True)
 
 
-def write_labels(k_label: torch.Tensor, channels: torch.Tensor, k: torch.Tensor, slots: torch.Tensor) -> None:
-    """Key labels of new keys k (T, H, D) at `slots` (T,): k_label (H, slots, r)[h, slot] = k[t, h, channels[h]]."""
+def write_labels(
+    k_label: torch.Tensor, channels: torch.Tensor, k: torch.Tensor, slots: torch.Tensor,
+    scale: torch.Tensor | None = None,
+) -> None:
+    """Key labels of new keys k (T, H, D) at `slots` (T,): k_label (H, slots, r)[h, slot] = k[t, h, channels[h]];
+    FP8 labels (with their (H, slots) `scale`) quantized as `kv_cache.fp8.quantize` over the r channels."""
     idx = channels.long()[None].expand(k.shape[0], -1, -1)  # (T, H, r)
-    k_label.index_copy_(1, slots, torch.gather(k, 2, idx).transpose(0, 1).to(k_label.dtype))
+    labels = torch.gather(k, 2, idx).transpose(0, 1)  # (H, T, r)
+    if scale is not None:
+        labels, row_scales = quantize(labels)
+        scale.index_copy_(1, slots, row_scales)
+    as_bytes(k_label).index_copy_(1, slots, as_bytes(labels.to(k_label.dtype)))
+
+
+def read_labels(k_label: torch.Tensor, scale: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor:
+    """The labels at `slots` (any shape) as float32 (H, *slots.shape, r), FP8 ones times their scales."""
+    labels = k_label[:, slots].float()
+    return labels * scale[:, slots, None] if scale is not None else labels
 
 
 def channel_page_scores_torch(
     q: torch.Tensor, k_label: torch.Tensor, channels: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
-    page_size: int, aggregate: str = "sum", mass: bool = False,
+    page_size: int, aggregate: str = "sum", mass: bool = False, label_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Channel scores as `ops.page_scores.channel_page_scores` (`mass`: the rope_mass estimate):
-    q (B, Hq, D) -> (B, Hkv, P) float32."""
+    q (B, Hq, D) -> (B, Hkv, P) float32; FP8 labels take their `label_scale` (Hkv, slots)."""
     bsz, hq, d = q.shape
     hkv, _, r = k_label.shape
     width = page_table.shape[1]
     qc = torch.gather(q.view(bsz, hkv, hq // hkv, d).float(), 3,
                       channels.long()[None, :, None, :].expand(bsz, -1, hq // hkv, -1))  # (B, H, G, r)
     slots = page_table.long()[:, :, None] * page_size + torch.arange(page_size, device=q.device)  # (B, P, page)
-    labels = k_label[:, slots].float()  # (H, B, P, page, r)
+    labels = read_labels(k_label, label_scale, slots)  # (H, B, P, page, r)
     pos = torch.arange(width * page_size, device=q.device).view(width, page_size)
     valid = pos[None] < seq_lens.view(-1, 1, 1)  # (B, P, page)
     if mass:
@@ -152,7 +166,7 @@ class TorchAttentionBackend(AttentionBackend):
     def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> None:
         write_kv(call.k_cache, call.v_cache, k, v, call.slot_mapping, call.k_scale, call.v_scale)
         if call.k_label is not None and call.label_channels is not None:
-            write_labels(call.k_label, call.label_channels, k, call.slot_mapping)
+            write_labels(call.k_label, call.label_channels, k, call.slot_mapping, call.label_scale)
         elif call.k_min is not None and call.k_max is not None:
             logical = self.cache.paged.logical_page_size
             assert logical is not None
@@ -168,7 +182,8 @@ class TorchAttentionBackend(AttentionBackend):
         aggregate = self.selector.aggregate
         if call.k_label is not None and call.label_channels is not None:
             return channel_page_scores_torch(q, call.k_label, call.label_channels, page_table, seq_lens, page_size,
-                                             aggregate, mass=self.selector.score == "rope_mass")
+                                             aggregate, mass=self.selector.score == "rope_mass",
+                                             label_scale=call.label_scale)
         logical = self.cache.paged.logical_page_size
         assert logical is not None and call.k_min is not None and call.k_max is not None
         return page_scores_torch(q, call.k_min, call.k_max, page_table, seq_lens, page_size, logical, aggregate,

@@ -148,7 +148,8 @@ class TritonAttentionBackend(AttentionBackend):
                 segments = self._segments
         kv_append(k, v, call.slot_mapping, call.k_cache, call.v_cache, call.k_min, call.k_max,
                   segments=segments, logical_page_size=logical, head_map=head_map, k_label=call.k_label,
-                  label_channels=call.label_channels, k_scale=call.k_scale, v_scale=call.v_scale)
+                  label_channels=call.label_channels, label_scale=call.label_scale, k_scale=call.k_scale,
+                  v_scale=call.v_scale)
 
     def _page_scores(
         self, call: PoolCall, q: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
@@ -159,7 +160,7 @@ class TritonAttentionBackend(AttentionBackend):
         if call.k_label is not None and call.label_channels is not None:
             return channel_page_scores(q, call.k_label, call.label_channels, page_table, seq_lens, page_size,
                                        aggregate, kv_head_map=kv_heads, group=group,
-                                       mass=self.selector.score == "rope_mass")
+                                       mass=self.selector.score == "rope_mass", label_scale=call.label_scale)
         logical = self.cache.paged.logical_page_size
         assert logical is not None and call.k_min is not None and call.k_max is not None
         return page_scores(q, call.k_min, call.k_max, page_table, seq_lens, page_size, logical, aggregate,

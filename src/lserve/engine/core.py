@@ -318,7 +318,9 @@ class EngineCore:
         """Bytes of one page of `cache`'s paged pool: K and V (scales included) and the page
         score's statistics or labels."""
         label_r = self.page_score.num_channels if self.page_score is not None else 0
-        return cache.shape.bytes_per_page + stats_bytes_per_page(cache.shape, cache.paged.logical_page_size, label_r)
+        fp8 = self.page_score is not None and self.page_score.label_fp8
+        return cache.shape.bytes_per_page + stats_bytes_per_page(cache.shape, cache.paged.logical_page_size, label_r,
+                                                                 fp8)
 
     def _selection_local_tokens(self) -> int:
         """`selection_local_tokens`, or unset: the pattern's calibrated value for its page score,
@@ -351,11 +353,12 @@ class EngineCore:
         pattern = self._head_pattern() if sparse.page_score in ("auto", "label_channels") else None
         spec = resolve_page_score(sparse.page_score, sparse.score_channels, pattern.selection if pattern else None,
                                   self.model.rotary.inv_freq.cpu(), arch.num_layers, arch.num_kv_heads,
-                                  pattern.source if pattern else "", sparse.selector_interval)
+                                  pattern.source if pattern else "", sparse.selector_interval, sparse.label_dtype)
         if self.tp.size > 1 and spec.channels is not None:
             spec = dataclasses.replace(spec, channels=self._rank_heads(spec.channels))
         logger.info("page selection: %s scores%s, re-selected every %d decode steps (%s)", spec.kind,
-                    f" on {spec.num_channels} key channels" if spec.uses_labels else "", spec.interval, spec.source)
+                    f" on {spec.num_channels} key channels{' (FP8 labels)' if spec.label_fp8 else ''}"
+                    if spec.uses_labels else "", spec.interval, spec.source)
         return spec
 
     def _streaming_flags(self) -> torch.Tensor | None:

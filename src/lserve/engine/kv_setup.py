@@ -133,7 +133,8 @@ def build_kv_cache(
         shape, device, num_kv_pages=cache.num_kv_pages, memory_fraction=cache.kv_cache_memory_fraction,
         memory_bytes=cache.kv_cache_memory_bytes, max_useful_pages=seats * -(-max_model_len // cache.page_size),
         reserved_bytes=pool_bytes(seats),
-        extra_bytes_per_page=stats_bytes_per_page(shape, logical, page_score.num_channels if page_score else 0),
+        extra_bytes_per_page=stats_bytes_per_page(shape, logical, page_score.num_channels if page_score else 0,
+                                                  page_score is not None and page_score.label_fp8),
     ))
     label_channels = None
     if page_score is not None and page_score.channels is not None:
@@ -143,7 +144,8 @@ def build_kv_cache(
         pool_heads = [[] if w is not None else heads for w, heads in zip(pooled, pool_heads)]
         label_channels = [page_score.channels[i, heads] for i, heads in enumerate(pool_heads)]
     # one page more than the manager hands out: the scratch page of padded graph rows
-    paged = KVCacheTensors(shape, num_pages + 1, device, logical, label_channels)
+    paged = KVCacheTensors(shape, num_pages + 1, device, logical, label_channels,
+                           label_fp8=page_score is not None and page_score.label_fp8)
     kv = KVCache(paged, windowed.get("ring"), flags if use_ring else None, pools["ring"][1] if use_ring else None,
                  windowed.get("window"), pools["window"][1] if "window" in pools else None, windows)
     say = logger.info if log else logger.debug

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from lserve.errors import LServeError
-from lserve.kv_cache.fp8 import SCALE_DTYPE, as_bytes, is_fp8
+from lserve.kv_cache.fp8 import FP8_DTYPE, SCALE_DTYPE, as_bytes, is_fp8
 
 DEFAULT_GPU_FRACTION = 0.9
 DEFAULT_CPU_FRACTION = 0.5
@@ -52,7 +52,8 @@ class KVShape:
     """Heads this pool holds in each layer; None: `num_kv_heads` in every layer."""
     cache_dtype: torch.dtype | None = None
     """What K and V are stored in (None: `dtype`, the model's). FP8 (`kv_cache.fp8`) adds a
-    float32 scale per token and head for each; page statistics and labels stay in `dtype`."""
+    float32 scale per token and head for each; page statistics stay in `dtype`, labels too unless
+    they are FP8 themselves (`KVCacheTensors`)."""
 
     def layer_heads(self, layer: int) -> int:
         return self.num_kv_heads if self.heads_per_layer is None else self.heads_per_layer[layer]
@@ -77,13 +78,17 @@ class KVShape:
         return 2 * self.page_size * heads * per_head
 
 
-def stats_bytes_per_page(shape: KVShape, logical_page_size: int | None, label_channels: int = 0) -> int:
+def stats_bytes_per_page(
+    shape: KVShape, logical_page_size: int | None, label_channels: int = 0, label_fp8: bool = False
+) -> int:
     """What page selection keeps per page over every layer: key min and max of its logical pages
-    (`logical_page_size`), or `label_channels` key channels per token (channel scores)."""
+    (`logical_page_size`), or `label_channels` key channels per token (channel scores), FP8 ones
+    with a float32 scale per token and head (`label_fp8`)."""
     elem = torch.empty((), dtype=shape.dtype).element_size()
     heads = sum(shape.layer_heads(i) for i in range(shape.num_layers))
     if label_channels:
-        return shape.page_size * heads * label_channels * elem
+        per_token = label_channels + SCALE_DTYPE.itemsize if label_fp8 else label_channels * elem
+        return shape.page_size * heads * per_token
     if logical_page_size is None:
         return 0
     return 2 * (shape.page_size // logical_page_size) * heads * shape.head_dim * elem
@@ -95,7 +100,9 @@ class KVCacheTensors:
 
     Labels are `(heads, num_pages * page_size, r)` per layer, head-major so that a score kernel
     reads one head's labels contiguously; `label_channels[l]` (heads, r) int32 says which key
-    channels of each of the pool's heads they are.
+    channels of each of the pool's heads they are. With `label_fp8` they are E4M3 with a float32
+    scale per token and head, `label_scale[l]` (heads, num_pages * page_size) (`kv_cache.fp8`'s
+    format over the r channels: a label is `value * scale`); else in the model's dtype.
 
     An FP8 pool (`shape.quantized`) also has `k_scale`/`v_scale`: per layer
     `(num_pages, heads, page_size)` float32, the scale of each token's K (V) row per head (head-major
@@ -103,7 +110,7 @@ class KVCacheTensors:
 
     def __init__(
         self, shape: KVShape, num_pages: int, device: torch.device, logical_page_size: int | None = None,
-        label_channels: list[torch.Tensor] | None = None,
+        label_channels: list[torch.Tensor] | None = None, label_fp8: bool = False,
     ) -> None:
         self.shape = shape
         self.num_pages = num_pages
@@ -112,6 +119,7 @@ class KVCacheTensors:
         self.k_max: list[torch.Tensor] | None = None
         self.k_label: list[torch.Tensor] | None = None
         self.label_channels: list[torch.Tensor] | None = None
+        self.label_scale: list[torch.Tensor] | None = None
         self.k_scale: list[torch.Tensor] | None = None
         self.v_scale: list[torch.Tensor] | None = None
         # torch.empty: pages are written before they are read; no need to touch the memory here.
@@ -125,8 +133,13 @@ class KVCacheTensors:
                 self.v_scale = [torch.empty(d, dtype=SCALE_DTYPE, device=device) for d in sdims]
             if label_channels is not None:
                 self.label_channels = [c.to(device=device, dtype=torch.int32).contiguous() for c in label_channels]
-                self.k_label = [torch.zeros((c.shape[0], num_pages * shape.page_size, c.shape[1]), dtype=shape.dtype,
-                                            device=device) for c in self.label_channels]
+                slots = num_pages * shape.page_size
+                label_dtype = FP8_DTYPE if label_fp8 else shape.dtype
+                self.k_label = [torch.zeros((c.shape[0], slots, c.shape[1]), dtype=label_dtype, device=device)
+                                for c in self.label_channels]
+                if label_fp8:
+                    self.label_scale = [torch.zeros((c.shape[0], slots), dtype=SCALE_DTYPE, device=device)
+                                        for c in self.label_channels]
             elif logical_page_size is not None:
                 rows = num_pages * shape.page_size // logical_page_size
                 sdims = [(rows, shape.layer_heads(i), shape.head_dim) for i in range(shape.num_layers)]
@@ -167,8 +180,9 @@ class KVCacheTensors:
             for t in (*self.k_min, *self.k_max):
                 t.index_copy_(0, rows(d, sub), t.index_select(0, rows(s, sub)))
         if self.k_label is not None:
-            for t in self.k_label:
-                t.index_copy_(1, rows(d, self.shape.page_size), t.index_select(1, rows(s, self.shape.page_size)))
+            for t in (*self.k_label, *(self.label_scale or [])):
+                raw = as_bytes(t)
+                raw.index_copy_(1, rows(d, self.shape.page_size), raw.index_select(1, rows(s, self.shape.page_size)))
 
 
 @dataclass(frozen=True)

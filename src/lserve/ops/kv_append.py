@@ -22,7 +22,7 @@ import triton.language as tl
 
 from lserve.ops.fp8 import quantize_rows
 from lserve.ops.launch import pdl_args, pdl_enter
-from lserve.ops.paged_inputs import check_kv_scales
+from lserve.ops.paged_inputs import check_kv_scales, check_label_scale
 
 
 @dataclass(frozen=True)
@@ -73,12 +73,12 @@ def _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, scale_dst, k, v, mask, row_ma
 
 @triton.jit
 def _append_kernel(
-    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, map_ptr, label_ptr, chan_ptr, ks_ptr, vs_ptr,
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, map_ptr, label_ptr, chan_ptr, lscale_ptr, ks_ptr, vs_ptr,
     num_tokens,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ct, stride_ch, stride_lh, stride_sp, stride_sh,
+    stride_ct, stride_ch, stride_lh, stride_lsh, stride_sp, stride_sh,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MAP: tl.constexpr, LABELS: tl.constexpr,
-    QUANT: tl.constexpr, PAGE: tl.constexpr, PDL: tl.constexpr,
+    LABEL_QUANT: tl.constexpr, QUANT: tl.constexpr, PAGE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     pid_t = tl.program_id(0)
@@ -101,6 +101,9 @@ def _append_kernel(
         c = tl.arange(0, LABELS)
         chans = tl.load(chan_ptr + head * LABELS + c)
         lab = tl.load(k_ptr + rows[:, None] * stride_kt + src * stride_kh + chans[None, :], mask=m)
+        if LABEL_QUANT:  # FP8 labels: E4M3 with a scale per token over its r channels
+            lab, lab_scale = quantize_rows(lab.to(tl.float32), 1)
+            tl.store(lscale_ptr + head * stride_lsh + slots, lab_scale, mask=valid)
         tl.store(label_ptr + head * stride_lh + slots[:, None] * LABELS + c[None, :], lab, mask=m)
 
 
@@ -201,6 +204,7 @@ def kv_append(
     label_channels: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    label_scale: torch.Tensor | None = None,
 ) -> None:
     """Write k, v (T, Hkv, D) into (num_pages, page_size, Hkv, D) caches at `slots` (T,) int64.
 
@@ -210,7 +214,8 @@ def kv_append(
     With `k_min`/`k_max` ((num_pages * page_size // logical_page_size, Hkv, D)) also keep key
     statistics for the heads flagged in `stats_heads` (Hkv,) (all heads when None). With
     `k_label` (Hkv, num_pages * page_size, r) and `label_channels` (Hkv, r) int32 instead, keep
-    each new key's channels `label_channels[h]` at its slot (the channel scores' labels).
+    each new key's channels `label_channels[h]` at its slot (the channel scores' labels); FP8
+    labels take `label_scale` (Hkv, num_pages * page_size) float32 for their per-token scales.
     A cache that holds some of the model's KV heads takes `head_map` (cache heads,) int64: the
     head of k and v (which then hold all of the model's KV heads) each cache head stores.
     """
@@ -241,16 +246,18 @@ def kv_append(
                 or not label_channels.is_contiguous()):
             raise ValueError(f"labels {tuple(k_label.shape)} with channels {tuple(label_channels.shape)} "
                              f"do not fit cache {tuple(k_cache.shape)}")
+        check_label_scale(k_label, label_scale)
     if k_min is None or k_max is None:
         block_t = 16
         _append_kernel[(triton.cdiv(t, block_t), hkv)](
             k, v, slots, k_cache, v_cache, head_map if head_map is not None else slots,
             k_label if k_label is not None else slots, label_channels if label_channels is not None else slots,
-            ks, vs, t,
+            label_scale if label_scale is not None else slots, ks, vs, t,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides,
-            k_label.stride(0) if k_label is not None else 0, *scale_strides,
-            HEAD_DIM=d, BLOCK_T=block_t, HAS_MAP=head_map is not None,
-            LABELS=label_channels.shape[1] if label_channels is not None else 0, QUANT=quant, PAGE=k_cache.shape[1],
+            k_label.stride(0) if k_label is not None else 0, label_scale.stride(0) if label_scale is not None else 0,
+            *scale_strides, HEAD_DIM=d, BLOCK_T=block_t, HAS_MAP=head_map is not None,
+            LABELS=label_channels.shape[1] if label_channels is not None else 0,
+            LABEL_QUANT=label_scale is not None, QUANT=quant, PAGE=k_cache.shape[1],
             **pdl_args(k.device),
         )
         return

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from lserve.ops.launch import pdl_args, pdl_enter
-from lserve.ops.paged_inputs import PLAN_ROWS, PlanRow, TopP
+from lserve.ops.paged_inputs import PLAN_ROWS, PlanRow, TopP, check_label_scale
 
 # the selector's plan rows, as Triton kernels can read module constants
 PLAN_RECOMPUTE = tl.constexpr(int(PlanRow.RECOMPUTE))
@@ -149,14 +149,17 @@ def page_scores(
 
 
 @triton.jit
-def _mass_scores(q_head, stride_qh, label_head, chan_ptr, page_table_row, seq_len, pblock,
+def _mass_scores(q_head, stride_qh, label_head, scale_head, chan_ptr, page_table_row, seq_len, pblock,
                  GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_P: tl.constexpr, IEEE: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_P: tl.constexpr, IEEE: tl.constexpr,
+                 LABEL_QUANT: tl.constexpr):
     """rope_mass of a block of pages: log sum over the group's heads g and the pages' tokens t of
     exp(q_gC . k_tC / tau_g), tau_g = sqrt(D |q_gC|_1 / |q_g|_1) (SparQ's temperature, from the
     head's full query row). The block's tokens are the rows of one (tokens, channels) tile, so
     every head's partial logits come from one matmul with the group's queries (heads and
-    channels padded to the 16 a tensor-core product needs), then a log-sum-exp per page."""
+    channels padded to the 16 a tensor-core product needs), then a log-sum-exp per page. FP8
+    labels go into the product in the queries' dtype (exactly), and each token's row of partial
+    logits is multiplied by its scale (a power of two: exact too)."""
     rows = tl.arange(0, BLOCK_P * PAGE_SIZE)
     p = pblock * BLOCK_P + rows // PAGE_SIZE
     t = rows % PAGE_SIZE
@@ -166,6 +169,8 @@ def _mass_scores(q_head, stride_qh, label_head, chan_ptr, page_table_row, seq_le
     c_ok = c < R
     lab = tl.load(label_head + ((page * PAGE_SIZE + t) * R)[:, None] + c[None, :], mask=ok[:, None] & c_ok[None, :],
                   other=0.0)  # (tokens, channels), the store's dtype
+    if LABEL_QUANT:
+        lab = lab.to(q_head.dtype.element_ty)
     chans = tl.load(chan_ptr + c, mask=c_ok, other=0)
     g = tl.arange(0, GROUP_PAD)
     g_ok = g < GROUP
@@ -179,6 +184,8 @@ def _mass_scores(q_head, stride_qh, label_head, chan_ptr, page_table_row, seq_le
         s = tl.dot(lab, tl.trans(qc.to(lab.dtype)), input_precision="ieee")
     else:
         s = tl.dot(lab, tl.trans(qc.to(lab.dtype)))  # (the model's bf16/fp16 queries: exact in the label dtype)
+    if LABEL_QUANT:
+        s = s * tl.load(scale_head + page * PAGE_SIZE + t, mask=ok, other=0.0)[:, None]
     s = tl.where(ok[:, None] & g_ok[None, :], s * inv[None, :], float("-inf"))
     s = tl.reshape(s, (BLOCK_P, PAGE_SIZE * GROUP_PAD))  # each page's tokens x heads in one row
     m = tl.max(s, axis=1)
@@ -189,11 +196,12 @@ def _mass_scores(q_head, stride_qh, label_head, chan_ptr, page_table_row, seq_le
 
 @triton.jit
 def _channel_scores_kernel(
-    q_ptr, label_ptr, chan_ptr, page_table_ptr, seq_lens_ptr, map_ptr, out_ptr, width,
-    stride_qb, stride_qh, stride_lh, stride_pt_b, stride_ob, stride_oh,
+    q_ptr, label_ptr, lscale_ptr, chan_ptr, page_table_ptr, seq_lens_ptr, map_ptr, out_ptr, width,
+    stride_qb, stride_qh, stride_lh, stride_lsh, stride_pt_b, stride_ob, stride_oh,
     GROUP: tl.constexpr, R: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
     USE_SUM: tl.constexpr, HAS_MAP: tl.constexpr, MASS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    GROUP_PAD: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    GROUP_PAD: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, LABEL_QUANT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     b = tl.program_id(0)
@@ -212,8 +220,9 @@ def _channel_scores_kernel(
         return
     if MASS:
         best = _mass_scores(q_ptr + b * stride_qb + (src * GROUP) * stride_qh, stride_qh, label_ptr + kvh * stride_lh,
-                            chan_ptr + kvh * R, page_table_ptr + b * stride_pt_b, seq_len, pblock, GROUP, GROUP_PAD,
-                            R, R_PAD, HEAD_DIM, PAGE_SIZE, BLOCK_P, IEEE)
+                            lscale_ptr + kvh * stride_lsh, chan_ptr + kvh * R, page_table_ptr + b * stride_pt_b,
+                            seq_len, pblock, GROUP, GROUP_PAD, R, R_PAD, HEAD_DIM, PAGE_SIZE, BLOCK_P, IEEE,
+                            LABEL_QUANT)
         tl.store(out_row + p, best, mask=p < width)
         return
     c = tl.arange(0, R)
@@ -226,6 +235,8 @@ def _channel_scores_kernel(
     # one head's labels are contiguous (heads, slots, R): a page is PAGE_SIZE * R values in a row
     lab = tl.load(label_ptr + kvh * stride_lh + slot[:, :, None] * R + c[None, None, :],
                   mask=ok[:, :, None], other=0.0).to(tl.float32)
+    if LABEL_QUANT:
+        lab = lab * tl.load(lscale_ptr + kvh * stride_lsh + slot, mask=ok, other=0.0)[:, :, None]
     if USE_SUM:
         # sum over the group of q_g . k_C = (sum_g q_g)_C . k_C: one product per key
         qs = tl.zeros([R], tl.float32)
@@ -254,12 +265,14 @@ def channel_page_scores(
     block_tokens: int | None = None,
     num_warps: int = 4,
     mass: bool = False,
+    label_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, D); labels (Hkv, num_pages * page_size, r) with their channels (Hkv, r) int32;
     page_table (B, P) int32; seq_lens (B,) int32 -> scores (B, Hkv, P) float32: per page, the max
     over its tokens of q_C . k_C (aggregated over the GQA group), -inf past each sequence.
     `mass`: the rope_mass estimate instead, log sum_{g, t} exp(q_gC . k_tC / tau_g) with
-    tau_g = sqrt(D |q_gC|_1 / |q_g|_1) (`aggregate` does not apply).
+    tau_g = sqrt(D |q_gC|_1 / |q_g|_1) (`aggregate` does not apply). FP8 labels take their
+    per-token scales `label_scale` (Hkv, num_pages * page_size) float32.
 
     `kv_head_map` and `group` as for `page_scores` (labels of one pool of several). A program
     scores `block_tokens` tokens' worth of pages of one (sequence, head) (default: 512 for
@@ -275,6 +288,8 @@ def channel_page_scores(
             or not label_channels.is_contiguous() or slots % page_size:
         raise ValueError(f"q {tuple(q.shape)} does not fit labels {tuple(k_label.shape)} "
                          f"with channels {tuple(label_channels.shape)}")
+    check_label_scale(k_label, label_scale)
+    quant = label_scale is not None
     if q.stride(2) != 1:
         q = q.contiguous()
     if kv_head_map is None:
@@ -283,11 +298,13 @@ def channel_page_scores(
     block_p = max(1, (block_tokens or (512 if mass else 1024)) // page_size)
     out = torch.empty((bsz, hkv, max_pages), dtype=torch.float32, device=q.device)
     _channel_scores_kernel[(bsz, hkv, triton.cdiv(max_pages, block_p))](
-        q, k_label, label_channels, page_table, seq_lens, kv_head_map if kv_head_map is not None else seq_lens,
-        out, max_pages, q.stride(0), q.stride(1), k_label.stride(0), page_table.stride(0), out.stride(0),
-        out.stride(1), GROUP=group, R=r, PAGE_SIZE=page_size, BLOCK_P=block_p, USE_SUM=aggregate == "sum",
-        HAS_MAP=kv_head_map is not None, MASS=mass, HEAD_DIM=q.shape[2],
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), R_PAD=max(16, r), IEEE=k_label.dtype == torch.float32,
+        q, k_label, label_scale if quant else seq_lens, label_channels, page_table, seq_lens,
+        kv_head_map if kv_head_map is not None else seq_lens, out, max_pages, q.stride(0), q.stride(1),
+        k_label.stride(0), label_scale.stride(0) if label_scale is not None else 0, page_table.stride(0),
+        out.stride(0), out.stride(1), GROUP=group, R=r, PAGE_SIZE=page_size, BLOCK_P=block_p,
+        USE_SUM=aggregate == "sum", HAS_MAP=kv_head_map is not None, MASS=mass, HEAD_DIM=q.shape[2],
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), R_PAD=max(16, r),
+        IEEE=(q.dtype if quant else k_label.dtype) == torch.float32, LABEL_QUANT=quant,
         num_warps=num_warps, **pdl_args(q.device),
     )
     return out

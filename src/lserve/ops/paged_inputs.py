@@ -125,6 +125,16 @@ def check_kv_scales(
     return k_scale, v_scale, k_scale.stride(0), k_scale.stride(1)
 
 
+def check_label_scale(k_label: torch.Tensor, label_scale: torch.Tensor | None) -> None:
+    """FP8 labels (Hkv, slots, r) need their (Hkv, slots) float32 scales, labels in another dtype none."""
+    if (k_label.dtype == FP8_DTYPE) != (label_scale is not None):
+        raise ValueError(f"FP8 labels need label_scale, others none (labels {k_label.dtype})")
+    if label_scale is not None and (label_scale.shape != k_label.shape[:2] or label_scale.dtype != torch.float32
+                                    or not label_scale.is_contiguous()):
+        raise ValueError(f"label scales {tuple(label_scale.shape)} {label_scale.dtype} do not fit labels "
+                         f"{tuple(k_label.shape)}")
+
+
 _PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lserve.kv_cache.fp8 import write_rows
+from lserve.kv_cache.fp8 import quantize, write_rows
 from lserve.ops.paged_inputs import PlanView, TopP
 
 
@@ -32,9 +32,11 @@ def kv_append_ref(
     label_channels: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    label_scale: torch.Tensor | None = None,
 ) -> None:
     """Write k, v (T, Hkv, D) at `slots` (T,); update min/max of the touched logical pages, or
-    write the new keys' labels: `k_label[h, slot, j] = k[t, h, label_channels[h, j]]`.
+    write the new keys' labels: `k_label[h, slot, j] = k[t, h, label_channels[h, j]]`, FP8 labels
+    (with `label_scale` (Hkv, slots)) as `kv_cache.fp8.quantize` of each token's r label values.
     FP8 caches (with `k_scale`/`v_scale` (num_pages, Hkv, page_size)) store `kv_cache.fp8.quantize`
     of each token's rows and their scales; statistics and labels come from the unquantized keys.
 
@@ -47,8 +49,10 @@ def kv_append_ref(
     if k_label is not None and label_channels is not None:
         for t, slot in enumerate(slots.tolist()):
             for h in range(k.shape[1]):
-                for j, c in enumerate(label_channels[h].tolist()):
-                    k_label[h, slot, j] = k[t, h, c]
+                row = k[t, h, label_channels[h].long()]
+                if label_scale is not None:
+                    row, label_scale[h, slot] = quantize(row)
+                k_label[h, slot] = row.to(k_label.dtype)
     if k_min is None or k_max is None:
         return
     heads = torch.ones(k.shape[1], dtype=torch.bool, device=k.device) if stats_heads is None else stats_heads
@@ -240,6 +244,7 @@ def channel_page_scores_ref(
     page_size: int,
     aggregate: str = "sum",
     mass: bool = False,
+    label_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Channel score of each physical page: the max over its tokens of the partial dot product
     on the label channels, q_C . k_C, aggregated over the GQA group (sum: of the group's queries,
@@ -247,7 +252,8 @@ def channel_page_scores_ref(
     label_channels (Hkv, r) -> (B, Hkv, max_pages) float64, -inf past each sequence.
 
     `mass`: instead, log sum over the group's heads g and the page's tokens t of
-    exp(q_gC . k_tC / tau_g), tau_g = sqrt(D |q_gC|_1 / |q_g|_1) (the `rope_mass` score)."""
+    exp(q_gC . k_tC / tau_g), tau_g = sqrt(D |q_gC|_1 / |q_g|_1) (the `rope_mass` score).
+    FP8 labels take their `label_scale` (Hkv, slots): a label is its value times its token's scale."""
     bsz, hq, _ = q.shape
     hkv = k_label.shape[0]
     group = hq // hkv
@@ -260,6 +266,8 @@ def channel_page_scores_ref(
             for p in range(-(-n // page_size)):
                 slots = [table[p] * page_size + t for t in range(page_size) if p * page_size + t < n]
                 labels = k_label[h, slots].double()  # (tokens, r)
+                if label_scale is not None:
+                    labels = labels * label_scale[h, slots].double()[:, None]
                 if mass:
                     qg = q[b, h * group : (h + 1) * group].double()
                     tau = (q.shape[2] * qc.abs().sum(1) / qg.abs().sum(1).clamp_min(1e-30)).sqrt().clamp_min(1e-20)

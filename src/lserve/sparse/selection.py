@@ -14,9 +14,14 @@ Five scores (docs/sparsity.md has the measurements behind them):
   query head counts through its own softmax-like term, so one head that retrieves is not
   drowned by the group's others, as it is when their queries are summed first.
 
+The channel scores' labels are stored in the model's dtype, or (`label_dtype="fp8"`) as E4M3
+with one power-of-two scale per token and KV head, the FP8 KV cache's format: twice the channels
+in about the same bytes.
+
 `auto` takes the choice that `lserve calibrate --selection` wrote into the model's pattern file
 (the shipped one for the default model), else `rope_channels`; with it, the pattern's calibrated
-re-selection interval (`selector_interval`) when the setting is left unset.
+re-selection interval (`selector_interval`), channel count and label dtype where the settings are
+left unset.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any, TypeGuard
 
 import torch
 
-from lserve.config import check_page_size
+from lserve.config import LABEL_DTYPES, check_page_size
 from lserve.errors import LServeError
 
 CHANNEL_SCORES = ("rope_channels", "label_channels", "rope_mass")
@@ -52,6 +57,8 @@ class ScoreSpec:
     """Decode steps between re-selections of a request's pages."""
     local_tokens: int | None = None
     """The pattern's calibrated `selection_local_tokens` when `auto` took its choice (None: none given)."""
+    label_fp8: bool = False
+    """A channel score's labels are stored as E4M3 with per-token scales (`label_dtype="fp8"`)."""
 
     @property
     def uses_labels(self) -> bool:
@@ -106,6 +113,7 @@ def resolve_page_score(
     num_kv_heads: int,
     source: str = "",
     interval: int | None = None,
+    label_dtype: str | None = None,
 ) -> ScoreSpec:
     """The engine's page score: `requested` (a config value), the pattern's `selection` choice
     for `auto` (and the channels of `label_channels`), `rope_channels` otherwise.
@@ -115,7 +123,8 @@ def resolve_page_score(
     `interval` if given, else the pattern's `selector_interval` when `auto` takes its choice (it
     was measured with that score), else `DEFAULT_SELECTOR_INTERVAL`; and the pattern's
     `selection_local_tokens` when `auto` takes its choice (`ScoreSpec.local_tokens`; the engine
-    decides whether it applies)."""
+    decides whether it applies); and the labels' dtype, `label_dtype` if given, else the
+    pattern's `label_dtype` when `auto` takes its choice, else the model's ("auto")."""
     head_dim = 2 * int(inv_freq.shape[0])
     kind, origin = requested, "setting"
     local: int | None = None
@@ -128,6 +137,11 @@ def resolve_page_score(
                 interval = _pattern_int(selection["selector_interval"], "selector_interval", 1, source)
             if "selection_local_tokens" in selection:
                 local = _pattern_int(selection["selection_local_tokens"], "selection_local_tokens", 0, source)
+            if label_dtype is None and "label_dtype" in selection:
+                label_dtype = selection["label_dtype"]
+                if label_dtype not in LABEL_DTYPES:
+                    raise LServeError(f"{source}: the selection's label_dtype must be one of "
+                                      f"{', '.join(LABEL_DTYPES)}, got {label_dtype!r}")
         else:
             kind, origin = DEFAULT_PAGE_SCORE, "default"
     if interval is None:
@@ -136,16 +150,18 @@ def resolve_page_score(
         return ScoreSpec(kind, None, origin, interval, local)
     if num_channels is None:
         num_channels = DEFAULT_CHANNELS[kind]
+    fp8 = label_dtype == "fp8"
     if kind in ("rope_channels", "rope_mass"):
         chans = torch.tensor(rope_slow_channels(inv_freq, num_channels), dtype=torch.int64)
-        return ScoreSpec(kind, chans.expand(num_layers, num_kv_heads, -1).contiguous(), origin, interval, local)
+        return ScoreSpec(kind, chans.expand(num_layers, num_kv_heads, -1).contiguous(), origin, interval, local,
+                         fp8)
     if selection is None or "channels" not in selection:
         raise LServeError(
             "page_score='label_channels' needs label channels calibrated for the model (`lserve calibrate "
             "--selection` writes them into its pattern file; pass it as attn_pattern)"
         )
     return ScoreSpec(kind, _channels_from_choice(selection, num_layers, num_kv_heads, head_dim, source), origin,
-                     interval, local)
+                     interval, local, fp8)
 
 
 def pattern_page_size(selection: dict[str, Any] | None, source: str = "") -> int | None:
