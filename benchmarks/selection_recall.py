@@ -1,7 +1,8 @@
 """How much true attention each page score's selection keeps, on the default model (CPU, minutes).
 
     python benchmarks/selection_recall.py [--fillers 80,130,170] [--depths 0.25,0.6] [--queries 8]
-        [--budgets 256,512,1024] [--rope-r 4,8,16] [--label-r 8] [--mass-r 16,32] [--calib-source haystack|passkey]
+        [--budgets 256,512,1024] [--rope-r 4,8,16] [--label-r 8] [--mass-r 16,32] [--fp8-mass-r 32,64]
+        [--calib-source haystack|passkey]
         [--json PATH] [--plot PATH]
 
 Runs the default model (SmolLM2-135M-Instruct, float32, CPU) once per passkey prompt
@@ -11,7 +12,8 @@ captures every layer's keys and the last queries (`lserve.calibration.selection_
 
 For each page score the engine has (quest, midrange, rope_channels with r = `--rope-r`,
 label_channels with r = `--label-r` calibrated on a different prompt, rope_mass with r =
-`--mass-r`, by default 16 and 32) and the oracle (pages by
+`--mass-r`, by default 16 and 32, and on FP8 labels with r = `--fp8-mass-r`, by default 32 and
+64: the engine's `label_dtype="fp8"`) and the oracle (pages by
 true attention mass), with the engine's own score functions, 64-token pages, logical pages of 16,
 scores summed over each GQA group, it prints:
 
@@ -86,6 +88,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--label-r", type=int, default=8, help="channel count of label_channels")
     p.add_argument("--mass-r", type=ints, default=[DEFAULT_CHANNELS["rope_mass"], 32],
                    help="channel counts of rope_mass")
+    p.add_argument("--fp8-mass-r", type=ints, default=[32, 64],
+                   help="channel counts of rope_mass on FP8 labels (empty: none)")
     p.add_argument("--calib-source", choices=("haystack", "passkey"), default="haystack")
     p.add_argument("--calib-tokens", type=int, default=3000, help="length of the haystack calibration sample")
     p.add_argument("--calib-queries", type=int, default=512, help="last positions of the calibration prompt used")
@@ -123,22 +127,30 @@ def calibration_ids(tok: Any, args: argparse.Namespace) -> tuple[list[int], dict
     return prompt.ids, {"source": "passkey", **prompt.info}
 
 
-def score_table(args: argparse.Namespace, inv_freq: torch.Tensor, labels: torch.Tensor) -> dict[str, tuple[str, Any]]:
-    """{column name: (score kind, (layers, Hkv, r) channels or None)}, oracle last."""
+Score = tuple[str, Any, bool]
+"""(score kind, (layers, Hkv, r) channels or None, FP8 labels)"""
+
+
+def score_table(args: argparse.Namespace, inv_freq: torch.Tensor, labels: torch.Tensor) -> dict[str, Score]:
+    """{column name: score}, oracle last."""
     layers, hkv = labels.shape[:2]
-    scores: dict[str, tuple[str, Any]] = {"quest": ("quest", None), "midrange": ("midrange", None)}
+    scores: dict[str, Score] = {"quest": ("quest", None, False), "midrange": ("midrange", None, False)}
+
+    def rope(r: int) -> torch.Tensor:
+        return torch.tensor(rope_slow_channels(inv_freq, r), dtype=torch.int64).expand(layers, hkv, -1).contiguous()
+
     for r in args.rope_r:
-        chans = torch.tensor(rope_slow_channels(inv_freq, r), dtype=torch.int64)
-        scores[f"rope{r}"] = ("rope_channels", chans.expand(layers, hkv, -1).contiguous())
-    scores[f"label{labels.shape[2]}"] = ("label_channels", labels)
+        scores[f"rope{r}"] = ("rope_channels", rope(r), False)
+    scores[f"label{labels.shape[2]}"] = ("label_channels", labels, False)
     for r in args.mass_r:
-        mass = torch.tensor(rope_slow_channels(inv_freq, r), dtype=torch.int64)
-        scores[f"mass{r}"] = ("rope_mass", mass.expand(layers, hkv, -1).contiguous())
-    scores["oracle"] = ("oracle", None)
+        scores[f"mass{r}"] = ("rope_mass", rope(r), False)
+    for r in args.fp8_mass_r:
+        scores[f"mass{r}f8"] = ("rope_mass", rope(r), True)
+    scores["oracle"] = ("oracle", None, False)
     return scores
 
 
-def measure(model: Any, prompt: Prompt, scores: dict[str, tuple[str, Any]], args: argparse.Namespace,
+def measure(model: Any, prompt: Prompt, scores: dict[str, Score], args: argparse.Namespace,
             report: sr.SelectionReport) -> None:
     """Capture one prompt (its answer teacher-forced) and add its recall, ranks and needle mass."""
     answer_steps = len(prompt.answer) - 1  # the queries that predict the 2nd.. answer tokens
@@ -150,9 +162,10 @@ def measure(model: Any, prompt: Prompt, scores: dict[str, tuple[str, Any]], args
         recall_q = list(range(args.queries))
         steps = list(range(args.queries - 1, args.queries + answer_steps))  # last prompt position, answer steps
         kw = {"page_size": args.page_size, "logical": args.logical}
-        for name, (kind, chans) in scores.items():
-            report.add_recall(name, sr.recall(caps, kind, args.budgets, recall_q, channels=chans, **kw))
-            report.add_needle_rank(name, sr.needle_rank(caps, kind, prompt.needle, steps, channels=chans, **kw))
+        for name, (kind, chans, fp8) in scores.items():
+            report.add_recall(name, sr.recall(caps, kind, args.budgets, recall_q, channels=chans, label_fp8=fp8, **kw))
+            report.add_needle_rank(name, sr.needle_rank(caps, kind, prompt.needle, steps, channels=chans,
+                                                        label_fp8=fp8, **kw))
         pages = sr.needle_pages(prompt.needle, args.page_size)
         report.needle_mass.append(sr.attention_on_pages(caps, pages, steps, args.page_size).tolist())
         report.page0_mass.append(sr.attention_on_pages(caps, [0], steps, args.page_size).tolist())

@@ -43,6 +43,7 @@ from lserve.attention.torch_backend import (
     write_labels,
 )
 from lserve.errors import LServeError
+from lserve.kv_cache.fp8 import FP8_DTYPE, SCALE_DTYPE
 from lserve.sparse.selection import CHANNEL_SCORES, STATISTICS_SCORES
 
 SCORE_KINDS = (*STATISTICS_SCORES, *CHANNEL_SCORES, "oracle")
@@ -140,12 +141,14 @@ def page_scores(
     logical: int = 16,
     channels: torch.Tensor | None = None,
     aggregate: str = "sum",
+    label_fp8: bool = False,
 ) -> torch.Tensor:
     """(Hkv, pages): the engine's score of every page for captured query `query_index`.
 
     kind: quest, midrange (`page_scores_torch` over per-`logical`-token key min/max),
     rope_channels / label_channels / rope_mass (`channel_page_scores_torch` over key labels on
-    `channels`, (Hkv, r) int), or oracle (true attention mass per page, summed over the GQA group)."""
+    `channels`, (Hkv, r) int; `label_fp8`: labels stored as FP8 with per-token scales, as the
+    engine's `label_dtype="fp8"`), or oracle (true attention mass per page, summed over the GQA group)."""
     if kind not in SCORE_KINDS:
         raise LServeError(f"unknown page score {kind!r}; expected one of {', '.join(SCORE_KINDS)}")
     p = capture.position(query_index)
@@ -160,10 +163,12 @@ def page_scores(
     if kind in CHANNEL_SCORES:
         if channels is None or channels.shape[0] != hkv:
             raise LServeError(f"{kind} needs channels of shape ({hkv}, r)")
-        k_label = torch.zeros((hkv, pages * page_size, int(channels.shape[1])), dtype=torch.float32)
-        write_labels(k_label, channels.long(), capture.keys[:n], torch.arange(n))
+        k_label = torch.zeros((hkv, pages * page_size, int(channels.shape[1])),
+                              dtype=FP8_DTYPE if label_fp8 else torch.float32)
+        scale = torch.zeros((hkv, pages * page_size), dtype=SCALE_DTYPE) if label_fp8 else None
+        write_labels(k_label, channels.long(), capture.keys[:n], torch.arange(n), scale)
         return channel_page_scores_torch(q, k_label, channels.long(), table, seq_lens, page_size, aggregate,
-                                         mass=kind == "rope_mass")[0]
+                                         mass=kind == "rope_mass", label_scale=scale)[0]
     if page_size % logical:
         raise LServeError(f"page_size={page_size} must be a multiple of logical={logical}")
     k_min, k_max = key_statistics(capture, n, page_size, logical)
@@ -216,12 +221,13 @@ def recall(
     logical: int = 16,
     channels: torch.Tensor | None = None,
     aggregate: str = "sum",
+    label_fp8: bool = False,
 ) -> dict[int, torch.Tensor]:
     """{budget: (layers, Hkv)}: the share of the true attention that the `kind` selection keeps,
     per query head averaged over its GQA group, then averaged over the query positions
     (`query_indices` into the captured queries; all of them by default).
 
-    channels: (layers, Hkv, r) for the channel scores. Scores are computed once per query and
+    channels: (layers, Hkv, r) for the channel scores (`label_fp8`: FP8 labels). Scores are computed once per query and
     reused for every budget."""
     indices = list(range(captures[0].num_queries)) if query_indices is None else list(query_indices)
     hkv = int(captures[0].keys.shape[1])
@@ -229,7 +235,8 @@ def recall(
     for layer, cap in enumerate(captures):
         for qi in indices:
             mass = page_attention(cap, qi, page_size)
-            scores = page_scores(kind, cap, qi, page_size, logical, _layer_channels(channels, layer), aggregate)
+            scores = page_scores(kind, cap, qi, page_size, logical, _layer_channels(channels, layer), aggregate,
+                                 label_fp8)
             for b in budgets:
                 out[b][layer] += kept_attention(mass, select(scores, b, page_size))
     return {b: v / len(indices) for b, v in out.items()}
@@ -267,6 +274,7 @@ def needle_rank(
     logical: int = 16,
     channels: torch.Tensor | None = None,
     aggregate: str = "sum",
+    label_fp8: bool = False,
 ) -> torch.Tensor:
     """(layers, Hkv, len(query_indices)) int64: the rank (0 = best) of the needle's page among
     the older pages under `kind`, in the engine's order (ties to the lower page).
@@ -279,7 +287,8 @@ def needle_rank(
     out = torch.full((len(captures), hkv, len(query_indices)), -1, dtype=torch.int64)
     for layer, cap in enumerate(captures):
         for j, qi in enumerate(query_indices):
-            scores = page_scores(kind, cap, qi, page_size, logical, _layer_channels(channels, layer), aggregate)
+            scores = page_scores(kind, cap, qi, page_size, logical, _layer_channels(channels, layer), aggregate,
+                                 label_fp8)
             newest = scores.shape[1] - 1
             pages = [p for p in candidates if p < newest]
             if not pages:
