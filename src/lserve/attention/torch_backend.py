@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lserve.attention.backend import AttentionBackend, PoolCall
 from lserve.attention.metadata import AttentionMetadata
-from lserve.kv_cache.fp8 import as_bytes, dequantize, quantize, write_rows
+from lserve.kv_cache.fp8 import FP8_DTYPE, SCALE_DTYPE, as_bytes, dequantize, quantize, write_rows
 
 
 def write_kv(
@@ -98,6 +98,14 @@ def write_labels(
         labels, row_scales = quantize(labels)
         scale.index_copy_(1, slots, row_scales)
     as_bytes(k_label).index_copy_(1, slots, as_bytes(labels.to(k_label.dtype)))
+
+
+def empty_labels(heads: int, slots: int, r: int, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Zeroed key labels (heads, slots, r) for `write_labels`: float32, or E4M3 with their (heads, slots)
+    float32 scales (`fp8`, the engine's `label_dtype="fp8"`)."""
+    if not fp8:
+        return torch.zeros((heads, slots, r), dtype=torch.float32), None
+    return torch.zeros((heads, slots, r), dtype=FP8_DTYPE), torch.zeros((heads, slots), dtype=SCALE_DTYPE)
 
 
 def read_labels(k_label: torch.Tensor, scale: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor:

@@ -38,12 +38,12 @@ import torch.nn.functional as F
 
 from lserve.attention.torch_backend import (
     channel_page_scores_torch,
+    empty_labels,
     page_scores_torch,
     update_key_stats,
     write_labels,
 )
 from lserve.errors import LServeError
-from lserve.kv_cache.fp8 import FP8_DTYPE, SCALE_DTYPE
 from lserve.sparse.selection import CHANNEL_SCORES, STATISTICS_SCORES
 
 SCORE_KINDS = (*STATISTICS_SCORES, *CHANNEL_SCORES, "oracle")
@@ -163,9 +163,7 @@ def page_scores(
     if kind in CHANNEL_SCORES:
         if channels is None or channels.shape[0] != hkv:
             raise LServeError(f"{kind} needs channels of shape ({hkv}, r)")
-        k_label = torch.zeros((hkv, pages * page_size, int(channels.shape[1])),
-                              dtype=FP8_DTYPE if label_fp8 else torch.float32)
-        scale = torch.zeros((hkv, pages * page_size), dtype=SCALE_DTYPE) if label_fp8 else None
+        k_label, scale = empty_labels(hkv, pages * page_size, int(channels.shape[1]), label_fp8)
         write_labels(k_label, channels.long(), capture.keys[:n], torch.arange(n), scale)
         return channel_page_scores_torch(q, k_label, channels.long(), table, seq_lens, page_size, aggregate,
                                          mass=kind == "rope_mass", label_scale=scale)[0]
