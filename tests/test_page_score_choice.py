@@ -157,8 +157,10 @@ def test_cli_selection_step_writes_the_choice(tiny_with_tokenizer: Path, tmp_pat
     by_count = measured["answers_kept_by_channels"]
     assert by_count["alone"]["4 channels"] == by_page["alone"][f"pages of {sel['page_size']}"]
     rope = sel["page_score"] in ("rope_channels", "rope_mass")  # only RoPE channels are measured at other counts
-    assert set(by_count["alone"]) == ({"4 channels", "8 channels"} if rope else {"4 channels"})
-    assert sel["score_channels"] in ((4, 8) if rope else (4,))
+    measured_labels = {"4 channels", "8 channels", "8 FP8 channels", "16 FP8 channels"}  # head dimension 16
+    assert set(by_count["alone"]) == (measured_labels if rope else {"4 channels"})
+    assert (sel["score_channels"], sel["label_dtype"]) in (
+        ((4, "auto"), (8, "auto"), (8, "fp8"), (16, "fp8")) if rope else ((4, "auto"),))
     assert set(measured["recall"]) == {"quest", "midrange", "rope_channels", "label_channels", "rope_mass", "oracle"}
     assert measured["calibration_tokens"] == 1024  # clamped to the model's window
     assert pattern.scores.shape == (2, 2) and bool((pattern.scores == 1).all())  # no pattern: all dense
@@ -168,6 +170,7 @@ def test_cli_selection_step_writes_the_choice(tiny_with_tokenizer: Path, tmp_pat
     assert "selection_local_tokens=" in printed and "local 128 tokens: answers" in printed
     assert f"page_size={sel['page_size']}" in printed and "pages of 16: answers" in printed
     assert f"score_channels={sel['score_channels']}" in printed and "4 channels: answers" in printed
+    assert f"label_dtype={sel['label_dtype']}" in printed
     # the engine takes the choice from the file (`auto`)
     from lserve import LLM
 
@@ -216,7 +219,7 @@ def test_a_selection_only_pattern_is_refused_for_streaming_heads(tiny_with_token
             attn_pattern=str(path))
 
 
-def test_calibration_takes_the_channel_count_that_keeps_most_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_calibration_takes_the_labels_that_keep_most_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     from lserve.calibration import selection as cs
 
     cfg = cs.SelectionCalibrationConfig(output="x")
@@ -225,18 +228,29 @@ def test_calibration_takes_the_channel_count_that_keeps_most_answers(monkeypatch
     assert cs.channel_counts(cfg, "quest", 64) == (8,) and cs.channel_counts(cfg, "label_channels", 64) == (8,)
     assert cs.channel_counts(cs.SelectionCalibrationConfig(output="x", channel_counts=(8, 4, 32)), "rope_channels",
                              64) == (8, 4, 32)
+    # FP8 labels at twice each count (about the same bytes), within the head dimension
+    assert cs.label_formats(cfg, "rope_mass", 64) == ((16, "auto"), (32, "auto"), (32, "fp8"), (64, "fp8"))
+    assert cs.label_formats(cfg, "rope_mass", 32) == ((16, "auto"), (32, "auto"), (32, "fp8"))
+    assert cs.label_formats(cs.SelectionCalibrationConfig(output="x", fp8_labels=False), "rope_mass", 64) \
+        == ((16, "auto"), (32, "auto"))
+    assert cs.label_formats(cfg, "quest", 64) == ((8, "auto"),)
     by_page = {"alone": {"pages of 16": 6}, "streaming": {"pages of 16": 5}}
-    kept = {32: (8, 7)}
+    kept = {"32 channels": (8, 7), "32 FP8 channels": (8, 7), "64 FP8 channels": (8, 7)}
 
     def fake(cfg, tok, pattern, path, runs):  # noqa: ANN001, ANN202
-        assert [r["score_channels"] for r in runs.values()] == [32]
+        assert [(r["score_channels"], r["label_dtype"]) for r in runs.values()] == [(32, "auto"), (32, "fp8"),
+                                                                                   (64, "fp8")]
         assert all(r["page_size"] == 16 and r["selection_local_tokens"] == 128 for r in runs.values())
-        return {s: {"32 channels": kept[32][k]} for k, s in enumerate(("alone", "streaming"))}
+        return {s: {name: kept[name][k] for name in runs} for k, s in enumerate(("alone", "streaming"))}
 
     monkeypatch.setattr(cs, "measure_answers", fake)
-    best, by_count = cs.choose_channels(cfg, "rope_mass", (16, 32), 1, 128, 16, by_page, None, None, None)
-    assert best == 32 and by_count["alone"] == {"16 channels": 6, "32 channels": 8}
-    kept[32] = (6, 5)  # a tie: the fewer channels cost less
-    assert cs.choose_channels(cfg, "rope_mass", (16, 32), 1, 128, 16, by_page, None, None, None)[0] == 16
+    formats = cs.label_formats(cfg, "rope_mass", 64)
+    best, by_count = cs.choose_labels(cfg, "rope_mass", formats, 1, 128, 16, by_page, None, None, None)
+    assert best == (32, "fp8")  # a tie of three: 36 bytes a token and head, against 64 and 68
+    assert by_count["alone"] == {"16 channels": 6, "32 channels": 8, "32 FP8 channels": 8, "64 FP8 channels": 8}
+    kept["64 FP8 channels"] = (9, 7)
+    assert cs.choose_labels(cfg, "rope_mass", formats, 1, 128, 16, by_page, None, None, None)[0] == (64, "fp8")
+    kept.update({name: (6, 5) for name in kept})  # a tie with the first: 16 channels cost least
+    assert cs.choose_labels(cfg, "rope_mass", formats, 1, 128, 16, by_page, None, None, None)[0] == (16, "auto")
     with pytest.raises(ValueError, match="channel_counts"):
         cs.SelectionCalibrationConfig(output="x", channel_counts=(16, 16))

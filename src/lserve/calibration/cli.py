@@ -99,6 +99,8 @@ def add_calibrate_parser(sub: Any) -> None:
     sel.add_argument("--selection-channel-counts", default="auto",
                      help="channel counts a chosen RoPE channel score is measured with last; the one keeping the "
                      "most answers is written (default auto: its r and twice that)")
+    sel.add_argument("--no-selection-fp8-labels", dest="selection_fp8_labels", action="store_false",
+                     help="do not also measure FP8 labels at twice each channel count (label_dtype=fp8)")
     sel.add_argument("--streaming-sparsity", type=float, default=0.5,
                      help="answers are also compared with this share of the pattern's heads streaming (0: not; default 0.5)")
     p.set_defaults(func=cmd_calibrate)
@@ -117,13 +119,15 @@ def cmd_calibrate_selection(args: argparse.Namespace) -> int:
         page_sizes=parse_int_list(args.selection_page_sizes, "--selection-page-sizes"),
         channel_counts=None if args.selection_channel_counts == "auto"
         else parse_int_list(args.selection_channel_counts, "--selection-channel-counts"),
+        fp8_labels=args.selection_fp8_labels,
     )
     result = calibrate_selection(cfg)
     measured = result.selection["measured"]
     print(f"wrote {result.pattern_path}: page_score={result.selection['page_score']}, "
           f"selector_interval={result.selection['selector_interval']}, "
           f"selection_local_tokens={result.selection['selection_local_tokens']}, "
-          f"page_size={result.selection['page_size']}, score_channels={result.selection['score_channels']} "
+          f"page_size={result.selection['page_size']}, score_channels={result.selection['score_channels']}, "
+          f"label_dtype={result.selection['label_dtype']} "
           f"(token budget {measured['token_budget']})")
     kept = measured["answers_kept"]
     n = measured["samples"]

@@ -24,8 +24,9 @@ interval the score is measured with each local window (`local_tokens`), and then
 chosen window at each KV page size (`page_sizes`; ties: the larger pages, fewer to rank): on the
 default model 16-token pages keep passkeys with streaming heads that 64-token pages lose. A RoPE
 channel score is last measured with each of `channel_counts` channels (default: its r and twice
-that; ties: fewer, the cheaper labels): on the default model 32 channels keep RULER answers that
-16 lose (docs/accuracy.md). The choice,
+that) in the model's dtype and, with `fp8_labels`, with twice each count in FP8 labels (about the
+same bytes); ties go to the fewest label bytes: on the default model 32 channels keep RULER
+answers that 16 lose (docs/accuracy.md). The choice,
 the channels and every measurement go into the pattern file's `selection` object; the engine's
 `page_score="auto"` takes them from there.
 """
@@ -38,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -107,6 +108,8 @@ class SelectionCalibrationConfig:
     channel_counts: tuple[int, ...] | None = None
     """Channel counts (r) a chosen RoPE channel score is measured with last (default: its r and
     twice that, within the head dimension); the one keeping the most answers is written."""
+    fp8_labels: bool = True
+    """Also measure FP8 labels (`label_dtype="fp8"`) at twice each of the channel counts."""
 
     def __post_init__(self) -> None:
         bad = [c for c in self.candidates if c not in CANDIDATES]
@@ -227,19 +230,28 @@ def measure_answers(cfg: SelectionCalibrationConfig, tok: Any, pattern: HeadPatt
     return answers
 
 
+V = TypeVar("V", int, tuple[int, str])
+"""The values of one swept setting."""
+
+LabelFormat = tuple[int, str]
+"""A channel score's labels: (channels, `label_dtype`)."""
+
+
 def selection_settings(cfg: SelectionCalibrationConfig, score: str, interval: int, local: int = 0,
-                       page_size: int | None = None, channels: int | None = None) -> dict[str, Any]:
-    """Engine settings of page selection with `score` (on `channels` channels, default
-    `score_channels`), re-selected every `interval` steps, with a local window of `local` tokens,
-    on KV pages of `page_size` tokens (default: the first of `page_sizes`)."""
+                       page_size: int | None = None, labels: LabelFormat | None = None) -> dict[str, Any]:
+    """Engine settings of page selection with `score` (with `labels`, default `score_channels`
+    in the model's dtype), re-selected every `interval` steps, with a local window of `local`
+    tokens, on KV pages of `page_size` tokens (default: the first of `page_sizes`)."""
+    channels, dtype = labels or (None, "auto")
     return dict(token_budget=cfg.token_budget, page_score=score, score_channels=channels or cfg.score_channels,
-                selector_interval=interval, selection_local_tokens=local, page_size=page_size or cfg.page_sizes[0])
+                label_dtype=dtype, selector_interval=interval, selection_local_tokens=local,
+                page_size=page_size or cfg.page_sizes[0])
 
 
-def _sweep(cfg: SelectionCalibrationConfig, values: tuple[int, ...], name: Callable[[int], str],
-           settings: Callable[[int], dict[str, Any]], known: int, known_kept: dict[str, int],
-           prefer: Callable[[int], int], tok: Any, pattern: HeadPattern,
-           pattern_path: Path) -> tuple[int, dict[str, dict[str, int]]]:
+def _sweep(cfg: SelectionCalibrationConfig, values: tuple[V, ...], name: Callable[[V], str],
+           settings: Callable[[V], dict[str, Any]], known: V, known_kept: dict[str, int],
+           prefer: Callable[[V], int], tok: Any, pattern: HeadPattern,
+           pattern_path: Path) -> tuple[V, dict[str, dict[str, int]]]:
     """Answers (per setting, "alone"/"streaming") of the chosen score with each of `values` of one
     engine setting, each run as `settings(v)` and named `name(v)`, except `known`, whose answers
     are already measured (`known_kept`, per setting) and are taken where it is among `values`;
@@ -293,14 +305,35 @@ def channel_counts(cfg: SelectionCalibrationConfig, chosen: str, head_dim: int) 
     return (first, *[r for r in wanted if r != first and r <= head_dim])
 
 
-def choose_channels(cfg: SelectionCalibrationConfig, chosen: str, counts: tuple[int, ...], interval: int, local: int,
-                    page_size: int, by_page: dict[str, dict[str, int]], tok: Any, pattern: HeadPattern,
-                    pattern_path: Path) -> tuple[int, dict[str, dict[str, int]]]:
-    """The chosen score's answers at its interval, window and page size with each channel count
-    of `counts` (the first's from `by_page`), and the count that keeps the most (ties: the fewest)."""
-    return _sweep(cfg, counts, lambda r: f"{r} channels",
-                  lambda r: selection_settings(cfg, chosen, interval, local, page_size, r), counts[0],
-                  {s: kept[f"pages of {page_size}"] for s, kept in by_page.items()}, lambda r: -r,
+def label_formats(cfg: SelectionCalibrationConfig, chosen: str, head_dim: int) -> tuple[LabelFormat, ...]:
+    """The labels the chosen score is measured with: each of `channel_counts` in the model's
+    dtype (its own r first), then, with `fp8_labels` and for RoPE channel scores, twice each count
+    in FP8 (about the same bytes; within the head dimension)."""
+    counts = channel_counts(cfg, chosen, head_dim)
+    fp8 = [(2 * r, "fp8") for r in counts if 2 * r <= head_dim] \
+        if cfg.fp8_labels and chosen in ("rope_channels", "rope_mass") else []
+    return (*[(r, "auto") for r in counts], *dict.fromkeys(fp8))
+
+
+def label_bytes(labels: LabelFormat) -> int:
+    """Bytes per token and KV head of `labels` served in bfloat16: 2r, or r + a float32 scale in FP8."""
+    channels, dtype = labels
+    return channels + 4 if dtype == "fp8" else 2 * channels
+
+
+def label_name(labels: LabelFormat) -> str:
+    channels, dtype = labels
+    return f"{channels} FP8 channels" if dtype == "fp8" else f"{channels} channels"
+
+
+def choose_labels(cfg: SelectionCalibrationConfig, chosen: str, formats: tuple[LabelFormat, ...], interval: int,
+                  local: int, page_size: int, by_page: dict[str, dict[str, int]], tok: Any, pattern: HeadPattern,
+                  pattern_path: Path) -> tuple[LabelFormat, dict[str, dict[str, int]]]:
+    """The chosen score's answers at its interval, window and page size with each of `formats`
+    (the first's from `by_page`), and the one that keeps the most (ties: the fewest label bytes)."""
+    return _sweep(cfg, formats, label_name,
+                  lambda f: selection_settings(cfg, chosen, interval, local, page_size, f), formats[0],
+                  {s: kept[f"pages of {page_size}"] for s, kept in by_page.items()}, lambda f: -label_bytes(f),
                   tok, pattern, pattern_path)
 
 
@@ -337,12 +370,13 @@ def calibrate_selection(cfg: SelectionCalibrationConfig) -> SelectionResult:
         interval, by_interval = choose_interval(cfg, chosen, answers, tok, base, probe)
         local, by_local = choose_local(cfg, chosen, interval, by_interval, tok, base, probe)
         page_size, by_page = choose_page_size(cfg, chosen, interval, local, by_local, tok, base, probe)
-        counts = channel_counts(cfg, chosen, head_dim)
-        channels, by_channels = choose_channels(cfg, chosen, counts, interval, local, page_size, by_page, tok, base,
-                                                probe)
+        formats = label_formats(cfg, chosen, head_dim)
+        (channels, label_dtype), by_channels = choose_labels(cfg, chosen, formats, interval, local, page_size,
+                                                             by_page, tok, base, probe)
     entry = {
         "page_score": chosen, "channels": labels.tolist(),
         "score_channels": channels,
+        "label_dtype": label_dtype,
         "selector_interval": interval,
         "selection_local_tokens": local,
         "page_size": page_size,
