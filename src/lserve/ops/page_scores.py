@@ -235,8 +235,6 @@ def _channel_scores_kernel(
     # one head's labels are contiguous (heads, slots, R): a page is PAGE_SIZE * R values in a row
     lab = tl.load(label_ptr + kvh * stride_lh + slot[:, :, None] * R + c[None, None, :],
                   mask=ok[:, :, None], other=0.0).to(tl.float32)
-    if LABEL_QUANT:
-        lab = lab * tl.load(lscale_ptr + kvh * stride_lsh + slot, mask=ok, other=0.0)[:, :, None]
     if USE_SUM:
         # sum over the group of q_g . k_C = (sum_g q_g)_C . k_C: one product per key
         qs = tl.zeros([R], tl.float32)
@@ -248,6 +246,8 @@ def _channel_scores_kernel(
         for g in tl.static_range(GROUP):
             qg = tl.load(q_row + g * stride_qh).to(tl.float32)
             s = tl.maximum(s, tl.sum(lab * qg[None, None, :], axis=2))
+    if LABEL_QUANT:  # FP8 labels: each token's product times its scale (a power of two > 0: exact, keeps the max)
+        s = s * tl.load(lscale_ptr + kvh * stride_lsh + slot, mask=ok, other=0.0)
     best = tl.max(tl.where(ok, s, float("-inf")), axis=1)
     tl.store(out_row + p, best, mask=p < width)
 
