@@ -60,7 +60,8 @@ def test_channel_scores_match_the_reference(page_size: int, hq: int, hkv: int, a
         torch.testing.assert_close(out[finite].double(), want[finite], rtol=1e-4, atol=1e-4)
 
 
-def test_channel_scores_through_a_head_map_equal_the_gathered_heads() -> None:
+@pytest.mark.parametrize("mass", [False, True])
+def test_channel_scores_through_a_head_map_equal_the_gathered_heads(mass: bool) -> None:
     gen = torch.Generator().manual_seed(3)
     group, d, page, r = 2, 32, 16, 4
     seq_lens = [5 * page + 3, 2 * page]
@@ -72,8 +73,9 @@ def test_channel_scores_through_a_head_map_equal_the_gathered_heads() -> None:
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     picked = torch.cat([q[:, 2 * group : 3 * group], q[:, :group]], dim=1)
     args = (labels.to(DEVICE), channels.to(DEVICE), table.to(DEVICE), lens.to(DEVICE), page, "sum")
-    got = channel_page_scores(q.to(DEVICE), *args, kv_head_map=torch.tensor([2, 0], device=DEVICE), group=group)
-    assert torch.equal(got, channel_page_scores(picked.contiguous().to(DEVICE), *args))
+    got = channel_page_scores(q.to(DEVICE), *args, kv_head_map=torch.tensor([2, 0], device=DEVICE), group=group,
+                              mass=mass)
+    assert torch.equal(got, channel_page_scores(picked.contiguous().to(DEVICE), *args, mass=mass))
     assert torch.isinf(got[1, :, 2:]).all() and torch.isfinite(got[0]).all()
 
 

@@ -149,30 +149,36 @@ def page_scores(
 
 
 @triton.jit
-def _mass_scores(q_head, stride_qh, label_head, scale_head, chan_ptr, page_table_row, seq_len, pblock,
-                 GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+def _mass_scores(q_head, stride_qh, label_head, scale_head, chan_ptr, page_table_row, seq_len, pblock, out_row, width,
+                 GROUP: tl.constexpr, GP: tl.constexpr, PACK: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_P: tl.constexpr, IEEE: tl.constexpr,
                  LABEL_QUANT: tl.constexpr):
-    """rope_mass of a block of pages: log sum over the group's heads g and the pages' tokens t of
-    exp(q_gC . k_tC / tau_g), tau_g = sqrt(D |q_gC|_1 / |q_g|_1) (SparQ's temperature, from the
-    head's full query row). The block's tokens are the rows of one (tokens, channels) tile, so
-    every head's partial logits come from one matmul with the group's queries (heads and
-    channels padded to the 16 a tensor-core product needs), then a log-sum-exp per page. FP8
-    labels go into the product in the queries' dtype (exactly), and each token's row of partial
-    logits is multiplied by its scale (a power of two: exact too)."""
-    rows = tl.arange(0, BLOCK_P * PAGE_SIZE)
-    p = pblock * BLOCK_P + rows // PAGE_SIZE
-    t = rows % PAGE_SIZE
-    ok = p * PAGE_SIZE + t < seq_len
-    page = tl.load(page_table_row + p, mask=ok, other=0).to(tl.int64)
+    """rope_mass of a block of pages, stored: log sum over the group's heads g and the pages'
+    tokens t of exp(q_gC . k_tC / tau_g), tau_g = sqrt(D |q_gC|_1 / |q_g|_1) (SparQ's
+    temperature, from the head's full query row). Every head's partial logits come from one
+    tensor-core matmul, whose output needs 16 columns while a group has fewer heads: so the
+    block's tokens are cut into PACK sub-blocks side by side, the labels tile is (token in
+    sub-block, (sub-block, channel)) and the queries' is block-diagonal ((sub-block, channel),
+    (sub-block, head)), and each of the 16 columns is a useful (sub-block, head) logit. The
+    exponentials of the log-sum-exp, the kernel's costliest part, are then spent on no padding.
+    FP8 labels go into the product in the queries' dtype (exactly), and each token's partial
+    logits are multiplied by its scale (a power of two: exact too)."""
+    SUB: tl.constexpr = BLOCK_P * PAGE_SIZE // PACK  # tokens of a sub-block (whole pages)
+    SUB_P: tl.constexpr = SUB // PAGE_SIZE
+    i = tl.arange(0, SUB)
+    j = tl.arange(0, PACK)
     c = tl.arange(0, R_PAD)
+    tok = pblock * BLOCK_P * PAGE_SIZE + j[None, :] * SUB + i[:, None]  # (SUB, PACK)
+    ok = tok < seq_len
+    slot = tl.load(page_table_row + tok // PAGE_SIZE, mask=ok, other=0).to(tl.int64) * PAGE_SIZE + tok % PAGE_SIZE
     c_ok = c < R
-    lab = tl.load(label_head + ((page * PAGE_SIZE + t) * R)[:, None] + c[None, :], mask=ok[:, None] & c_ok[None, :],
-                  other=0.0)  # (tokens, channels), the store's dtype
+    lab = tl.load(label_head + (slot * R)[:, :, None] + c[None, None, :], mask=ok[:, :, None] & c_ok[None, None, :],
+                  other=0.0)  # (SUB, PACK, R_PAD), the store's dtype
+    lab = tl.reshape(lab, (SUB, PACK * R_PAD))
     if LABEL_QUANT:
         lab = lab.to(q_head.dtype.element_ty)
     chans = tl.load(chan_ptr + c, mask=c_ok, other=0)
-    g = tl.arange(0, GROUP_PAD)
+    g = tl.arange(0, GP)
     g_ok = g < GROUP
     qc = tl.load(q_head + g[:, None] * stride_qh + chans[None, :], mask=g_ok[:, None] & c_ok[None, :], other=0.0)
     d = tl.arange(0, HEAD_DIM)
@@ -180,18 +186,25 @@ def _mass_scores(q_head, stride_qh, label_head, scale_head, chan_ptr, page_table
                                other=0.0).to(tl.float32)), axis=1)
     tau = tl.maximum(tl.sqrt(HEAD_DIM * tl.sum(tl.abs(qc.to(tl.float32)), axis=1) / tl.maximum(l1, 1e-30)), 1e-20)
     inv = tl.where(g_ok, 1.4426950408889634 / tau, 0.0)  # log2(e) / tau_g: base-2 logits
+    # block-diagonal queries ((sub-block, channel), (sub-block, head)): (PACK, R_PAD, PACK, GP)
+    diag = (j[:, None, None, None] == j[None, None, :, None])
+    qb = tl.where(diag, tl.trans(qc)[None, :, None, :], 0.0)
+    qb = tl.reshape(qb.to(lab.dtype), (PACK * R_PAD, PACK * GP))
     if IEEE:
-        s = tl.dot(lab, tl.trans(qc.to(lab.dtype)), input_precision="ieee")
+        s = tl.dot(lab, qb, input_precision="ieee")
     else:
-        s = tl.dot(lab, tl.trans(qc.to(lab.dtype)))  # (the model's bf16/fp16 queries: exact in the label dtype)
+        s = tl.dot(lab, qb)  # (the model's bf16/fp16 queries: exact in the label dtype)
+    s = tl.reshape(s, (SUB, PACK, GP))
     if LABEL_QUANT:
-        s = s * tl.load(scale_head + page * PAGE_SIZE + t, mask=ok, other=0.0)[:, None]
-    s = tl.where(ok[:, None] & g_ok[None, :], s * inv[None, :], float("-inf"))
-    s = tl.reshape(s, (BLOCK_P, PAGE_SIZE * GROUP_PAD))  # each page's tokens x heads in one row
-    m = tl.max(s, axis=1)
+        s = s * tl.load(scale_head + slot, mask=ok, other=0.0)[:, :, None]
+    s = tl.where(ok[:, :, None] & g_ok[None, None, :], s * inv[None, None, :], float("-inf"))
+    s = tl.reshape(s, (SUB_P, PAGE_SIZE, PACK, GP))  # (page of a sub-block, token, sub-block, head)
+    m = tl.max(tl.max(s, axis=3), axis=1)  # (SUB_P, PACK)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-    return tl.where(acc > 0, (m + tl.log2(tl.where(acc > 0, acc, 1.0))) * 0.6931471805599453, float("-inf"))
+    acc = tl.sum(tl.sum(tl.exp2(s - m_safe[:, None, :, None]), axis=3), axis=1)
+    best = tl.where(acc > 0, (m + tl.log2(tl.where(acc > 0, acc, 1.0))) * 0.6931471805599453, float("-inf"))
+    p = pblock * BLOCK_P + j[None, :] * SUB_P + tl.arange(0, SUB_P)[:, None]
+    tl.store(out_row + p, best, mask=p < width)
 
 
 @triton.jit
@@ -200,7 +213,7 @@ def _channel_scores_kernel(
     stride_qb, stride_qh, stride_lh, stride_lsh, stride_pt_b, stride_ob, stride_oh,
     GROUP: tl.constexpr, R: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
     USE_SUM: tl.constexpr, HAS_MAP: tl.constexpr, MASS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    GROUP_PAD: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, LABEL_QUANT: tl.constexpr,
+    GP: tl.constexpr, PACK: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, LABEL_QUANT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -219,11 +232,10 @@ def _channel_scores_kernel(
         tl.store(out_row + p, tl.full([BLOCK_P], float("-inf"), tl.float32), mask=p < width)
         return
     if MASS:
-        best = _mass_scores(q_ptr + b * stride_qb + (src * GROUP) * stride_qh, stride_qh, label_ptr + kvh * stride_lh,
-                            lscale_ptr + kvh * stride_lsh, chan_ptr + kvh * R, page_table_ptr + b * stride_pt_b,
-                            seq_len, pblock, GROUP, GROUP_PAD, R, R_PAD, HEAD_DIM, PAGE_SIZE, BLOCK_P, IEEE,
-                            LABEL_QUANT)
-        tl.store(out_row + p, best, mask=p < width)
+        _mass_scores(q_ptr + b * stride_qb + (src * GROUP) * stride_qh, stride_qh, label_ptr + kvh * stride_lh,
+                     lscale_ptr + kvh * stride_lsh, chan_ptr + kvh * R, page_table_ptr + b * stride_pt_b, seq_len,
+                     pblock, out_row, width, GROUP, GP, PACK, R, R_PAD, HEAD_DIM, PAGE_SIZE, BLOCK_P, IEEE,
+                     LABEL_QUANT)
         return
     c = tl.arange(0, R)
     chans = tl.load(chan_ptr + kvh * R + c)
@@ -295,7 +307,10 @@ def channel_page_scores(
     if kv_head_map is None:
         group = hq // hkv
     max_pages = page_table.shape[1]
-    block_p = max(1, (block_tokens or (512 if mass else 1024)) // page_size)
+    # rope_mass: the group's heads (a power of two) times PACK sub-blocks fill the matmul's 16 columns
+    gp = triton.next_power_of_2(group)
+    pack = max(1, 16 // gp)
+    block_p = max(1, (block_tokens or (512 if mass else 1024)) // page_size, pack if mass else 1)
     out = torch.empty((bsz, hkv, max_pages), dtype=torch.float32, device=q.device)
     _channel_scores_kernel[(bsz, hkv, triton.cdiv(max_pages, block_p))](
         q, k_label, label_scale if quant else seq_lens, label_channels, page_table, seq_lens,
@@ -303,7 +318,7 @@ def channel_page_scores(
         k_label.stride(0), label_scale.stride(0) if label_scale is not None else 0, page_table.stride(0),
         out.stride(0), out.stride(1), GROUP=group, R=r, PAGE_SIZE=page_size, BLOCK_P=block_p,
         USE_SUM=aggregate == "sum", HAS_MAP=kv_head_map is not None, MASS=mass, HEAD_DIM=q.shape[2],
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), R_PAD=max(16, r),
+        GP=gp, PACK=pack, R_PAD=max(r, 16 // pack),
         IEEE=(q.dtype if quant else k_label.dtype) == torch.float32, LABEL_QUANT=quant,
         num_warps=num_warps, **pdl_args(q.device),
     )
@@ -340,7 +355,7 @@ def _count_pages_kept(s, key, older, p, anchor, top_p, temp, min_keep, keep):
 def _store_top_pages_kernel(
     scores_ptr, plan_ptr, store_ptr, counts_ptr, keep, width, top_p, temp, min_keep,
     stride_sb, stride_sh, stride_plan, stride_tb, stride_th, stride_cb,
-    BLOCK_P: tl.constexpr, TOP_P: tl.constexpr, FANOUT: tl.constexpr,
+    BLOCK_P: tl.constexpr, TOP_P: tl.constexpr, FANOUT: tl.constexpr, RADIX: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -373,15 +388,33 @@ def _store_top_pages_kernel(
     lo = tl.min(tl.where(older, key, 2147483647), axis=0).to(tl.int64)
     hi = tl.max(key, axis=0).to(tl.int64)
     j = tl.arange(0, FANOUT)
-    while lo < hi:
-        mids = lo + ((hi - lo) * j + FANOUT - 1) // FANOUT  # mids[0] = lo, then FANOUT - 1 above it
-        counts = tl.sum((key[None, :] >= mids.to(tl.int32)[:, None]).to(tl.int32), axis=1)
-        best = tl.max(tl.where(counts >= keep, j, 0), axis=0)  # count(key >= lo) >= keep: j = 0 qualifies
-        lo_next = tl.sum(tl.where(j == best, mids, 0), axis=0)
-        exact = tl.sum(tl.where(j == best, counts, 0), axis=0) == keep
-        upper = tl.where(best == FANOUT - 1, hi + 1, tl.sum(tl.where(j == best + 1, mids, 0), axis=0))
-        hi = tl.where(exact, lo_next, upper - 1)
-        lo = lo_next
+    if RADIX:
+        while lo < hi:
+            # a radix round: the keys' offsets from lo in FANOUT bins of 2^shift keys covering (lo, hi]
+            # (keys below lo in bin 0, above hi in the last), one histogram, and the bin where the
+            # count of keys at or above its lower edge crosses `keep`: log2(FANOUT) bits a round, so
+            # at most 32 / log2(FANOUT) rounds, each with one histogram and a scan of FANOUT counts
+            shift = (hi - lo) * 0
+            while ((hi - lo) >> shift) >= FANOUT:
+                shift += 1
+            bins = tl.minimum(tl.maximum((key.to(tl.int64) - lo) >> shift, 0), FANOUT - 1).to(tl.int32)
+            hist = tl.histogram(bins, FANOUT)
+            at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # exact from bin 1 on
+            best = tl.max(tl.where(at_or_above >= keep, j, 0), axis=0)
+            lo_next = lo + (best.to(tl.int64) << shift)
+            exact = tl.sum(tl.where(j == best, at_or_above, 0), axis=0) == keep
+            hi = tl.where(exact, lo_next, tl.minimum(hi, lo_next + (1 << shift) - 1))
+            lo = lo_next
+    else:
+        while lo < hi:
+            mids = lo + ((hi - lo) * j + FANOUT - 1) // FANOUT  # mids[0] = lo, then FANOUT - 1 above it
+            counts = tl.sum((key[None, :] >= mids.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+            best = tl.max(tl.where(counts >= keep, j, 0), axis=0)  # count(key >= lo) >= keep: j = 0 qualifies
+            lo_next = tl.sum(tl.where(j == best, mids, 0), axis=0)
+            exact = tl.sum(tl.where(j == best, counts, 0), axis=0) == keep
+            upper = tl.where(best == FANOUT - 1, hi + 1, tl.sum(tl.where(j == best + 1, mids, 0), axis=0))
+            hi = tl.where(exact, lo_next, upper - 1)
+            lo = lo_next
     threshold = lo.to(tl.int32)
     above = key > threshold
     tie = key == threshold
@@ -430,7 +463,7 @@ def store_top_pages(
         top_p.p if top_p else 1.0, top_p.temperature * 1.4426950408889634 if top_p else 1.0,
         top_p.min_keep if top_p else 0,
         scores.stride(0), scores.stride(1), plan.stride(0), store.stride(0), store.stride(1), counts.stride(0),
-        BLOCK_P=block_p, TOP_P=top_p is not None, FANOUT=fanout,
+        BLOCK_P=block_p, TOP_P=top_p is not None, FANOUT=fanout, RADIX=fanout >= 64,
         num_warps=num_warps or (4 if block_p <= 2048 else 8 if block_p <= 16384 else 16),
         **pdl_args(scores.device),
     )
