@@ -23,6 +23,7 @@ from lserve.kv_cache.fp8 import (
     as_bytes,
     dequantize,
     dequantize_pages,
+    key_shift,
     pow2_scale,
     quantize,
     quantize_pages,
@@ -73,6 +74,30 @@ def _round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     m = i < n
     x = tl.load(x_ptr + i, mask=m, other=0.0)
     tl.store(out_ptr + i, round_e4m3(x).to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=m)
+
+
+def test_key_shift_is_the_mean_key_where_it_lowers_the_logit_error() -> None:
+    """Head 0: keys with a large constant part in two channels: the shift is their mean, and the
+    logits' rounding error (up to each query's constant) drops. Head 1: every key a power-of-two
+    multiple of one E4M3-exact vector, stored without error as it is: shifting would add error,
+    so its shift is zero."""
+    gen = torch.Generator().manual_seed(4)
+    t, d, group = 64, 32, 2
+    k = torch.randn((t, 2, d), generator=gen)
+    k[:, 0, :2] += torch.tensor([40.0, -25.0])
+    exact = torch.tensor([1.0, -1.5, 0.75, 3.0, -0.5, 2.0, 1.25, -3.5] * (d // 8))
+    k[:, 1] = exact * 2.0 ** torch.randint(-2, 3, (t, 1), generator=gen)
+    q = torch.randn((t, 2 * group, d), generator=gen)
+    shift = key_shift(q, k)
+    torch.testing.assert_close(shift[0], k[:, 0].mean(0))
+    assert torch.equal(shift[1], torch.zeros(d))
+
+    def centered_error(rows: torch.Tensor) -> float:
+        values, scales = quantize(rows)
+        err = q[:, :group] @ (dequantize(values, scales, torch.float32) - rows).T
+        return float((err - err.mean(1, keepdim=True)).pow(2).mean())
+
+    assert centered_error(k[:, 0] - shift[0]) < 0.5 * centered_error(k[:, 0])
 
 
 def test_triton_rounding_equals_torch_on_every_value_and_every_tie() -> None:

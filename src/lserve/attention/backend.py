@@ -21,6 +21,7 @@ from lserve.attention.metadata import AttentionMetadata
 from lserve.attention.page_selector import PageSelector, cdiv
 from lserve.attention.sparsity import HeadSparsity
 from lserve.errors import NotSupportedError
+from lserve.kv_cache.fp8 import key_shift
 from lserve.kv_cache.layout import KVCache, KVCacheTensors
 from lserve.ops.paged_inputs import StoredSelection
 
@@ -244,15 +245,16 @@ class AttentionBackend(ABC):
         if layer_idx == 0:
             self._begin_forward()
         if self.measure_key_shift and md.num_prefills:
-            self._set_key_shift(layer_idx, k[md.num_decodes:])
+            self._set_key_shift(layer_idx, q[md.num_decodes:], k[md.num_decodes:])
             self.measure_key_shift = layer_idx + 1 < self.cache.shape.num_layers
         if self.cache.layer_windows[layer_idx] is not None:
             return self._attend(self._window_call(layer_idx, md), q, k, v, layer_idx, md)
         return self._full_layer(q, k, v, layer_idx, md)
 
-    def _set_key_shift(self, layer: int, k: torch.Tensor) -> None:
-        """Each FP8 pool's key shift of this layer: the mean of the keys k (T, Hkv, D) of the heads it holds."""
-        mean = k.float().mean(0)
+    def _set_key_shift(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Each FP8 pool's key shift of this layer (`kv_cache.fp8.key_shift`): from the step's
+        queries q (T, Hq, D) and keys k (T, Hkv, D), for the heads it holds."""
+        mean = key_shift(q, k)
         pools: list[tuple[KVCacheTensors, torch.Tensor | None]]
         if self.cache.layer_windows[layer] is not None:
             pools = [(self.cache.window or self.cache.paged, None)]

@@ -83,6 +83,29 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (values.float() * scale.unsqueeze(-1)).to(dtype)
 
 
+def key_shift(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Key smoothing's shift per KV head from a prompt's queries q (T, Hq, D) and keys k
+    (T, Hkv, D): (Hkv, D) float32, each head's mean key where storing the keys minus it lowers
+    the FP8 rounding error of its group's logits over the prompt, zeros where it does not.
+
+    The error compared is the mean square over every (query, key) pair of q . (dequantized -
+    stored): the shift only moves every logit of a query by the same amount, but it changes what
+    is rounded. Models whose keys are normalized per head (QK-norm) can lose by it."""
+    kf = k.float()
+    mean = kf.mean(0)  # (Hkv, D)
+    group = q.shape[1] // k.shape[1]
+    qf = q.float().view(q.shape[0], k.shape[1], group, q.shape[2])  # (T, Hkv, G, D)
+
+    def logit_error(rows: torch.Tensor) -> torch.Tensor:  # rows (T, Hkv, D) -> (Hkv,)
+        values, scales = quantize(rows)
+        delta = values.float() * scales[..., None] - rows
+        err = torch.einsum("thgd,shd->hgts", qf, delta)  # (Hkv, G, queries, keys)
+        return (err - err.mean(dim=3, keepdim=True)).pow(2).mean(dim=(1, 2, 3))
+
+    keep = logit_error(kf - mean) < logit_error(kf)
+    return torch.where(keep[:, None], mean, torch.zeros_like(mean))
+
+
 def write_rows(
     cache: torch.Tensor, scales: torch.Tensor | None, new: torch.Tensor, slots: torch.Tensor,
     shift: torch.Tensor | None = None,
