@@ -150,7 +150,8 @@ def page_scores(
 
 @triton.jit
 def _mass_scores(q_head, stride_qh, label_head, scale_head, chan_ptr, page_table_row, seq_len, pblock, out_row, width,
-                 GROUP: tl.constexpr, GP: tl.constexpr, PACK: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+                 GROUP: tl.constexpr, GP: tl.constexpr, PACK: tl.constexpr, NCOL: tl.constexpr, R: tl.constexpr,
+                 R_PAD: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_P: tl.constexpr, IEEE: tl.constexpr,
                  LABEL_QUANT: tl.constexpr):
     """rope_mass of a block of pages, stored: log sum over the group's heads g and the pages'
@@ -159,8 +160,9 @@ def _mass_scores(q_head, stride_qh, label_head, scale_head, chan_ptr, page_table
     tensor-core matmul, whose output needs 16 columns while a group has fewer heads: so the
     block's tokens are cut into PACK sub-blocks side by side, the labels tile is (token in
     sub-block, (sub-block, channel)) and the queries' is block-diagonal ((sub-block, channel),
-    (sub-block, head)), and each of the 16 columns is a useful (sub-block, head) logit. The
-    exponentials of the log-sum-exp, the kernel's costliest part, are then spent on no padding.
+    (sub-block, head)), and the NCOL >= PACK * GP output columns are (sub-block, head) logits
+    (then zero padding, dropped before the log-sum-exp, when a small block or a large page
+    leaves too few sub-blocks to fill 16): the exponentials are not spent on padding.
     FP8 labels go into the product in the queries' dtype (exactly), and each token's partial
     logits are multiplied by its scale (a power of two: exact too)."""
     SUB: tl.constexpr = BLOCK_P * PAGE_SIZE // PACK  # tokens of a sub-block (whole pages)
@@ -186,14 +188,17 @@ def _mass_scores(q_head, stride_qh, label_head, scale_head, chan_ptr, page_table
                                other=0.0).to(tl.float32)), axis=1)
     tau = tl.maximum(tl.sqrt(HEAD_DIM * tl.sum(tl.abs(qc.to(tl.float32)), axis=1) / tl.maximum(l1, 1e-30)), 1e-20)
     inv = tl.where(g_ok, 1.4426950408889634 / tau, 0.0)  # log2(e) / tau_g: base-2 logits
-    # block-diagonal queries ((sub-block, channel), (sub-block, head)): (PACK, R_PAD, PACK, GP)
-    diag = (j[:, None, None, None] == j[None, None, :, None])
-    qb = tl.where(diag, tl.trans(qc)[None, :, None, :], 0.0)
-    qb = tl.reshape(qb.to(lab.dtype), (PACK * R_PAD, PACK * GP))
+    # block-diagonal queries ((sub-block, channel), (pad, sub-block, head)): (PACK, R_PAD, REP, PACK, GP)
+    REP: tl.constexpr = NCOL // (PACK * GP)
+    rep = tl.arange(0, REP)
+    diag = (j[:, None, None, None, None] == j[None, None, None, :, None]) & (rep == 0)[None, None, :, None, None]
+    qb = tl.where(diag, tl.trans(qc)[None, :, None, None, :], 0.0)
+    qb = tl.reshape(qb.to(lab.dtype), (PACK * R_PAD, NCOL))
     if IEEE:
         s = tl.dot(lab, qb, input_precision="ieee")
     else:
         s = tl.dot(lab, qb)  # (the model's bf16/fp16 queries: exact in the label dtype)
+    s = tl.sum(tl.where((rep == 0)[None, :, None], tl.reshape(s, (SUB, REP, PACK * GP)), 0.0), axis=1)  # (exact)
     s = tl.reshape(s, (SUB, PACK, GP))
     if LABEL_QUANT:
         s = s * tl.load(scale_head + slot, mask=ok, other=0.0)[:, :, None]
@@ -213,7 +218,8 @@ def _channel_scores_kernel(
     stride_qb, stride_qh, stride_lh, stride_lsh, stride_pt_b, stride_ob, stride_oh,
     GROUP: tl.constexpr, R: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
     USE_SUM: tl.constexpr, HAS_MAP: tl.constexpr, MASS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    GP: tl.constexpr, PACK: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, LABEL_QUANT: tl.constexpr,
+    GP: tl.constexpr, PACK: tl.constexpr, NCOL: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr,
+    LABEL_QUANT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -234,7 +240,7 @@ def _channel_scores_kernel(
     if MASS:
         _mass_scores(q_ptr + b * stride_qb + (src * GROUP) * stride_qh, stride_qh, label_ptr + kvh * stride_lh,
                      lscale_ptr + kvh * stride_lsh, chan_ptr + kvh * R, page_table_ptr + b * stride_pt_b, seq_len,
-                     pblock, out_row, width, GROUP, GP, PACK, R, R_PAD, HEAD_DIM, PAGE_SIZE, BLOCK_P, IEEE,
+                     pblock, out_row, width, GROUP, GP, PACK, NCOL, R, R_PAD, HEAD_DIM, PAGE_SIZE, BLOCK_P, IEEE,
                      LABEL_QUANT)
         return
     c = tl.arange(0, R)
@@ -307,10 +313,11 @@ def channel_page_scores(
     if kv_head_map is None:
         group = hq // hkv
     max_pages = page_table.shape[1]
-    # rope_mass: the group's heads (a power of two) times PACK sub-blocks fill the matmul's 16 columns
+    # rope_mass: PACK sub-blocks of the block side by side times the group's heads (a power of two)
+    # fill the matmul's 16 output columns, as far as the block holds that many pages
+    block_p = max(1, (block_tokens or (512 if mass else 1024)) // page_size)
     gp = triton.next_power_of_2(group)
-    pack = max(1, 16 // gp)
-    block_p = max(1, (block_tokens or (512 if mass else 1024)) // page_size, pack if mass else 1)
+    pack = min(max(1, 16 // gp), block_p)
     out = torch.empty((bsz, hkv, max_pages), dtype=torch.float32, device=q.device)
     _channel_scores_kernel[(bsz, hkv, triton.cdiv(max_pages, block_p))](
         q, k_label, label_scale if quant else seq_lens, label_channels, page_table, seq_lens,
@@ -318,7 +325,7 @@ def channel_page_scores(
         k_label.stride(0), label_scale.stride(0) if label_scale is not None else 0, page_table.stride(0),
         out.stride(0), out.stride(1), GROUP=group, R=r, PAGE_SIZE=page_size, BLOCK_P=block_p,
         USE_SUM=aggregate == "sum", HAS_MAP=kv_head_map is not None, MASS=mass, HEAD_DIM=q.shape[2],
-        GP=gp, PACK=pack, R_PAD=max(r, 16 // pack),
+        GP=gp, PACK=pack, NCOL=max(16, pack * gp), R_PAD=max(r, 16 // pack),
         IEEE=(q.dtype if quant else k_label.dtype) == torch.float32, LABEL_QUANT=quant,
         num_warps=num_warps, **pdl_args(q.device),
     )
@@ -355,7 +362,7 @@ def _count_pages_kept(s, key, older, p, anchor, top_p, temp, min_keep, keep):
 def _store_top_pages_kernel(
     scores_ptr, plan_ptr, store_ptr, counts_ptr, keep, width, top_p, temp, min_keep,
     stride_sb, stride_sh, stride_plan, stride_tb, stride_th, stride_cb,
-    BLOCK_P: tl.constexpr, TOP_P: tl.constexpr, FANOUT: tl.constexpr, RADIX: tl.constexpr,
+    BLOCK_P: tl.constexpr, TOP_P: tl.constexpr, FANOUT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -388,33 +395,15 @@ def _store_top_pages_kernel(
     lo = tl.min(tl.where(older, key, 2147483647), axis=0).to(tl.int64)
     hi = tl.max(key, axis=0).to(tl.int64)
     j = tl.arange(0, FANOUT)
-    if RADIX:
-        while lo < hi:
-            # a radix round: the keys' offsets from lo in FANOUT bins of 2^shift keys covering (lo, hi]
-            # (keys below lo in bin 0, above hi in the last), one histogram, and the bin where the
-            # count of keys at or above its lower edge crosses `keep`: log2(FANOUT) bits a round, so
-            # at most 32 / log2(FANOUT) rounds, each with one histogram and a scan of FANOUT counts
-            shift = (hi - lo) * 0
-            while ((hi - lo) >> shift) >= FANOUT:
-                shift += 1
-            bins = tl.minimum(tl.maximum((key.to(tl.int64) - lo) >> shift, 0), FANOUT - 1).to(tl.int32)
-            hist = tl.histogram(bins, FANOUT)
-            at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # exact from bin 1 on
-            best = tl.max(tl.where(at_or_above >= keep, j, 0), axis=0)
-            lo_next = lo + (best.to(tl.int64) << shift)
-            exact = tl.sum(tl.where(j == best, at_or_above, 0), axis=0) == keep
-            hi = tl.where(exact, lo_next, tl.minimum(hi, lo_next + (1 << shift) - 1))
-            lo = lo_next
-    else:
-        while lo < hi:
-            mids = lo + ((hi - lo) * j + FANOUT - 1) // FANOUT  # mids[0] = lo, then FANOUT - 1 above it
-            counts = tl.sum((key[None, :] >= mids.to(tl.int32)[:, None]).to(tl.int32), axis=1)
-            best = tl.max(tl.where(counts >= keep, j, 0), axis=0)  # count(key >= lo) >= keep: j = 0 qualifies
-            lo_next = tl.sum(tl.where(j == best, mids, 0), axis=0)
-            exact = tl.sum(tl.where(j == best, counts, 0), axis=0) == keep
-            upper = tl.where(best == FANOUT - 1, hi + 1, tl.sum(tl.where(j == best + 1, mids, 0), axis=0))
-            hi = tl.where(exact, lo_next, upper - 1)
-            lo = lo_next
+    while lo < hi:
+        mids = lo + ((hi - lo) * j + FANOUT - 1) // FANOUT  # mids[0] = lo, then FANOUT - 1 above it
+        counts = tl.sum((key[None, :] >= mids.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+        best = tl.max(tl.where(counts >= keep, j, 0), axis=0)  # count(key >= lo) >= keep: j = 0 qualifies
+        lo_next = tl.sum(tl.where(j == best, mids, 0), axis=0)
+        exact = tl.sum(tl.where(j == best, counts, 0), axis=0) == keep
+        upper = tl.where(best == FANOUT - 1, hi + 1, tl.sum(tl.where(j == best + 1, mids, 0), axis=0))
+        hi = tl.where(exact, lo_next, upper - 1)
+        lo = lo_next
     threshold = lo.to(tl.int32)
     above = key > threshold
     tie = key == threshold
@@ -463,7 +452,7 @@ def store_top_pages(
         top_p.p if top_p else 1.0, top_p.temperature * 1.4426950408889634 if top_p else 1.0,
         top_p.min_keep if top_p else 0,
         scores.stride(0), scores.stride(1), plan.stride(0), store.stride(0), store.stride(1), counts.stride(0),
-        BLOCK_P=block_p, TOP_P=top_p is not None, FANOUT=fanout, RADIX=fanout >= 64,
+        BLOCK_P=block_p, TOP_P=top_p is not None, FANOUT=fanout,
         num_warps=num_warps or (4 if block_p <= 2048 else 8 if block_p <= 16384 else 16),
         **pdl_args(scores.device),
     )
