@@ -23,7 +23,6 @@ from lserve.kv_cache.fp8 import (
     as_bytes,
     dequantize,
     dequantize_pages,
-    key_shift,
     pow2_scale,
     quantize,
     quantize_pages,
@@ -74,30 +73,6 @@ def _round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     m = i < n
     x = tl.load(x_ptr + i, mask=m, other=0.0)
     tl.store(out_ptr + i, round_e4m3(x).to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=m)
-
-
-def test_key_shift_is_the_mean_key_where_it_lowers_the_logit_error() -> None:
-    """Head 0: keys with a large constant part in two channels: the shift is their mean, and the
-    logits' rounding error (up to each query's constant) drops. Head 1: every key a power-of-two
-    multiple of one E4M3-exact vector, stored without error as it is: shifting would add error,
-    so its shift is zero."""
-    gen = torch.Generator().manual_seed(4)
-    t, d, group = 64, 32, 2
-    k = torch.randn((t, 2, d), generator=gen)
-    k[:, 0, :2] += torch.tensor([40.0, -25.0])
-    exact = torch.tensor([1.0, -1.5, 0.75, 3.0, -0.5, 2.0, 1.25, -3.5] * (d // 8))
-    k[:, 1] = exact * 2.0 ** torch.randint(-2, 3, (t, 1), generator=gen)
-    q = torch.randn((t, 2 * group, d), generator=gen)
-    shift = key_shift(q, k)
-    torch.testing.assert_close(shift[0], k[:, 0].mean(0))
-    assert torch.equal(shift[1], torch.zeros(d))
-
-    def centered_error(rows: torch.Tensor) -> float:
-        values, scales = quantize(rows)
-        err = q[:, :group] @ (dequantize(values, scales, torch.float32) - rows).T
-        return float((err - err.mean(1, keepdim=True)).pow(2).mean())
-
-    assert centered_error(k[:, 0] - shift[0]) < 0.5 * centered_error(k[:, 0])
 
 
 def test_triton_rounding_equals_torch_on_every_value_and_every_tie() -> None:
@@ -157,13 +132,10 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("page_size", [16, 32, 64, 128])
 @pytest.mark.parametrize("mode", ["plain", "statistics", "labels"])
-@pytest.mark.parametrize("shifted", [False, True])
-def test_kv_append_fp8_equals_the_reference_and_keeps_unquantized_statistics(page_size: int, mode: str,
-                                                                             shifted: bool) -> None:
+def test_kv_append_fp8_equals_the_reference_and_keeps_unquantized_statistics(page_size: int, mode: str) -> None:
     """Chunks that cross pages, single-token decode rows and a head map (a pool holding some of
     the model's heads): bytes and scales equal the reference's; statistics and labels equal those
-    an unquantized cache keeps for the same keys. `shifted`: key smoothing, the keys stored minus
-    a per-head shift (statistics and labels still of the keys themselves)."""
+    an unquantized cache keeps for the same keys."""
     hkv, model_heads, d, logical = 2, 3, 32, 16
     heads = torch.tensor([2, 0], device=DEVICE)  # cache head -> model KV head
     gen = torch.Generator().manual_seed(page_size)
@@ -183,7 +155,6 @@ def test_kv_append_fp8_equals_the_reference_and_keeps_unquantized_statistics(pag
         chans = torch.tensor([[3, 17, 30, 1], [0, 8, 9, 31]], dtype=torch.int32, device=DEVICE)
         labels = torch.zeros((hkv, num_pages * page_size, 4), device=DEVICE)
         plain_labels = labels.clone()
-    shift = (torch.randn((hkv, d), generator=gen) * 4).to(DEVICE) if shifted else None
     pages = [5, 1, 3, 0, 6, 2]
     written = 0
     for n in (page_size + 7, 1, 1, 2 * page_size - 3, 5):
@@ -194,12 +165,11 @@ def test_kv_append_fp8_equals_the_reference_and_keeps_unquantized_statistics(pag
         segs = plan_segments(slots, logical, all_single=n == 1) if stats else None
         extra = dict(k_label=labels, label_channels=chans) if labels is not None else {}
         kv_append(k, v, slots, kc, vc, k_min, k_max, segs, logical_page_size=logical, head_map=heads,
-                  k_scale=ks, v_scale=vs, k_shift=shift, **extra)
+                  k_scale=ks, v_scale=vs, **extra)
         plain_extra = dict(k_label=plain_labels, label_channels=chans) if plain_labels is not None else {}
         kv_append(k, v, slots, plain_kc, plain_vc, plain_min, plain_max, segs, logical_page_size=logical,
                   head_map=heads, **plain_extra)
-        ref.kv_append_ref(k[:, heads], v[:, heads], slots, ref_kc, ref_vc, k_scale=ref_ks, v_scale=ref_vs,
-                          k_shift=shift)
+        ref.kv_append_ref(k[:, heads], v[:, heads], slots, ref_kc, ref_vc, k_scale=ref_ks, v_scale=ref_vs)
         written += n
     for got, want in ((kc, ref_kc), (vc, ref_vc), (ks, ref_ks), (vs, ref_vs)):
         assert _same_bits(got, want)
@@ -208,10 +178,8 @@ def test_kv_append_fp8_equals_the_reference_and_keeps_unquantized_statistics(pag
         assert (k_min != 5.0).any()
     if labels is not None:
         assert torch.equal(labels, plain_labels) and (labels != 0).any()
-    # the dequantized cache is within half an E4M3 unit of the unquantized one (minus the shift)
+    # the dequantized cache is within half an E4M3 unit of the unquantized one
     back = dequantize_pages(kc, ks, torch.float32)
-    if shift is not None:
-        plain_kc -= shift  # (NaN stays NaN)
     written_slots = ~plain_kc.isnan()
     rel = ((back - plain_kc).abs() / plain_kc.abs().clamp_min(1e-6))[written_slots & (plain_kc.abs() > 0.05)]
     assert rel.max() <= 2**-4 + 1e-6 and not back[written_slots].isnan().any()
@@ -228,11 +196,6 @@ def test_kv_append_refuses_mismatched_scales() -> None:
         kv_append(k, k, slots, plain, plain.clone(), k_scale=ks, v_scale=vs)
     with pytest.raises(ValueError, match="scales"):
         kv_append(k, k, slots, kc, vc, k_scale=ks[:, :, :8], v_scale=vs[:, :, :8])
-    with pytest.raises(ValueError, match="key shift"):  # wrong shape; a cache in the model's dtype
-        kv_append(k, k, slots, kc, vc, k_scale=ks, v_scale=vs, k_shift=torch.zeros((2, 16), device=DEVICE))
-    with pytest.raises(ValueError, match="key shift"):
-        plain = torch.zeros((2, 16, 2, 32), device=DEVICE)
-        kv_append(k, k, slots, plain, plain.clone(), k_shift=torch.zeros((2, 32), device=DEVICE))
 
 
 # ---- attention over FP8 pages ----------------------------------------------------------------

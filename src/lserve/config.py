@@ -113,9 +113,6 @@ class CacheConfig:
     kv_cache_dtype: KVCacheDType = _field(
         "auto", "what K and V are stored in: auto (the model's dtype) or fp8 / fp8_e4m3 (E4M3 with a scale per "
         "token and KV head: about half the memory of bfloat16; docs/sparsity.md)")
-    kv_key_smoothing: bool = _field(
-        True, "with an FP8 cache, store each key minus its layer and head's mean key, measured at start-up on a "
-        "fixed text (softmax ignores the shift; E4M3's rounding error shrinks with the values: docs/sparsity.md)")
     window_pool: bool = _field(
         True, "keep sliding-window layers in a constant-size ring per request (off: in the paged pool, "
         "growing with the context, as a baseline for comparisons)"

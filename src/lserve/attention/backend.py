@@ -21,7 +21,6 @@ from lserve.attention.metadata import AttentionMetadata
 from lserve.attention.page_selector import PageSelector, cdiv
 from lserve.attention.sparsity import HeadSparsity
 from lserve.errors import NotSupportedError
-from lserve.kv_cache.fp8 import key_shift
 from lserve.kv_cache.layout import KVCache, KVCacheTensors
 from lserve.ops.paged_inputs import StoredSelection
 
@@ -59,9 +58,6 @@ class PoolCall:
     v_scale: torch.Tensor | None = None
     """An FP8 pool's per-token scales (num_pages, pool heads, page_size) float32; None: K and V
     are stored in the model's dtype."""
-    k_shift: torch.Tensor | None = None
-    """An FP8 pool's key shift (pool heads, D) float32, subtracted from each key before it is
-    quantized (key smoothing, `kv_cache.fp8`); None: keys stored as they are."""
 
     @property
     def scores_pages(self) -> bool:
@@ -157,10 +153,6 @@ class AttentionBackend(ABC):
             torch.ones(len(h), dtype=torch.int8, device=device) for h in self.cache.streaming_heads
         ]
         self._window_flags = torch.ones(self.num_kv_heads, dtype=torch.int8, device=device)
-        self.measure_key_shift = False
-        """Set by the engine for its start-up prompt (`engine.key_smoothing`): the next step with
-        prefill rows sets each FP8 pool's key shift, layer by layer, to the mean of that step's
-        prefill keys before they are written; then it turns itself off."""
 
     def _head_index(self, kv_heads: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         kv = torch.tensor(kv_heads, dtype=torch.long, device=device)
@@ -244,31 +236,9 @@ class AttentionBackend(ABC):
         """q (T, Hq, D), k and v (T, Hkv, D) of this step's tokens -> output (T, Hq, D)."""
         if layer_idx == 0:
             self._begin_forward()
-        if self.measure_key_shift and md.num_prefills:
-            self._set_key_shift(layer_idx, q[md.num_decodes:], k[md.num_decodes:])
-            self.measure_key_shift = layer_idx + 1 < self.cache.shape.num_layers
         if self.cache.layer_windows[layer_idx] is not None:
             return self._attend(self._window_call(layer_idx, md), q, k, v, layer_idx, md)
         return self._full_layer(q, k, v, layer_idx, md)
-
-    def _set_key_shift(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Each FP8 pool's key shift of this layer (`kv_cache.fp8.key_shift`): from the step's
-        queries q (T, Hq, D) and keys k (T, Hkv, D), for the heads it holds."""
-        mean = key_shift(q, k)
-        pools: list[tuple[KVCacheTensors, torch.Tensor | None]]
-        if self.cache.layer_windows[layer] is not None:
-            pools = [(self.cache.window or self.cache.paged, None)]
-        else:
-            dense_route, stream_route = self._routes[layer]
-            if self.cache.ring is None or stream_route is None:  # the paged pool holds every head
-                pools = [(self.cache.paged, None)]
-            else:
-                pools = [(self.cache.ring, stream_route[0])]
-                if dense_route is not None:
-                    pools.append((self.cache.paged, dense_route[0]))
-        for pool, heads in pools:
-            if pool.k_shift is not None:
-                pool.k_shift[layer].copy_(mean if heads is None else mean[heads])
 
     def _full_layer(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, md: AttentionMetadata
@@ -415,13 +385,10 @@ class AttentionBackend(ABC):
 
 
 def _scales(pool: KVCacheTensors, layer: int) -> dict[str, torch.Tensor]:
-    """A PoolCall's FP8 arguments for one layer of `pool`, scales and key shift (none when it is not FP8)."""
+    """A PoolCall's FP8 scale arguments for one layer of `pool` (none when it is not FP8)."""
     if pool.k_scale is None or pool.v_scale is None:
         return {}
-    fp8 = {"k_scale": pool.k_scale[layer], "v_scale": pool.v_scale[layer]}
-    if pool.k_shift is not None:
-        fp8["k_shift"] = pool.k_shift[layer]
-    return fp8
+    return {"k_scale": pool.k_scale[layer], "v_scale": pool.v_scale[layer]}
 
 
 def triton_head_dim_supported(head_dim: int) -> bool:

@@ -17,12 +17,11 @@ from lserve.kv_cache.fp8 import FP8_DTYPE, SCALE_DTYPE, as_bytes, dequantize, qu
 
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, k_shift: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """Scatter new k, v (T, Hkv, D) into (num_pages, page_size, Hkv, D) caches at flat slots (T,);
-    FP8 caches (with their (num_pages, Hkv, page_size) scales) take them quantized, the keys
-    minus `k_shift` (Hkv, D) if given (key smoothing)."""
-    write_rows(k_cache, k_scale, k, slots, k_shift)
+    FP8 caches (with their (num_pages, Hkv, page_size) scales) take them quantized."""
+    write_rows(k_cache, k_scale, k, slots)
     write_rows(v_cache, v_scale, v, slots)
 
 
@@ -173,7 +172,7 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def _write(self, call: PoolCall, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> None:
-        write_kv(call.k_cache, call.v_cache, k, v, call.slot_mapping, call.k_scale, call.v_scale, call.k_shift)
+        write_kv(call.k_cache, call.v_cache, k, v, call.slot_mapping, call.k_scale, call.v_scale)
         if call.k_label is not None and call.label_channels is not None:
             write_labels(call.k_label, call.label_channels, k, call.slot_mapping, call.label_scale)
         elif call.k_min is not None and call.k_max is not None:

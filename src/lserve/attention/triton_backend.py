@@ -149,7 +149,7 @@ class TritonAttentionBackend(AttentionBackend):
         kv_append(k, v, call.slot_mapping, call.k_cache, call.v_cache, call.k_min, call.k_max,
                   segments=segments, logical_page_size=logical, head_map=head_map, k_label=call.k_label,
                   label_channels=call.label_channels, label_scale=call.label_scale, k_scale=call.k_scale,
-                  v_scale=call.v_scale, k_shift=call.k_shift)
+                  v_scale=call.v_scale)
 
     def _page_scores(
         self, call: PoolCall, q: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,

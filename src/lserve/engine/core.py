@@ -133,9 +133,6 @@ class EngineCore:
         self.model = load_model(self.source, self.arch, rope_factors, self.dtype, self.device, config.model.seed,
                                 tp=self.tp, kv_order=self.kv_order, quantization=config.model.quantization)
         self._init_kv_cache()
-        # key smoothing (`engine.key_smoothing`): every rank's backend measures its heads' key
-        # shift on the first prefill step, which the engine makes its start-up prompt
-        self.runner.backend.measure_key_shift = self.kv_cache.shape.quantized and config.cache.kv_key_smoothing
         if self.workers is not None:
             self.workers.wait_ready()
         sched = config.scheduler
@@ -488,29 +485,6 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0 or bool(self._pending)
-
-    @property
-    def smoothing_prompt_limit(self) -> int:
-        """The longest start-up prompt for key smoothing: one prefill step (its first chunk)."""
-        return min(self.max_model_len - 1, self.config.scheduler.max_num_batched_tokens)
-
-    def run_smoothing_prompt(self, token_ids: list[int]) -> None:
-        """Prefill the start-up prompt whose keys set an FP8 cache's key shifts (`engine.key_smoothing`)
-        before any request is served; nothing without them. The counters do not count it."""
-        if not self.runner.backend.measure_key_shift:
-            return
-        if self.has_unfinished_requests():
-            raise LServeError("the key-smoothing prompt must run before any request")
-        self.add_request(self.make_request("lserve-key-smoothing", token_ids[: self.smoothing_prompt_limit],
-                                           SamplingParams(max_tokens=1, temperature=0.0), frozenset()))
-        while self.has_unfinished_requests():
-            self.step()
-        self.drain()
-        self._take_ended()
-        self.num_prompt_tokens = self.num_generation_tokens = self.num_decode_steps = 0
-        self.decode_pages_read = self.decode_pages_dense = self.last_step_num_tokens = 0
-        self.last_decode_pages_read_fraction = 1.0
-        self.scheduler.prefix_cache_queries = self.scheduler.prefix_cache_hits = 0
 
     def stats(self) -> EngineStats:
         """A snapshot of queue sizes, cache use and counters (cheap; safe to call every step)."""

@@ -14,7 +14,6 @@ from typing import Any
 from lserve.config import EngineConfig
 from lserve.engine.core import EngineCore
 from lserve.engine.stats import EngineStats
-from lserve.engine.key_smoothing import smoothing_prompt
 from lserve.engine.tokenizer import (
     IncrementalDetokenizer,
     Prompt,
@@ -57,8 +56,6 @@ class LLMEngine:
         self.config = config
         self.core = EngineCore(config)
         self.tokenizer = load_tokenizer(self.core.source)
-        self.core.run_smoothing_prompt(
-            smoothing_prompt(self.tokenizer, self.core.arch.vocab_size, self.core.smoothing_prompt_limit))
         self.eos_token_ids = frozenset(self.core.arch.eos_token_ids) | self._tokenizer_eos()
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()

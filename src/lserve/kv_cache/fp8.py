@@ -18,16 +18,8 @@ Why per token and head, and why powers of two (docs/sparsity.md, "FP8 KV cache")
 - the cost is 4 bytes per token and head for K and again for V: 1/32 of the FP8 data at head
   dimension 128, 1/16 at 64.
 
-Key smoothing (`kv_key_smoothing`, on by default): an FP8 cache stores each key minus a shift,
-the mean key of its layer and KV head measured once at start-up (`engine.key_smoothing`). A
-query's logits over the cached keys then all move by the same q . shift, which softmax ignores,
-so attention is unchanged in exact arithmetic; but keys often carry a large constant part in a
-few channels, and E4M3 rounds each value to 1/16 of itself, so subtracting that part cuts the
-rounding error where the logits are largest (docs/accuracy.md: +2.8% perplexity -> +1.0% on the
-default model).
-
-What page selection keeps (key min/max, key labels) is computed from the unquantized, unshifted
-keys and stays in the model's dtype.
+What page selection keeps (key min/max, key labels) is computed from the unquantized keys and
+stays in the model's dtype.
 """
 
 from __future__ import annotations
@@ -83,41 +75,14 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (values.float() * scale.unsqueeze(-1)).to(dtype)
 
 
-def key_shift(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Key smoothing's shift per KV head from a prompt's queries q (T, Hq, D) and keys k
-    (T, Hkv, D): (Hkv, D) float32, each head's mean key where storing the keys minus it lowers
-    the FP8 rounding error of its group's logits over the prompt, zeros where it does not.
-
-    The error compared is the mean square over every (query, key) pair of q . (dequantized -
-    stored): the shift only moves every logit of a query by the same amount, but it changes what
-    is rounded. Models whose keys are normalized per head (QK-norm) can lose by it."""
-    kf = k.float()
-    mean = kf.mean(0)  # (Hkv, D)
-    group = q.shape[1] // k.shape[1]
-    qf = q.float().view(q.shape[0], k.shape[1], group, q.shape[2])  # (T, Hkv, G, D)
-
-    def logit_error(rows: torch.Tensor) -> torch.Tensor:  # rows (T, Hkv, D) -> (Hkv,)
-        values, scales = quantize(rows)
-        delta = values.float() * scales[..., None] - rows
-        err = torch.einsum("thgd,shd->hgts", qf, delta)  # (Hkv, G, queries, keys)
-        return (err - err.mean(dim=3, keepdim=True)).pow(2).mean(dim=(1, 2, 3))
-
-    keep = logit_error(kf - mean) < logit_error(kf)
-    return torch.where(keep[:, None], mean, torch.zeros_like(mean))
-
-
 def write_rows(
-    cache: torch.Tensor, scales: torch.Tensor | None, new: torch.Tensor, slots: torch.Tensor,
-    shift: torch.Tensor | None = None,
+    cache: torch.Tensor, scales: torch.Tensor | None, new: torch.Tensor, slots: torch.Tensor
 ) -> None:
     """Rows new (T, H, D) into a (num_pages, page_size, H, D) cache at flat slots (T,); an FP8
-    cache (with its (num_pages, H, page_size) scales) takes them quantized, minus `shift` (H, D)
-    float32 if given (key smoothing)."""
+    cache (with its (num_pages, H, page_size) scales) takes them quantized."""
     num_pages, page_size = cache.shape[:2]
-    if shift is not None and scales is None:
-        raise ValueError("a key shift applies to an FP8 cache only")
     if scales is not None:
-        new, row_scales = quantize(new if shift is None else new.float() - shift)
+        new, row_scales = quantize(new)
         scales[slots // page_size, :, slots % page_size] = row_scales
     as_bytes(cache).view(num_pages * page_size, *cache.shape[2:]).index_copy_(0, slots, as_bytes(new))
 

@@ -106,9 +106,7 @@ class KVCacheTensors:
 
     An FP8 pool (`shape.quantized`) also has `k_scale`/`v_scale`: per layer
     `(num_pages, heads, page_size)` float32, the scale of each token's K (V) row per head (head-major
-    within a page, so that a kernel reads one head's scales of a page as one contiguous run), and
-    `k_shift`: per layer (heads, head_dim) float32, what each head's keys are stored minus (key
-    smoothing, `kv_cache.fp8`; zeros until the engine measures it)."""
+    within a page, so that a kernel reads one head's scales of a page as one contiguous run)."""
 
     def __init__(
         self, shape: KVShape, num_pages: int, device: torch.device, logical_page_size: int | None = None,
@@ -124,7 +122,6 @@ class KVCacheTensors:
         self.label_scale: list[torch.Tensor] | None = None
         self.k_scale: list[torch.Tensor] | None = None
         self.v_scale: list[torch.Tensor] | None = None
-        self.k_shift: list[torch.Tensor] | None = None
         # torch.empty: pages are written before they are read; no need to touch the memory here.
         try:
             dims = [(num_pages, shape.page_size, shape.layer_heads(i), shape.head_dim) for i in range(shape.num_layers)]
@@ -134,8 +131,6 @@ class KVCacheTensors:
                 sdims = [(n, heads, page) for n, page, heads, _ in dims]
                 self.k_scale = [torch.empty(d, dtype=SCALE_DTYPE, device=device) for d in sdims]
                 self.v_scale = [torch.empty(d, dtype=SCALE_DTYPE, device=device) for d in sdims]
-                self.k_shift = [torch.zeros((heads, shape.head_dim), dtype=SCALE_DTYPE, device=device)
-                                for _, _, heads, _ in dims]
             if label_channels is not None:
                 self.label_channels = [c.to(device=device, dtype=torch.int32).contiguous() for c in label_channels]
                 slots = num_pages * shape.page_size

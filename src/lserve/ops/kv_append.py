@@ -56,15 +56,11 @@ def plan_segments(slots: torch.Tensor, logical_page_size: int, all_single: bool 
 
 
 @triton.jit
-def _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, shift_ptr, head, cols, dst, scale_dst, k, v, mask, row_mask,
-              QUANT: tl.constexpr, AXIS: tl.constexpr, SHIFT: tl.constexpr):
-    """Store K/V rows at `dst`; an FP8 cache takes them quantized, their scales at `scale_dst`,
-    the keys minus the cache head's shift (its row of `shift_ptr`, (heads, D) float32) with SHIFT."""
+def _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, scale_dst, k, v, mask, row_mask, QUANT: tl.constexpr,
+              AXIS: tl.constexpr):
+    """Store K/V rows at `dst`; an FP8 cache takes them quantized, their scales at `scale_dst`."""
     if QUANT:
-        kf = k.to(tl.float32)
-        if SHIFT:
-            kf = kf - tl.load(shift_ptr + head * cols.shape[0] + cols)
-        kq, k_scale = quantize_rows(kf, AXIS)
+        kq, k_scale = quantize_rows(k.to(tl.float32), AXIS)
         vq, v_scale = quantize_rows(v.to(tl.float32), AXIS)
         tl.store(kc_ptr + dst, kq, mask=mask)
         tl.store(vc_ptr + dst, vq, mask=mask)
@@ -77,12 +73,12 @@ def _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, shift_ptr, head, cols, dst, scale_
 
 @triton.jit
 def _append_kernel(
-    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, map_ptr, label_ptr, chan_ptr, lscale_ptr, ks_ptr, vs_ptr, shift_ptr,
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, map_ptr, label_ptr, chan_ptr, lscale_ptr, ks_ptr, vs_ptr,
     num_tokens,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ct, stride_ch, stride_lh, stride_lsh, stride_sp, stride_sh,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MAP: tl.constexpr, LABELS: tl.constexpr,
-    LABEL_QUANT: tl.constexpr, QUANT: tl.constexpr, PAGE: tl.constexpr, SHIFT: tl.constexpr, PDL: tl.constexpr,
+    LABEL_QUANT: tl.constexpr, QUANT: tl.constexpr, PAGE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     pid_t = tl.program_id(0)
@@ -99,7 +95,7 @@ def _append_kernel(
     v = tl.load(v_ptr + rows[:, None] * stride_vt + src * stride_vh + cols[None, :], mask=m)
     dst = slots[:, None] * stride_ct + head * stride_ch + cols[None, :]
     scale_dst = (slots // PAGE) * stride_sp + head * stride_sh + slots % PAGE
-    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, shift_ptr, head, cols, dst, scale_dst, k, v, m, valid, QUANT, 1, SHIFT)
+    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, scale_dst, k, v, m, valid, QUANT, 1)
     if LABELS:
         # the key's label channels (a second, cached read of the same rows): (heads, slots, R) store
         c = tl.arange(0, LABELS)
@@ -126,10 +122,9 @@ def _store_page_stats(kmin_ptr, kmax_ptr, first_slot, head, lo, hi, cols, stride
 
 @triton.jit
 def _append_one_token(
-    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, stats_head_ptr, ks_ptr, vs_ptr, shift_ptr, t, head,
-    src, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch, stride_sg, stride_sh, stride_scp,
-    stride_sch, HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr, ALL_STATS: tl.constexpr, QUANT: tl.constexpr,
-    PAGE: tl.constexpr, SHIFT: tl.constexpr,
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, stats_head_ptr, ks_ptr, vs_ptr, t, head, src,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch, stride_sg, stride_sh, stride_scp, stride_sch,
+    HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr, ALL_STATS: tl.constexpr, QUANT: tl.constexpr, PAGE: tl.constexpr,
 ):
     """Token t alone (a decode step): its slot and its K/V rows load side by side, then the
     statistics of its logical page start afresh (its first token) or take it in: two dependent
@@ -140,8 +135,7 @@ def _append_one_token(
     v = tl.load(v_ptr + t * stride_vt + src * stride_vh + cols)
     dst = slot * stride_ct + head * stride_ch + cols
     scale_dst = (slot // PAGE) * stride_scp + head * stride_sch + slot % PAGE
-    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, shift_ptr, head, cols, dst, scale_dst, k, v, None, None, QUANT, 0,
-              SHIFT)
+    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, scale_dst, k, v, None, None, QUANT, 0)
     flag = 1
     if not ALL_STATS:
         flag = tl.load(stats_head_ptr + head)
@@ -153,11 +147,11 @@ def _append_one_token(
 @triton.jit
 def _append_stats_kernel(
     k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, seg_start_ptr, seg_len_ptr, stats_head_ptr,
-    map_ptr, ks_ptr, vs_ptr, shift_ptr,
+    map_ptr, ks_ptr, vs_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ct, stride_ch, stride_sg, stride_sh, stride_scp, stride_sch,
     HEAD_DIM: tl.constexpr, LOGICAL: tl.constexpr, ALL_STATS: tl.constexpr, HAS_MAP: tl.constexpr,
-    SINGLE: tl.constexpr, QUANT: tl.constexpr, PAGE: tl.constexpr, SHIFT: tl.constexpr, PDL: tl.constexpr,
+    SINGLE: tl.constexpr, QUANT: tl.constexpr, PAGE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     seg = tl.program_id(0)
@@ -167,9 +161,8 @@ def _append_stats_kernel(
         src = tl.load(map_ptr + head)
     if SINGLE:
         _append_one_token(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, stats_head_ptr, ks_ptr, vs_ptr,
-                          shift_ptr, seg, head, src, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch,
-                          stride_sg, stride_sh, stride_scp, stride_sch, HEAD_DIM, LOGICAL, ALL_STATS, QUANT, PAGE,
-                          SHIFT)
+                          seg, head, src, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch,
+                          stride_sg, stride_sh, stride_scp, stride_sch, HEAD_DIM, LOGICAL, ALL_STATS, QUANT, PAGE)
         return
     first = tl.load(seg_start_ptr + seg)
     n = tl.load(seg_len_ptr + seg)
@@ -183,7 +176,7 @@ def _append_stats_kernel(
     v = tl.load(v_ptr + rows[:, None] * stride_vt + src * stride_vh + cols[None, :], mask=m, other=0.0)
     dst = slots[:, None] * stride_ct + head * stride_ch + cols[None, :]
     scale_dst = (slots // PAGE) * stride_scp + head * stride_sch + slots % PAGE
-    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, shift_ptr, head, cols, dst, scale_dst, k, v, m, valid, QUANT, 1, SHIFT)
+    _store_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, dst, scale_dst, k, v, m, valid, QUANT, 1)
     flag = 1
     if not ALL_STATS:
         flag = tl.load(stats_head_ptr + head)
@@ -212,14 +205,11 @@ def kv_append(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     label_scale: torch.Tensor | None = None,
-    k_shift: torch.Tensor | None = None,
 ) -> None:
     """Write k, v (T, Hkv, D) into (num_pages, page_size, Hkv, D) caches at `slots` (T,) int64.
 
     FP8 caches take `k_scale`/`v_scale` (num_pages, Hkv, page_size) float32: each token's rows
-    are stored quantized (`kv_cache.fp8`) with their scales. With `k_shift` (cache heads, D)
-    float32 an FP8 cache stores each key minus its head's shift (key smoothing, `kv_cache.fp8`);
-    the statistics and labels stay those of the keys themselves.
+    are stored quantized (`kv_cache.fp8`) with their scales.
 
     With `k_min`/`k_max` ((num_pages * page_size // logical_page_size, Hkv, D)) also keep key
     statistics for the heads flagged in `stats_heads` (Hkv,) (all heads when None). With
@@ -242,11 +232,6 @@ def kv_append(
         raise ValueError("k, v need a contiguous last dim and the caches must be contiguous")
     ks, vs, *scale_strides = check_kv_scales(k_cache, k_scale, v_scale, slots)  # (per page, per head)
     quant = k_scale is not None
-    if k_shift is not None and (not quant or k_shift.shape != (hkv, d) or k_shift.dtype != torch.float32
-                                or not k_shift.is_contiguous()):
-        raise ValueError(f"a key shift is (cache heads, dim) = ({hkv}, {d}) float32 for an FP8 cache, got "
-                         f"{tuple(k_shift.shape)} {k_shift.dtype}" + ("" if quant else " without one"))
-    shift = k_shift if k_shift is not None else slots
     if t == 0:
         return
     cache_strides = (k_cache.stride(1), k_cache.stride(2))  # per token, per head
@@ -267,12 +252,12 @@ def kv_append(
         _append_kernel[(triton.cdiv(t, block_t), hkv)](
             k, v, slots, k_cache, v_cache, head_map if head_map is not None else slots,
             k_label if k_label is not None else slots, label_channels if label_channels is not None else slots,
-            label_scale if label_scale is not None else slots, ks, vs, shift, t,
+            label_scale if label_scale is not None else slots, ks, vs, t,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides,
             k_label.stride(0) if k_label is not None else 0, label_scale.stride(0) if label_scale is not None else 0,
             *scale_strides, HEAD_DIM=d, BLOCK_T=block_t, HAS_MAP=head_map is not None,
             LABELS=label_channels.shape[1] if label_channels is not None else 0,
-            LABEL_QUANT=label_scale is not None, QUANT=quant, PAGE=k_cache.shape[1], SHIFT=k_shift is not None,
+            LABEL_QUANT=label_scale is not None, QUANT=quant, PAGE=k_cache.shape[1],
             **pdl_args(k.device),
         )
         return
@@ -284,9 +269,9 @@ def kv_append(
     heads = stats_heads.to(torch.int8) if stats_heads is not None else seg.start  # (unread when ALL_STATS)
     _append_stats_kernel[(seg.num_segments, hkv)](
         k, v, slots, k_cache, v_cache, k_min, k_max, seg.start, seg.length, heads,
-        head_map if head_map is not None else slots, ks, vs, shift,
+        head_map if head_map is not None else slots, ks, vs,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), *cache_strides, k_min.stride(0), k_min.stride(1),
         *scale_strides,
         HEAD_DIM=d, LOGICAL=logical_page_size, ALL_STATS=stats_heads is None, HAS_MAP=head_map is not None,
-        SINGLE=seg.single, QUANT=quant, PAGE=k_cache.shape[1], SHIFT=k_shift is not None, **pdl_args(k.device),
+        SINGLE=seg.single, QUANT=quant, PAGE=k_cache.shape[1], **pdl_args(k.device),
     )

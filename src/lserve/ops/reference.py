@@ -33,20 +33,18 @@ def kv_append_ref(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     label_scale: torch.Tensor | None = None,
-    k_shift: torch.Tensor | None = None,
 ) -> None:
     """Write k, v (T, Hkv, D) at `slots` (T,); update min/max of the touched logical pages, or
     write the new keys' labels: `k_label[h, slot, j] = k[t, h, label_channels[h, j]]`, FP8 labels
     (with `label_scale` (Hkv, slots)) as `kv_cache.fp8.quantize` of each token's r label values.
     FP8 caches (with `k_scale`/`v_scale` (num_pages, Hkv, page_size)) store `kv_cache.fp8.quantize`
-    of each token's rows and their scales, the keys minus `k_shift` (Hkv, D) float32 if given;
-    statistics and labels come from the unquantized, unshifted keys.
+    of each token's rows and their scales; statistics and labels come from the unquantized keys.
 
     A logical page whose offset-0 token is among the new tokens starts fresh (its old statistics
     are stale: they belong to whoever used the page before); otherwise the new keys are merged
     into the existing statistics. `stats_heads` (Hkv,) bool limits statistics to those heads.
     """
-    write_rows(k_cache, k_scale, k, slots, k_shift)
+    write_rows(k_cache, k_scale, k, slots)
     write_rows(v_cache, v_scale, v, slots)
     if k_label is not None and label_channels is not None:
         for t, slot in enumerate(slots.tolist()):
