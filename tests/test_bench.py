@@ -222,3 +222,32 @@ def test_random_head_pattern_option(tmp_path: Path) -> None:
     assert bool((pattern.scores == again.scores).all())  # seeded
     plain = ConfigSpec("dense")
     assert with_random_pattern(plain, arch, tmp_path, seed=0) is plain
+
+
+def test_decode_profile_lists_each_configs_decode_operators(tiny_model: Path, monkeypatch, capsys) -> None:
+    """benchmarks/decode_profile.py profiles the timed run's decode steps (not the warm-ups) of
+    every configuration: on the CPU its table lists the matmuls, once per layer projection."""
+    import importlib.util
+    import sys
+
+    import lserve.bench.offline as offline
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_profile.py"
+    spec = importlib.util.spec_from_file_location("decode_profile", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(offline, "bench_config", offline.bench_config)  # undone after the test
+    monkeypatch.setattr(offline, "run_case", offline.run_case)
+    monkeypatch.setattr(sys, "argv", ["decode_profile.py", "--steps", "4", "--top", "5", "--", "--model",
+                                      str(tiny_model), "--load-format", "dummy", "--device", "cpu",
+                                      "--input-len", "40", "--output-len", "20", "--batch-size", "2",
+                                      "--compare", "dense:", "--compare", "p16:page_size=16"])
+    assert module.main() == 0
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line.startswith("# ") and "decode steps" in line]
+    assert [h.split(":")[0] for h in headers] == ["# dense", "# p16"]  # one table per timed case
+    assert all("4 decode steps of batch 2" in h for h in headers)
+    mm = [line for line in out.splitlines() if line.endswith("| aten::mm |")]
+    # 2 layers x (q/k/v, output, gate/up, down) projections + the LM head, per step, in each table
+    assert [float(line.split("|")[3]) for line in mm] == [9.0, 9.0], out

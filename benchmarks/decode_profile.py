@@ -1,0 +1,138 @@
+"""Where a decode step's time goes: `lserve bench` with a kernel profile of its timed decode steps.
+
+    python benchmarks/decode_profile.py [--steps 16] [--top 30] -- <lserve bench arguments>
+    python benchmarks/decode_profile.py -- --dummy-config llama-3-8b-262k --input-len 256k --output-len 32 \\
+        --batch-size 1 --compare dense: --compare "sd-kv8-w8:$S,token_budget=4096,kv_cache_dtype=fp8,quantization=fp8"
+
+Runs the bench command as given (its table is printed as usual). In each configuration's timed
+run (not the warm-ups), once every request has its first token, `torch.profiler` records the
+next `--steps` engine steps, all of them decode steps (cases need more than 16 output tokens, the
+warm-ups' length, and at least `--steps` + 2; shorter ones are not profiled). Printed per configuration: the kernels
+(CUDA; on a machine without one, the CPU operators) by their own time per step, their calls per
+step, and the sum per step beside the wall time of those steps: the difference is time the GPU
+waited for the host (launches, scheduling, sampling). Kernels inside replayed CUDA graphs are
+recorded as kernels.
+
+The profiled steps run slower than unprofiled ones (the profiler's own work), so the bench
+table's TPOT of a profiled case is not a speed figure; rerun without this script for that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import lserve.bench.offline as offline
+from lserve.cli import main as lserve_main
+
+
+class StepProfiler:
+    """Wraps `LLMEngine.step` for one timed case: profiles `steps` steps after every request's
+    first token, then prints the table."""
+
+    def __init__(self, config: str, batch: int, steps: int, top: int) -> None:
+        self.config, self.batch, self.steps, self.top = config, batch, steps, top
+        self.started: set[str] = set()
+        self.prof: Any = None
+        self.done = 0
+        self.t0 = 0.0
+
+    def wrap(self, step: Any) -> Any:
+        def profiled_step() -> Any:
+            outputs = step()
+            if self.prof is None and self.done == 0:
+                self.started.update(out.request_id for out in outputs)
+                if len(self.started) == self.batch:
+                    self._sync()
+                    self.prof = profile(activities=[self._activity()])
+                    self.prof.__enter__()
+                    self.t0 = time.perf_counter()
+            elif self.prof is not None:
+                self.done += 1
+                if self.done == self.steps:
+                    self._sync()
+                    wall = time.perf_counter() - self.t0
+                    self.prof.__exit__(None, None, None)
+                    print(self.table(self.prof, wall), flush=True)
+                    self.prof = None
+            return outputs
+
+        return profiled_step
+
+    @staticmethod
+    def _activity() -> ProfilerActivity:
+        return ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
+
+    @staticmethod
+    def _sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def table(self, prof: Any, wall_s: float) -> str:
+        cuda = self._activity() == ProfilerActivity.CUDA
+        rows = []
+        for event in prof.key_averages():
+            own = event.self_device_time_total if cuda else event.self_cpu_time_total  # microseconds
+            if own > 0:
+                rows.append((own / self.steps, event.count / self.steps, event.key))
+        rows.sort(key=lambda r: -r[0])
+        total = sum(r[0] for r in rows)
+        kind = "GPU kernels" if cuda else "CPU operators (no CUDA device)"
+        lines = [
+            f"\n# {self.config}: {kind}, {self.steps} decode steps of batch {self.batch}: "
+            f"{total / 1000:.3f} ms of kernel time per step, {wall_s / self.steps * 1000:.3f} ms wall per step "
+            f"(profiled)",
+            "| us/step | share | calls/step | kernel |",
+            "|---:|---:|---:|---|",
+        ]
+        for own, calls, name in rows[: self.top]:
+            lines.append(f"| {own:.1f} | {own / total:.1%} | {calls:.1f} | {name[:120]} |")
+        rest = rows[self.top:]
+        if rest:
+            lines.append(f"| {sum(r[0] for r in rest):.1f} | {sum(r[0] for r in rest) / total:.1%} | "
+                         f"{sum(r[1] for r in rest):.1f} | {len(rest)} other kernels |")
+        return "\n".join(lines)
+
+
+def install(steps: int, top: int) -> None:
+    """Route the bench's timed cases through a `StepProfiler` (warm-ups have shorter outputs)."""
+    bench_config, run_case = offline.bench_config, offline.run_case
+    current = {"config": ""}
+
+    def named_bench_config(spec: Any, *args: Any, **kwargs: Any) -> Any:
+        current["config"] = spec.name
+        return bench_config(spec, *args, **kwargs)
+
+    def profiled_run_case(llm: Any, case: Any, seed: int) -> Any:
+        if case.output_len < steps + 2 or case.output_len <= offline.warmup_case(case).output_len:
+            return run_case(llm, case, seed)
+        engine = llm.llm_engine
+        engine.step = StepProfiler(current["config"], case.batch_size, steps, top).wrap(engine.step)
+        try:
+            return run_case(llm, case, seed)
+        finally:
+            del engine.step
+
+    offline.bench_config, offline.run_case = named_bench_config, profiled_run_case
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=16, help="decode steps to profile per timed case")
+    ap.add_argument("--top", type=int, default=30, help="kernels listed per configuration")
+    ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then the `lserve bench` arguments")
+    args = ap.parse_args()
+    if args.steps < 1 or args.top < 1:
+        ap.error("--steps and --top must be >= 1")
+    bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    install(args.steps, args.top)
+    return lserve_main(["bench", *bench_args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
