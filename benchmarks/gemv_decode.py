@@ -16,6 +16,10 @@ reads them and multiplies x as it is (W8A16), and must match that product; besid
 multi-row path, `torch._scaled_mm` after the activation quantizer (`ops.fp8_linear.fp8_linear`),
 and cuBLAS and the GEMV (default tiling) on the bfloat16 weights as the baselines. Bandwidths are
 of the bytes each side reads (FP8: half).
+
+--prefetch 0,1024,...: instead, one row only, the GEMV at the engine's tiling and at 8 columns a
+program, with each `prefetch_k` (the first columns of each program's weight rows asked of L2
+before the kernel waits for its predecessor; 0 = off) side by side.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ SHAPES = {  # name: (N, K) of Llama-3-8B
     "output": (4096, 4096),
     "gate/up": (28672, 4096),  # with SiLU-and-mul: cuBLAS + silu_and_mul against gemv(gated=True)
     "down": (4096, 14336),
+    "lm_head": (128256, 4096),  # bfloat16 in the engine (not quantized); not in the default --shapes
 }
 COPIES = 8
 
@@ -57,9 +62,11 @@ def tilings(rows: int, fp8: bool = False) -> list[tuple[int, int, int, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,2,4,8")
-    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--shapes", default="q/k/v,output,gate/up,down", help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--fp8", action="store_true", help="FP8 weights: the GEMV and torch._scaled_mm against "
                     "cuBLAS on bfloat16 weights")
+    ap.add_argument("--prefetch", default=None, help="comma-separated prefetch_k values to compare "
+                    "(one row; with --fp8 on FP8 weights)")
     ap.add_argument("--json", default=None, help="write every time to this file, and the one-row tiling with "
                     "the least total time over the shapes (but gate/up) as 'best_one_row'")
     args = ap.parse_args()
@@ -67,6 +74,9 @@ def main() -> None:
     record: dict = {}
     print(f"# {torch.cuda.get_device_name()}; torch {torch.__version__}; {'FP8 weights, ' if args.fp8 else ''}"
           f"bf16 activations; {COPIES} distinct weights per graph, each product after an RMSNorm")
+    if args.prefetch:
+        prefetch_table(args, dev)
+        return
     if args.fp8:
         fp8_table(args, dev)
         return
@@ -180,6 +190,37 @@ def fp8_table(args: argparse.Namespace, dev: torch.device) -> None:
                   flush=True)
         ws.clear()
         q8.clear()
+        torch.cuda.empty_cache()
+
+
+def prefetch_table(args: argparse.Namespace, dev: torch.device) -> None:
+    values = [int(v) for v in args.prefetch.split(",")]
+    print(f"\n{'FP8' if args.fp8 else 'bf16'} weights, one row; us per product (TB/s) at each prefetch_k")
+    print("\n| projection | tiling | " + " | ".join(f"prefetch {v}" for v in values) + " |")
+    print("|---|---|" + "---:|" * len(values))
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        gated = name == "gate/up"
+        ws = [torch.randn((n, k), dtype=torch.bfloat16, device=dev) / k**0.5 for _ in range(COPIES)]
+        weights = [quantize_weight(w) for w in ws] if args.fp8 else [(w, None) for w in ws]
+        del ws
+        nbytes = n * k * weights[0][0].element_size()
+        norm_w = torch.ones(k, dtype=torch.bfloat16, device=dev)
+        h = torch.randn((1, k), dtype=torch.bfloat16, device=dev)
+        x = rms_norm(h, norm_w, 1e-5)
+        t_norm = bench_graph(lambda: [rms_norm(h, norm_w, 1e-5) for _ in weights], calls=4) * 1e3 / COPIES
+        for block_n in (4, 8):
+            want = gemv(x, weights[0][0], weight_scale=weights[0][1], gated=gated, block_n=block_n)
+            cells = []
+            for v in values:
+                kw = dict(block_n=block_n, gated=gated, prefetch_k=v)
+                got = gemv(x, weights[0][0], weight_scale=weights[0][1], **kw)
+                assert torch.equal(got, want), f"{name} prefetch_k={v} changed the product"
+                t = bench_graph(lambda kw=kw: [gemv(rms_norm(h, norm_w, 1e-5), w, weight_scale=s, **kw)
+                                               for w, s in weights], calls=4) * 1e3 / COPIES - t_norm
+                cells.append(f"{t:.1f} ({nbytes / t / 1e6:.2f})")
+            print(f"| {name} | ({block_n}, default) | " + " | ".join(cells) + " |", flush=True)
+        weights.clear()
         torch.cuda.empty_cache()
 
 

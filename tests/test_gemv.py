@@ -49,6 +49,40 @@ def test_gemv_rejects_what_it_does_not_serve() -> None:
         gemv(torch.zeros((1, 16), device=DEVICE), w, torch.zeros(16, device=DEVICE)[::2])
     with pytest.raises(ValueError, match="power of two"):
         gemv(torch.zeros((1, 16), device=DEVICE), w, block_n=3)
+    with pytest.raises(ValueError, match="prefetch_k must be a power of two"):
+        gemv(torch.zeros((1, 16), device=DEVICE), w, prefetch_k=48)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("prefetch_k", [128, 4096])
+def test_gemv_prefetch_changes_nothing(gated: bool, prefetch_k: int) -> None:
+    """The L2 prefetch (where the GPU launches the kernel early) reads nothing into the product:
+    the same bits with and without it, including a prefetch wider than K (clamped) and rows past
+    N in the last program."""
+    g = torch.Generator().manual_seed(prefetch_k + gated)
+    dtype = torch.float16
+    x = torch.randn((1, 333), generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn((2 * 37, 333), generator=g) / 16).to(dtype).to(DEVICE)
+    want = gemv(x, w, gated=gated, block_n=8)
+    assert torch.equal(gemv(x, w, gated=gated, block_n=8, prefetch_k=prefetch_k), want)
+
+
+def test_lm_head_takes_the_gemv_for_one_row_on_a_gpu() -> None:
+    """`lm_head_product` equals F.linear; on a GPU one half-precision row (a decode step at batch
+    1) goes through the GEMV, more rows and float32 through cuBLAS."""
+    from unittest import mock
+
+    from lserve.model.layers import lm_head_product
+
+    dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(4)
+    weight = (torch.randn((1000, 96), generator=g) / 8).to(DEVICE, dtype)  # vocab >> hidden, as LM heads are
+    with torch.no_grad(), mock.patch("lserve.ops.gemv.gemv", wraps=gemv) as spy:
+        for rows, dt in ((1, dtype), (3, dtype), (1, torch.float32)):
+            hidden = torch.randn((rows, 96), generator=g).to(DEVICE, dt)
+            want = hidden.double() @ weight.double().T
+            torch.testing.assert_close(lm_head_product(hidden, weight.to(dt)).double(), want, rtol=2e-3, atol=2e-3)
+    assert spy.call_count == (1 if DEVICE.type == "cuda" else 0)
 
 
 def test_linear_takes_the_gemv_only_where_it_should() -> None:

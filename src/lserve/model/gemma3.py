@@ -15,7 +15,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lserve.model.config import ArchConfig
-from lserve.model.layers import GatedMLP, GemmaRMSNorm, Linear, RotaryEmbedding, apply_rotary, rope_inv_freq
+from lserve.model.layers import (
+    GatedMLP,
+    GemmaRMSNorm,
+    Linear,
+    RotaryEmbedding,
+    apply_rotary,
+    lm_head_product,
+    rope_inv_freq,
+)
 from lserve.model.llama import AttentionFn
 from lserve.model.parallel import SINGLE, TensorParallel
 
@@ -100,6 +108,6 @@ class Gemma3ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> float32 logits (N, vocab), soft-capped when the model says so."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = self.tp.gather_vocab(nn.functional.linear(hidden, weight).float(), self.full_vocab_size)
+        logits = self.tp.gather_vocab(lm_head_product(hidden, weight).float(), self.full_vocab_size)
         cap = self.config.final_logit_softcapping
         return logits if not cap else torch.tanh(logits / cap) * cap

@@ -21,6 +21,19 @@ def use_fused_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and not torch.is_grad_enabled()
 
 
+def lm_head_product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden (N, H) times the LM head's (vocab, H) weight. One half-precision row on a GPU (a
+    decode step at batch 1) goes through the GEMV, which reads Llama-3-8B's bfloat16 head faster
+    than cuBLAS (docs/benchmarks.md); the rest through `F.linear`."""
+    if (use_fused_kernels(hidden) and not torch.is_autocast_enabled() and hidden.dim() == 2
+            and hidden.shape[0] == 1 and hidden.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == hidden.dtype and hidden.stride(1) == 1 and weight.stride(1) == 1):
+        from lserve.ops.gemv import gemv
+
+        return gemv(hidden, weight)
+    return nn.functional.linear(hidden, weight)
+
+
 class Linear(nn.Linear):
     """`nn.Linear` whose one-row products (a decode step at batch 1: half precision, on a GPU,
     outside autograd and autocast) run through `lserve.ops.gemv` for weights with K >= N / 2:

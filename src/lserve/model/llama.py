@@ -23,6 +23,7 @@ from lserve.model.layers import (
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
+    lm_head_product,
     rope_inv_freq,
 )
 from lserve.model.parallel import SINGLE, TensorParallel
@@ -131,4 +132,4 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> float32 logits (N, vocab)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.tp.gather_vocab(nn.functional.linear(hidden, weight).float(), self.full_vocab_size)
+        return self.tp.gather_vocab(lm_head_product(hidden, weight).float(), self.full_vocab_size)

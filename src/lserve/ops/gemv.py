@@ -37,13 +37,20 @@ MAX_ROWS = 8
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Bring the lines at `ptrs` into L2 (PTX `prefetch.global.L2`; nothing is read into registers)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K,
     stride_xm, stride_wn, stride_om,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     HAS_BIAS: tl.constexpr, GATED: tl.constexpr, W_FP8: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH_K: tl.constexpr, LINE: tl.constexpr,
 ):
-    pdl_enter(PDL)
     n0 = tl.program_id(0) * BLOCK_N
     m = tl.arange(0, M_PAD)[:, None, None]
     n = n0 + tl.arange(0, BLOCK_N)[None, :, None]
@@ -52,6 +59,18 @@ def _gemv_kernel(
     n_ok = n < N
     w_rows = w_ptr + n.to(tl.int64) * stride_wn
     up_rows = w_ptr + (n + N).to(tl.int64) * stride_wn  # GATED: rows N.. of [gate | up]
+    if PDL and PREFETCH_K > 0:
+        # the weight does not depend on the kernel before: ask L2 for the first PREFETCH_K
+        # columns of this program's rows while that kernel (or the wave before) still runs
+        tl.extra.cuda.gdc_launch_dependents()
+        lines = tl.minimum(tl.arange(0, PREFETCH_K // LINE) * LINE, K - 1)[None, :]  # one address per line
+        rows = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)[:, None].to(tl.int64)
+        _prefetch_l2(w_ptr + rows * stride_wn + lines)
+        if GATED:
+            _prefetch_l2(w_ptr + (rows + N) * stride_wn + lines)
+        tl.extra.cuda.gdc_wait()
+    else:
+        pdl_enter(PDL)
     acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
     acc_up = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)  # GATED: the up rows, N below
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
@@ -84,12 +103,13 @@ def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    block_n: int = 4,
+    block_n: int | None = None,
     block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
     gated: bool = False,
     weight_scale: torch.Tensor | None = None,
+    prefetch_k: int | None = None,
 ) -> torch.Tensor:
     """x (M, K) with 1 <= M <= MAX_ROWS, weight (N, K) and bias (N,) of x's dtype -> (M, N).
 
@@ -99,8 +119,14 @@ def gemv(
     `weight_scale` (N,) float32: the weight is E4M3 (`ops.fp8_linear.quantize_weight`), read as
     stored; each output is scaled after its sum (x is not quantized).
 
-    The default tiling (4 columns a program, 1024-wide K tiles for one row, 4 warps, 3 stages)
-    was the fastest over Llama-3-8B's q/k/v, output and down shapes at one row on an H200."""
+    `prefetch_k` (a power of two, 0: off): where the kernel launches early (programmatic dependent
+    launch, ops/launch.py), each program first asks L2 for the first `prefetch_k` columns of its
+    weight rows, before it waits for the kernel before it. The result is the same either way.
+
+    The default tiling (4 columns a program, 1024-wide K tiles for one row, 4 warps, 3 stages, no
+    prefetch) was the fastest over Llama-3-8B's q/k/v, output and down shapes at one row on an
+    H200 in bfloat16. FP8 weights default to 8 columns a program and a 1,024-column prefetch,
+    which made the whole 256K decode step fastest on an H100 (docs/benchmarks.md)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply")
     rows, k = x.shape
@@ -118,9 +144,13 @@ def gemv(
         raise ValueError(f"x ({x.dtype}), weight ({weight.dtype}) and bias need one dtype")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("x and weight need a contiguous last dimension")
+    if block_n is None:
+        block_n = 8 if weight_scale is not None else 4
+    if prefetch_k is None:
+        prefetch_k = 1024 if weight_scale is not None else 0
     if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1):
         raise ValueError(f"bias {tuple(bias.shape)} does not match {n} outputs or is not contiguous")
-    for name, size in (("block_n", block_n), ("block_k", block_k)):
+    for name, size in (("block_n", block_n), ("block_k", block_k), ("prefetch_k", prefetch_k or None)):
         if size is not None and (size < 1 or size & (size - 1)):
             raise ValueError(f"{name} must be a power of two, got {size}")
     if gated:
@@ -131,12 +161,13 @@ def gemv(
     if block_k is None:  # about 64 float32 accumulators per thread
         accumulators = m_pad * block_n * (2 if gated else 1)
         block_k = max(32, min(1024, triton.next_power_of_2(64 * 32 * num_warps // accumulators)))
+    line = 128 // weight.element_size()  # weight elements per 128-byte line
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight_scale if weight_scale is not None else x, bias if bias is not None else x, out,
         rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, HAS_BIAS=bias is not None,
-        GATED=gated, W_FP8=weight_scale is not None,
+        GATED=gated, W_FP8=weight_scale is not None, PREFETCH_K=prefetch_k, LINE=max(1, min(prefetch_k, line)),
         num_warps=num_warps, **pdl_args(x.device),
     )
     return out
