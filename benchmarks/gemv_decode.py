@@ -17,8 +17,8 @@ multi-row path, `torch._scaled_mm` after the activation quantizer (`ops.fp8_line
 and cuBLAS and the GEMV (default tiling) on the bfloat16 weights as the baselines. Bandwidths are
 of the bytes each side reads (FP8: half).
 
---prefetch 0,1024,...: instead, one row only, the GEMV at the engine's tiling and at 8 columns a
-program, with each `prefetch_k` (the first columns of each program's weight rows asked of L2
+--prefetch 0,1024,...: instead, one row only, the GEMV at 4 and at 8 columns a program (the other
+tiling parameters at their defaults), with each `prefetch_k` (the first columns of each program's weight rows asked of L2
 before the kernel waits for its predecessor; 0 = off) side by side.
 """
 
@@ -196,7 +196,7 @@ def fp8_table(args: argparse.Namespace, dev: torch.device) -> None:
 def prefetch_table(args: argparse.Namespace, dev: torch.device) -> None:
     values = [int(v) for v in args.prefetch.split(",")]
     print(f"\n{'FP8' if args.fp8 else 'bf16'} weights, one row; us per product (TB/s) at each prefetch_k")
-    print("\n| projection | tiling | " + " | ".join(f"prefetch {v}" for v in values) + " |")
+    print("\n| projection | block_n | " + " | ".join(f"prefetch {v}" for v in values) + " |")
     print("|---|---|" + "---:|" * len(values))
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
@@ -219,7 +219,7 @@ def prefetch_table(args: argparse.Namespace, dev: torch.device) -> None:
                 t = bench_graph(lambda kw=kw: [gemv(rms_norm(h, norm_w, 1e-5), w, weight_scale=s, **kw)
                                                for w, s in weights], calls=4) * 1e3 / COPIES - t_norm
                 cells.append(f"{t:.1f} ({nbytes / t / 1e6:.2f})")
-            print(f"| {name} | ({block_n}, default) | " + " | ".join(cells) + " |", flush=True)
+            print(f"| {name} | {block_n} columns | " + " | ".join(cells) + " |", flush=True)
         weights.clear()
         torch.cuda.empty_cache()
 
