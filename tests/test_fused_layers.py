@@ -50,7 +50,8 @@ def test_rms_norm_and_fused_add(dtype: torch.dtype, tokens: int, hidden: int) ->
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,hq,hkv,d", [(1, 4, 2, 16), (9, 9, 3, 64), (5, 32, 8, 128), (3, 4, 1, 24), (4, 3, 3, 96)])
+@pytest.mark.parametrize("tokens,hq,hkv,d", [(1, 4, 2, 16), (9, 9, 3, 64), (5, 32, 8, 128), (3, 4, 1, 24), (4, 3, 3, 96),
+                                           (2, 20, 20, 32)])
 def test_rotary_in_place_on_strided_views(dtype: torch.dtype, tokens: int, hq: int, hkv: int, d: int) -> None:
     gen = torch.Generator().manual_seed(tokens + hq)
     rope = RotaryEmbedding(rope_inv_freq(d, 10000.0, None))

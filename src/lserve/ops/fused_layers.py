@@ -66,37 +66,48 @@ def rms_norm(
 
 
 @triton.jit
+def _rotate_heads(ptr, t, stride_t, stride_h, num_heads, h0, c, s,
+                  HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rotate heads h0 .. h0 + BLOCK_H of token t in place."""
+    d = tl.arange(0, BLOCK_D)
+    rows = h0 + tl.arange(0, BLOCK_H)
+    m = (rows < num_heads)[:, None] & (d < HALF)[None, :]
+    dt = ptr.dtype.element_ty
+    a1 = ptr + t * stride_t + rows[:, None] * stride_h + d[None, :]
+    x1 = tl.load(a1, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(a1 + HALF, mask=m, other=0.0).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, each product rounded, then the sum
+    y1 = _round(x1 * c, dt) + _round(-x2 * s, dt)
+    y2 = _round(x2 * c, dt) + _round(x1 * s, dt)
+    tl.store(a1, y1.to(dt), mask=m)
+    tl.store(a1 + HALF, y2.to(dt), mask=m)
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, num_q_heads, num_k_heads,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
     HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    """One program per (token, block of BLOCK_H heads): the query heads' blocks first, then the
+    key heads'. Side by side rather than in a loop, so that a decode step's one token does not
+    pay for its blocks one after another."""
     pdl_enter(PDL)
     t = tl.program_id(0)
+    block = tl.program_id(1)
+    q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
     d = tl.arange(0, BLOCK_D)  # HALF rounded up to a power of two (a head of 24 or 96 channels)
     dm = d < HALF
-    h = tl.arange(0, BLOCK_H)
     dt = q_ptr.dtype.element_ty
     # cos/sin repeat over the two halves (the frequencies are concatenated twice)
     c = _round(tl.load(cos_ptr + t * stride_ct + d, mask=dm, other=0.0), dt)[None, :]
     s = _round(tl.load(sin_ptr + t * stride_ct + d, mask=dm, other=0.0), dt)[None, :]
-    for which in tl.static_range(2):
-        ptr = q_ptr if which == 0 else k_ptr
-        st = stride_qt if which == 0 else stride_kt
-        sh = stride_qh if which == 0 else stride_kh
-        nh = num_q_heads if which == 0 else num_k_heads
-        for h0 in range(0, nh, BLOCK_H):
-            rows = h0 + h
-            m = (rows < nh)[:, None] & dm[None, :]
-            a1 = ptr + t * st + rows[:, None] * sh + d[None, :]
-            x1 = tl.load(a1, mask=m, other=0.0).to(tl.float32)
-            x2 = tl.load(a1 + HALF, mask=m, other=0.0).to(tl.float32)
-            # x * cos + rotate_half(x) * sin, each product rounded, then the sum
-            y1 = _round(x1 * c, dt) + _round(-x2 * s, dt)
-            y2 = _round(x2 * c, dt) + _round(x1 * s, dt)
-            tl.store(a1, y1.to(dt), mask=m)
-            tl.store(a1 + HALF, y2.to(dt), mask=m)
+    if block < q_blocks:
+        _rotate_heads(q_ptr, t, stride_qt, stride_qh, num_q_heads, block * BLOCK_H, c, s, HALF, BLOCK_D, BLOCK_H)
+    else:
+        _rotate_heads(k_ptr, t, stride_kt, stride_kh, num_k_heads, (block - q_blocks) * BLOCK_H, c, s,
+                      HALF, BLOCK_D, BLOCK_H)
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -110,10 +121,11 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         cos, sin = cos.contiguous(), sin.contiguous()
     if t == 0:
         return
-    _rotary_kernel[(t,)](
+    block_h = min(16, triton.next_power_of_2(max(hq, k.shape[1])))
+    blocks = triton.cdiv(hq, block_h) + triton.cdiv(k.shape[1], block_h)
+    _rotary_kernel[(t, blocks)](
         q, k, cos, sin, hq, k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-        HALF=d // 2, BLOCK_D=triton.next_power_of_2(d // 2),
-        BLOCK_H=min(16, triton.next_power_of_2(max(hq, k.shape[1]))), **pdl_args(q.device),
+        HALF=d // 2, BLOCK_D=triton.next_power_of_2(d // 2), BLOCK_H=block_h, **pdl_args(q.device),
     )
 
 
