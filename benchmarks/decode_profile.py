@@ -7,11 +7,14 @@
 Runs the bench command as given (its table is printed as usual). In each configuration's timed
 run (not the warm-ups), once every request has its first token, `torch.profiler` records the
 next `--steps` engine steps, all of them decode steps (cases need more than 16 output tokens, the
-warm-ups' length, and at least `--steps` + 2; shorter ones are not profiled). Printed per configuration: the kernels
-(CUDA; on a machine without one, the CPU operators) by their own time per step, their calls per
-step, and the sum per step beside the wall time of those steps: the difference is time the GPU
-waited for the host (launches, scheduling, sampling). Kernels inside replayed CUDA graphs are
-recorded as kernels.
+warm-ups' length, and at least `--steps` + 2; shorter ones are not profiled). Printed per
+configuration: the kernels (CUDA; on a machine without one, the CPU operators) by their own time
+per step, their calls per step, and the sum per step beside the wall time of those steps. Wall
+time above the sum is time the GPU waited for the host (launches, scheduling, sampling); the sum
+can also exceed the wall time, where kernels overlap: a kernel launched with programmatic
+dependent launch (`lserve.ops.launch`) counts its wait for the kernel before as its own time, and
+the streaming heads' ring runs on a side stream. Kernels inside replayed CUDA graphs are recorded
+as kernels.
 
 The profiled steps run slower than unprofiled ones (the profiler's own work), so the bench
 table's TPOT of a profiled case is not a speed figure; rerun without this script for that.

@@ -21,13 +21,21 @@ def use_fused_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and not torch.is_grad_enabled()
 
 
+def gemv_serves(x: torch.Tensor, weight: torch.Tensor, max_rows: int, fp8_weight: bool = False) -> bool:
+    """Whether `lserve.ops.gemv` can take x times `weight`: inference on a GPU outside autocast, 1 to
+    `max_rows` contiguous half-precision rows, and a weight of x's dtype (or an FP8 one with its
+    scales), contiguous along K. Whatever the weight's shape: which products go there is the
+    caller's choice."""
+    return (use_fused_kernels(x) and not torch.is_autocast_enabled() and x.dim() == 2
+            and 1 <= x.shape[0] <= max_rows and x.dtype in (torch.bfloat16, torch.float16)
+            and (weight.dtype == x.dtype or fp8_weight) and x.stride(1) == 1 and weight.stride(1) == 1)
+
+
 def lm_head_product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden (N, H) times the LM head's (vocab, H) weight. One half-precision row on a GPU (a
     decode step at batch 1) goes through the GEMV, which reads Llama-3-8B's bfloat16 head faster
     than cuBLAS (docs/benchmarks.md); the rest through `F.linear`."""
-    if (use_fused_kernels(hidden) and not torch.is_autocast_enabled() and hidden.dim() == 2
-            and hidden.shape[0] == 1 and hidden.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == hidden.dtype and hidden.stride(1) == 1 and weight.stride(1) == 1):
+    if gemv_serves(hidden, weight, max_rows=1):
         from lserve.ops.gemv import gemv
 
         return gemv(hidden, weight)
@@ -71,11 +79,7 @@ class Linear(nn.Linear):
 
     def serves_gemv(self, x: torch.Tensor) -> bool:
         """Whether `lserve.ops.gemv` can take x times this weight (whatever the weight's shape)."""
-        return (self.use_gemv and use_fused_kernels(x) and not torch.is_autocast_enabled()
-                and x.dim() == 2 and 1 <= x.shape[0] <= self.gemv_rows
-                and x.dtype in (torch.bfloat16, torch.float16)
-                and (self.weight.dtype == x.dtype or self.weight_scale is not None)
-                and x.stride(1) == 1 and self.weight.stride(1) == 1)
+        return self.use_gemv and gemv_serves(x, self.weight, self.gemv_rows, self.weight_scale is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if 2 * self.in_features >= self.out_features and self.serves_gemv(x):
