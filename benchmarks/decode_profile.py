@@ -1,13 +1,17 @@
-"""Where a decode step's time goes: `lserve bench` with a kernel profile of its timed decode steps.
+"""Where a decode (or prefill) step's time goes: `lserve bench` with a kernel profile of its timed steps.
 
     python benchmarks/decode_profile.py [--steps 16] [--top 30] -- <lserve bench arguments>
+    python benchmarks/decode_profile.py --phase prefill --skip 8 --steps 2 -- <lserve bench arguments>
     python benchmarks/decode_profile.py -- --dummy-config llama-3-8b-262k --input-len 256k --output-len 32 \\
         --batch-size 1 --compare dense: --compare "sd-kv8-w8:$S,token_budget=4096,kv_cache_dtype=fp8,quantization=fp8"
 
 Runs the bench command as given (its table is printed as usual). In each configuration's timed
 run (not the warm-ups), once every request has its first token, `torch.profiler` records the
 next `--steps` engine steps, all of them decode steps (cases need more than 16 output tokens, the
-warm-ups' length, and at least `--steps` + 2; shorter ones are not profiled). Printed per
+warm-ups' length, and at least `--steps` + 2; shorter ones are not profiled). With `--phase prefill`
+it records engine steps `--skip` to `--skip` + `--steps` - 1 of the timed run instead (counted
+from 0): prefill chunks while the prompts are still being prefilled (a 128K prompt in chunks of
+8,192 tokens takes 16 steps; skipping the first ones leaves out one-off compilation). Printed per
 configuration: the kernels (CUDA; on a machine without one, the CPU operators) by their own time
 per step, their calls per step, and the sum per step beside the wall time of those steps. Wall
 time above the sum is time the GPU waited for the host (launches, scheduling, sampling); the sum
@@ -36,36 +40,52 @@ from lserve.cli import main as lserve_main
 
 class StepProfiler:
     """Wraps `LLMEngine.step` for one timed case: profiles `steps` steps after every request's
-    first token, then prints the table."""
+    first token (phase "decode") or from step `skip` on (phase "prefill"), then prints the table."""
 
-    def __init__(self, config: str, batch: int, steps: int, top: int) -> None:
+    def __init__(self, config: str, batch: int, steps: int, top: int, phase: str = "decode",
+                 skip: int = 0) -> None:
         self.config, self.batch, self.steps, self.top = config, batch, steps, top
+        self.phase, self.skip = phase, skip
         self.started: set[str] = set()
         self.prof: Any = None
         self.done = 0
+        self.calls = 0
         self.t0 = 0.0
+
+    def _start(self) -> None:
+        self._sync()
+        self.prof = profile(activities=[self._activity()])
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
 
     def wrap(self, step: Any) -> Any:
         def profiled_step() -> Any:
+            if self.phase == "prefill" and self.calls == self.skip:
+                self._start()
+            self.calls += 1
             outputs = step()
+            if self.phase == "prefill":
+                if self.prof is not None:
+                    self._count_done()
+                return outputs
             if self.prof is None and self.done == 0:
                 self.started.update(out.request_id for out in outputs)
                 if len(self.started) == self.batch:
-                    self._sync()
-                    self.prof = profile(activities=[self._activity()])
-                    self.prof.__enter__()
-                    self.t0 = time.perf_counter()
+                    self._start()
             elif self.prof is not None:
-                self.done += 1
-                if self.done == self.steps:
-                    self._sync()
-                    wall = time.perf_counter() - self.t0
-                    self.prof.__exit__(None, None, None)
-                    print(self.table(self.prof, wall), flush=True)
-                    self.prof = None
+                self._count_done()
             return outputs
 
         return profiled_step
+
+    def _count_done(self) -> None:
+        self.done += 1
+        if self.done == self.steps:
+            self._sync()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            print(self.table(self.prof, wall), flush=True)
+            self.prof = None
 
     @staticmethod
     def _activity() -> ProfilerActivity:
@@ -87,7 +107,7 @@ class StepProfiler:
         total = sum(r[0] for r in rows)
         kind = "GPU kernels" if cuda else "CPU operators (no CUDA device)"
         lines = [
-            f"\n# {self.config}: {kind}, {self.steps} decode steps of batch {self.batch}: "
+            f"\n# {self.config}: {kind}, {self.steps} {self.phase} steps of batch {self.batch}: "
             f"{total / 1000:.3f} ms of kernel time per step, {wall_s / self.steps * 1000:.3f} ms wall per step "
             f"(profiled)",
             "| us/step | share | calls/step | kernel |",
@@ -102,7 +122,7 @@ class StepProfiler:
         return "\n".join(lines)
 
 
-def install(steps: int, top: int) -> None:
+def install(steps: int, top: int, phase: str = "decode", skip: int = 0) -> None:
     """Route the bench's timed cases through a `StepProfiler` (warm-ups have shorter outputs)."""
     bench_config, run_case = offline.bench_config, offline.run_case
     current = {"config": ""}
@@ -112,10 +132,12 @@ def install(steps: int, top: int) -> None:
         return bench_config(spec, *args, **kwargs)
 
     def profiled_run_case(llm: Any, case: Any, seed: int) -> Any:
-        if case.output_len < steps + 2 or case.output_len <= offline.warmup_case(case).output_len:
+        too_short = phase == "decode" and case.output_len < steps + 2
+        if too_short or case.output_len <= offline.warmup_case(case).output_len:
             return run_case(llm, case, seed)
         engine = llm.llm_engine
-        engine.step = StepProfiler(current["config"], case.batch_size, steps, top).wrap(engine.step)
+        profiler = StepProfiler(current["config"], case.batch_size, steps, top, phase, skip)
+        engine.step = profiler.wrap(engine.step)
         try:
             return run_case(llm, case, seed)
         finally:
@@ -126,14 +148,19 @@ def install(steps: int, top: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=16, help="decode steps to profile per timed case")
+    ap.add_argument("--steps", type=int, default=16, help="steps to profile per timed case")
+    ap.add_argument("--phase", choices=("decode", "prefill"), default="decode",
+                    help="decode: the steps after every first token; prefill: the steps from --skip on")
+    ap.add_argument("--skip", type=int, default=0, help="with --phase prefill: engine steps before the profile")
     ap.add_argument("--top", type=int, default=30, help="kernels listed per configuration")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then the `lserve bench` arguments")
     args = ap.parse_args()
     if args.steps < 1 or args.top < 1:
         ap.error("--steps and --top must be >= 1")
+    if args.skip < 0 or (args.skip and args.phase != "prefill"):
+        ap.error("--skip must be >= 0 and goes with --phase prefill")
     bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
-    install(args.steps, args.top)
+    install(args.steps, args.top, args.phase, args.skip)
     return lserve_main(["bench", *bench_args])
 
 

@@ -224,19 +224,26 @@ def test_random_head_pattern_option(tmp_path: Path) -> None:
     assert with_random_pattern(plain, arch, tmp_path, seed=0) is plain
 
 
-def test_decode_profile_lists_each_configs_decode_operators(tiny_model: Path, monkeypatch, capsys) -> None:
-    """benchmarks/decode_profile.py profiles the timed run's decode steps (not the warm-ups) of
-    every configuration: on the CPU its table lists the matmuls, once per layer projection."""
+def _load_decode_profile():
+    """benchmarks/decode_profile.py as a module (benchmarks/ is not a package)."""
     import importlib.util
-    import sys
-
-    import lserve.bench.offline as offline
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_profile.py"
     spec = importlib.util.spec_from_file_location("decode_profile", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_profile_lists_each_configs_decode_operators(tiny_model: Path, monkeypatch, capsys) -> None:
+    """benchmarks/decode_profile.py profiles the timed run's decode steps (not the warm-ups) of
+    every configuration: on the CPU its table lists the matmuls, once per layer projection."""
+    import sys
+
+    import lserve.bench.offline as offline
+
+    module = _load_decode_profile()
     monkeypatch.setattr(offline, "bench_config", offline.bench_config)  # undone after the test
     monkeypatch.setattr(offline, "run_case", offline.run_case)
     monkeypatch.setattr(sys, "argv", ["decode_profile.py", "--steps", "4", "--top", "5", "--", "--model",
@@ -251,3 +258,36 @@ def test_decode_profile_lists_each_configs_decode_operators(tiny_model: Path, mo
     mm = [line for line in out.splitlines() if line.endswith("| aten::mm |")]
     # 2 layers x (q/k/v, output, gate/up, down) projections + the LM head, per step, in each table
     assert [float(line.split("|")[3]) for line in mm] == [9.0, 9.0], out
+
+
+def test_decode_profile_prefill_phase_profiles_prefill_chunks(tiny_model: Path, monkeypatch, capsys) -> None:
+    """With --phase prefill the profile covers engine steps --skip on: chunks of a prompt longer
+    than the step's token budget, whose matmuls run once per projection per chunk."""
+    import sys
+
+    import lserve.bench.offline as offline
+
+    module = _load_decode_profile()
+    monkeypatch.setattr(offline, "bench_config", offline.bench_config)
+    monkeypatch.setattr(offline, "run_case", offline.run_case)
+    monkeypatch.setattr(sys, "argv", ["decode_profile.py", "--phase", "prefill", "--skip", "1", "--steps", "2",
+                                      "--top", "50", "--", "--model", str(tiny_model), "--load-format", "dummy",
+                                      "--device", "cpu", "--input-len", "100", "--output-len", "20",
+                                      "--batch-size", "1", "--max-num-batched-tokens", "32", "--compare", "dense:"])
+    assert module.main() == 0
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line.startswith("# dense:")]
+    assert len(headers) == 1 and "2 prefill steps of batch 1" in headers[0], out
+    mm = [line for line in out.splitlines() if line.endswith("| aten::mm |")]
+    # steps 1-2 of a 100-token prompt in 32-token chunks are prefill chunks: no LM head (the
+    # last chunk's would add one), 2 layers x 4 projections each
+    assert [float(line.split("|")[3]) for line in mm] == [8.0], out
+
+
+def test_decode_profile_rejects_skip_without_prefill_phase(monkeypatch) -> None:
+    import sys
+
+    module = _load_decode_profile()
+    monkeypatch.setattr(sys, "argv", ["decode_profile.py", "--skip", "2", "--", "--input-len", "8"])
+    with pytest.raises(SystemExit):
+        module.main()
