@@ -353,6 +353,47 @@ def test_kv_append_through_a_head_map() -> None:
             assert torch.equal(k_max[0], k[:3, [2, 0]].amax(0)) and torch.equal(k_min[2], k[3:, [2, 0]].amin(0))
 
 
+@pytest.mark.parametrize("use_tma", TMA, ids=lambda t: "tma" if t else "ptr")
+def test_prefill_through_a_head_map_writes_only_its_heads(use_tma: bool) -> None:
+    """Two pools (KV heads [1, 3], one of them streaming, and [0, 2] of four, group 3) fill one
+    output from a strided q (a view of a wider projection, as the engine's): each call equals the
+    gathered-heads call and leaves the other pool's rows alone."""
+    page_size, hkv, group, d, block_m = 16, 4, 3, 32, 16
+    hq = hkv * group
+    rng = random.Random(3)
+    seq_lens = [rng.randint(page_size + 3, 5 * page_size - 1) | 1 for _ in range(3)]
+    q_lens = [seq_lens[0], 23, 1]
+    starts = [0, q_lens[0], q_lens[0] + q_lens[1], sum(q_lens)]
+    gen = torch.Generator().manual_seed(4)
+    wide = torch.randn((starts[-1], hq + 5, d), generator=gen).to(DEVICE)
+    q = wide[:, 2 : 2 + hq]  # strided rows, like q inside a fused q/k/v projection
+    tiles = plan_tiles(q_lens, block_m, DEVICE)
+    qsl = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    sink, local = 5, page_size + 7
+    out = torch.full((starts[-1], hq, d), float("nan"), device=DEVICE)
+    for heads, streaming in (([1, 3], [True, False]), ([0, 2], None)):
+        seqs = PagedSeqs(seq_lens, page_size, len(heads), d, torch.float32, seed=heads[0] + 7)
+        stream = torch.tensor(streaming, device=DEVICE) if streaming is not None else None
+        kv_map = torch.tensor(heads, device=DEVICE)
+        q_heads = [h * group + g for h in heads for g in range(group)]
+        before = out.clone()
+        sparse_prefill(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, qsl, tiles, d**-0.5,
+                       streaming_heads=stream, sink=sink, local=local, out=out, use_tma=use_tma,
+                       kv_head_map=kv_map, group=group)
+        want = ref.sparse_prefill_ref(q[:, q_heads].contiguous(), seqs.k_cache, seqs.v_cache, starts, seqs.seq_lens,
+                                      seqs.page_tables, d**-0.5, stream, sink, local)
+        assert _rel_err(out[:, q_heads], want) < 1e-5
+        others = [h for h in range(hq) if h not in q_heads]
+        assert torch.equal(out[:, others].isnan(), before[:, others].isnan())
+        if streaming is not None:  # negative: the mapped streaming head is not read densely
+            dense = ref.sparse_prefill_ref(q[:, q_heads].contiguous(), seqs.k_cache, seqs.v_cache, starts,
+                                           seqs.seq_lens, seqs.page_tables, d**-0.5)
+            assert _rel_err(out[:, q_heads[:group]], dense[:, :group]) > 1e-3
+    assert not out.isnan().any()
+    with pytest.raises(ValueError, match="kv_head_map"):
+        sparse_prefill(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, qsl, tiles, 1.0, kv_head_map=kv_map)
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_through_a_head_map_writes_only_its_heads(num_splits: int) -> None:
     """Two pools (heads [1, 3] and [0, 2] of four KV heads, group 3) fill one output; each call

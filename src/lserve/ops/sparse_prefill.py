@@ -99,17 +99,20 @@ def _attend_tile(
 @triton.jit
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, out_ptr, page_table_ptr, seq_lens_ptr, qsl_ptr, tile_seq_ptr, tile_row_ptr,
-    stream_ptr, list_ptr, list_len_ptr,
+    stream_ptr, list_ptr, list_len_ptr, head_map_ptr,
     sink, local, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cp, stride_ct, stride_ch, stride_pt_b, stride_list_t, stride_list_h, stride_len_t,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
-    HAS_STREAM: tl.constexpr, HAS_LIST: tl.constexpr,
+    HAS_STREAM: tl.constexpr, HAS_LIST: tl.constexpr, HAS_MAP: tl.constexpr,
 ):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # long tiles first: a shorter tail
-    head = tl.program_id(1)
-    kvh = head // GROUP
+    kvh = tl.program_id(1) // GROUP  # the cache's KV head
+    if HAS_MAP:  # the cache holds some of the model's heads: q and out rows are the model's
+        head = tl.load(head_map_ptr + kvh) * GROUP + tl.program_id(1) % GROUP
+    else:
+        head = tl.program_id(1)
     s_idx = tl.load(tile_seq_ptr + tile)
     row0 = tl.load(tile_row_ptr + tile)
     q_start = tl.load(qsl_ptr + s_idx)
@@ -192,19 +195,37 @@ def sparse_prefill(
     use_tma: bool = False,
     num_warps: int = 4,
     num_stages: int = 2,
+    kv_head_map: torch.Tensor | None = None,
+    group: int | None = None,
 ) -> torch.Tensor:
     """q (T, Hq, D) of prefill chunks -> (T, Hq, D). The chunks' K/V must already be in the cache.
 
     page_table (B, max_pages) int32, seq_lens (B,) int32 (cached + new), query_start_loc (B + 1,)
     int32 offsets of each sequence's rows in q; tiles from `plan_tiles`. streaming_heads (Hkv,) or
     None; page_list (num_tiles, Hkv, max_list) int32 page indices with page_list_len (num_tiles, Hkv).
+    q may be a strided view (its last dimension contiguous).
+
+    A cache that holds some of the model's KV heads (one pool of several) takes `kv_head_map`
+    (Hkv,) int64, the model KV head of each cache head, with `group` (query heads per KV head) and
+    `out`: q then holds all of the model's query heads and the result goes into those heads' rows
+    of `out`, the other rows left as they are (no gather or scatter copies).
     """
     hq, d = q.shape[1:]
-    page_size, hkv = check_paged_attention(q, k_cache, v_cache, page_table, page_list, page_list_len)
+    if kv_head_map is not None:
+        hkv = k_cache.shape[2]
+        if out is None or group is None or kv_head_map.shape != (hkv,) or hkv * group > hq:
+            raise ValueError("kv_head_map needs `out`, `group` and one entry per cache head")
+        page_size, _ = check_paged_attention(q[:, : hkv * group], k_cache, v_cache, page_table, page_list,
+                                             page_list_len)
+    else:
+        page_size, hkv = check_paged_attention(q, k_cache, v_cache, page_table, page_list, page_list_len)
+        group = hq // hkv
     if block_n & (block_n - 1) or block_n < 16:
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if out is None:
         out = torch.empty_like(q)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} does not match q {tuple(q.shape)}")
     if tiles.num_tiles == 0:
         return out
     stream, lst, lst_len = pack_sparse_args(q.device, streaming_heads, page_list, page_list_len)
@@ -216,16 +237,16 @@ def sparse_prefill(
         rows = k_cache.shape[0] * page_size
         k_src = TensorDescriptor.from_tensor(k_cache.view(rows, hkv * d), [page_size, d])
         v_src = TensorDescriptor.from_tensor(v_cache.view(rows, hkv * d), [page_size, d])
-    _prefill_kernel[(tiles.num_tiles, hq)](
+    _prefill_kernel[(tiles.num_tiles, hkv * group)](
         q, k_src, v_src, out, page_table, seq_lens, query_start_loc, tiles.seq, tiles.row_start,
-        stream, lst, lst_len,
+        stream, lst, lst_len, kv_head_map if kv_head_map is not None else seq_lens,
         sink, local, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), page_table.stride(0),
         lst.stride(0), lst.stride(1), lst_len.stride(0),
-        GROUP=hq // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, BLOCK_M=tiles.block_m,
+        GROUP=group, HEAD_DIM=d, PAGE_SIZE=page_size, BLOCK_M=tiles.block_m,
         BLOCK_N=max(block_n, page_size), USE_TMA=use_tma,
-        HAS_STREAM=streaming_heads is not None, HAS_LIST=page_list is not None,
+        HAS_STREAM=streaming_heads is not None, HAS_LIST=page_list is not None, HAS_MAP=kv_head_map is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
