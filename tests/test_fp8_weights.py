@@ -154,7 +154,7 @@ def test_a_quantized_linear_and_mlp_match_the_reference() -> None:
         torch.testing.assert_close(mlp(x), want_mlp, rtol=1e-5, atol=1e-5)
 
 
-def test_no_fp8_matmul_is_a_clear_error_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_fp8_matmul_is_a_clear_error_before_loading(monkeypatch: pytest.MonkeyPatch, tiny_qwen: Path) -> None:
     def missing(*args, **kwargs):
         raise RuntimeError("torch._scaled_mm is only supported on CUDA devices with compute capability >= 9.0")
 
@@ -163,15 +163,16 @@ def test_no_fp8_matmul_is_a_clear_error_before_loading(monkeypatch: pytest.Monke
         check_fp8_matmul(torch.device("cpu"), torch.float32)
     with mock.patch("lserve.model.loader.load_named_tensors") as load, \
             pytest.raises(NotSupportedError, match="quantization='fp8' needs FP8 matrix products"):
-        LLM(quantization="fp8", device="cpu")
+        LLM(model=str(tiny_qwen), quantization="fp8", device="cpu")
     load.assert_not_called()
 
 
-def test_the_cli_prints_one_line_for_missing_fp8(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_the_cli_prints_one_line_for_missing_fp8(monkeypatch: pytest.MonkeyPatch, capsys, tiny_qwen: Path) -> None:
     from lserve.cli import main
 
     monkeypatch.setattr(torch, "_scaled_mm", mock.Mock(side_effect=RuntimeError("no fp8 here")))
-    assert main(["generate", "--prompt", "hi", "--quantization", "fp8", "--device", "cpu"]) == 1
+    assert main(["generate", "--model", str(tiny_qwen), "--prompt", "hi", "--quantization", "fp8",
+                 "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "needs FP8 matrix products" in err and "Traceback" not in err
 
