@@ -11,7 +11,8 @@ next `--steps` engine steps, all of them decode steps (cases need more than 16 o
 warm-ups' length, and at least `--steps` + 2; shorter ones are not profiled). With `--phase prefill`
 it records engine steps `--skip` to `--skip` + `--steps` - 1 of the timed run instead (counted
 from 0): prefill chunks while the prompts are still being prefilled (a 128K prompt in chunks of
-8,192 tokens takes 16 steps; skipping the first ones leaves out one-off compilation). Printed per
+8,192 tokens takes 16 steps; skipping the first ones leaves out one-off compilation); the profile
+stops early once every prompt has its first token. Printed per
 configuration: the kernels (CUDA; on a machine without one, the CPU operators) by their own time
 per step, their calls per step, and the sum per step beside the wall time of those steps. Wall
 time above the sum is time the GPU waited for the host (launches, scheduling, sampling); the sum
@@ -29,7 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -43,9 +44,10 @@ class StepProfiler:
     first token (phase "decode") or from step `skip` on (phase "prefill"), then prints the table."""
 
     def __init__(self, config: str, batch: int, steps: int, top: int, phase: str = "decode",
-                 skip: int = 0) -> None:
+                 skip: int = 0, prefilling: Callable[[], bool] | None = None) -> None:
         self.config, self.batch, self.steps, self.top = config, batch, steps, top
         self.phase, self.skip = phase, skip
+        self.prefilling = prefilling or (lambda: True)
         self.started: set[str] = set()
         self.prof: Any = None
         self.done = 0
@@ -60,14 +62,17 @@ class StepProfiler:
 
     def wrap(self, step: Any) -> Any:
         def profiled_step() -> Any:
-            if self.phase == "prefill" and self.calls == self.skip:
-                self._start()
-            self.calls += 1
-            outputs = step()
             if self.phase == "prefill":
+                if self.prof is not None and not self.prefilling():
+                    self.finish()  # every prompt is prefilled: the next steps would be decode steps
+                elif self.calls == self.skip and self.prefilling():
+                    self._start()
+                self.calls += 1
+                outputs = step()
                 if self.prof is not None:
                     self._count_done()
                 return outputs
+            outputs = step()
             if self.prof is None and self.done == 0:
                 self.started.update(out.request_id for out in outputs)
                 if len(self.started) == self.batch:
@@ -78,14 +83,29 @@ class StepProfiler:
 
         return profiled_step
 
+    def close(self) -> None:
+        """At the end of the run: print what an unfinished profile saw, or say that nothing was."""
+        self.finish()
+        if self.done == 0:
+            what = f"no prefill step from step {self.skip} on" if self.phase == "prefill" else "no decode steps"
+            print(f"\n# {self.config}: {what} in its {self.calls} steps: nothing profiled", flush=True)
+
     def _count_done(self) -> None:
         self.done += 1
         if self.done == self.steps:
-            self._sync()
-            wall = time.perf_counter() - self.t0
-            self.prof.__exit__(None, None, None)
+            self.finish()
+
+    def finish(self) -> None:
+        """Stop an open profile and print its table (over the steps it saw, if fewer than asked)."""
+        if self.prof is None:
+            return
+        self._sync()
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        if self.done:
+            self.steps = self.done
             print(self.table(self.prof, wall), flush=True)
-            self.prof = None
+        self.prof = None
 
     @staticmethod
     def _activity() -> ProfilerActivity:
@@ -136,11 +156,17 @@ def install(steps: int, top: int, phase: str = "decode", skip: int = 0) -> None:
         if too_short or case.output_len <= offline.warmup_case(case).output_len:
             return run_case(llm, case, seed)
         engine = llm.llm_engine
-        profiler = StepProfiler(current["config"], case.batch_size, steps, top, phase, skip)
+        scheduler = engine.core.scheduler
+
+        def prefilling() -> bool:  # a prompt waits or is part-way (a decode row has 1 token pending)
+            return bool(scheduler.waiting) or any(req.num_pending_tokens > 1 for req in scheduler.running)
+
+        profiler = StepProfiler(current["config"], case.batch_size, steps, top, phase, skip, prefilling)
         engine.step = profiler.wrap(engine.step)
         try:
             return run_case(llm, case, seed)
         finally:
+            profiler.close()  # a run that ended before the profile's last step
             del engine.step
 
     offline.bench_config, offline.run_case = named_bench_config, profiled_run_case

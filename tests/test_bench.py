@@ -284,6 +284,45 @@ def test_decode_profile_prefill_phase_profiles_prefill_chunks(tiny_model: Path, 
     assert [float(line.split("|")[3]) for line in mm] == [8.0], out
 
 
+def test_decode_profile_prefill_phase_stops_where_the_prefill_ends(tiny_model: Path, monkeypatch, capsys) -> None:
+    """Asked for more prefill steps than the prompt has chunks, the profile covers the chunks
+    left (steps 2-3 of a 100-token prompt in 32-token chunks, the last one with the LM head)."""
+    import sys
+
+    import lserve.bench.offline as offline
+
+    module = _load_decode_profile()
+    monkeypatch.setattr(offline, "bench_config", offline.bench_config)
+    monkeypatch.setattr(offline, "run_case", offline.run_case)
+    common = ["--", "--model", str(tiny_model), "--load-format", "dummy", "--device", "cpu", "--input-len", "100",
+              "--output-len", "20", "--batch-size", "1", "--max-num-batched-tokens", "32"]
+    monkeypatch.setattr(sys, "argv", ["decode_profile.py", "--phase", "prefill", "--skip", "2", "--steps", "6",
+                                      "--top", "50", *common, "--compare", "dense:"])
+    assert module.main() == 0
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line.startswith("# dense:")]
+    assert len(headers) == 1 and "2 prefill steps of batch 1" in headers[0], out
+    mm = [line for line in out.splitlines() if line.endswith("| aten::mm |")]
+    assert [float(line.split("|")[3]) for line in mm] == [8.5], out  # (8 + 9) / 2 matmuls a step
+
+
+def test_decode_profile_says_when_nothing_was_profiled(tiny_model: Path, monkeypatch, capsys) -> None:
+    import sys
+
+    import lserve.bench.offline as offline
+
+    module = _load_decode_profile()
+    monkeypatch.setattr(offline, "bench_config", offline.bench_config)
+    monkeypatch.setattr(offline, "run_case", offline.run_case)
+    monkeypatch.setattr(sys, "argv", ["decode_profile.py", "--phase", "prefill", "--skip", "40", "--steps", "2", "--",
+                                      "--model", str(tiny_model), "--load-format", "dummy", "--device", "cpu",
+                                      "--input-len", "100", "--output-len", "20", "--batch-size", "1",
+                                      "--max-num-batched-tokens", "32", "--compare", "late:"])
+    assert module.main() == 0
+    out = capsys.readouterr().out
+    assert "# late: no prefill step from step 40 on" in out and "prefill steps of" not in out, out
+
+
 def test_decode_profile_rejects_skip_without_prefill_phase(monkeypatch) -> None:
     import sys
 
