@@ -63,9 +63,9 @@ class StepProfiler:
     def wrap(self, step: Any) -> Any:
         def profiled_step() -> Any:
             if self.phase == "prefill":
-                if self.prof is not None and not self.prefilling():
+                if not self.prefilling():
                     self.finish()  # every prompt is prefilled: the next steps would be decode steps
-                elif self.calls == self.skip and self.prefilling():
+                elif self.calls == self.skip:
                     self._start()
                 self.calls += 1
                 outputs = step()

@@ -236,90 +236,70 @@ def _load_decode_profile():
     return module
 
 
-def test_decode_profile_lists_each_configs_decode_operators(tiny_model: Path, monkeypatch, capsys) -> None:
-    """benchmarks/decode_profile.py profiles the timed run's decode steps (not the warm-ups) of
-    every configuration: on the CPU its table lists the matmuls, once per layer projection."""
+def _run_decode_profile(monkeypatch, capsys, args: list[str], bench_args: list[str]) -> str:
+    """decode_profile.py's main with `args` -- `bench_args` (the bench hooks it installs are undone
+    after the test); its printed output."""
     import sys
 
     import lserve.bench.offline as offline
 
     module = _load_decode_profile()
-    monkeypatch.setattr(offline, "bench_config", offline.bench_config)  # undone after the test
+    monkeypatch.setattr(offline, "bench_config", offline.bench_config)
     monkeypatch.setattr(offline, "run_case", offline.run_case)
-    monkeypatch.setattr(sys, "argv", ["decode_profile.py", "--steps", "4", "--top", "5", "--", "--model",
-                                      str(tiny_model), "--load-format", "dummy", "--device", "cpu",
-                                      "--input-len", "40", "--output-len", "20", "--batch-size", "2",
-                                      "--compare", "dense:", "--compare", "p16:page_size=16"])
+    monkeypatch.setattr(sys, "argv", ["decode_profile.py", *args, "--", *bench_args])
     assert module.main() == 0
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def _tiny_bench(model: Path, *args: str) -> list[str]:
+    return ["--model", str(model), "--load-format", "dummy", "--device", "cpu", "--output-len", "20", *args]
+
+
+def _matmuls_per_step(out: str) -> list[float]:
+    return [float(line.split("|")[3]) for line in out.splitlines() if line.endswith("| aten::mm |")]
+
+
+def test_decode_profile_lists_each_configs_decode_operators(tiny_model: Path, monkeypatch, capsys) -> None:
+    """benchmarks/decode_profile.py profiles the timed run's decode steps (not the warm-ups) of
+    every configuration: on the CPU its table lists the matmuls, once per layer projection."""
+    out = _run_decode_profile(monkeypatch, capsys, ["--steps", "4", "--top", "5"],
+                              _tiny_bench(tiny_model, "--input-len", "40", "--batch-size", "2",
+                                          "--compare", "dense:", "--compare", "p16:page_size=16"))
     headers = [line for line in out.splitlines() if line.startswith("# ") and "decode steps" in line]
     assert [h.split(":")[0] for h in headers] == ["# dense", "# p16"]  # one table per timed case
     assert all("4 decode steps of batch 2" in h for h in headers)
-    mm = [line for line in out.splitlines() if line.endswith("| aten::mm |")]
     # 2 layers x (q/k/v, output, gate/up, down) projections + the LM head, per step, in each table
-    assert [float(line.split("|")[3]) for line in mm] == [9.0, 9.0], out
+    assert _matmuls_per_step(out) == [9.0, 9.0], out
+
+
+CHUNKED = ("--input-len", "100", "--batch-size", "1", "--max-num-batched-tokens", "32")  # chunks of 32 tokens
 
 
 def test_decode_profile_prefill_phase_profiles_prefill_chunks(tiny_model: Path, monkeypatch, capsys) -> None:
     """With --phase prefill the profile covers engine steps --skip on: chunks of a prompt longer
     than the step's token budget, whose matmuls run once per projection per chunk."""
-    import sys
-
-    import lserve.bench.offline as offline
-
-    module = _load_decode_profile()
-    monkeypatch.setattr(offline, "bench_config", offline.bench_config)
-    monkeypatch.setattr(offline, "run_case", offline.run_case)
-    monkeypatch.setattr(sys, "argv", ["decode_profile.py", "--phase", "prefill", "--skip", "1", "--steps", "2",
-                                      "--top", "50", "--", "--model", str(tiny_model), "--load-format", "dummy",
-                                      "--device", "cpu", "--input-len", "100", "--output-len", "20",
-                                      "--batch-size", "1", "--max-num-batched-tokens", "32", "--compare", "dense:"])
-    assert module.main() == 0
-    out = capsys.readouterr().out
+    out = _run_decode_profile(monkeypatch, capsys, ["--phase", "prefill", "--skip", "1", "--steps", "2", "--top", "50"],
+                              _tiny_bench(tiny_model, *CHUNKED, "--compare", "dense:"))
     headers = [line for line in out.splitlines() if line.startswith("# dense:")]
     assert len(headers) == 1 and "2 prefill steps of batch 1" in headers[0], out
-    mm = [line for line in out.splitlines() if line.endswith("| aten::mm |")]
     # steps 1-2 of a 100-token prompt in 32-token chunks are prefill chunks: no LM head (the
     # last chunk's would add one), 2 layers x 4 projections each
-    assert [float(line.split("|")[3]) for line in mm] == [8.0], out
+    assert _matmuls_per_step(out) == [8.0], out
 
 
 def test_decode_profile_prefill_phase_stops_where_the_prefill_ends(tiny_model: Path, monkeypatch, capsys) -> None:
     """Asked for more prefill steps than the prompt has chunks, the profile covers the chunks
     left (steps 2-3 of a 100-token prompt in 32-token chunks, the last one with the LM head)."""
-    import sys
-
-    import lserve.bench.offline as offline
-
-    module = _load_decode_profile()
-    monkeypatch.setattr(offline, "bench_config", offline.bench_config)
-    monkeypatch.setattr(offline, "run_case", offline.run_case)
-    common = ["--", "--model", str(tiny_model), "--load-format", "dummy", "--device", "cpu", "--input-len", "100",
-              "--output-len", "20", "--batch-size", "1", "--max-num-batched-tokens", "32"]
-    monkeypatch.setattr(sys, "argv", ["decode_profile.py", "--phase", "prefill", "--skip", "2", "--steps", "6",
-                                      "--top", "50", *common, "--compare", "dense:"])
-    assert module.main() == 0
-    out = capsys.readouterr().out
+    out = _run_decode_profile(monkeypatch, capsys, ["--phase", "prefill", "--skip", "2", "--steps", "6", "--top", "50"],
+                              _tiny_bench(tiny_model, *CHUNKED, "--compare", "dense:"))
     headers = [line for line in out.splitlines() if line.startswith("# dense:")]
     assert len(headers) == 1 and "2 prefill steps of batch 1" in headers[0], out
-    mm = [line for line in out.splitlines() if line.endswith("| aten::mm |")]
-    assert [float(line.split("|")[3]) for line in mm] == [8.5], out  # (8 + 9) / 2 matmuls a step
+    assert _matmuls_per_step(out) == [8.5], out  # (8 + 9) / 2 matmuls a step
 
 
 def test_decode_profile_says_when_nothing_was_profiled(tiny_model: Path, monkeypatch, capsys) -> None:
-    import sys
-
-    import lserve.bench.offline as offline
-
-    module = _load_decode_profile()
-    monkeypatch.setattr(offline, "bench_config", offline.bench_config)
-    monkeypatch.setattr(offline, "run_case", offline.run_case)
-    monkeypatch.setattr(sys, "argv", ["decode_profile.py", "--phase", "prefill", "--skip", "40", "--steps", "2", "--",
-                                      "--model", str(tiny_model), "--load-format", "dummy", "--device", "cpu",
-                                      "--input-len", "100", "--output-len", "20", "--batch-size", "1",
-                                      "--max-num-batched-tokens", "32", "--compare", "late:"])
-    assert module.main() == 0
-    out = capsys.readouterr().out
+    out = _run_decode_profile(monkeypatch, capsys, ["--phase", "prefill", "--skip", "40", "--steps", "2"],
+                              _tiny_bench(tiny_model, *CHUNKED, "--compare", "late:"))
     assert "# late: no prefill step from step 40 on" in out and "prefill steps of" not in out, out
 
 

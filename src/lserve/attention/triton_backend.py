@@ -80,10 +80,8 @@ class TritonAttentionBackend(AttentionBackend):
     def _attend(
         self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata
     ) -> torch.Tensor:
-        if md.num_prefills:
-            return super()._attend(call, q, k, v, layer, md)
         out = torch.empty_like(q)
-        self._decode_step(call, q, k, v, layer, md, out)
+        self._attend_heads(call, q, k, v, layer, md, out)
         return out
 
     def _attend_pools(
@@ -115,29 +113,18 @@ class TritonAttentionBackend(AttentionBackend):
         self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata,
         out: torch.Tensor,
     ) -> None:
-        """One pool of several, with no copies: every kernel reaches the pool's heads in the
-        model's q, k, v through the head map and writes their rows of `out` (gathering them cost a
-        128K prefill about 3% of its time)."""
-        if not md.num_prefills:
-            self._decode_step(call, q, k, v, layer, md, out)
-            return
+        """One pool's heads (all of the layer's, or one pool of several), with no copies: the
+        kernels take q, k, v as strided views of the projection and, for one pool of several,
+        reach the pool's heads through its head map; the results go straight into their rows of
+        `out`. (In a pure decode step, the CUDA-graph case, every small kernel counts; gathering
+        the heads cost a 128K prefill about 3% of its time.)"""
         self._write(call, k, v, md, head_map=call.kv_heads)
         nd = md.num_decodes
         if nd:
             lists = self._page_lists(call, q[:nd], layer, md, all_heads=call.kv_heads is not None)
             self._decode(call, q, md, lists, out=out)
-        self._prefill(call, q, k, v, md, out)
-
-    def _decode_step(
-        self, call: PoolCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, md: AttentionMetadata,
-        out: torch.Tensor,
-    ) -> None:
-        """A pure decode step (the CUDA-graph case, where every small kernel counts): no copies.
-        The kernels take q, k, v as strided views of the projection and, for one pool of
-        several, reach the pool's heads through its head map; the result goes straight into `out`."""
-        self._write(call, k, v, md, head_map=call.kv_heads)
-        lists = self._page_lists(call, q, layer, md, all_heads=call.kv_heads is not None)
-        self._decode(call, q, md, lists, out=out)
+        if md.num_prefills:
+            self._prefill(call, q, k, v, md, out)
 
     def _write(
         self, call: PoolCall, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata,
@@ -225,7 +212,7 @@ class TritonAttentionBackend(AttentionBackend):
         k_cache, v_cache, table = call.k_cache, call.v_cache, call.page_table
         if call.k_scale is not None and call.v_scale is not None:
             k_cache, v_cache, table = self._staged_pages(call, md, q.dtype, sink, local)
-        mapped = call.kv_heads is not None  # q and out hold every head (`_attend_heads`)
+        mapped = call.kv_heads is not None  # q and out hold every head of the model
         sparse_prefill(
             q, k_cache, v_cache, table, md.seq_lens, md.query_start_loc,
             self._tiles, self.scale, streaming_heads=call.streaming, sink=sink, local=local, out=out,
