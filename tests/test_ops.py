@@ -382,13 +382,13 @@ def test_prefill_through_a_head_map_writes_only_its_heads(use_tma: bool) -> None
                        kv_head_map=kv_map, group=group)
         want = ref.sparse_prefill_ref(q[:, q_heads].contiguous(), seqs.k_cache, seqs.v_cache, starts, seqs.seq_lens,
                                       seqs.page_tables, d**-0.5, stream, sink, local)
-        assert _rel_err(out[:, q_heads], want) < 1e-5
+        assert _rel_err(out[:, q_heads], want) < TOL[torch.float32]  # TF32 dot products on a GPU
         others = [h for h in range(hq) if h not in q_heads]
         assert torch.equal(out[:, others].isnan(), before[:, others].isnan())
         if streaming is not None:  # negative: the mapped streaming head is not read densely
             dense = ref.sparse_prefill_ref(q[:, q_heads].contiguous(), seqs.k_cache, seqs.v_cache, starts,
                                            seqs.seq_lens, seqs.page_tables, d**-0.5)
-            assert _rel_err(out[:, q_heads[:group]], dense[:, :group]) > 1e-3
+            assert _rel_err(out[:, q_heads[:group]], dense[:, :group]) > 2 * TOL[torch.float32]
     assert not out.isnan().any()
     with pytest.raises(ValueError, match="kv_head_map"):
         sparse_prefill(q, seqs.k_cache, seqs.v_cache, seqs.table, seqs.lens, qsl, tiles, 1.0, kv_head_map=kv_map)
