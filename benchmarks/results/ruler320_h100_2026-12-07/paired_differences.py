@@ -21,7 +21,7 @@ def interval(diffs, rng):
 
 base = load(os.path.join(HERE, "r320_dense", "ruler.json"))
 rng = random.Random(0)
-for name in ("rm32", "exact"):
+for name in ("rm32", "exact", "rm32-d2", "rm32-1k"):
     other = load(os.path.join(HERE, f"r320_{name}", "ruler.json"))
     for length in (2048, 4096, 6144):
         ids = [i for i in base if base[i][0] == length]
@@ -30,5 +30,5 @@ for name in ("rm32", "exact"):
         for label, sel in groups:
             diffs = [100 * (other[i][2] - base[i][2]) for i in sel]
             lo, hi = interval(diffs, rng)
-            print(f"{name:5s} {length // 1024}K {label:15s} diff {sum(diffs) / len(diffs):+.2f}  "
+            print(f"{name:7s} {length // 1024}K {label:15s} diff {sum(diffs) / len(diffs):+.2f}  "
                   f"95% CI [{lo:+.2f}, {hi:+.2f}]  changed {sum(d != 0 for d in diffs)}/{len(diffs)}")
