@@ -98,11 +98,12 @@ def test_bad_prompt_in_batch_rejects_everything_and_leaves_nothing(default_llm) 
     assert _all_pages_free(default_llm)
 
 
-def test_max_tokens_capped_by_model_length(default_llm) -> None:
-    ids = [1000] * (default_llm.engine.max_model_len - 3)
-    out = default_llm.generate([ids], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),
-                               use_tqdm=False)[0]
+def test_max_tokens_capped_by_model_length() -> None:
+    llm = LLM(dtype="float32", device="cpu", max_model_len=256)  # a short window: a quick prompt to fill it
+    ids = [1000] * (llm.engine.max_model_len - 3)
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].finish_reason == "length"
+    assert _all_pages_free(llm)
 
 
 def test_abort_frees_pages_at_once(default_llm) -> None:

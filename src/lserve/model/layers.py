@@ -45,8 +45,8 @@ def lm_head_product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class Linear(nn.Linear):
     """`nn.Linear` whose one-row products (a decode step at batch 1: half precision, on a GPU,
     outside autograd and autocast) run through `lserve.ops.gemv` for weights with K >= N / 2:
-    q/k/v, output and down. There it reads the weight at 3.3-3.9 TB/s where cuBLAS reaches
-    2.5-3.6 on an H200. The wide gate/up weight goes through `GatedMLP`'s fused form instead,
+    q/k/v, output and down. There it reads the weight faster than cuBLAS does (measured in
+    docs/benchmarks.md). The wide gate/up weight goes through `GatedMLP`'s fused form instead,
     the LM head through `lm_head_product`. Class settings, for A/B timing: `use_gemv`, `gemv_rows` (the
     most rows it serves; larger batches are not measured yet) and `gemv_kw` (keywords of
     `gemv`, its tiling).

@@ -1,9 +1,9 @@
 """Matrix-vector products for decode steps: y = x W^T (+ b) for a few rows of x.
 
 A decode step at batch 1 reads every weight once per token, so its projections are bound by
-memory bandwidth. On an H200, cuBLAS (with its split-K reduction) reads Llama-3-8B's q/k/v
-weight at 2.9 TB/s, the output weight at 2.5 and the down weight at 3.6; this kernel reads
-them at 3.4, 3.2 and 3.9 TB/s (`benchmarks/gemv_decode.py`, docs/benchmarks.md). Each program
+memory bandwidth, and cuBLAS (with its split-K reduction) reads Llama-3-8B's weights well below
+the GPU's bandwidth; this kernel reads them faster (`benchmarks/gemv_decode.py`; the figures are
+in docs/benchmarks.md). Each program
 takes BLOCK_N output columns over the whole of K (no split-K, so no reduction kernel after
 it): its weight rows are one contiguous slab. The loop accumulates elementwise products and
 reduces once after it (no shuffles or barriers per tile), with the loads software-pipelined
@@ -17,8 +17,7 @@ is read as it is stored, half the bytes of a bfloat16 one, and multiplied with x
 the weight's scale is applied after the sum. The multi-row path also quantizes x per token (W8A8,
 for the FP8 tensor cores); a one-row product is bound by the weight's bytes, so quantizing x
 gains nothing there. A version that did (a first pass over K in every program for x's scale)
-read its one-byte weights at only 1.9-2.7 TB/s on an H100 (docs/benchmarks.md); this one skips
-that pass.
+read its one-byte weights much more slowly (docs/benchmarks.md); this one skips that pass.
 
 Reference: `x.float() @ w.float().T`; with an FP8 weight, `x.float() @ (w.float() * scale[:, None]).T`.
 """

@@ -13,10 +13,9 @@ the programmatic edges (they need a CUDA 12.3+ driver).
 The small kernels of the decode step (norm, rotary, SiLU-and-mul, K/V append, merge, page
 scores and top pages, the one-row GEMV) take `PDL: tl.constexpr` and call `pdl_enter(PDL)`
 first; their wrappers pass `**pdl_args(device)`. The attention decode kernel does not: launched
-with PDL, a long dense decode grid made the whole step 0.5 ms slower at 256K on an H200, even
-with its trigger moved behind its main loop; for short key ranges only (a ring, a page list) it
-changed nothing at 256K batch 1 with steps launched ahead and made 64K batch 8 slower (5.78 vs
-5.70 ms; docs/benchmarks.md). `LSERVE_PDL=0`, set before the first kernel runs,
+with PDL, a long dense decode grid made the whole step slower at 256K on an H200, even with its
+trigger moved behind its main loop; for short key ranges only (a ring, a page list) it changed
+nothing at 256K batch 1 with steps launched ahead and made 64K batch 8 slower (docs/benchmarks.md). `LSERVE_PDL=0`, set before the first kernel runs,
 turns it off (for A/B timing); the Triton interpreter, ROCm and GPUs before Hopper never use it.
 """
 

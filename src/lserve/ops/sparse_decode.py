@@ -162,8 +162,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_virtual_len: int, num_s
 
     Short key ranges (a streaming head's window, a page list) are bound by the latency of the
     chained loads (list -> page table -> K/V), not by bandwidth: one tile per program and a merge
-    beat a few programs walking many tiles (H200, `benchmarks/decode_layer_parts.py`: a 4,096-token
-    list over 4 heads at batch 1 takes 12.9 us with 8 splits, 8.4 us with 32)."""
+    beat a few programs walking many tiles (`benchmarks/decode_layer_parts.py`, docs/benchmarks.md)."""
     by_work = max(1, max_virtual_len // min_keys_per_split)
     by_occupancy = max(1, triton.cdiv(2 * num_sms, batch * num_kv_heads))
     return int(min(by_work, by_occupancy, 256))
