@@ -563,3 +563,18 @@ def test_error_corrupt_safetensors(tmp_path, llama_ref) -> None:
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage")
     msg = _load_error(folder)
     assert "safetensors" in msg
+
+
+def test_plain_view_reader_reads_what_gguf_reads(tmp_path) -> None:
+    """lserve's reader (GGUFReader over a plain view of the map) gives the same fields and tensor bytes."""
+    from lserve.model.gguf_loader import reader_class
+
+    path = write_llama_gguf(hf_model(hf_config("llama"), seed=3), tmp_path / "tiny.gguf")
+    ours, theirs = reader_class()(str(path)), gguf.GGUFReader(str(path))
+    assert type(ours.data) is np.ndarray and isinstance(theirs.data, np.memmap)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        assert ours.fields[key].contents() == field.contents(), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name

@@ -36,12 +36,34 @@ def _reader(path: Path) -> Any:
     return _cached_reader(path, stat.st_size, stat.st_mtime_ns)
 
 
-@lru_cache(maxsize=4)
-def _cached_reader(path: Path, size: int, mtime_ns: int) -> Any:
+@lru_cache(maxsize=1)
+def reader_class() -> type:
+    """The GGUF reader lserve opens files with: `gguf.GGUFReader` over a plain ndarray view."""
     from gguf import GGUFReader
 
+    class PlainArrayReader(GGUFReader):
+        """`GGUFReader` over a plain ndarray view of its memory map. The reader slices its `data`
+        array once or twice per element of every metadata array while it builds its fields, and
+        each slice of an `np.memmap` runs numpy's Python-level `__array_finalize__`, which made
+        opening a 262K-token vocabulary (Gemma 3) several times slower than on a plain view
+        (docs/benchmarks.md). Same fields, same tensor bytes; the view keeps the map alive. Only
+        the assignment of `data` is intercepted."""
+
+        @property  # type: ignore[override]
+        def data(self) -> np.ndarray:
+            return self._plain_data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain_data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return PlainArrayReader
+
+
+@lru_cache(maxsize=4)
+def _cached_reader(path: Path, size: int, mtime_ns: int) -> Any:
     try:
-        return GGUFReader(str(path))
+        return reader_class()(str(path))
     except Exception as exc:  # the gguf package raises ValueError, struct.error, IndexError, ...
         raise ModelLoadError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
 
