@@ -10,8 +10,9 @@ bytes for the same inputs.
 
 y = (x8 @ w8^T) * x_scale * w_scale (+ bias): `fp8_linear` takes the product through
 `torch._scaled_mm` with per-row scales and fast accumulation (Hopper and Ada GPUs' FP8 tensor
-cores; recent CPU builds of torch have it too, and ignore the fast accumulation). `check_fp8_matmul` tries it once on the engine's device and gives a clear
-error where it is missing: there is no silent fallback. A one-row decode product goes through the
+cores; recent CPU builds of torch have it too, and ignore the fast accumulation).
+`check_fp8_matmul` tries it once on the engine's device and gives a clear error where it is
+missing: there is no silent fallback. A one-row decode product goes through the
 GEMV kernel instead (`ops.gemv`, `weight_scale`), which reads the FP8 weight and keeps x as it is
 (W8A16: bound by the weight's bytes, it gains nothing from quantizing x).
 

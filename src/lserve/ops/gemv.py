@@ -3,11 +3,10 @@
 A decode step at batch 1 reads every weight once per token, so its projections are bound by
 memory bandwidth, and cuBLAS (with its split-K reduction) reads Llama-3-8B's weights well below
 the GPU's bandwidth; this kernel reads them faster (`benchmarks/gemv_decode.py`; the figures are
-in docs/benchmarks.md). Each program
-takes BLOCK_N output columns over the whole of K (no split-K, so no reduction kernel after
-it): its weight rows are one contiguous slab. The loop accumulates elementwise products and
-reduces once after it (no shuffles or barriers per tile), with the loads software-pipelined
-(`num_stages`). It waits for the kernel before it (programmatic dependent launch,
+in docs/benchmarks.md). Each program takes BLOCK_N output columns over the whole of K (no
+split-K, so no reduction kernel after it): its weight rows are one contiguous slab. The loop
+accumulates elementwise products and reduces once after it (no shuffles or barriers per tile),
+with the loads software-pipelined (`num_stages`). It waits for the kernel before it (programmatic dependent launch,
 ops/launch.py) before reading anything. Accumulation is float32, per program in K order.
 The `gated` form takes a [gate | up] weight and writes silu(gate) * up: each program reads the
 matching gate and up rows, so the MLP's SiLU-and-mul needs no kernel of its own.

@@ -15,8 +15,9 @@ scores and top pages, the one-row GEMV) take `PDL: tl.constexpr` and call `pdl_e
 first; their wrappers pass `**pdl_args(device)`. The attention decode kernel does not: launched
 with PDL, a long dense decode grid made the whole step slower at 256K on an H200, even with its
 trigger moved behind its main loop; for short key ranges only (a ring, a page list) it changed
-nothing at 256K batch 1 with steps launched ahead and made 64K batch 8 slower (docs/benchmarks.md). `LSERVE_PDL=0`, set before the first kernel runs,
-turns it off (for A/B timing); the Triton interpreter, ROCm and GPUs before Hopper never use it.
+nothing at 256K batch 1 with steps launched ahead and made 64K batch 8 slower (docs/benchmarks.md).
+`LSERVE_PDL=0`, set before the first kernel runs, turns it off (for A/B timing); the Triton
+interpreter, ROCm and GPUs before Hopper never use it.
 """
 
 from __future__ import annotations
