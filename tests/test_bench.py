@@ -224,12 +224,12 @@ def test_random_head_pattern_option(tmp_path: Path) -> None:
     assert with_random_pattern(plain, arch, tmp_path, seed=0) is plain
 
 
-def _load_decode_profile():
-    """benchmarks/decode_profile.py as a module (benchmarks/ is not a package)."""
+def _load_benchmark(name: str = "decode_profile"):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_profile.py"
-    spec = importlib.util.spec_from_file_location("decode_profile", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -243,7 +243,7 @@ def _run_decode_profile(monkeypatch, capsys, args: list[str], bench_args: list[s
 
     import lserve.bench.offline as offline
 
-    module = _load_decode_profile()
+    module = _load_benchmark()
     monkeypatch.setattr(offline, "bench_config", offline.bench_config)
     monkeypatch.setattr(offline, "run_case", offline.run_case)
     monkeypatch.setattr(sys, "argv", ["decode_profile.py", *args, "--", *bench_args])
@@ -306,7 +306,22 @@ def test_decode_profile_says_when_nothing_was_profiled(tiny_model: Path, monkeyp
 def test_decode_profile_rejects_skip_without_prefill_phase(monkeypatch) -> None:
     import sys
 
-    module = _load_decode_profile()
+    module = _load_benchmark()
     monkeypatch.setattr(sys, "argv", ["decode_profile.py", "--skip", "2", "--", "--input-len", "8"])
     with pytest.raises(SystemExit):
         module.main()
+
+
+def test_gguf_open_times_both_readers_on_a_file(monkeypatch, capsys) -> None:
+    import sys
+
+    from lserve.model.loader import default_model_path
+
+    path = default_model_path()
+    monkeypatch.setattr(sys, "argv", ["gguf_open.py", str(path), "--repeat", "1"])
+    _load_benchmark("gguf_open").main()
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {path.name} |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert int(cells[1]) > 0 and int(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[4]) > 0
+    assert cells[5].endswith("x")
