@@ -103,7 +103,6 @@ class StepProfiler:
         wall = time.perf_counter() - self.t0
         self.prof.__exit__(None, None, None)
         if self.done:
-            self.steps = self.done
             print(self.table(self.prof, wall), flush=True)
         self.prof = None
 
@@ -117,18 +116,19 @@ class StepProfiler:
             torch.cuda.synchronize()
 
     def table(self, prof: Any, wall_s: float) -> str:
+        """Per-step figures over the steps profiled (`done`: fewer than asked where the run ended first)."""
         cuda = self._activity() == ProfilerActivity.CUDA
         rows = []
         for event in prof.key_averages():
             own = event.self_device_time_total if cuda else event.self_cpu_time_total  # microseconds
             if own > 0:
-                rows.append((own / self.steps, event.count / self.steps, event.key))
+                rows.append((own / self.done, event.count / self.done, event.key))
         rows.sort(key=lambda r: -r[0])
         total = sum(r[0] for r in rows)
         kind = "GPU kernels" if cuda else "CPU operators (no CUDA device)"
         lines = [
-            f"\n# {self.config}: {kind}, {self.steps} {self.phase} steps of batch {self.batch}: "
-            f"{total / 1000:.3f} ms of kernel time per step, {wall_s / self.steps * 1000:.3f} ms wall per step "
+            f"\n# {self.config}: {kind}, {self.done} {self.phase} steps of batch {self.batch}: "
+            f"{total / 1000:.3f} ms of kernel time per step, {wall_s / self.done * 1000:.3f} ms wall per step "
             f"(profiled)",
             "| us/step | share | calls/step | kernel |",
             "|---:|---:|---:|---|",
